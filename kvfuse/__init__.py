@@ -1,0 +1,9 @@
+"""kvfuse: reuse the KV of every retrieved chunk, blend it with a selective recompute."""
+
+from __future__ import annotations
+
+from kvfuse.blend import BlendConfig, Deviation, MaskKind, Mode
+from kvfuse.engine import Engine, GenerateOutput
+from kvfuse.precompute import ChunkContext
+
+__all__ = ["BlendConfig", "ChunkContext", "Deviation", "Engine", "GenerateOutput", "MaskKind", "Mode"]

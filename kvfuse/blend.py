@@ -1,0 +1,255 @@
+"""CacheBlend: fuse cached chunk KV with a selective recompute, one layer at a time.
+
+Every prompt mode runs through `BlendRun`; they differ only in the `RowPlan` (which rows have
+cached KV, which of those are exact) and in the check schedule (which layers select rows):
+
+- full prefill: nothing cached, no checks — a plain causal prefill;
+- prefix caching: the leading exact rows cached, everything after them computed;
+- full reuse: chunks cached, a check at layer 0 that keeps no eligible row;
+- blend: chunks cached, checks at `check_layers` keeping the rows whose fresh KV deviates most
+  from the cached KV, plus the forced rows (query, cache misses, last token).
+
+Rows are computed in ascending original position and attend with an exact causal mask by
+position; `MaskKind.BOTTOM_RIGHT` reproduces the public implementations' mask instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from kvfuse.errors import ConfigError
+from kvfuse.model.transformer import Transformer
+
+
+class Mode(str, Enum):
+    FULL_PREFILL = "full_prefill"
+    PREFIX_CACHE = "prefix_cache"
+    FULL_REUSE = "full_reuse"
+    BLEND = "blend"
+
+
+class Deviation(str, Enum):
+    """How far a token's fresh KV is from its cached KV at a check layer."""
+
+    V_L2 = "v_l2"
+    K_L2 = "k_l2"
+    K_L1 = "k_l1"
+
+
+class MaskKind(str, Enum):
+    EXACT = "exact"
+    BOTTOM_RIGHT = "bottom_right"
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """Selective-recompute settings.
+
+    Attributes:
+        recompute_ratio: fraction r of eligible (cached chunk) tokens recomputed.
+        check_layers: layers that select rows, ascending; earlier layers compute all rows.
+        ratios: gradual filtering — one ratio per check layer, non-increasing; empty means
+            `recompute_ratio` at every check layer.
+        deviation: the selection metric.
+        mask: exact causal by position, or the bottom-right-aligned variant.
+    """
+
+    recompute_ratio: float = 0.15
+    check_layers: tuple[int, ...] = (1,)
+    ratios: tuple[float, ...] = ()
+    deviation: Deviation = Deviation.V_L2
+    mask: MaskKind = MaskKind.EXACT
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.recompute_ratio <= 1.0 or math.isnan(self.recompute_ratio):
+            raise ConfigError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
+        layers = self.check_layers
+        if not layers or any(c < 0 for c in layers) or list(layers) != sorted(set(layers)):
+            raise ConfigError(f"check_layers must be ascending, unique, ≥ 0: {layers}")
+        if self.ratios:
+            if len(self.ratios) != len(layers):
+                raise ConfigError("ratios needs one value per check layer")
+            if any(not 0.0 <= r <= 1.0 for r in self.ratios):
+                raise ConfigError(f"ratios must be in [0, 1]: {self.ratios}")
+            if list(self.ratios) != sorted(self.ratios, reverse=True):
+                raise ConfigError(f"ratios must be non-increasing: {self.ratios}")
+
+    def schedule(self, num_layers: int) -> dict[int, float]:
+        """Check layer -> ratio for a model with `num_layers` layers."""
+        if self.check_layers[-1] >= num_layers:
+            raise ConfigError(f"check layer {self.check_layers[-1]} ≥ num_layers {num_layers}")
+        ratios = self.ratios or (self.recompute_ratio,) * len(self.check_layers)
+        return dict(zip(self.check_layers, ratios, strict=True))
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Which prompt rows have cached KV and which must be computed. All masks: [N] bool.
+
+    Attributes:
+        token_ids: the prompt. Shape: [N] int64.
+        cached: rows whose KV comes from the `LayerSource`, in row order.
+        exact: cached rows whose KV is exact (a reused prefix): never recomputed.
+        forced: rows always computed (query, cache misses, the last token).
+    """
+
+    token_ids: Tensor
+    cached: Tensor
+    exact: Tensor
+    forced: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def eligible(self) -> Tensor:
+        """Cached rows that compete for recompute."""
+        return self.cached & ~self.exact & ~self.forced
+
+
+class LayerSource(Protocol):
+    """Cached KV of the plan's cached rows, one layer per call, in layer order."""
+
+    def layer(self, idx: int) -> tuple[Tensor, Tensor]:
+        """Shape: ([N_cached, H_kv, D], [N_cached, H_kv, D]), keys at their new positions."""
+        ...
+
+
+class FusedLayer(NamedTuple):
+    """One layer of the fused prompt KV. Shape: k, v [H_kv, N, D]."""
+
+    layer_idx: int
+    k: Tensor
+    v: Tensor
+
+
+@dataclass
+class BlendStats:
+    """What a run reused and computed; filled in while it runs."""
+
+    num_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_recomputed_tokens: int = 0
+    num_computed_tokens: int = 0
+    num_selected_per_check: list[int] = field(default_factory=list)
+
+
+def select_rows(deviation: Tensor, candidate: Tensor, num_keep: int) -> Tensor:
+    """Keeps every non-candidate row and the `num_keep` candidates deviating most.
+
+    Ties break by lower index. Shape: deviation [S] fp32, candidate [S] bool -> sorted [S'].
+    """
+    score = torch.where(candidate, deviation, torch.full_like(deviation, -math.inf))
+    order = torch.sort(score, descending=True, stable=True).indices
+    keep = ~candidate
+    keep[order[: min(num_keep, int(candidate.sum()))]] = True
+    return keep.nonzero().squeeze(1)
+
+
+def deviation(kind: Deviation, fresh: tuple[Tensor, Tensor], cached: tuple[Tensor, Tensor]) -> Tensor:
+    """Per-row distance of fresh from cached KV over heads × head dim, fp32.
+
+    Shape: fresh/cached ([H_kv, S, D], [H_kv, S, D]) -> [S].
+    """
+    index = 1 if kind is Deviation.V_L2 else 0
+    diff = fresh[index].float() - cached[index].float()
+    if kind is Deviation.K_L1:
+        return diff.abs().sum(dim=(0, 2))
+    return diff.pow(2).sum(dim=(0, 2))
+
+
+class BlendRun:
+    """One prompt's prefill; iterate it to get fused layers, then read `last_logits`.
+
+    Lifecycle: construct, iterate to exhaustion (each `FusedLayer` is yielded as soon as it
+    exists, so a caller can stream it while the next layer computes), then `last_logits` and
+    `stats` are final. Not thread-safe; iterate once.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        plan: RowPlan,
+        cached_kv: LayerSource | None,
+        schedule: dict[int, float],
+        mask: MaskKind = MaskKind.EXACT,
+        metric: Deviation = Deviation.V_L2,
+    ) -> None:
+        if bool(plan.cached.any()) and cached_kv is None:
+            raise ConfigError("plan has cached rows but no cached KV source")
+        self.model, self.plan, self.cached_kv = model, plan, cached_kv
+        self.schedule, self.mask_kind, self.metric = schedule, mask, metric
+        self.stats = BlendStats(
+            num_tokens=plan.num_tokens, num_cached_tokens=int(plan.cached.sum())
+        )
+        self._logits: Tensor | None = None
+
+    @property
+    def last_logits(self) -> Tensor:
+        """Logits after the last prompt token, fp32. Shape: [vocab]."""
+        if self._logits is None:
+            raise RuntimeError("BlendRun must be iterated to the end first")
+        return self._logits
+
+    def __iter__(self) -> Iterator[FusedLayer]:
+        model, plan = self.model, self.plan
+        device, num_tokens = model.device, plan.num_tokens
+        cos, sin = model.cos_sin(torch.arange(num_tokens, device=device))  # [N, D]
+        rows = (~plan.exact).nonzero().squeeze(1).to(device)  # computed rows, ascending
+        cached_idx = plan.cached.nonzero().squeeze(1).to(device)
+        eligible = plan.eligible.to(device)
+        num_eligible = int(eligible.sum())
+        nothing_cached = cached_idx.numel() == 0
+        h = model.embed(plan.token_ids.to(device)[rows])  # [S, hidden]
+        for layer_idx, block in enumerate(model.blocks):
+            q, k, v = block.qkv(h, cos[rows], sin[rows])  # [H, S, D], [H_kv, S, D] ×2
+            if nothing_cached:
+                attn = block.attend(q, k, v, None, is_causal=True)
+                h = block.finish(h, attn)
+                yield FusedLayer(layer_idx, k, v)
+                continue
+            k_all, v_all = self._cached_layer(layer_idx, cached_idx, k)  # [H_kv, N, D] ×2
+            keep = None
+            if layer_idx in self.schedule:
+                num_keep = math.floor(self.schedule[layer_idx] * num_eligible)
+                dev = deviation(self.metric, (k, v), (k_all[:, rows], v_all[:, rows]))
+                keep = select_rows(dev, eligible[rows], num_keep)
+                self.stats.num_selected_per_check.append(int(keep.numel()))
+            k_all[:, rows], v_all[:, rows] = k, v
+            if keep is not None:
+                rows, h, q = rows[keep], h[keep], q[:, keep]
+            attn = block.attend(q, k_all, v_all, self._mask(rows, num_tokens), False)
+            h = block.finish(h, attn)
+            yield FusedLayer(layer_idx, k_all, v_all)
+        self._logits = model.logits(h[-1:])[0]
+        num_recomputed = int(eligible[rows].sum())
+        self.stats.num_recomputed_tokens = num_recomputed
+        self.stats.num_computed_tokens = int(rows.numel()) - num_recomputed
+
+    def _cached_layer(self, layer_idx: int, cached_idx: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Buffers holding the cached rows of one layer. Shape: [H_kv, N, D] ×2."""
+        num_kv_heads, _, head_dim = like.shape
+        shape = (num_kv_heads, self.plan.num_tokens, head_dim)
+        k_all = torch.empty(shape, dtype=like.dtype, device=like.device)
+        v_all = torch.empty(shape, dtype=like.dtype, device=like.device)
+        assert self.cached_kv is not None  # checked in __init__
+        k_cached, v_cached = self.cached_kv.layer(layer_idx)  # [N_cached, H_kv, D]
+        k_all[:, cached_idx] = k_cached.to(like).transpose(0, 1)
+        v_all[:, cached_idx] = v_cached.to(like).transpose(0, 1)
+        return k_all, v_all
+
+    def _mask(self, rows: Tensor, num_tokens: int) -> Tensor:
+        """Which keys each computed row may see. Shape: [S, N] bool."""
+        key_pos = torch.arange(num_tokens, device=rows.device)
+        if self.mask_kind is MaskKind.BOTTOM_RIGHT:
+            limit = num_tokens - rows.numel() + torch.arange(rows.numel(), device=rows.device)
+            return key_pos[None, :] <= limit[:, None]
+        return key_pos[None, :] <= rows[:, None]

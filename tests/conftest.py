@@ -1,0 +1,99 @@
+"""Shared fixtures: the real SmolLM2 engine (loaded once) and tiny random-init models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvfuse.engine import Engine
+from kvfuse.model.loader import LoadedModel, default_model_path, load_model
+from kvfuse.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """Where converted weights live; the user's cache so CI converts the GGUF only once."""
+    return Settings.from_env().cache_dir
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(cache_dir: Path) -> Path:
+    """The bundled SmolLM2 GGUF converted to a safetensors directory."""
+    from kvfuse.model.loader import convert_gguf
+
+    return convert_gguf(default_model_path(), cache_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_dir: Path, cache_dir: Path) -> LoadedModel:
+    return load_model(smollm_dir, cache_dir, torch.float32)
+
+
+@pytest.fixture
+def engine(smollm: LoadedModel) -> Engine:
+    """A fresh engine (empty chunk store) around the shared fp32 SmolLM2 weights."""
+    from kvfuse.chunk_store import ChunkStore
+
+    return Engine(smollm, ChunkStore(1 << 30))
+
+
+def _hf_config(arch: str, vocab_size: int):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64}
+        return LlamaConfig(**common, head_dim=16, rope_parameters=rope)
+    if arch == "qwen2":
+        return Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    return Qwen3Config(**common, head_dim=32, rope_parameters={"rope_type": "default",
+                                                               "rope_theta": 1e6})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(
+    tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path
+) -> Callable[[str], Path]:
+    """Factory: a random-init Llama/Qwen2/Qwen3 saved as a safetensors dir (SmolLM2 tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    vocab_size = json.loads((smollm_dir / "config.json").read_text())["vocab_size"]
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in made:
+            torch.manual_seed(0)
+            hf = AutoModelForCausalLM.from_config(_hf_config(arch, vocab_size))
+            # Random-init norms are all ones; perturb them so a missing norm would show.
+            with torch.no_grad():
+                for name, p in hf.named_parameters():
+                    if "norm" in name or name.endswith("bias"):
+                        p.add_(0.1 * torch.randn_like(p))
+            out = tmp_path_factory.mktemp(f"tiny-{arch}")
+            hf.save_pretrained(out)
+            for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+                if (smollm_dir / f).exists():
+                    shutil.copy(smollm_dir / f, out / f)
+            made[arch] = out
+        return made[arch]
+
+    return make

@@ -1,0 +1,261 @@
+"""The blend invariants of DESIGN §4, on a tiny random Llama (Llama-3 RoPE) and fp32."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvfuse.blend import (
+    BlendConfig,
+    BlendRun,
+    Deviation,
+    FusedLayer,
+    MaskKind,
+    Mode,
+    select_rows,
+)
+from kvfuse.chunk_store import ChunkStore
+from kvfuse.engine import Engine, PreparedPrompt
+from kvfuse.errors import ConfigError
+from kvfuse.kv import ChunkKV
+from kvfuse.model.loader import load_model
+from kvfuse.segments import PromptSegments
+
+TOL = 1e-5
+NUM_CHUNKS, CHUNK_LEN, PREFIX_LEN, QUERY_LEN = 3, 24, 8, 6
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Callable[[str], Path], cache_dir: Path):  # type: ignore[no-untyped-def]
+    return load_model(tiny_model_dir("llama"), cache_dir, torch.float32)
+
+
+@pytest.fixture
+def tiny_engine(tiny) -> Engine:  # type: ignore[no-untyped-def]
+    return Engine(tiny, ChunkStore(1 << 28))
+
+
+def make_prompt(engine: Engine, seed: int = 0, order: tuple[int, ...] = (0, 1, 2)) -> PreparedPrompt:
+    """Random token segments, tokenized already; keys derived the engine's way."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> tuple[int, ...]:
+        return tuple(torch.randint(10, 1000, (n,), generator=gen).tolist())
+
+    prefix, chunks, query = ids(PREFIX_LEN), [ids(CHUNK_LEN) for _ in range(NUM_CHUNKS)], ids(QUERY_LEN)
+    seg = PromptSegments(prefix, tuple(chunks[i] for i in order), query)
+    return _keyed(engine, seg)
+
+
+def _keyed(engine: Engine, seg: PromptSegments) -> PreparedPrompt:
+    # Reuse the engine's key derivation on a prompt built from raw ids.
+    probe = engine.prepare(["x", "y", "z"], chat=False)
+    from kvfuse import keys
+
+    root_ctx = probe.prefix_key  # any stable string; only consistency matters here
+    prefix_key = keys.prefix_key(root_ctx, seg.prefix_ids)
+    chunk_keys = tuple(
+        keys.chunk_key(engine.fingerprint, "tok", f"prefix:{prefix_key}", "", c)
+        for c in seg.chunk_ids
+    )
+    return PreparedPrompt(seg, prefix_key, chunk_keys)
+
+
+def run(engine: Engine, prompt: PreparedPrompt, mode: Mode, cfg: BlendConfig) -> tuple[list[FusedLayer], BlendRun]:
+    planned = engine.plan(prompt, mode, cfg)
+    blend = BlendRun(engine.model, planned.plan, planned.cached_kv, planned.schedule, cfg.mask,
+                     cfg.deviation)
+    with torch.inference_mode():
+        layers = [FusedLayer(f.layer_idx, f.k.clone(), f.v.clone()) for f in blend]
+    return layers, blend
+
+
+def assert_layers_close(a: list[FusedLayer], b: list[FusedLayer], tol: float) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.k, y.k, atol=tol, rtol=0)
+        torch.testing.assert_close(x.v, y.v, atol=tol, rtol=0)
+
+
+def test_ratio_one_equals_full_prefill(tiny_engine: Engine) -> None:
+    prompt = make_prompt(tiny_engine)
+    tiny_engine.warm(prompt)
+    full_layers, full = run(tiny_engine, prompt, Mode.FULL_PREFILL, BlendConfig())
+    blend_layers, blend = run(tiny_engine, prompt, Mode.BLEND, BlendConfig(recompute_ratio=1.0))
+    assert blend.stats.num_recomputed_tokens == NUM_CHUNKS * CHUNK_LEN
+    torch.testing.assert_close(blend.last_logits, full.last_logits, atol=TOL, rtol=0)
+    assert_layers_close(blend_layers, full_layers, TOL)
+
+
+def test_prefix_cache_equals_full_prefill(tiny_engine: Engine) -> None:
+    prompt = make_prompt(tiny_engine)
+    tiny_engine.warm(prompt)
+    _, full = run(tiny_engine, prompt, Mode.FULL_PREFILL, BlendConfig())
+    layers, prefix = run(tiny_engine, prompt, Mode.PREFIX_CACHE, BlendConfig())
+    assert prefix.stats.num_cached_tokens == PREFIX_LEN + CHUNK_LEN
+    assert prefix.stats.num_recomputed_tokens == 0
+    torch.testing.assert_close(prefix.last_logits, full.last_logits, atol=TOL, rtol=0)
+
+
+def naive_full_reuse(engine: Engine, prompt: PreparedPrompt) -> torch.Tensor:
+    """Reference: cached KV everywhere it exists, only uncached rows computed, loop by loop."""
+    model, seg = engine.model, prompt.segments
+    planned = engine.plan(prompt, Mode.FULL_REUSE, BlendConfig())
+    cached = planned.plan.cached
+    rows = (~cached).nonzero().squeeze(1)
+    num_tokens = seg.num_tokens
+    cos, sin = model.cos_sin(torch.arange(num_tokens))
+    h = model.embed(torch.tensor(seg.token_ids)[rows])
+    for idx, block in enumerate(model.blocks):
+        q, k, v = block.qkv(h, cos[rows], sin[rows])
+        kc, vc = planned.cached_kv.layer(idx)  # type: ignore[union-attr]
+        keys = torch.zeros(k.shape[0], num_tokens, k.shape[2])
+        values = torch.zeros_like(keys)
+        keys[:, cached], values[:, cached] = kc.transpose(0, 1), vc.transpose(0, 1)
+        keys[:, rows], values[:, rows] = k, v
+        mask = torch.arange(num_tokens)[None, :] <= rows[:, None]
+        h = block.finish(h, block.attend(q, keys, values, mask, False))
+    return model.logits(h[-1:])[0]
+
+
+@torch.inference_mode()
+def test_ratio_zero_at_layer_zero_is_full_reuse(tiny_engine: Engine) -> None:
+    prompt = make_prompt(tiny_engine)
+    tiny_engine.warm(prompt)
+    cfg = BlendConfig(recompute_ratio=0.0, check_layers=(0,))
+    _, blend = run(tiny_engine, prompt, Mode.BLEND, cfg)
+    _, reuse = run(tiny_engine, prompt, Mode.FULL_REUSE, cfg)
+    expected = naive_full_reuse(tiny_engine, prompt)
+    torch.testing.assert_close(blend.last_logits, expected, atol=TOL, rtol=0)
+    torch.testing.assert_close(reuse.last_logits, expected, atol=TOL, rtol=0)
+    assert blend.stats.num_recomputed_tokens == 0
+
+
+def store_real_context_kv(engine: Engine, prompt: PreparedPrompt) -> None:
+    """Stores each chunk's KV as computed inside this very prompt (its real context)."""
+    full_layers, _ = run(engine, prompt, Mode.FULL_PREFILL, BlendConfig())
+    seg = prompt.segments
+    spans = [(prompt.prefix_key, 0, len(seg.prefix_ids))] + [
+        (key, off, len(ids))
+        for key, off, ids in zip(prompt.chunk_keys, seg.chunk_offsets, seg.chunk_ids, strict=True)
+    ]
+    for key, off, length in spans:
+        k = torch.stack([f.k[:, off : off + length].transpose(0, 1) for f in full_layers])
+        v = torch.stack([f.v[:, off : off + length].transpose(0, 1) for f in full_layers])
+        engine.store.put(key, ChunkKV(k.contiguous(), v.contiguous(), torch.arange(off, off + length)))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.15, 0.5, 1.0])
+@pytest.mark.parametrize("metric", list(Deviation))
+def test_exact_context_blend_equals_full_prefill(tiny_engine: Engine, ratio: float, metric: Deviation) -> None:
+    prompt = make_prompt(tiny_engine)
+    store_real_context_kv(tiny_engine, prompt)
+    full_layers, full = run(tiny_engine, prompt, Mode.FULL_PREFILL, BlendConfig())
+    cfg = BlendConfig(recompute_ratio=ratio, deviation=metric)
+    layers, blend = run(tiny_engine, prompt, Mode.BLEND, cfg)
+    torch.testing.assert_close(blend.last_logits, full.last_logits, atol=1e-4, rtol=0)
+    assert_layers_close(layers, full_layers, 1e-4)
+
+
+def test_moved_chunks_need_the_rope_fix(tiny_engine: Engine) -> None:
+    """Chunks stored at one offset and reused at another: exact-context KV, moved, still exact."""
+    prompt = make_prompt(tiny_engine, order=(0, 1, 2))
+    store_real_context_kv(tiny_engine, prompt)
+    # Same chunk tokens, but shifted right by 5 extra query-less prefix tokens would change the
+    # context; instead move each stored object to different stored positions and back.
+    for key in prompt.chunk_keys:
+        obj = tiny_engine.store.get(key)
+        assert obj is not None
+        from kvfuse.rope import rotate_delta
+
+        shift = torch.full_like(obj.positions, 37)
+        moved_k = torch.stack([rotate_delta(obj.k[i], shift, tiny_engine.model.inv_freq)
+                               for i in range(obj.num_layers)])
+        tiny_engine.store.put(key, ChunkKV(moved_k, obj.v, obj.positions + 37))
+    _, full = run(tiny_engine, prompt, Mode.FULL_PREFILL, BlendConfig())
+    _, blend = run(tiny_engine, prompt, Mode.BLEND, BlendConfig(recompute_ratio=0.0))
+    torch.testing.assert_close(blend.last_logits, full.last_logits, atol=1e-4, rtol=0)
+
+
+def test_unselected_rows_keep_cached_values_bit_for_bit(tiny_engine: Engine) -> None:
+    prompt = make_prompt(tiny_engine)
+    tiny_engine.warm(prompt)
+    cfg = BlendConfig(recompute_ratio=0.3, check_layers=(1,))
+    planned = tiny_engine.plan(prompt, Mode.BLEND, cfg)
+    layers, blend = run(tiny_engine, prompt, Mode.BLEND, cfg)
+    cached_idx = planned.plan.cached.nonzero().squeeze(1)
+    num_changed = 0
+    for layer in layers[2:]:  # after the check layer only selected rows are rewritten
+        kc, vc = planned.cached_kv.layer(layer.layer_idx)  # type: ignore[union-attr]
+        same = (layer.k[:, cached_idx] == kc.transpose(0, 1)).all(dim=(0, 2))
+        same &= (layer.v[:, cached_idx] == vc.transpose(0, 1)).all(dim=(0, 2))
+        num_changed = int((~same).sum())
+        assert num_changed == blend.stats.num_recomputed_tokens
+    assert num_changed == int(0.3 * NUM_CHUNKS * CHUNK_LEN)
+
+
+def test_gradual_filtering_narrows_the_selection(tiny_engine: Engine) -> None:
+    prompt = make_prompt(tiny_engine)
+    tiny_engine.warm(prompt)
+    cfg = BlendConfig(check_layers=(1, 2), ratios=(0.5, 0.2))
+    _, blend = run(tiny_engine, prompt, Mode.BLEND, cfg)
+    num_eligible = NUM_CHUNKS * CHUNK_LEN
+    first, second = blend.stats.num_selected_per_check
+    assert first == QUERY_LEN + int(0.5 * num_eligible)
+    assert second == QUERY_LEN + int(0.2 * num_eligible)
+    assert blend.stats.num_recomputed_tokens == int(0.2 * num_eligible)
+
+
+def test_bottom_right_mask_is_an_option_that_changes_results(tiny_engine: Engine) -> None:
+    prompt = make_prompt(tiny_engine)
+    tiny_engine.warm(prompt)
+    _, exact = run(tiny_engine, prompt, Mode.BLEND, BlendConfig(recompute_ratio=0.3))
+    _, right = run(tiny_engine, prompt, Mode.BLEND,
+                   BlendConfig(recompute_ratio=0.3, mask=MaskKind.BOTTOM_RIGHT))
+    assert not torch.allclose(exact.last_logits, right.last_logits, atol=1e-4)
+
+
+def test_missing_chunks_are_computed(tiny_engine: Engine) -> None:
+    prompt = make_prompt(tiny_engine)
+    tiny_engine.warm(prompt)
+    tiny_engine.store.delete(prompt.chunk_keys[1])
+    _, blend = run(tiny_engine, prompt, Mode.BLEND, BlendConfig(recompute_ratio=0.0))
+    planned = tiny_engine.plan(prompt, Mode.BLEND, BlendConfig())
+    assert planned.num_chunk_hits == NUM_CHUNKS - 1
+    assert blend.stats.num_computed_tokens == CHUNK_LEN + QUERY_LEN
+    assert blend.stats.num_cached_tokens == PREFIX_LEN + (NUM_CHUNKS - 1) * CHUNK_LEN
+
+
+def test_select_rows_keeps_forced_sorted_unique_and_breaks_ties_by_index() -> None:
+    dev = torch.tensor([5.0, 1.0, 3.0, 3.0, 3.0, 0.0, 9.0])
+    candidate = torch.tensor([True, True, True, True, True, True, False])
+    keep = select_rows(dev, candidate, num_keep=3)
+    assert keep.tolist() == [0, 2, 3, 6]  # 5.0, then the first two of the tied 3.0s, + forced
+    assert torch.equal(keep, select_rows(dev, candidate, num_keep=3))
+    assert select_rows(dev, candidate, num_keep=0).tolist() == [6]
+    assert select_rows(dev, candidate, num_keep=100).tolist() == list(range(7))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"recompute_ratio": -0.1},
+        {"recompute_ratio": 1.5},
+        {"recompute_ratio": float("nan")},
+        {"check_layers": (2, 1)},
+        {"check_layers": ()},
+        {"check_layers": (1, 2), "ratios": (0.1, 0.3)},
+        {"check_layers": (1, 2), "ratios": (0.3,)},
+    ],
+)
+def test_bad_blend_config_is_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        BlendConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_check_layer_beyond_the_model_is_refused(tiny_engine: Engine) -> None:
+    with pytest.raises(ConfigError, match="num_layers"):
+        BlendConfig(check_layers=(99,)).schedule(tiny_engine.model.cfg.num_layers)
