@@ -6,4 +6,12 @@ from kvfuse.blend import BlendConfig, Deviation, MaskKind, Mode
 from kvfuse.engine import Engine, GenerateOutput
 from kvfuse.precompute import ChunkContext
 
-__all__ = ["BlendConfig", "ChunkContext", "Deviation", "Engine", "GenerateOutput", "MaskKind", "Mode"]
+__all__ = [
+    "BlendConfig",
+    "ChunkContext",
+    "Deviation",
+    "Engine",
+    "GenerateOutput",
+    "MaskKind",
+    "Mode",
+]

@@ -25,7 +25,10 @@ import torch
 from torch import Tensor
 
 from kvfuse.errors import ConfigError
-from kvfuse.model.transformer import Transformer
+from kvfuse.model.transformer import Block, Transformer
+
+# Row groups for position-bounded attention; more groups skip more masked-out keys.
+_NUM_ROW_GROUPS = 8
 
 
 class Mode(str, Enum):
@@ -154,7 +157,9 @@ def select_rows(deviation: Tensor, candidate: Tensor, num_keep: int) -> Tensor:
     return keep.nonzero().squeeze(1)
 
 
-def deviation(kind: Deviation, fresh: tuple[Tensor, Tensor], cached: tuple[Tensor, Tensor]) -> Tensor:
+def deviation(
+    kind: Deviation, fresh: tuple[Tensor, Tensor], cached: tuple[Tensor, Tensor]
+) -> Tensor:
     """Per-row distance of fresh from cached KV over heads × head dim, fp32.
 
     Shape: fresh/cached ([H_kv, S, D], [H_kv, S, D]) -> [S].
@@ -226,15 +231,16 @@ class BlendRun:
             k_all[:, rows], v_all[:, rows] = k, v
             if keep is not None:
                 rows, h, q = rows[keep], h[keep], q[:, keep]
-            attn = block.attend(q, k_all, v_all, self._mask(rows, num_tokens), False)
-            h = block.finish(h, attn)
+            h = block.finish(h, self._attend(block, q, k_all, v_all, rows))
             yield FusedLayer(layer_idx, k_all, v_all)
         self._logits = model.logits(h[-1:])[0]
         num_recomputed = int(eligible[rows].sum())
         self.stats.num_recomputed_tokens = num_recomputed
         self.stats.num_computed_tokens = int(rows.numel()) - num_recomputed
 
-    def _cached_layer(self, layer_idx: int, cached_idx: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    def _cached_layer(
+        self, layer_idx: int, cached_idx: Tensor, like: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Buffers holding the cached rows of one layer. Shape: [H_kv, N, D] ×2."""
         num_kv_heads, _, head_dim = like.shape
         shape = (num_kv_heads, self.plan.num_tokens, head_dim)
@@ -246,10 +252,22 @@ class BlendRun:
         v_all[:, cached_idx] = v_cached.to(like).transpose(0, 1)
         return k_all, v_all
 
-    def _mask(self, rows: Tensor, num_tokens: int) -> Tensor:
-        """Which keys each computed row may see. Shape: [S, N] bool."""
+    def _attend(self, block: Block, q: Tensor, k: Tensor, v: Tensor, rows: Tensor) -> Tensor:
+        """Attention of the computed rows over the fused keys, then the output projection.
+
+        Under the exact mask a row at position p needs only keys ≤ p, so rows are attended in
+        groups, each over the key prefix its last row can see: about half the work of one
+        masked call over all keys. Shape: q [H, S, D], k/v [H_kv, N, D] -> [S, hidden].
+        """
+        attn = block.self_attn
+        num_tokens, num_rows = k.shape[1], rows.numel()
         key_pos = torch.arange(num_tokens, device=rows.device)
         if self.mask_kind is MaskKind.BOTTOM_RIGHT:
-            limit = num_tokens - rows.numel() + torch.arange(rows.numel(), device=rows.device)
-            return key_pos[None, :] <= limit[:, None]
-        return key_pos[None, :] <= rows[:, None]
+            limit = num_tokens - num_rows + torch.arange(num_rows, device=rows.device)
+            return attn.project(attn.attention(q, k, v, key_pos[None, :] <= limit[:, None], False))
+        outs = []
+        for group in torch.arange(num_rows, device=rows.device).chunk(_NUM_ROW_GROUPS):
+            end = int(rows[group[-1]]) + 1
+            mask = key_pos[None, :end] <= rows[group, None]  # [S_g, end]
+            outs.append(attn.attention(q[:, group], k[:, :end], v[:, :end], mask, False))
+        return attn.project(torch.cat(outs, dim=1))  # [H, S, D] -> [S, hidden]

@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", default="", help="text with segment separators")
     gen.add_argument("--segment", action="append", help="a segment (repeat, in order)")
     gen.add_argument("--separator", default="<|kvfuse_sep|>")
-    gen.add_argument("--mode", default="blend",
-                     choices=["blend", "full_prefill", "full_reuse", "prefix_cache"])
+    gen.add_argument(
+        "--mode", default="blend", choices=["blend", "full_prefill", "full_reuse", "prefix_cache"]
+    )
     gen.add_argument("--ratio", type=float, default=None, help="recompute ratio in [0, 1]")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -90,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(blend)
     blend.set_defaults(func=_cmd_bench_blend)
+    prefill = bench.add_parser("prefill", help="our full prefill vs transformers, side by side")
+    from kvfuse.bench import prefill as prefill_bench
+
+    prefill_bench.add_arguments(prefill)
+    prefill.set_defaults(func=prefill_bench.run)
     return parser
 
 

@@ -21,9 +21,9 @@ class KVCache:
     def __init__(self, model: Transformer, capacity: int) -> None:
         cfg = model.cfg
         shape = (cfg.num_kv_heads, capacity, cfg.head_dim)
-        kwargs = {"dtype": model.dtype, "device": model.device}
-        self.k = [torch.empty(shape, **kwargs) for _ in range(cfg.num_layers)]  # type: ignore[arg-type]
-        self.v = [torch.empty(shape, **kwargs) for _ in range(cfg.num_layers)]  # type: ignore[arg-type]
+        dtype, device = model.dtype, model.device
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.capacity = capacity
         self.num_tokens = 0
 

@@ -33,9 +33,13 @@ def run_demo(engine: Engine, console: Console | None = None) -> int:
         baseline = baseline or out
         label = f"{mode} r={ratio}" if ratio is not None else mode
         table.add_row(
-            label, f"{out.ttft_s * 1000:.0f}", f"{baseline.ttft_s / out.ttft_s:.1f}×",
-            str(out.num_cached_tokens), str(out.num_recomputed_tokens),
-            "yes" if contains_answer(out.text, list(example.answers)) else "no", out.text.strip(),
+            label,
+            f"{out.ttft_s * 1000:.0f}",
+            f"{baseline.ttft_s / out.ttft_s:.1f}×",
+            str(out.num_cached_tokens),
+            str(out.num_recomputed_tokens),
+            "yes" if contains_answer(out.text, list(example.answers)) else "no",
+            out.text.strip(),
         )
     console.print(table)
     reordered = [example.system, *reversed(example.documents), example.question]

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -95,7 +96,7 @@ class Engine:
         settings: Settings | None = None,
         chunk_context: ChunkContext | str = ChunkContext.PREFIX,
         blend: BlendConfig | None = None,
-        **overrides: object,
+        **overrides: Any,
     ) -> Engine:
         """Loads a model (default: bundled SmolLM2-135M-Instruct) with an in-process store.
 
@@ -104,7 +105,9 @@ class Engine:
         settings = settings or Settings.from_env(model=str(model) if model else None, **overrides)
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
-        loaded = load_model(settings.model, settings.cache_dir, settings.torch_dtype, settings.device)
+        loaded = load_model(
+            settings.model, settings.cache_dir, settings.torch_dtype, settings.device
+        )
         store = ChunkStore(settings.store_capacity_bytes)
         return cls(loaded, store, ChunkContext(chunk_context), blend)
 
@@ -115,15 +118,17 @@ class Engine:
     def prepare(self, segments: Sequence[str], chat: bool = True) -> PreparedPrompt:
         """Tokenizes segments and derives their keys."""
         seg = build_prompt(self.tokenizer, segments, chat)
-        root = keys.chunk_key(self.fingerprint, self.tokenizer.fingerprint, "prefix-root",
-                              self.tenant_salt, [])
+        root = keys.chunk_key(
+            self.fingerprint, self.tokenizer.fingerprint, "prefix-root", self.tenant_salt, []
+        )
         prefix_key = keys.prefix_key(root, seg.prefix_ids)
         context_id = self.chunk_context.value
         if self.chunk_context is ChunkContext.PREFIX:
             context_id = f"prefix:{prefix_key}"
         chunk_keys = tuple(
-            keys.chunk_key(self.fingerprint, self.tokenizer.fingerprint, context_id,
-                           self.tenant_salt, ids)
+            keys.chunk_key(
+                self.fingerprint, self.tokenizer.fingerprint, context_id, self.tenant_salt, ids
+            )
             for ids in seg.chunk_ids
         )
         return PreparedPrompt(seg, prefix_key, chunk_keys)
@@ -160,8 +165,9 @@ class Engine:
         forced[num_tokens - len(seg.query_ids) :] = True
         forced[-1] = True
         if mode is Mode.FULL_PREFILL:
-            return PlannedPrefill(RowPlan(torch.tensor(seg.token_ids), cached, exact, forced),
-                                  None, {}, 0)
+            return PlannedPrefill(
+                RowPlan(torch.tensor(seg.token_ids), cached, exact, forced), None, {}, 0
+            )
         pieces, offsets, num_hits = [], [], 0
         prefix_kv = self.store.get(prompt.prefix_key) if num_prefix else None
         if prefix_kv is not None:
@@ -182,7 +188,10 @@ class Engine:
             offsets.append(offset)
             num_hits += 1
         forced |= ~cached  # cache misses are computed
-        schedule = {Mode.BLEND: blend.schedule(self.model.cfg.num_layers), Mode.FULL_REUSE: {0: 0.0}}
+        schedule = {
+            Mode.BLEND: blend.schedule(self.model.cfg.num_layers),
+            Mode.FULL_REUSE: {0: 0.0},
+        }
         placed = PlacedKV(pieces, offsets, self.model.inv_freq) if pieces else None
         plan = RowPlan(torch.tensor(seg.token_ids), cached, exact, forced)
         return PlannedPrefill(plan, placed, schedule.get(mode, {}), num_hits)
@@ -227,8 +236,14 @@ class Engine:
             if num_tokens + max_tokens > self.max_context_tokens:
                 raise PromptTooLongError(num_tokens + max_tokens, self.max_context_tokens)
             planned = self.plan(prompt, mode, blend)
-            run = BlendRun(self.model, planned.plan, planned.cached_kv, planned.schedule,
-                           blend.mask, blend.deviation)
+            run = BlendRun(
+                self.model,
+                planned.plan,
+                planned.cached_kv,
+                planned.schedule,
+                blend.mask,
+                blend.deviation,
+            )
             cache = KVCache(self.model, num_tokens + max_tokens)
             cache.fill(run)
             sampler = Sampler(params)

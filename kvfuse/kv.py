@@ -50,15 +50,15 @@ class PlacedKV:
     later layers are still being fetched.
     """
 
-    def __init__(
-        self, chunks: Sequence[ChunkKV], offsets: Sequence[int], inv_freq: Tensor
-    ) -> None:
+    def __init__(self, chunks: Sequence[ChunkKV], offsets: Sequence[int], inv_freq: Tensor) -> None:
         self.chunks = list(chunks)
         new_positions = [
             torch.arange(o, o + c.num_tokens, device=c.positions.device)
             for c, o in zip(self.chunks, offsets, strict=True)
         ]
-        self.delta = torch.cat([n - c.positions for n, c in zip(new_positions, self.chunks)])
+        self.delta = torch.cat(
+            [n - c.positions for n, c in zip(new_positions, self.chunks, strict=True)]
+        )
         self.is_identity = bool((self.delta == 0).all())
         self.inv_freq = inv_freq.to(self.delta.device)
 

@@ -46,4 +46,6 @@ def precompute(
         k_layers.append(layer.k[:, num_context:].transpose(0, 1))  # [T, H_kv, D]
         v_layers.append(layer.v[:, num_context:].transpose(0, 1))
     positions = torch.arange(num_context, num_tokens, device=model.device)
-    return ChunkKV(torch.stack(k_layers).contiguous(), torch.stack(v_layers).contiguous(), positions)
+    return ChunkKV(
+        torch.stack(k_layers).contiguous(), torch.stack(v_layers).contiguous(), positions
+    )

@@ -54,7 +54,9 @@ def split_text(text: str, separator: str = DEFAULT_SEPARATOR) -> list[str]:
     return text.split(separator)
 
 
-def build_prompt(tokenizer: Tokenizer, segments: Sequence[str], chat: bool = True) -> PromptSegments:
+def build_prompt(
+    tokenizer: Tokenizer, segments: Sequence[str], chat: bool = True
+) -> PromptSegments:
     """Tokenizes segments one by one.
 
     With `chat`, segments are [system, document..., question] (or just [question]) and the

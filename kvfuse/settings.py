@@ -47,7 +47,7 @@ class Settings:
         return DTYPES[self.dtype]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
         """Reads KVFUSE_MODEL, KVFUSE_DEVICE, KVFUSE_DTYPE, KVFUSE_CACHE_DIR; flags override."""
         env = os.environ if env is None else env
         base = cls()
@@ -55,7 +55,9 @@ class Settings:
             "model": env.get("KVFUSE_MODEL") or base.model,
             "device": env.get("KVFUSE_DEVICE", base.device),
             "dtype": env.get("KVFUSE_DTYPE", base.dtype),
-            "cache_dir": Path(env["KVFUSE_CACHE_DIR"]) if "KVFUSE_CACHE_DIR" in env else base.cache_dir,
+            "cache_dir": Path(env["KVFUSE_CACHE_DIR"])
+            if "KVFUSE_CACHE_DIR" in env
+            else base.cache_dir,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(base, **values)

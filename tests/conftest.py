@@ -59,14 +59,20 @@ def _hf_config(arch: str, vocab_size: int):  # type: ignore[no-untyped-def]
         tie_word_embeddings=False,
     )
     if arch == "llama":
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
         return LlamaConfig(**common, head_dim=16, rope_parameters=rope)
     if arch == "qwen2":
         return Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    return Qwen3Config(**common, head_dim=32, rope_parameters={"rope_type": "default",
-                                                               "rope_theta": 1e6})
+    return Qwen3Config(
+        **common, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1e6}
+    )
 
 
 @pytest.fixture(scope="session")

@@ -69,7 +69,9 @@ def load_model(
     elif not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
     else:
-        raise ModelLoadError(f"{str(path)!r} is neither a .gguf file nor a directory with config.json")
+        raise ModelLoadError(
+            f"{str(path)!r} is neither a .gguf file nor a directory with config.json"
+        )
     return _load_directory(directory, dtype, device, source=str(path))
 
 
@@ -97,7 +99,11 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
             state.pop("lm_head.weight", None)
         save_file(state, str(staging / "model.safetensors"))
         (staging / _FINGERPRINT_FILE).write_text(f"gguf-sha256:{digest}\n")
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / _FINGERPRINT_FILE).is_file():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -116,7 +122,10 @@ def _load_directory(directory: Path, dtype: torch.dtype, device: str, source: st
         state.update(load_file(str(file)))
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.load_state_dict(_rename(state, cfg), assign=True, strict=True)
+    try:
+        model.load_state_dict(_rename(state, cfg), assign=True, strict=True)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise ModelLoadError(f"weights in {str(directory)!r} do not match config.json: {e}") from e
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to(device=device, dtype=dtype).eval()

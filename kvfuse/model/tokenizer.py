@@ -45,9 +45,7 @@ class Tokenizer:
         messages = [{"role": "user", "content": _BODY_MARKER}]
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
-        rendered = self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        rendered = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         head, sep, tail = str(rendered).partition(_BODY_MARKER)
         if not sep:
             raise InvalidRequestError("the chat template does not render the user message")
@@ -56,12 +54,8 @@ class Tokenizer:
 
 def _template_stop_ids(hf_tokenizer: Any) -> tuple[int, ...]:
     """End-of-turn tokens that chat models emit instead of EOS (e.g. `<|im_end|>`)."""
-    ids = []
-    for text in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-        token_id = hf_tokenizer.convert_tokens_to_ids(text)
-        if isinstance(token_id, int) and token_id != hf_tokenizer.unk_token_id:
-            ids.append(token_id)
-    return tuple(ids)
+    vocab = hf_tokenizer.get_vocab()
+    return tuple(vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>") if t in vocab)
 
 
 def _fingerprint(hf_tokenizer: Any) -> str:

@@ -68,15 +68,24 @@ class Attention(nn.Module):
 
         Shape: q [H, S, D], k/v [H_kv, N, D], mask [S, N] bool (True = may attend) -> [S, hidden].
         """
-        out = F.scaled_dot_product_attention(
+        return self.project(self.attention(q, k, v, mask, is_causal))
+
+    def attention(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """Scaled dot-product attention with GQA. Shape: -> [H, S, D]."""
+        return F.scaled_dot_product_attention(
             q[None],
             k[None],
             v[None],
             attn_mask=mask,
             is_causal=is_causal,
             enable_gqa=self.num_heads != self.num_kv_heads,
-        )[0]  # [H, S, D]
-        return self.o_proj(out.transpose(0, 1).reshape(q.shape[1], -1))
+        )[0]
+
+    def project(self, out: Tensor) -> Tensor:
+        """Output projection. Shape: [H, S, D] -> [S, hidden]."""
+        return self.o_proj(out.transpose(0, 1).reshape(out.shape[1], -1))
 
 
 class MLP(nn.Module):

@@ -38,14 +38,20 @@ def tiny_engine(tiny) -> Engine:  # type: ignore[no-untyped-def]
     return Engine(tiny, ChunkStore(1 << 28))
 
 
-def make_prompt(engine: Engine, seed: int = 0, order: tuple[int, ...] = (0, 1, 2)) -> PreparedPrompt:
+def make_prompt(
+    engine: Engine, seed: int = 0, order: tuple[int, ...] = (0, 1, 2)
+) -> PreparedPrompt:
     """Random token segments, tokenized already; keys derived the engine's way."""
     gen = torch.Generator().manual_seed(seed)
 
     def ids(n: int) -> tuple[int, ...]:
         return tuple(torch.randint(10, 1000, (n,), generator=gen).tolist())
 
-    prefix, chunks, query = ids(PREFIX_LEN), [ids(CHUNK_LEN) for _ in range(NUM_CHUNKS)], ids(QUERY_LEN)
+    prefix, chunks, query = (
+        ids(PREFIX_LEN),
+        [ids(CHUNK_LEN) for _ in range(NUM_CHUNKS)],
+        ids(QUERY_LEN),
+    )
     seg = PromptSegments(prefix, tuple(chunks[i] for i in order), query)
     return _keyed(engine, seg)
 
@@ -64,10 +70,13 @@ def _keyed(engine: Engine, seg: PromptSegments) -> PreparedPrompt:
     return PreparedPrompt(seg, prefix_key, chunk_keys)
 
 
-def run(engine: Engine, prompt: PreparedPrompt, mode: Mode, cfg: BlendConfig) -> tuple[list[FusedLayer], BlendRun]:
+def run(
+    engine: Engine, prompt: PreparedPrompt, mode: Mode, cfg: BlendConfig
+) -> tuple[list[FusedLayer], BlendRun]:
     planned = engine.plan(prompt, mode, cfg)
-    blend = BlendRun(engine.model, planned.plan, planned.cached_kv, planned.schedule, cfg.mask,
-                     cfg.deviation)
+    blend = BlendRun(
+        engine.model, planned.plan, planned.cached_kv, planned.schedule, cfg.mask, cfg.deviation
+    )
     with torch.inference_mode():
         layers = [FusedLayer(f.layer_idx, f.k.clone(), f.v.clone()) for f in blend]
     return layers, blend
@@ -94,7 +103,7 @@ def test_prefix_cache_equals_full_prefill(tiny_engine: Engine) -> None:
     prompt = make_prompt(tiny_engine)
     tiny_engine.warm(prompt)
     _, full = run(tiny_engine, prompt, Mode.FULL_PREFILL, BlendConfig())
-    layers, prefix = run(tiny_engine, prompt, Mode.PREFIX_CACHE, BlendConfig())
+    _, prefix = run(tiny_engine, prompt, Mode.PREFIX_CACHE, BlendConfig())
     assert prefix.stats.num_cached_tokens == PREFIX_LEN + CHUNK_LEN
     assert prefix.stats.num_recomputed_tokens == 0
     torch.testing.assert_close(prefix.last_logits, full.last_logits, atol=TOL, rtol=0)
@@ -145,12 +154,16 @@ def store_real_context_kv(engine: Engine, prompt: PreparedPrompt) -> None:
     for key, off, length in spans:
         k = torch.stack([f.k[:, off : off + length].transpose(0, 1) for f in full_layers])
         v = torch.stack([f.v[:, off : off + length].transpose(0, 1) for f in full_layers])
-        engine.store.put(key, ChunkKV(k.contiguous(), v.contiguous(), torch.arange(off, off + length)))
+        engine.store.put(
+            key, ChunkKV(k.contiguous(), v.contiguous(), torch.arange(off, off + length))
+        )
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.15, 0.5, 1.0])
 @pytest.mark.parametrize("metric", list(Deviation))
-def test_exact_context_blend_equals_full_prefill(tiny_engine: Engine, ratio: float, metric: Deviation) -> None:
+def test_exact_context_blend_equals_full_prefill(
+    tiny_engine: Engine, ratio: float, metric: Deviation
+) -> None:
     prompt = make_prompt(tiny_engine)
     store_real_context_kv(tiny_engine, prompt)
     full_layers, full = run(tiny_engine, prompt, Mode.FULL_PREFILL, BlendConfig())
@@ -172,8 +185,12 @@ def test_moved_chunks_need_the_rope_fix(tiny_engine: Engine) -> None:
         from kvfuse.rope import rotate_delta
 
         shift = torch.full_like(obj.positions, 37)
-        moved_k = torch.stack([rotate_delta(obj.k[i], shift, tiny_engine.model.inv_freq)
-                               for i in range(obj.num_layers)])
+        moved_k = torch.stack(
+            [
+                rotate_delta(obj.k[i], shift, tiny_engine.model.inv_freq)
+                for i in range(obj.num_layers)
+            ]
+        )
         tiny_engine.store.put(key, ChunkKV(moved_k, obj.v, obj.positions + 37))
     _, full = run(tiny_engine, prompt, Mode.FULL_PREFILL, BlendConfig())
     _, blend = run(tiny_engine, prompt, Mode.BLEND, BlendConfig(recompute_ratio=0.0))
@@ -213,8 +230,12 @@ def test_bottom_right_mask_is_an_option_that_changes_results(tiny_engine: Engine
     prompt = make_prompt(tiny_engine)
     tiny_engine.warm(prompt)
     _, exact = run(tiny_engine, prompt, Mode.BLEND, BlendConfig(recompute_ratio=0.3))
-    _, right = run(tiny_engine, prompt, Mode.BLEND,
-                   BlendConfig(recompute_ratio=0.3, mask=MaskKind.BOTTOM_RIGHT))
+    _, right = run(
+        tiny_engine,
+        prompt,
+        Mode.BLEND,
+        BlendConfig(recompute_ratio=0.3, mask=MaskKind.BOTTOM_RIGHT),
+    )
     assert not torch.allclose(exact.last_logits, right.last_logits, atol=1e-4)
 
 

@@ -1,0 +1,1 @@
+"""Benchmark harness: RAG datasets, answer-quality metrics and result reports."""

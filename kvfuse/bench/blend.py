@@ -1,0 +1,161 @@
+"""`kvfuse bench blend`: answer quality and TTFT of every prefill mode on RAG questions.
+
+Chunks are precomputed before each question (what a warm cache holds); then the same prompt is
+answered in every mode, one after the other, so timings are ratios taken side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.progress import track
+
+from kvfuse.bench.datasets import RagExample, load_musique, make_factqa
+from kvfuse.bench.metrics import contains_answer, f1_score
+from kvfuse.bench.report import ModeResult, plot_blend, print_table, write_json
+from kvfuse.blend import BlendConfig, Deviation, MaskKind
+from kvfuse.engine import Engine
+
+DEFAULT_MUSIQUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "musique_s.json"
+BASELINES = (("full_prefill", None), ("prefix_cache", None), ("full_reuse", None))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datasets", default="factqa,musique", help="factqa and/or musique")
+    parser.add_argument("--questions", type=int, default=30, help="questions per dataset")
+    parser.add_argument("--docs", type=int, default=6, help="documents per question")
+    parser.add_argument("--ratios", default="0.05,0.15,0.3")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--chunk-context", default="prefix", choices=["none", "bos", "prefix"])
+    parser.add_argument("--check-layers", default="1", help="e.g. 1 or 1,2,3 (gradual)")
+    parser.add_argument("--gradual-ratios", default="", help="per check layer, × final ratio")
+    parser.add_argument("--deviation", default="v_l2", choices=[d.value for d in Deviation])
+    parser.add_argument("--mask", default="exact", choices=[m.value for m in MaskKind])
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--musique-path", type=Path, default=DEFAULT_MUSIQUE)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--name", default="blend", help="result file stem")
+
+
+def _examples(name: str, args: argparse.Namespace) -> list[RagExample]:
+    if name == "musique":
+        return load_musique(args.musique_path, num_docs=args.docs, max_examples=args.questions)
+    return make_factqa(args.questions, num_docs=args.docs, seed=0)
+
+
+def blend_config(args: argparse.Namespace, ratio: float) -> BlendConfig:
+    """The benchmark's blend settings at final ratio `ratio`."""
+    layers = tuple(int(x) for x in args.check_layers.split(","))
+    scale = [float(x) for x in args.gradual_ratios.split(",") if x]
+    ratios = tuple(min(1.0, ratio * s) for s in scale) if scale else ()
+    return BlendConfig(
+        recompute_ratio=ratio,
+        check_layers=layers,
+        ratios=ratios,
+        deviation=Deviation(args.deviation),
+        mask=MaskKind(args.mask),
+    )
+
+
+def _modes(args: argparse.Namespace) -> list[tuple[str, float | None]]:
+    return [*BASELINES, *(("blend", float(r)) for r in args.ratios.split(","))]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One question answered in one mode."""
+
+    example_id: str
+    mode: str
+    ratio: float | None
+    ttft_s: float
+    answer: str
+    num_prompt_tokens: int
+    num_recomputed_tokens: int
+    f1: float
+    accuracy: float
+    f1_vs_full: float
+
+
+def answer_all(engine: Engine, example: RagExample, args: argparse.Namespace) -> list[Record]:
+    """One question in every mode, chunks precomputed first; returns one record per mode."""
+    segments = [example.system, *example.documents, example.question]
+    golds = list(example.answers)
+    engine.store.clear()
+    engine.warm(engine.prepare(segments))
+    records: list[Record] = []
+    for mode, ratio in _modes(args):
+        cfg = blend_config(args, ratio if ratio is not None else 0.15)
+        out = engine.generate(
+            segments, mode=mode, max_tokens=args.max_tokens, store_misses=False, blend=cfg
+        )
+        full_text = records[0].answer if records else out.text
+        records.append(
+            Record(
+                example.example_id,
+                mode,
+                ratio,
+                out.ttft_s,
+                out.text,
+                out.num_prompt_tokens,
+                out.num_recomputed_tokens,
+                f1_score(out.text, golds),
+                float(contains_answer(out.text, golds)),
+                f1_score(out.text, [full_text]),
+            )
+        )
+    return records
+
+
+def summarize(records: list[Record], dataset: str, dtype: str) -> list[ModeResult]:
+    """Per-mode medians and means; TTFT ratio is against full prefill on the same prompts."""
+    full_ttft = statistics.median(r.ttft_s for r in records if r.mode == "full_prefill")
+    results = []
+    for mode, ratio in dict.fromkeys((r.mode, r.ratio) for r in records):
+        rows = [r for r in records if r.mode == mode and r.ratio == ratio]
+        ttft = statistics.median(r.ttft_s for r in rows)
+        results.append(
+            ModeResult(
+                dataset=dataset,
+                dtype=dtype,
+                mode=mode,
+                ratio=ratio,
+                ttft_median_s=ttft,
+                ttft_ratio_vs_full=full_ttft / ttft,
+                f1=statistics.fmean(r.f1 for r in rows),
+                accuracy=statistics.fmean(r.accuracy for r in rows),
+                f1_vs_full=statistics.fmean(r.f1_vs_full for r in rows),
+                num_questions=len(rows),
+            )
+        )
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    results: list[ModeResult] = []
+    raw: dict[str, list[dict[str, object]]] = {}
+    for dtype in args.dtypes.split(","):
+        engine = Engine.from_pretrained(dtype=dtype, chunk_context=args.chunk_context)
+        for dataset in args.datasets.split(","):
+            examples = _examples(dataset, args)
+            answer_all(engine, examples[0], args)  # warm-up: first calls pay one-off costs
+            records = []
+            for example in track(examples, description=f"{dataset} {dtype}"):
+                records.extend(answer_all(engine, example, args))
+            raw[f"{dataset}/{dtype}"] = [asdict(r) for r in records]
+            results.extend(summarize(records, dataset, dtype))
+        del engine
+    rows = [asdict(r) for r in results]
+    print_table(rows, list(rows[0]), title="blend benchmark (SmolLM2-135M, CPU)")
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"
+    }
+    write_json(
+        args.out / f"{args.name}.json", {"settings": settings, "results": rows, "records": raw}
+    )
+    plot_blend(args.out / f"{args.name}.png", results)
+    print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.png')}")
+    return 0
