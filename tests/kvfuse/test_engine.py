@@ -1,0 +1,100 @@
+"""The embedded engine on the real SmolLM2 (fp32, greedy): reuse, equivalences, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvfuse.engine import Engine
+from kvfuse.errors import InvalidRequestError, PromptTooLongError
+
+SYSTEM = "You are a helpful assistant. Answer the question using the documents."
+DOCS = (
+    "Marla Quistenby was born in the city of Dravenport. She later moved to Oslen.",
+    "The Varnholt bridge crosses the river Tesk. It was finished in 1931.",
+    "Edwin Palk works as a glassblower in the town of Hobbridge.",
+)
+QUESTION = "In which city was Marla Quistenby born?"
+
+
+def segments(docs: tuple[str, ...] = DOCS, question: str = QUESTION) -> list[str]:
+    return [SYSTEM, *docs, question]
+
+
+def test_second_call_reuses_documents_in_another_order(engine: Engine) -> None:
+    cold = engine.generate(segments(), mode="blend", max_tokens=8)
+    assert cold.num_chunk_hits == 0 and cold.num_chunks == 3
+    warm = engine.generate(segments(DOCS[::-1], "What does Edwin Palk do?"), max_tokens=8)
+    assert warm.num_chunk_hits == 3
+    assert warm.num_cached_tokens + warm.num_computed_tokens == warm.num_prompt_tokens
+    assert 0 < warm.num_recomputed_tokens < warm.num_cached_tokens
+    assert warm.ttft_s > 0 and warm.text
+
+
+def test_blend_at_ratio_one_and_prefix_cache_produce_full_prefill_tokens(engine: Engine) -> None:
+    full = engine.generate(segments(), mode="full_prefill", max_tokens=12)
+    engine.generate(segments(), mode="full_reuse", max_tokens=1)  # stores the chunks
+    blend = engine.generate(segments(), mode="blend", recompute_ratio=1.0, max_tokens=12)
+    prefix = engine.generate(segments(), mode="prefix_cache", max_tokens=12)
+    assert blend.num_chunk_hits == 3 and prefix.num_chunk_hits == 1
+    assert blend.token_ids == full.token_ids
+    assert prefix.token_ids == full.token_ids
+
+
+def test_full_prefill_does_not_touch_the_store(engine: Engine) -> None:
+    engine.generate(segments(), mode="full_prefill", max_tokens=2)
+    assert engine.store.stats().num_objects == 0
+
+
+def test_seeded_sampling_is_repeatable(engine: Engine) -> None:
+    kwargs = {"mode": "full_prefill", "max_tokens": 8, "temperature": 0.9, "top_p": 0.9, "seed": 3}
+    assert (
+        engine.generate(segments(), **kwargs).token_ids
+        == engine.generate(segments(), **kwargs).token_ids
+    )
+
+
+def test_raw_segments_without_chat_template(engine: Engine) -> None:
+    out = engine.generate(
+        ["Facts:\n", *DOCS, "\nQ: Where was Marla born?\nA:"], chat=False, max_tokens=4
+    )
+    assert out.num_chunks == 3 and out.token_ids
+
+
+def test_tenants_do_not_share_chunks(engine: Engine) -> None:
+    other = Engine.__new__(Engine)
+    other.__dict__.update(engine.__dict__)
+    other.tenant_salt = "tenant-b"
+    a, b = engine.prepare(segments()), other.prepare(segments())
+    assert set(a.chunk_keys).isdisjoint(b.chunk_keys) and a.prefix_key != b.prefix_key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"recompute_ratio": 1.5}, "recompute_ratio"),
+        ({"recompute_ratio": -0.01}, "recompute_ratio"),
+        ({"mode": "bogus"}, "unknown mode"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+    ],
+)
+def test_bad_options_are_clear_errors(
+    engine: Engine, kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.generate(segments(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_empty_segments_are_refused(engine: Engine) -> None:
+    with pytest.raises(InvalidRequestError, match="segment 2 is empty"):
+        engine.generate([SYSTEM, DOCS[0], "  ", QUESTION])
+    with pytest.raises(InvalidRequestError, match="query"):
+        engine.generate([SYSTEM, DOCS[0], ""])
+    with pytest.raises(InvalidRequestError, match="no segments"):
+        engine.generate([])
+
+
+def test_prompt_longer_than_the_context_names_the_limit(engine: Engine) -> None:
+    huge = " ".join(["word"] * 9000)
+    with pytest.raises(PromptTooLongError, match=str(engine.max_context_tokens)):
+        engine.generate([SYSTEM, huge, QUESTION], max_tokens=4)
