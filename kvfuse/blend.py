@@ -44,6 +44,9 @@ class Deviation(str, Enum):
     V_L2 = "v_l2"
     K_L2 = "k_l2"
     K_L1 = "k_l1"
+    # Not a deviation: the attention the forced rows (the query) pay each token at the check
+    # layer, so the recompute budget goes to the tokens the question reads.
+    QUERY_ATTENTION = "q_attn"
 
 
 class MaskKind(str, Enum):
@@ -62,6 +65,8 @@ class BlendConfig:
             `recompute_ratio` at every check layer.
         deviation: the selection metric.
         mask: exact causal by position, or the bottom-right-aligned variant.
+        num_forced_chunk_start: the first tokens of every cached chunk are always recomputed
+            (they were computed without the preceding chunks; cf. EPIC's chunk-start repair).
     """
 
     recompute_ratio: float = 0.15
@@ -69,8 +74,11 @@ class BlendConfig:
     ratios: tuple[float, ...] = ()
     deviation: Deviation = Deviation.V_L2
     mask: MaskKind = MaskKind.EXACT
+    num_forced_chunk_start: int = 0
 
     def __post_init__(self) -> None:
+        if self.num_forced_chunk_start < 0:
+            raise ConfigError("num_forced_chunk_start must be ≥ 0")
         if not 0.0 <= self.recompute_ratio <= 1.0 or math.isnan(self.recompute_ratio):
             raise ConfigError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
         layers = self.check_layers
@@ -171,6 +179,19 @@ def deviation(
     return diff.pow(2).sum(dim=(0, 2))
 
 
+def query_attention(q: Tensor, k: Tensor, q_positions: Tensor) -> Tensor:
+    """Attention mass each key receives from the given query rows, summed over rows and heads.
+
+    Shape: q [H, F, D], k [H_kv, N, D], q_positions [F] -> [N] fp32.
+    """
+    group = q.shape[0] // k.shape[0]
+    keys = k.float().repeat_interleave(group, dim=0)  # [H, N, D]
+    logits = q.float() @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])  # [H, F, N]
+    visible = torch.arange(k.shape[1], device=k.device)[None, :] <= q_positions[:, None]
+    logits = logits.masked_fill(~visible, -math.inf)
+    return torch.softmax(logits, dim=-1).sum(dim=(0, 1))
+
+
 class BlendRun:
     """One prompt's prefill; iterate it to get fused layers, then read `last_logits`.
 
@@ -222,13 +243,18 @@ class BlendRun:
                 yield FusedLayer(layer_idx, k, v)
                 continue
             k_all, v_all = self._cached_layer(layer_idx, cached_idx, k)  # [H_kv, N, D] ×2
-            keep = None
-            if layer_idx in self.schedule:
-                num_keep = math.floor(self.schedule[layer_idx] * num_eligible)
-                dev = deviation(self.metric, (k, v), (k_all[:, rows], v_all[:, rows]))
-                keep = select_rows(dev, eligible[rows], num_keep)
-                self.stats.num_selected_per_check.append(int(keep.numel()))
+            keep, is_check = None, layer_idx in self.schedule
+            by_attention = self.metric is Deviation.QUERY_ATTENTION
+            if is_check and not by_attention:
+                score = deviation(self.metric, (k, v), (k_all[:, rows], v_all[:, rows]))
             k_all[:, rows], v_all[:, rows] = k, v
+            if is_check:
+                candidate = eligible[rows]
+                if by_attention:
+                    score = query_attention(q[:, ~candidate], k_all, rows[~candidate])[rows]
+                num_keep = math.floor(self.schedule[layer_idx] * num_eligible)
+                keep = select_rows(score, candidate, num_keep)
+                self.stats.num_selected_per_check.append(int(keep.numel()))
             if keep is not None:
                 rows, h, q = rows[keep], h[keep], q[:, keep]
             h = block.finish(h, self._attend(block, q, k_all, v_all, rows))

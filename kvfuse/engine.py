@@ -184,6 +184,8 @@ class Engine:
             span = slice(offset, offset + len(chunk_ids))
             cached[span] = True
             exact[span] = mode is Mode.PREFIX_CACHE
+            if mode is Mode.BLEND:
+                forced[offset : offset + blend.num_forced_chunk_start] = True
             pieces.append(kv)
             offsets.append(offset)
             num_hits += 1

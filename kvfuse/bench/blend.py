@@ -20,7 +20,7 @@ from kvfuse.blend import BlendConfig, Deviation, MaskKind
 from kvfuse.engine import Engine
 
 DEFAULT_MUSIQUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "musique_s.json"
-BASELINES = (("full_prefill", None), ("prefix_cache", None), ("full_reuse", None))
+BASELINES = "full_prefill,prefix_cache,full_reuse"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=int, default=30, help="questions per dataset")
     parser.add_argument("--docs", type=int, default=6, help="documents per question")
     parser.add_argument("--ratios", default="0.05,0.15,0.3")
+    parser.add_argument("--baselines", default=BASELINES, help="full_prefill always runs first")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--chunk-context", default="prefix", choices=["none", "bos", "prefix"])
     parser.add_argument("--check-layers", default="1", help="e.g. 1 or 1,2,3 (gradual)")
@@ -61,7 +62,9 @@ def blend_config(args: argparse.Namespace, ratio: float) -> BlendConfig:
 
 
 def _modes(args: argparse.Namespace) -> list[tuple[str, float | None]]:
-    return [*BASELINES, *(("blend", float(r)) for r in args.ratios.split(","))]
+    baselines = dict.fromkeys(["full_prefill", *args.baselines.split(",")])
+    blends = [("blend", float(r)) for r in args.ratios.split(",") if r]
+    return [*((m, None) for m in baselines if m), *blends]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -104,38 +104,107 @@ def _words(text: str, sep: str | None = None) -> tuple[str, ...]:
     return tuple(text.split(sep))
 
 
+class _FactKind(NamedTuple):
+    """A fact template: statement and question ({x} person, {a} answer, {an} its article)."""
+
+    statement: str
+    question: str
+    answers: tuple[str, ...]
+
+
+def _kind(templates: str, answers: str) -> _FactKind:
+    """A fact kind from "statement|question" and a space-separated answer list."""
+    statement, question = templates.split("|")
+    return _FactKind(statement, question, _words(answers))
+
+
 _FIRST_NAMES = _words(
     "Marla Tobin Edwina Corwin Ilse Baxter Rosalind Emmett Greta Lucian Odette Silas Petra Hollis "
     "Wilhelmina Caspian Imogen Thaddeus Beatrix Ansel Clementine Dorian Fenella Gideon Harriet "
-    "Jasper Leonora Magnus Ottilie Percival Quentin Rowena Sybil Ulric Verity Winifred Ambrose "
-    "Delphine Evander Florian"
+    "Jasper Leonora Magnus Ottilie Percival Quentin Rowena Sybil Ulric Verity Winifred Ambrose"
 )
 _SURNAME_HEADS = _words(
     "Quist Brom Halver Vend Ostra Calder Merrow Thorn Pell Dunmar Ashgrove Kers Lind Ravel Selk "
     "Wick Yarrow Zell Fenn Garrick Hobb Jessop Kettle Lorne Munro Nettle Orm Prowse Rudd Stave"
 )
 _SURNAME_TAILS = _words("enby ford wick mere ton ley holt worth stead dale ridge cott")
-_CITY_HEADS = _words(
-    "Drav Kel Mor Tal Vess Bran Cor Eld Fal Gris Hav Lun Nor Pel Ril Sar Tor Ulv Var Wen"
+_TOWN_HEADS = _words("Drav Kel Mor Tal Vess Bran Cor Eld Fal Gris Hav Lun Nor Pel Ril Sar Tor Ulv")
+_TOWN_TAILS = _words("enport hollow haven mouth gate field crest brook moor vale spire bury")
+_RIVERS = _words("Olwen Tarrow Veyle Casse Brund Imber Lorrow Quenna Sallow Dwyre Ferrin Ashet")
+_GOODS = _words("wool salt timber honey cheese copper pottery barley apples linen glass leather")
+_PROSE = (
+    "The town of {p} lies on the {d} bank of the river {r}.",
+    "Every {s}, {p} holds a fair where merchants sell {g} and {g2}.",
+    "In {y}, a great flood damaged the lower streets of {p}.",
+    "The old road from {p} to {p2} is about {n} miles long and crosses two hills.",
+    "Most families in {p} earn their living from {g}.",
+    "The harbour of {p} is too shallow for large ships, so goods travel by barge.",
+    "Travellers often describe {p} as quiet and green, though cold in {s}.",
+    "A stone bridge with {n} arches was built over the river {r} in {y}.",
+    "The market square of {p} is surrounded by narrow houses with red roofs.",
+    "The council of {p} meets once a month in a hall near the river {r}.",
+    "Around {n} thousand people live in {p} today.",
+    "The hills north of {p} are covered with pine forests and sheep pastures.",
+    "Heavy snow closes the mountain pass above {p} for most of the winter.",
+    "The library of {p} keeps old maps of the valley of the river {r}.",
+    "A small museum in {p} shows tools once used by farmers and fishermen.",
+    "The river {r} freezes in hard winters, and children skate on the ice.",
+    "Shops in {p} are known for fine {g} sold at fair prices.",
+    "The railway reached {p} in {y} and brought many new visitors.",
+    "In {s}, boats carry {g} down the river {r} to the coast.",
+    "The {d} gate of {p} is the oldest part of the town wall.",
 )
-_CITY_TAILS = _words("enport hollow haven mouth gate field crest brook moor vale spire bury")
-_COMPANY_HEADS = _words("Zen Vor Quel Brix Lum Tarn Oxa Plex Kiv Nim Strat Helio Cobal Vanta Oriz")
-_COMPANY_TAILS = _words("tronics corp labs works dyne soft gen ica loom field")
-_JOBS = _words(
-    "baker carpenter astronomer pharmacist florist librarian architect plumber dentist "
-    "veterinarian geologist locksmith jeweler photographer beekeeper blacksmith cartographer "
-    "translator surgeon tailor"
+# Sentences that name other invented people without stating an askable fact about them.
+_PERSON_PROSE = (
+    "{x} repaired the roof of the library in {p} in {y}.",
+    "{x} sold {g} at the market of {p} for many years.",
+    "{x} once crossed the mountain pass above {p} in deep snow.",
+    "{x} wrote a short history of the bridge over the river {r}.",
+    "{x} moved from {p} to {p2} after the flood.",
 )
-_PET_NAMES = _words(
-    "Biscuit Pickle Mochi Waffles Pepper Noodle Truffle Juniper Marble Pumpkin Clover Sprocket "
-    "Tofu Nugget Pistachio Bramble Dumpling Sorrel Zigzag Muffin"
+# Fact kinds: (statement, question, answers). The statement reads like the sentence the model
+# starts its reply with when it restates the question, so it can copy the answer; answers are
+# common one-word terms, which SmolLM2-135M copies far more reliably than invented names.
+_FACT_KINDS = (
+    _kind(
+        "The profession of {x} is {an} {a}.|What is the profession of {x}?",
+        "baker carpenter astronomer pharmacist florist librarian architect plumber dentist",
+    ),
+    _kind(
+        "{x} was born in the year {a}.|In which year was {x} born?",
+        " ".join(str(year) for year in range(1921, 2005)),
+    ),
+    _kind(
+        "The best friend of {x} is {a}.|Who is the best friend of {x}?",
+        "Mabel Otto Hilda Rufus Agnes Cyril Edna Felix Nora Hugo Ida Leon",
+    ),
+    _kind(
+        "The pet of {x} is {an} {a}.|What kind of pet does {x} have?",
+        "hamster parrot goat rabbit turtle ferret pony canary goldfish lizard",
+    ),
+    _kind(
+        "The favorite color of {x} is {a}.|What is the favorite color of {x}?",
+        "green purple orange yellow silver crimson turquoise brown",
+    ),
+    _kind(
+        "The favorite sport of {x} is {a}.|What is the favorite sport of {x}?",
+        "tennis rowing chess fencing archery cycling swimming hockey golf boxing",
+    ),
+    _kind(
+        "The instrument that {x} plays is {an} {a}.|Which instrument does {x} play?",
+        "violin cello flute trumpet harp piano guitar drums clarinet banjo",
+    ),
+    _kind(
+        "The favorite food of {x} is {a}.|What is the favorite food of {x}?",
+        "soup pancakes dumplings porridge pie noodles omelette stew waffles risotto",
+    ),
+    _kind(
+        "The home country of {x} is {a}.|What is the home country of {x}?",
+        "Norway Chile Egypt Portugal Canada Kenya Japan Peru Austria Iceland",
+    ),
 )
-_PETS = _words("cat dog parrot rabbit tortoise")
-_THINGS = _words(
-    "old stone bridge|annual lantern festival|copper rooftops|quiet harbour|busy fish market|"
-    "tall clock tower|narrow winding streets|botanical garden|glassblowing workshops|river ferries",
-    sep="|",
-)
+# Fraction of distractor sentences that name another person (the rest is about places).
+_PERSON_RATE = 0.15
 
 
 class _Fact(NamedTuple):
@@ -146,60 +215,13 @@ class _Fact(NamedTuple):
     answer: str
 
 
-def _city(rng: random.Random) -> str:
-    return rng.choice(_CITY_HEADS) + rng.choice(_CITY_TAILS)
-
-
-def _fact_birth_city(rng: random.Random, person: str) -> _Fact:
-    city = _city(rng)
-    return _Fact(
-        f"{person} was born in the city of {city}.", f"In which city was {person} born?", city
-    )
-
-
-def _fact_birth_year(rng: random.Random, person: str) -> _Fact:
-    year = str(rng.randint(1921, 2004))
-    return _Fact(
-        f"{person} was born in the year {year}.", f"In which year was {person} born?", year
-    )
-
-
-def _fact_job(rng: random.Random, person: str) -> _Fact:
-    job = rng.choice(_JOBS)
-    article = "an" if job[0] in "aeiou" else "a"
-    return _Fact(f"{person} works as {article} {job}.", f"What is the profession of {person}?", job)
-
-
-def _fact_company(rng: random.Random, person: str) -> _Fact:
-    company = rng.choice(_COMPANY_HEADS) + rng.choice(_COMPANY_TAILS)
-    return _Fact(
-        f"{person} is employed by a company called {company}.",
-        f"Which company employs {person}?",
-        company,
-    )
-
-
-def _fact_pet(rng: random.Random, person: str) -> _Fact:
-    pet, name = rng.choice(_PETS), rng.choice(_PET_NAMES)
-    return _Fact(
-        f"{person} has a pet {pet} named {name}.",
-        f"What is the name of the pet {pet} of {person}?",
-        name,
-    )
-
-
-_FactKind = Callable[[random.Random, str], _Fact]
-_FACT_KINDS: tuple[_FactKind, ...] = (
-    _fact_birth_city,
-    _fact_birth_year,
-    _fact_job,
-    _fact_company,
-    _fact_pet,
-)
-
-
-# How often a distractor person may get a fact of the asked kind (a same-kind hard negative).
-_SAME_KIND_RATE = 0.0
+def _fact(rng: random.Random, person: str) -> _Fact:
+    """Draws a fact kind and an answer for it about `person`."""
+    statement, question, answers = rng.choice(_FACT_KINDS)
+    answer = rng.choice(answers)
+    article = "an" if answer[0].lower() in "aeiou" else "a"
+    slots = {"x": person, "a": answer, "an": article}
+    return _Fact(statement.format(**slots), question.format(**slots), answer)
 
 
 def _person_names(rng: random.Random, count: int) -> list[str]:
@@ -209,36 +231,38 @@ def _person_names(rng: random.Random, count: int) -> list[str]:
     return [f"{rng.choice(_FIRST_NAMES)} {s}" for s in chosen]
 
 
-def _filler_sentence(rng: random.Random) -> str:
-    """A sentence about an invented place: no person, no answerable fact."""
-    return f"The city of {_city(rng)} is known for its {rng.choice(_THINGS)}."
+def _town(rng: random.Random) -> str:
+    return rng.choice(_TOWN_HEADS) + rng.choice(_TOWN_TAILS)
+
+
+def _distractor_sentence(rng: random.Random, people: Iterator[str]) -> str:
+    """A sentence about invented towns and rivers, sometimes naming another person."""
+    templates = _PERSON_PROSE if rng.random() < _PERSON_RATE else _PROSE
+    return rng.choice(templates).format(
+        x=next(people),
+        p=_town(rng),
+        p2=_town(rng),
+        r=rng.choice(_RIVERS),
+        d=rng.choice(("north", "south", "east", "west")),
+        s=rng.choice(("spring", "summer", "autumn", "winter")),
+        g=rng.choice(_GOODS),
+        g2=rng.choice(_GOODS),
+        y=rng.randint(1700, 1990),
+        n=rng.randint(2, 40),
+    )
 
 
 def _distractor_document(
-    rng: random.Random,
-    people: Iterator[str],
-    answer: str,
-    avoid: _FactKind,
-    num_words: int,
+    rng: random.Random, people: Iterator[str], answer: str, num_words: int
 ) -> list[str]:
-    """Fact sentences about other people (and a few places) until `num_words` words.
-
-    No sentence contains `answer`, so the answer fact is the only place it appears.
-    """
+    """Distractor sentences until `num_words` words; none of them contains `answer`."""
     sentences: list[str] = []
     total_words = 0
     while total_words < num_words:
-        if rng.random() < 0.15:
-            sentence = _filler_sentence(rng)
-        else:
-            person = next(people)
-            pool = [k for k in _FACT_KINDS if k is not avoid or rng.random() < _SAME_KIND_RATE]
-            kinds = rng.sample(pool, min(len(pool), rng.randint(2, 3)))
-            sentence = " ".join(kind(rng, person).sentence for kind in kinds)
-        if answer.lower() in sentence.lower():
-            continue
-        sentences.append(sentence)
-        total_words += len(sentence.split())
+        sentence = _distractor_sentence(rng, people)
+        if answer.lower() not in sentence.lower():
+            sentences.append(sentence)
+            total_words += len(sentence.split())
     return sentences
 
 
@@ -250,12 +274,11 @@ def _factqa_example(
     target = names.pop()
     target_first = target.split()[0]
     people = itertools.cycle([p for p in names if not p.startswith(target_first + " ")])
-    kind = rng.choice(_FACT_KINDS)
-    fact = kind(rng, target)
+    fact = _fact(rng, target)
     answer_doc = rng.randrange(num_docs)
     documents = []
     for doc_idx in range(num_docs):
-        sentences = _distractor_document(rng, people, fact.answer, kind, words_per_doc)
+        sentences = _distractor_document(rng, people, fact.answer, words_per_doc)
         if doc_idx == answer_doc:
             sentences.insert(rng.randrange(len(sentences) + 1), fact.sentence)
         documents.append(" ".join(sentences))
@@ -273,19 +296,23 @@ def make_factqa(
 ) -> list[RagExample]:
     """A deterministic synthetic multi-document fact-QA set about invented people.
 
-    Each document bundles fact sentences (birth city/year, profession, employer, pet) about
-    invented people. Exactly one document states the asked fact, at a random document and
-    sentence position; the answer string appears nowhere else. Example `i` depends only on
-    (`seed`, `i`), so a smaller set is a prefix of a larger one.
+    Documents are prose about invented towns and rivers that also names invented people.
+    Exactly one document states the asked fact about the asked person (profession, birth
+    year, best friend, pet, favourite colour/sport/food, instrument, home country), at a random
+    document and sentence position; the answer word appears in no other document. Example `i`
+    depends only on (`seed`, `i`), so a smaller set is a prefix of a larger one.
 
     Args:
         num_examples: How many questions.
         num_docs: Documents per question.
-        words_per_doc: Approximate words per document (~1.5 SmolLM2 tokens per word here).
+        words_per_doc: Approximate words per document; 330 words is ~490 SmolLM2 tokens.
         seed: Seed of the generator; same seed, same set.
 
     Returns:
-        The examples, ids `factqa-<index>`; each has a single one- or two-word answer.
+        The examples, ids `factqa-<index>`; each has a single one-word answer.
+
+    Raises:
+        ValueError: A negative count, or fewer than one document or word per document.
     """
     if num_examples < 0 or num_docs < 1 or words_per_doc < 1:
         raise ValueError("num_examples must be >= 0, num_docs and words_per_doc >= 1")
