@@ -27,9 +27,6 @@ class RagExample:
     example_id: str
 
 
-# --- Musique (CacheBlend authors' subset) -------------------------------------------------------
-
-
 def load_musique(
     path: str | Path, num_docs: int = 6, max_examples: int | None = None
 ) -> list[RagExample]:
@@ -89,33 +86,13 @@ def _musique_document(where: str, ctx: Any) -> str:
     """`Title: <title>` then the passage text; just the text when the title is empty."""
     if not isinstance(ctx, dict) or not isinstance(ctx.get("text"), str):
         raise ValueError(f"{where}: each ctx must be an object with a string 'text'")
-    title = ctx.get("title") or ""
-    if not isinstance(title, str):
-        raise ValueError(f"{where}: ctx 'title' must be a string")
-    text = ctx["text"].strip()
-    return f"Title: {title.strip()}\n{text}" if title.strip() else text
-
-
-# --- Synthetic fact-QA --------------------------------------------------------------------------
+    title, text = str(ctx.get("title") or "").strip(), ctx["text"].strip()
+    return f"Title: {title}\n{text}" if title else text
 
 
 def _words(text: str, sep: str | None = None) -> tuple[str, ...]:
     """Splits a word-list literal."""
     return tuple(text.split(sep))
-
-
-class _FactKind(NamedTuple):
-    """A fact template: statement and question ({x} person, {a} answer, {an} its article)."""
-
-    statement: str
-    question: str
-    answers: tuple[str, ...]
-
-
-def _kind(templates: str, answers: str) -> _FactKind:
-    """A fact kind from "statement|question" and a space-separated answer list."""
-    statement, question = templates.split("|")
-    return _FactKind(statement, question, _words(answers))
 
 
 _FIRST_NAMES = _words(
@@ -148,11 +125,9 @@ _PROSE = (
     "Heavy snow closes the mountain pass above {p} for most of the winter.",
     "The library of {p} keeps old maps of the valley of the river {r}.",
     "A small museum in {p} shows tools once used by farmers and fishermen.",
-    "The river {r} freezes in hard winters, and children skate on the ice.",
     "Shops in {p} are known for fine {g} sold at fair prices.",
     "The railway reached {p} in {y} and brought many new visitors.",
     "In {s}, boats carry {g} down the river {r} to the coast.",
-    "The {d} gate of {p} is the oldest part of the town wall.",
 )
 # Sentences that name other invented people without stating an askable fact about them.
 _PERSON_PROSE = (
@@ -162,49 +137,48 @@ _PERSON_PROSE = (
     "{x} wrote a short history of the bridge over the river {r}.",
     "{x} moved from {p} to {p2} after the flood.",
 )
-# Fact kinds: (statement, question, answers). The statement reads like the sentence the model
-# starts its reply with when it restates the question, so it can copy the answer; answers are
-# common one-word terms, which SmolLM2-135M copies far more reliably than invented names.
-_FACT_KINDS = (
-    _kind(
-        "The profession of {x} is {an} {a}.|What is the profession of {x}?",
-        "baker carpenter astronomer pharmacist florist librarian architect plumber dentist",
-    ),
-    _kind(
-        "{x} was born in the year {a}.|In which year was {x} born?",
-        " ".join(str(year) for year in range(1921, 2005)),
-    ),
-    _kind(
-        "The best friend of {x} is {a}.|Who is the best friend of {x}?",
-        "Mabel Otto Hilda Rufus Agnes Cyril Edna Felix Nora Hugo Ida Leon",
-    ),
-    _kind(
-        "The pet of {x} is {an} {a}.|What kind of pet does {x} have?",
-        "hamster parrot goat rabbit turtle ferret pony canary goldfish lizard",
-    ),
-    _kind(
-        "The favorite color of {x} is {a}.|What is the favorite color of {x}?",
-        "green purple orange yellow silver crimson turquoise brown",
-    ),
-    _kind(
-        "The favorite sport of {x} is {a}.|What is the favorite sport of {x}?",
-        "tennis rowing chess fencing archery cycling swimming hockey golf boxing",
-    ),
-    _kind(
-        "The instrument that {x} plays is {an} {a}.|Which instrument does {x} play?",
-        "violin cello flute trumpet harp piano guitar drums clarinet banjo",
-    ),
-    _kind(
-        "The favorite food of {x} is {a}.|What is the favorite food of {x}?",
-        "soup pancakes dumplings porridge pie noodles omelette stew waffles risotto",
-    ),
-    _kind(
-        "The home country of {x} is {a}.|What is the home country of {x}?",
-        "Norway Chile Egypt Portugal Canada Kenya Japan Peru Austria Iceland",
-    ),
+# Fact kinds, two lines each: "statement | question" ({x} person, {a} answer, {an} its article)
+# and the answers. The statement reads like the sentence SmolLM2 starts its reply with when it
+# restates the question, so it can copy the answer; the answers are common one-word terms, which
+# it copies far more reliably than invented names.
+_FACT_TABLE = """\
+The profession of {x} is {an} {a}. | What is the profession of {x}?
+baker carpenter astronomer pharmacist florist librarian architect plumber dentist
+The best friend of {x} is {a}. | Who is the best friend of {x}?
+Mabel Otto Hilda Rufus Agnes Cyril Edna Felix Nora Hugo Ida Leon
+The pet of {x} is {an} {a}. | What kind of pet does {x} have?
+hamster parrot goat rabbit turtle ferret pony canary goldfish lizard
+The favorite color of {x} is {a}. | What is the favorite color of {x}?
+green purple orange yellow silver crimson turquoise brown
+The favorite sport of {x} is {a}. | What is the favorite sport of {x}?
+tennis rowing chess fencing archery cycling swimming hockey golf boxing
+The instrument that {x} plays is {an} {a}. | Which instrument does {x} play?
+violin cello flute trumpet harp piano guitar tuba clarinet banjo
+The favorite food of {x} is {a}. | What is the favorite food of {x}?
+soup pancakes dumplings porridge pie noodles omelette stew waffles risotto
+The home country of {x} is {a}. | What is the home country of {x}?
+Norway Chile Egypt Portugal Canada Kenya Japan Peru Austria Iceland
+"""
+_YEAR_KIND = (
+    "{x} was born in the year {a}.",
+    "In which year was {x} born?",
+    tuple(str(year) for year in range(1921, 2005)),
 )
+
+
+def _fact_kinds() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """(statement, question, answers) for every fact kind: the table's, then birth year."""
+    lines = _FACT_TABLE.splitlines()
+    kinds = []
+    for templates, answers in zip(lines[::2], lines[1::2], strict=True):
+        statement, question = (part.strip() for part in templates.split("|"))
+        kinds.append((statement, question, _words(answers)))
+    return (*kinds, _YEAR_KIND)
+
+
+_FACT_KINDS = _fact_kinds()
 # Fraction of distractor sentences that name another person (the rest is about places).
-_PERSON_RATE = 0.15
+_PERSON_RATE = 0.1
 
 
 class _Fact(NamedTuple):

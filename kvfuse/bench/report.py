@@ -92,7 +92,7 @@ def plot_blend(path: str | Path, results: Sequence[ModeResult]) -> None:
 
     Left panel: F1 (solid) and accuracy (dotted, where present) of blend at each ratio; right
     panel: median TTFT. Baselines (full prefill, full reuse, prefix caching) are horizontal
-    dashed lines in the same colours on both panels.
+    dashed lines in the same colours on both panels. Results of any other mode are not drawn.
 
     Args:
         path: Output PNG; parent directories are created.

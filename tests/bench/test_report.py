@@ -16,10 +16,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _fake_results() -> list[ModeResult]:
     def result(mode: str, ratio: float | None, ttft_s: float, f1: float) -> ModeResult:
         return ModeResult(
-            dataset="factqa", dtype="float32", mode=mode, ratio=ratio, ttft_median_s=ttft_s,
-            ttft_ratio_vs_full=1.0 / ttft_s, f1=f1, accuracy=f1 + 0.1, f1_vs_full=f1,
+            dataset="factqa",
+            dtype="float32",
+            mode=mode,
+            ratio=ratio,
+            ttft_median_s=ttft_s,
+            ttft_ratio_vs_full=1.0 / ttft_s,
+            f1=f1,
+            accuracy=f1 + 0.1,
+            f1_vs_full=f1,
             num_questions=4,
-        )  # fmt: skip
+        )
 
     return [
         result("full_prefill", None, 1.0, 0.6),
