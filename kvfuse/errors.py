@@ -33,3 +33,35 @@ class PromptTooLongError(InvalidRequestError):
         )
         self.num_tokens = num_tokens
         self.max_tokens = max_tokens
+
+
+class CodecError(KvfuseError):
+    """A KV payload cannot be encoded or decoded: unknown codec, malformed or truncated bytes."""
+
+
+class CacheError(KvfuseError):
+    """Base class of cache-service errors (server, tiers, client SDK)."""
+
+
+class InvalidObjectError(CacheError, InvalidRequestError):
+    """An object or key is malformed: bad key format, shapes, sizes, dtypes or checksums."""
+
+
+class CapacityError(CacheError):
+    """No room: the object cannot be admitted without breaking a byte budget or a pin."""
+
+
+class CorruptRecordError(CacheError):
+    """A stored record failed its checksum; it is quarantined and never served."""
+
+
+class TierUnavailableError(CacheError):
+    """A storage tier (e.g. Redis) cannot be reached right now."""
+
+
+class AuthError(CacheError):
+    """Missing or wrong bearer token."""
+
+
+class ServiceUnavailableError(CacheError):
+    """A remote kvfuse service did not answer in time or is down (after retries)."""

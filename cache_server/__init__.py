@@ -1,0 +1,1 @@
+"""kvfuse cache server: chunk-keyed KV in tiers memory → local disk → Redis, served over gRPC."""

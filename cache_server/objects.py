@@ -1,0 +1,123 @@
+"""Stored objects: metadata plus one encoded record per layer, with per-layer CRC32 checksums."""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from dataclasses import asdict, dataclass
+
+from kvfuse.errors import CorruptRecordError, InvalidObjectError
+
+# Storage keys are what the server stores under: "<tenant>/<64 hex chunk key>" or a bare key.
+KEY_PATTERN = re.compile(r"^(?:[a-z0-9][a-z0-9_.-]{0,62}/)?[0-9a-f]{64}$")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+MAX_LAYERS = 1024
+
+
+def check_key(key: str) -> str:
+    """Returns `key` if it is a valid storage key, else raises InvalidObjectError."""
+    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+        raise InvalidObjectError(
+            f"malformed key {key!r}: expected [tenant/]<64 lowercase hex chars>"
+        )
+    return key
+
+
+def checksum(record: bytes) -> int:
+    """CRC32 of one layer record."""
+    return zlib.crc32(record) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """What is known about a stored chunk without reading its layers.
+
+    Attributes:
+        key: storage key (see KEY_PATTERN).
+        num_layers, num_tokens, num_kv_heads, head_dim: the decoded K/V of layer i has shape
+            [num_tokens, num_kv_heads, head_dim].
+        dtype: the dtype K/V decode to (one of DTYPE_NAMES).
+        codec: the codec the layer records are encoded with (kvfuse.codecs name).
+        position_offset: K was rotated to positions position_offset .. +num_tokens-1.
+        layer_nbytes: size of each encoded layer record.
+        layer_crc32: CRC32 of each encoded layer record.
+    """
+
+    key: str
+    num_layers: int
+    num_tokens: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    codec: str
+    position_offset: int
+    layer_nbytes: tuple[int, ...]
+    layer_crc32: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_nbytes", tuple(self.layer_nbytes))
+        object.__setattr__(self, "layer_crc32", tuple(self.layer_crc32))
+        self.check_integrity()
+
+    @property
+    def total_nbytes(self) -> int:
+        return sum(self.layer_nbytes)
+
+    def check_integrity(self) -> None:
+        """Raises InvalidObjectError if the fields contradict each other."""
+        check_key(self.key)
+        if not 1 <= self.num_layers <= MAX_LAYERS:
+            raise InvalidObjectError(f"num_layers must be in [1, {MAX_LAYERS}]")
+        for name in ("num_tokens", "num_kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise InvalidObjectError(f"{name} must be positive")
+        if self.position_offset < 0:
+            raise InvalidObjectError("position_offset must be >= 0")
+        if self.dtype not in DTYPE_NAMES:
+            raise InvalidObjectError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        if not (len(self.layer_nbytes) == len(self.layer_crc32) == self.num_layers):
+            raise InvalidObjectError("layer_nbytes and layer_crc32 need one entry per layer")
+        if any(n < 0 for n in self.layer_nbytes):
+            raise InvalidObjectError("layer sizes must be >= 0")
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ObjectMeta:
+        try:
+            fields = json.loads(data)
+            return cls(**fields)
+        except (ValueError, TypeError) as exc:
+            raise InvalidObjectError(f"malformed object metadata: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A complete object: metadata and its layer records (encoded K and V, one per layer)."""
+
+    meta: ObjectMeta
+    layers: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if len(self.layers) != self.meta.num_layers:
+            raise InvalidObjectError(
+                f"object has {len(self.layers)} layer records, metadata says {self.meta.num_layers}"
+            )
+        for idx, record in enumerate(self.layers):
+            if len(record) != self.meta.layer_nbytes[idx]:
+                raise InvalidObjectError(f"layer {idx} has {len(record)} bytes, expected "
+                                         f"{self.meta.layer_nbytes[idx]}")
+
+    def verify_layer(self, idx: int) -> bytes:
+        """The record of layer `idx` after checking its CRC32; CorruptRecordError if it fails."""
+        record = self.layers[idx]
+        if checksum(record) != self.meta.layer_crc32[idx]:
+            raise CorruptRecordError(f"{self.meta.key}: layer {idx} failed its checksum")
+        return record
+
+    def verify(self) -> None:
+        for idx in range(self.meta.num_layers):
+            self.verify_layer(idx)

@@ -1,0 +1,1 @@
+"""Storage tiers of the cache server: memory, local disk, Redis."""

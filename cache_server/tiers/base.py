@@ -1,0 +1,83 @@
+"""The tier contract every storage tier implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cache_server.objects import ObjectMeta, StoredObject
+
+
+@dataclass(frozen=True)
+class TierStats:
+    """A snapshot of one tier's counters (monotonic counters since start)."""
+
+    name: str
+    up: bool
+    capacity_bytes: int
+    stored_bytes: int
+    num_objects: int
+    num_pinned: int
+    num_evictions: int
+    num_corrupt: int
+    num_rejected: int
+
+
+class Tier(ABC):
+    """A byte-budgeted key → StoredObject store. Implementations are thread-safe.
+
+    Contract:
+        - `put` is atomic: readers see the whole object or nothing, never a partial one.
+          Storing an existing key replaces it atomically. The tier makes room by evicting
+          unpinned objects and returns the evicted ones so the caller can demote them to a
+          lower tier. It raises CapacityError (and stores nothing) when the object cannot fit
+          without evicting pinned objects or is larger than the budget allows.
+        - Reads return None on a miss. A record that fails its checksum is quarantined
+          (removed, counted in num_corrupt) and reported as a miss; it is never returned.
+        - A tier that cannot reach its backend raises TierUnavailableError from every call
+          and reports up=False in `stats`; it recovers by itself when the backend returns.
+        - Pins survive until `unpin` or `delete`; pinned objects are never evicted.
+    """
+
+    name: str
+    codec: str  # the codec this tier stores records in (kvfuse.codecs name)
+
+    @abstractmethod
+    def put(self, obj: StoredObject) -> list[StoredObject]:
+        """Stores `obj`; returns the objects evicted to make room (possibly empty)."""
+
+    @abstractmethod
+    def get_meta(self, key: str) -> ObjectMeta | None:
+        """Metadata of `key`, or None. Does not count as an access for eviction."""
+
+    @abstractmethod
+    def get_layer(self, key: str, layer_idx: int) -> bytes | None:
+        """The verified record of one layer, or None (miss or quarantined)."""
+
+    @abstractmethod
+    def get(self, key: str) -> StoredObject | None:
+        """The whole verified object, or None. Counts as an access."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Removes `key` (pinned or not); True if it was there."""
+
+    @abstractmethod
+    def pin(self, key: str) -> bool:
+        """Protects `key` from eviction; True if it is stored here."""
+
+    @abstractmethod
+    def unpin(self, key: str) -> bool:
+        """Lifts the pin; True if it was pinned."""
+
+    @abstractmethod
+    def keys(self) -> Iterator[str]:
+        """All stored keys (a snapshot; order unspecified)."""
+
+    @abstractmethod
+    def stats(self) -> TierStats:
+        """Current counters."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases files, connections and threads."""
