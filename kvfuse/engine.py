@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from kvfuse.blend import BlendConfig, BlendRun, BlendStats, Mode, RowPlan
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.decode import KVCache, generate_tokens
 from kvfuse.errors import ConfigError, InvalidRequestError, PromptTooLongError
-from kvfuse.kv import ChunkKV, PlacedKV
+from kvfuse.kv import ChunkKV, ChunkLayers, PlacedKV
 from kvfuse.model.loader import LoadedModel, load_model
 from kvfuse.model.sampling import Sampler, SamplingParams
 from kvfuse.precompute import ChunkContext, precompute
@@ -135,17 +135,29 @@ class Engine:
 
     def warm(self, prompt: PreparedPrompt) -> int:
         """Precomputes and stores the prefix and every chunk not in the store; returns how many."""
-        seg, num_stored = prompt.segments, 0
-        prefix_kv = self.store.get(prompt.prefix_key) if seg.prefix_ids else None
+        computed = self.compute_missing(prompt, self.store.contains, self.store.get)
+        return sum(self.store.put(key, kv) for key, kv in computed)
+
+    def compute_missing(
+        self,
+        prompt: PreparedPrompt,
+        contains: Callable[[str], bool],
+        get_prefix: Callable[[str], ChunkKV | None],
+    ) -> Iterator[tuple[str, ChunkKV]]:
+        """Precomputes, in order, the prefix and chunks `contains` says are missing.
+
+        The prefix KV (from `get_prefix` or computed) is the chunk context under
+        ChunkContext.PREFIX. Yields (key, kv) for each computed object; stores nothing.
+        """
+        seg = prompt.segments
+        prefix_kv = get_prefix(prompt.prefix_key) if seg.prefix_ids else None
         if seg.prefix_ids and prefix_kv is None:
             prefix_kv = precompute(self.model, [], None, seg.prefix_ids)
-            num_stored += self.store.put(prompt.prefix_key, prefix_kv)
+            yield prompt.prefix_key, prefix_kv
         context_ids, context_kv = self._context(seg, prefix_kv)
         for key, chunk_ids in zip(prompt.chunk_keys, seg.chunk_ids, strict=True):
-            if not self.store.contains(key):
-                kv = precompute(self.model, context_ids, context_kv, chunk_ids)
-                num_stored += self.store.put(key, kv)
-        return num_stored
+            if not contains(key):
+                yield key, precompute(self.model, context_ids, context_kv, chunk_ids)
 
     def _context(
         self, seg: PromptSegments, prefix_kv: ChunkKV | None
@@ -156,8 +168,20 @@ class Engine:
             return [self.tokenizer.bos_token_id], None
         return [], None
 
-    def plan(self, prompt: PreparedPrompt, mode: Mode, blend: BlendConfig) -> PlannedPrefill:
-        """Looks chunks up and decides which rows are cached, exact, forced."""
+    def plan(
+        self,
+        prompt: PreparedPrompt,
+        mode: Mode,
+        blend: BlendConfig,
+        chunks: Mapping[str, ChunkLayers] | None = None,
+    ) -> PlannedPrefill:
+        """Decides which rows are cached, exact, forced.
+
+        Args:
+            chunks: the cached objects available, by key (prefix and chunks); None looks them
+                up in the in-process store. A worker passes chunks still streaming in.
+        """
+        lookup = self.store.get if chunks is None else chunks.get
         seg = prompt.segments
         num_tokens, num_prefix = seg.num_tokens, len(seg.prefix_ids)
         cached = torch.zeros(num_tokens, dtype=torch.bool)
@@ -168,17 +192,18 @@ class Engine:
             return PlannedPrefill(
                 RowPlan(torch.tensor(seg.token_ids), cached, exact, forced), None, {}, 0
             )
-        pieces, offsets, num_hits = [], [], 0
-        prefix_kv = self.store.get(prompt.prefix_key) if num_prefix else None
+        pieces: list[ChunkLayers] = []
+        offsets, num_hits = [], 0
+        prefix_kv = lookup(prompt.prefix_key) if num_prefix else None
         if prefix_kv is not None:
             cached[:num_prefix] = exact[:num_prefix] = True
             pieces.append(prefix_kv)
             offsets.append(0)
-        chunks = zip(prompt.chunk_keys, seg.chunk_ids, seg.chunk_offsets, strict=True)
-        for idx, (key, chunk_ids, offset) in enumerate(chunks):
+        spans = zip(prompt.chunk_keys, seg.chunk_ids, seg.chunk_offsets, strict=True)
+        for idx, (key, chunk_ids, offset) in enumerate(spans):
             if mode is Mode.PREFIX_CACHE and not self._is_exact_after_prefix(idx, prefix_kv):
                 break
-            kv = self.store.get(key)
+            kv = lookup(key)
             if kv is None:
                 continue
             span = slice(offset, offset + len(chunk_ids))
@@ -198,7 +223,7 @@ class Engine:
         plan = RowPlan(torch.tensor(seg.token_ids), cached, exact, forced)
         return PlannedPrefill(plan, placed, schedule.get(mode, {}), num_hits)
 
-    def _is_exact_after_prefix(self, chunk_idx: int, prefix_kv: ChunkKV | None) -> bool:
+    def _is_exact_after_prefix(self, chunk_idx: int, prefix_kv: ChunkLayers | None) -> bool:
         """Only the first chunk, stored after this very prefix, has exact KV in place."""
         return (
             chunk_idx == 0 and prefix_kv is not None and self.chunk_context is ChunkContext.PREFIX
@@ -237,15 +262,7 @@ class Engine:
             num_tokens = prompt.segments.num_tokens
             if num_tokens + max_tokens > self.max_context_tokens:
                 raise PromptTooLongError(num_tokens + max_tokens, self.max_context_tokens)
-            planned = self.plan(prompt, mode, blend)
-            run = BlendRun(
-                self.model,
-                planned.plan,
-                planned.cached_kv,
-                planned.schedule,
-                blend.mask,
-                blend.deviation,
-            )
+            planned, run = self.start_prefill(prompt, mode, blend)
             cache = KVCache(self.model, num_tokens + max_tokens)
             cache.fill(run)
             sampler = Sampler(params)
@@ -257,6 +274,32 @@ class Engine:
             if store_misses and mode is not Mode.FULL_PREFILL:
                 self.warm(prompt)
         return self._output(token_ids, params, ttft_s, total_s, run.stats, planned, prompt, mode)
+
+    def start_prefill(
+        self,
+        prompt: PreparedPrompt,
+        mode: Mode,
+        blend: BlendConfig,
+        chunks: Mapping[str, ChunkLayers] | None = None,
+    ) -> tuple[PlannedPrefill, BlendRun]:
+        """Plans a prefill and returns its run; iterate the run to compute fused layers.
+
+        Not serialized: callers that share the engine across threads hold their own lock.
+        """
+        planned = self.plan(prompt, mode, blend, chunks)
+        run = BlendRun(
+            self.model,
+            planned.plan,
+            planned.cached_kv,
+            planned.schedule,
+            blend.mask,
+            blend.deviation,
+        )
+        return planned, run
+
+    def blend_config(self, ratio: float | None = None) -> BlendConfig:
+        """The engine's blend settings, with `ratio` as the single recompute ratio if given."""
+        return self._blend_config(None, ratio)
 
     def _blend_config(self, blend: BlendConfig | None, ratio: float | None) -> BlendConfig:
         blend = blend or self.blend

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -42,6 +43,26 @@ class ChunkKV:
         return self.k[idx], self.v[idx]
 
 
+class ChunkLayers(Protocol):
+    """A chunk's cached KV readable one layer at a time; layers may still be arriving.
+
+    `ChunkKV` is one; a worker's streamed chunk is another (its `layer` blocks until the layer
+    has arrived).
+    """
+
+    @property
+    def positions(self) -> Tensor:
+        """Positions its keys were rotated to. Shape: [T] int64."""
+        ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def layer(self, idx: int) -> tuple[Tensor, Tensor]:
+        """Shape: ([T, H_kv, D], [T, H_kv, D])."""
+        ...
+
+
 class PlacedKV:
     """Cached KV of several chunks placed at new offsets, assembled one layer at a time.
 
@@ -50,7 +71,9 @@ class PlacedKV:
     later layers are still being fetched.
     """
 
-    def __init__(self, chunks: Sequence[ChunkKV], offsets: Sequence[int], inv_freq: Tensor) -> None:
+    def __init__(
+        self, chunks: Sequence[ChunkLayers], offsets: Sequence[int], inv_freq: Tensor
+    ) -> None:
         self.chunks = list(chunks)
         new_positions = [
             torch.arange(o, o + c.num_tokens, device=c.positions.device)
@@ -71,8 +94,9 @@ class PlacedKV:
 
         Shape: ([N_cached, H_kv, D], [N_cached, H_kv, D]).
         """
-        k = torch.cat([c.k[idx] for c in self.chunks])
-        v = torch.cat([c.v[idx] for c in self.chunks])
+        layers = [c.layer(idx) for c in self.chunks]
+        k = torch.cat([k for k, _ in layers])
+        v = torch.cat([v for _, v in layers])
         if not self.is_identity:
             k = rope.rotate_delta(k, self.delta, self.inv_freq)
         return k, v
