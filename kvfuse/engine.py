@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from kvfuse import keys
-from kvfuse.blend import BlendConfig, BlendRun, BlendStats, Mode, RowPlan
+from kvfuse.blend import BlendConfig, BlendRun, BlendStats, FusedLayer, Mode, RowPlan
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.decode import KVCache, generate_tokens
 from kvfuse.errors import ConfigError, InvalidRequestError, PromptTooLongError
@@ -27,6 +27,7 @@ from kvfuse.kv import ChunkKV, ChunkLayers, PlacedKV
 from kvfuse.model.loader import LoadedModel, load_model
 from kvfuse.model.sampling import Sampler, SamplingParams
 from kvfuse.precompute import ChunkContext, precompute
+from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats
 from kvfuse.segments import PromptSegments, build_prompt
 from kvfuse.settings import Settings
 
@@ -66,6 +67,7 @@ class PlannedPrefill:
     cached_kv: PlacedKV | None
     schedule: dict[int, float]
     num_chunk_hits: int
+    num_chunks: int
 
 
 class Engine:
@@ -117,7 +119,10 @@ class Engine:
 
     def prepare(self, segments: Sequence[str], chat: bool = True) -> PreparedPrompt:
         """Tokenizes segments and derives their keys."""
-        seg = build_prompt(self.tokenizer, segments, chat)
+        return self.prepare_tokens(build_prompt(self.tokenizer, segments, chat))
+
+    def prepare_tokens(self, seg: PromptSegments) -> PreparedPrompt:
+        """Derives the store keys of an already tokenized prompt."""
         root = keys.chunk_key(
             self.fingerprint, self.tokenizer.fingerprint, "prefix-root", self.tenant_salt, []
         )
@@ -190,7 +195,11 @@ class Engine:
         forced[-1] = True
         if mode is Mode.FULL_PREFILL:
             return PlannedPrefill(
-                RowPlan(torch.tensor(seg.token_ids), cached, exact, forced), None, {}, 0
+                RowPlan(torch.tensor(seg.token_ids), cached, exact, forced),
+                None,
+                {},
+                0,
+                len(seg.chunk_ids),
             )
         pieces: list[ChunkLayers] = []
         offsets, num_hits = [], 0
@@ -221,7 +230,7 @@ class Engine:
         }
         placed = PlacedKV(pieces, offsets, self.model.inv_freq) if pieces else None
         plan = RowPlan(torch.tensor(seg.token_ids), cached, exact, forced)
-        return PlannedPrefill(plan, placed, schedule.get(mode, {}), num_hits)
+        return PlannedPrefill(plan, placed, schedule.get(mode, {}), num_hits, len(seg.chunk_ids))
 
     def _is_exact_after_prefix(self, chunk_idx: int, prefix_kv: ChunkLayers | None) -> bool:
         """Only the first chunk, stored after this very prefix, has exact KV in place."""
@@ -274,6 +283,29 @@ class Engine:
             if store_misses and mode is not Mode.FULL_PREFILL:
                 self.warm(prompt)
         return self._output(token_ids, params, ttft_s, total_s, run.stats, planned, prompt, mode)
+
+    def prefill(
+        self, request: PrefillRequest, blend: BlendConfig | None = None
+    ) -> Iterator[FusedLayer | PrefillResult]:
+        """The in-process `Prefiller`: fused layers in order, then the first token and stats.
+
+        Holds the engine lock while it runs. After the result it stores the prompt's missing
+        chunks (for the next request), so iterate it to the end.
+        """
+        blend = self._blend_config(blend, request.recompute_ratio)
+        max_tokens = request.sampling.max_tokens
+        with self._lock:
+            start = time.perf_counter()
+            prompt = self.prepare_tokens(request.segments)
+            num_tokens = prompt.segments.num_tokens
+            if num_tokens + max_tokens > self.max_context_tokens:
+                raise PromptTooLongError(num_tokens + max_tokens, self.max_context_tokens)
+            planned, run = self.start_prefill(prompt, request.mode, blend)
+            yield from run
+            first = Sampler(request.sampling).sample(run.last_logits)
+            yield PrefillResult(first, prefill_stats(run.stats, planned, start))
+            if request.mode is not Mode.FULL_PREFILL:
+                self.warm(prompt)
 
     def start_prefill(
         self,
@@ -336,6 +368,19 @@ class Engine:
             finish_reason=finish,
             mode=mode,
         )
+
+
+def prefill_stats(stats: BlendStats, planned: PlannedPrefill, start_s: float) -> PrefillStats:
+    """A finished run's counters as the prefill contract reports them."""
+    return PrefillStats(
+        num_prompt_tokens=stats.num_tokens,
+        num_cached_tokens=stats.num_cached_tokens,
+        num_recomputed_tokens=stats.num_recomputed_tokens,
+        num_computed_tokens=stats.num_computed_tokens,
+        num_chunks=planned.num_chunks,
+        num_chunk_hits=planned.num_chunk_hits,
+        prefill_s=time.perf_counter() - start_s,
+    )
 
 
 def _parse_mode(mode: Mode | str) -> Mode:

@@ -98,3 +98,23 @@ def test_prompt_longer_than_the_context_names_the_limit(engine: Engine) -> None:
     huge = " ".join(["word"] * 9000)
     with pytest.raises(PromptTooLongError, match=str(engine.max_context_tokens)):
         engine.generate([SYSTEM, huge, QUESTION], max_tokens=4)
+
+
+def test_prefill_stream_matches_generate_and_stores_misses(engine: Engine) -> None:
+    from kvfuse.blend import FusedLayer, Mode
+    from kvfuse.prefill import PrefillRequest, PrefillResult
+
+    full = engine.generate(segments(), mode="full_prefill", max_tokens=1)
+    request = PrefillRequest("r1", engine.prepare(segments()).segments, Mode.BLEND, 1.0)
+    items = list(engine.prefill(request))
+    layers, result = items[:-1], items[-1]
+    assert [layer.layer_idx for layer in layers if isinstance(layer, FusedLayer)] == list(
+        range(engine.model.cfg.num_layers)
+    )
+    assert isinstance(result, PrefillResult)
+    assert result.first_token_id == full.token_ids[0]
+    assert result.stats.num_chunks == 3 and result.stats.num_chunk_hits == 0
+    assert engine.store.stats().num_objects == 4  # prefix + 3 chunks stored after the result
+    again = list(engine.prefill(request))[-1]
+    assert isinstance(again, PrefillResult) and again.stats.num_chunk_hits == 3
+    assert again.first_token_id == full.token_ids[0]  # ratio 1 is exact

@@ -1,0 +1,76 @@
+"""The prefill contract between a decode worker and whoever computes its prompt KV.
+
+A decode worker sends a `PrefillRequest` (token segments, mode, ratio, sampling params for the
+first token) to a `Prefiller` — the prefill worker over gRPC, or the engine in-process — and
+receives the fused KV layer by layer (`FusedLayer`, layer 0 first), then one `PrefillResult`
+with the first sampled token and the stats. Layers are streamed so decode can copy layer l
+while layer l+1 is still being computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvfuse.blend import FusedLayer, Mode
+from kvfuse.model.sampling import SamplingParams
+from kvfuse.segments import PromptSegments
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """One prompt to prefill.
+
+    Attributes:
+        request_id: the caller's id (X-Request-Id), for logs and tracing.
+        segments: token ids of prefix | chunks | query, each tokenized on its own.
+        mode: blend, full_prefill, full_reuse or prefix_cache.
+        recompute_ratio: None uses the prefiller's default (controller policy).
+        sampling: used for the first token only (its seed makes it repeatable).
+    """
+
+    request_id: str
+    segments: PromptSegments
+    mode: Mode = Mode.BLEND
+    recompute_ratio: float | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class PrefillStats:
+    """What a prefill reused and computed, and why it fell back if it did.
+
+    Attributes:
+        fallback: "" normally; otherwise why chunks were computed instead of fetched
+            (e.g. "cache_unavailable", "cache_timeout"). The request still succeeds.
+    """
+
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_recomputed_tokens: int
+    num_computed_tokens: int
+    num_chunks: int
+    num_chunk_hits: int
+    prefill_s: float
+    fallback: str = ""
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """The last message of a prefill stream."""
+
+    first_token_id: int
+    stats: PrefillStats
+
+
+class Prefiller(Protocol):
+    """Computes a prompt's fused KV. Implementations are thread-safe.
+
+    `prefill` returns an iterator that yields every layer's `FusedLayer` (shape k, v
+    [H_kv, N, D]) in layer order, then exactly one `PrefillResult`. Abandoning the iterator
+    early (closing it) must release the work. Errors raise kvfuse.errors types
+    (InvalidRequestError, PromptTooLongError, ServiceUnavailableError).
+    """
+
+    def prefill(self, request: PrefillRequest) -> Iterator[FusedLayer | PrefillResult]: ...
