@@ -7,6 +7,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from kvfuse.codecs.header import CodecId
+
 
 class Codec(ABC):
     """Encodes the K and V of one layer of one chunk.
@@ -17,6 +19,7 @@ class Codec(ABC):
     """
 
     name: ClassVar[str]
+    codec_id: ClassVar[CodecId]  # the id written into every payload's header
 
     @abstractmethod
     def encode(self, k: Tensor, v: Tensor, layer_idx: int, num_layers: int) -> bytes:
