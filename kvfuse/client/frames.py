@@ -1,0 +1,122 @@
+"""Layer records on the wire: split into LayerFrames of at most 4 MiB, reassembled in order."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from kvfuse.errors import CorruptRecordError, InvalidObjectError
+from kvfuse.v1 import common_pb2
+
+MAX_FRAME_BYTES = 4 << 20  # data bytes in one LayerFrame (protocol limit)
+
+
+def crc32(record: bytes) -> int:
+    return zlib.crc32(record) & 0xFFFFFFFF
+
+
+def split_record(
+    key: str,
+    layer_idx: int,
+    record: bytes,
+    record_crc32: int | None = None,
+    max_frame_bytes: int = MAX_FRAME_BYTES,
+) -> Iterator[common_pb2.LayerFrame]:
+    """The frames of one layer record, in offset order (one frame even for an empty record)."""
+    crc = crc32(record) if record_crc32 is None else record_crc32
+    view = memoryview(record)
+    for offset in range(0, max(len(record), 1), max_frame_bytes):
+        yield common_pb2.LayerFrame(
+            key=key,
+            layer_idx=layer_idx,
+            record_nbytes=len(record),
+            record_crc32=crc,
+            offset=offset,
+            data=bytes(view[offset : offset + max_frame_bytes]),
+        )
+
+
+class Record(NamedTuple):
+    key: str
+    layer_idx: int
+    data: bytes
+
+
+class _Head(NamedTuple):
+    key: str
+    layer_idx: int
+    record_nbytes: int
+    record_crc32: int
+
+
+def _head(frame: common_pb2.LayerFrame) -> _Head:
+    return _Head(frame.key, frame.layer_idx, frame.record_nbytes, frame.record_crc32)
+
+
+class RecordAssembler:
+    """Reassembles a stream of LayerFrames into whole records, strictly in order.
+
+    The frames of one record must be contiguous, start at offset 0 and follow each other
+    without gaps or overlaps, with the same key, layer, size and CRC32. Raises
+    InvalidObjectError on any violation, CorruptRecordError when a complete record fails its
+    CRC32. Not thread-safe (one per stream).
+    """
+
+    def __init__(self, max_record_bytes: int, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self._max_record_bytes = max_record_bytes
+        self._max_frame_bytes = max_frame_bytes
+        self._current: _Head | None = None
+        self._parts: list[bytes] = []
+        self._num_received = 0
+
+    @property
+    def in_progress(self) -> bool:
+        """True while a record has started but not all of its bytes arrived."""
+        return self._current is not None
+
+    def feed(self, frame: common_pb2.LayerFrame) -> Record | None:
+        """Takes one frame; returns the record it completes, else None."""
+        if len(frame.data) > self._max_frame_bytes:
+            raise InvalidObjectError(
+                f"frame of {len(frame.data)} bytes exceeds the {self._max_frame_bytes}-byte limit"
+            )
+        if self._current is None:
+            self._start(frame)
+        else:
+            self._continue(frame)
+        self._parts.append(frame.data)
+        self._num_received += len(frame.data)
+        head = self._current
+        if head is None or self._num_received < head.record_nbytes:
+            return None
+        data = b"".join(self._parts)
+        self._current, self._parts, self._num_received = None, [], 0
+        if crc32(data) != head.record_crc32:
+            raise CorruptRecordError(f"{head.key}: layer {head.layer_idx} failed its CRC32")
+        return Record(head.key, head.layer_idx, data)
+
+    def _start(self, frame: common_pb2.LayerFrame) -> None:
+        if frame.offset != 0:
+            raise InvalidObjectError(
+                f"layer {frame.layer_idx}: first frame at offset {frame.offset}"
+            )
+        if frame.record_nbytes > self._max_record_bytes:
+            raise InvalidObjectError(
+                f"layer {frame.layer_idx}: record of {frame.record_nbytes} bytes exceeds the "
+                f"{self._max_record_bytes}-byte limit"
+            )
+        if len(frame.data) > frame.record_nbytes or (frame.record_nbytes and not frame.data):
+            raise InvalidObjectError(f"layer {frame.layer_idx}: frame size does not fit the record")
+        self._current = _head(frame)
+
+    def _continue(self, frame: common_pb2.LayerFrame) -> None:
+        head = self._current
+        assert head is not None
+        if _head(frame) != head or frame.offset != self._num_received:
+            raise InvalidObjectError(
+                f"layer {head.layer_idx}: frame out of order (offset {frame.offset}, "
+                f"expected {self._num_received} of the same record)"
+            )
+        if not frame.data or self._num_received + len(frame.data) > head.record_nbytes:
+            raise InvalidObjectError(f"layer {head.layer_idx}: frame overruns its record")

@@ -1,0 +1,216 @@
+"""CacheClient: the blocking SDK of the kvfuse cache server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from kvfuse.client import wire
+from kvfuse.client.retry import RetryPolicy
+from kvfuse.v1 import cache_pb2, cache_pb2_grpc
+
+T = TypeVar("T")
+Pem = str | Path | bytes | None
+
+
+class CacheClient:
+    """Talks to one cache server over one gRPC channel. Thread-safe; close it when done.
+
+    Every call has a deadline (`timeout_s`) and is retried with exponential backoff on
+    UNAVAILABLE/DEADLINE_EXCEEDED: all calls are idempotent (a put of an existing key is a
+    no-op), and a GetLayers stream is retried only before its first message. Failures raise
+    kvfuse.errors types (AuthError, InvalidObjectError, CapacityError, CorruptRecordError,
+    ServiceUnavailableError, CacheError); a miss is None or an absent entry, never an error.
+
+    Args:
+        target: "host:port" of the server.
+        token: bearer token (sent as `authorization: Bearer <token>`).
+        tls_root_cert: PEM (bytes or path) of the CA that signed the server's certificate;
+            enables TLS. tls_client_cert, tls_client_key: for mTLS.
+        tls_server_name: expected name in the server certificate, if not the target host.
+        timeout_s: deadline of each attempt (for get_layers: of the whole stream).
+        retry: the retry policy.
+        max_message_bytes: gRPC message limit (the server's must be at least as large).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls_root_cert: Pem = None,
+        tls_client_cert: Pem = None,
+        tls_client_key: Pem = None,
+        tls_server_name: str | None = None,
+        timeout_s: float = 10.0,
+        retry: RetryPolicy | None = None,
+        max_message_bytes: int = 16 << 20,
+    ) -> None:
+        options = wire.channel_options(max_message_bytes, tls_server_name)
+        creds = wire.channel_credentials(tls_root_cert, tls_client_cert, tls_client_key)
+        self._channel = (
+            grpc.insecure_channel(target, options)
+            if creds is None
+            else grpc.secure_channel(target, creds, options)
+        )
+        self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout_s = timeout_s
+        self._retry = retry or RetryPolicy()
+
+    def _call(
+        self, method: Callable[..., T], make_request: Callable[[], Any], miss_ok: bool = False
+    ) -> T | None:
+        """Calls with deadline and retries; None on NOT_FOUND when `miss_ok`."""
+        delays = self._retry.delays()
+        while True:
+            try:
+                return method(make_request(), timeout=self._timeout_s, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if miss_ok and exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                delay = next(delays, None) if exc.code() in wire.RETRYABLE_CODES else None
+                if delay is None:
+                    raise wire.error_from_rpc(exc) from exc
+                time.sleep(delay)
+
+    def _must(self, method: Callable[..., T], make_request: Callable[[], Any]) -> T:
+        response = self._call(method, make_request)
+        assert response is not None  # only miss_ok calls return None
+        return response
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, wire.Entry | None]:
+        """Each key → its Entry, or None when it is not stored."""
+        request = cache_pb2.LookupRequest(keys=[wire.check_key(k) for k in keys])
+        response = self._must(self._stub.Lookup, lambda: request)
+        found = {e.key: wire.entry_from_proto(e) for e in response.entries}
+        return {k: found.get(k) for k in keys}
+
+    def put(
+        self,
+        key: str,
+        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        codec: str = "raw",
+        position_offset: int = 0,
+    ) -> bool:
+        """Stores a chunk: per layer (K, V), each [T, H_kv, D], encoded here with `codec`.
+
+        Returns True if this call stored it, False if the key was already stored. Raises
+        CapacityError when the server has no room.
+        """
+        meta, records = wire.encode_layers(key, layers, codec, position_offset)
+        response = self._must(self._stub.Put, lambda: wire.put_requests(meta, records))
+        return bool(response.created)
+
+    def get_layers(
+        self, keys: Sequence[str], layers: range | None = None, codec: str | None = None
+    ) -> Iterator[wire.LayerFrame]:
+        """Decoded layers of the stored keys, layer 0 of every key before layer 1 of any.
+
+        Args:
+            keys: chunk keys; the ones not stored are skipped.
+            layers: a contiguous range of layer indices (default: all).
+            codec: have the server transcode to this codec first (e.g. a smaller one).
+        """
+        for item in self._stream(keys, layers, codec):
+            if isinstance(item, wire.LayerFrame):
+                yield item
+
+    def get(self, key: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """All layers of one chunk as (K, V) pairs, each [T, H_kv, D]; None on a miss."""
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for item in self._stream([key], None, None):
+            if isinstance(item, wire.LayerFrame):
+                layers.append((item.k, item.v))
+            elif not item[1]:
+                return None
+        return layers
+
+    def _stream(
+        self, keys: Sequence[str], layers: range | None, codec: str | None
+    ) -> Iterator[tuple[str, bool] | wire.LayerFrame]:
+        request = wire.get_layers_request(keys, layers, codec)
+        delays = self._retry.delays()
+        while True:
+            started = False
+            decoder = wire.LayerDecoder(wire.MAX_RECORD_BYTES)
+            call = self._stub.GetLayers(request, timeout=self._timeout_s, metadata=self._metadata)
+            try:
+                for response in call:
+                    started = True
+                    item = decoder.feed(response)
+                    if item is not None:
+                        yield item
+                return
+            except grpc.RpcError as exc:
+                retry = not started and exc.code() in wire.RETRYABLE_CODES
+                delay = next(delays, None) if retry else None
+                if delay is None:
+                    raise wire.error_from_rpc(exc) from exc
+                time.sleep(delay)
+            finally:
+                call.cancel()  # no-op when complete; frees the stream if the caller stopped early
+
+    def delete(self, keys: str | Sequence[str]) -> int:
+        """Removes keys from every tier; returns how many were stored."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        request = cache_pb2.DeleteRequest(keys=[wire.check_key(k) for k in keys])
+        return int(self._must(self._stub.Delete, lambda: request).num_deleted)
+
+    def pin(self, key: str) -> bool:
+        """Protects a chunk from eviction; False if it is not stored."""
+        request = cache_pb2.PinRequest(key=wire.check_key(key))
+        return self._call(self._stub.Pin, lambda: request, miss_ok=True) is not None
+
+    def unpin(self, key: str) -> bool:
+        """Lifts a pin; True if the chunk was pinned."""
+        request = cache_pb2.PinRequest(key=wire.check_key(key))
+        return bool(self._must(self._stub.Unpin, lambda: request).changed)
+
+    def move(self, key: str, tier: str, codec: str | None = None) -> wire.Entry | None:
+        """Re-homes a chunk into `tier` (transcoded to `codec`); None if it is not stored."""
+        request = cache_pb2.MoveRequest(key=wire.check_key(key), tier=tier, codec=codec or "")
+        response = self._call(self._stub.Move, lambda: request, miss_ok=True)
+        return None if response is None else wire.entry_from_proto(response.entry)
+
+    def stats(self) -> list[wire.TierInfo]:
+        """Counters of every tier, fastest first."""
+        response = self._must(self._stub.Stats, cache_pb2.StatsRequest)
+        return [wire.tier_from_proto(t) for t in response.tiers]
+
+    def list_page(self, after: str = "", limit: int = 0) -> tuple[list[wire.Entry], str]:
+        """One page of stored chunks in key order and the `after` of the next page ("" = end)."""
+        request = cache_pb2.ListRequest(after=after, limit=limit)
+        response = self._must(self._stub.List, lambda: request)
+        entries = [e for e in map(wire.entry_from_proto, response.entries) if e is not None]
+        return entries, response.next_after
+
+    def iter_entries(self, page_size: int = 0) -> Iterator[wire.Entry]:
+        """Every stored chunk of this tenant, in key order, page by page."""
+        after = ""
+        while True:
+            entries, after = self.list_page(after, page_size)
+            yield from entries
+            if not after:
+                return
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CacheClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,253 @@
+"""Client-side messages: results as dataclasses, tensors to Put streams, status codes to errors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+import torch
+
+from kvfuse.client.frames import crc32, split_record
+from kvfuse.errors import (
+    AuthError,
+    CacheError,
+    CapacityError,
+    ConfigError,
+    CorruptRecordError,
+    InvalidObjectError,
+    KvfuseError,
+    ServiceUnavailableError,
+)
+from kvfuse.v1 import cache_pb2, common_pb2
+
+KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+MAX_RECORD_BYTES = 2 << 30  # largest layer record a client accepts from a server
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_ERRORS: dict[grpc.StatusCode, type[CacheError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidObjectError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
+    grpc.StatusCode.DATA_LOSS: CorruptRecordError,
+    grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ServiceUnavailableError,
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A stored chunk as the server reports it.
+
+    Attributes:
+        key: the chunk key (64 hex). tier: the fastest tier holding it. nbytes: encoded size.
+        pinned: protected from eviction. num_layers, num_tokens, num_kv_heads, head_dim: each
+            layer's K/V is [num_tokens, num_kv_heads, head_dim]. dtype: what K/V decode to.
+        codec: how the records are stored. position_offset: first RoPE position of K.
+    """
+
+    key: str
+    tier: str
+    nbytes: int
+    pinned: bool
+    num_layers: int
+    num_tokens: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    codec: str
+    position_offset: int
+
+
+@dataclass(frozen=True)
+class TierInfo:
+    """One tier's counters from `stats()` (counters are totals since the server started)."""
+
+    name: str
+    up: bool
+    codec: str
+    capacity_bytes: int
+    stored_bytes: int
+    num_objects: int
+    num_pinned: int
+    num_evictions: int
+    num_corrupt: int
+    num_rejected: int
+
+
+class LayerFrame(NamedTuple):
+    """One decoded layer of one chunk from `get_layers`. Shape of k and v: [T, H_kv, D]."""
+
+    key: str
+    layer_idx: int
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+        raise InvalidObjectError(f"malformed key {key!r}: expected 64 lowercase hex chars")
+    return key
+
+
+def entry_from_proto(pb: cache_pb2.Entry) -> Entry | None:
+    if not pb.found:
+        return None
+    m = pb.meta
+    return Entry(pb.key, pb.tier, pb.nbytes, pb.pinned, m.num_layers, m.num_tokens,
+                 m.num_kv_heads, m.head_dim, m.dtype, m.codec, m.position_offset)  # fmt: skip
+
+
+def tier_from_proto(pb: cache_pb2.TierStats) -> TierInfo:
+    return TierInfo(pb.name, pb.up, pb.codec, pb.capacity_bytes, pb.stored_bytes,
+                    pb.num_objects, pb.num_pinned, pb.num_evictions, pb.num_corrupt,
+                    pb.num_rejected)  # fmt: skip
+
+
+def encode_layers(
+    key: str,
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    codec: str,
+    position_offset: int,
+) -> tuple[common_pb2.ObjectMeta, list[bytes]]:
+    """Encodes every layer's (K, V), each [T, H_kv, D], with `codec`; returns meta and records."""
+    from kvfuse.codecs import get_codec
+
+    check_key(key)
+    if not layers:
+        raise InvalidObjectError("an object needs at least one layer")
+    k0 = layers[0][0]
+    if k0.dim() != 3 or k0.dtype not in DTYPE_NAMES:
+        raise InvalidObjectError(f"K must be [T, H_kv, D] float32/bfloat16/float16, got "
+                                 f"{tuple(k0.shape)} {k0.dtype}")  # fmt: skip
+    for idx, (k, v) in enumerate(layers):
+        if k.shape != k0.shape or v.shape != k0.shape or {k.dtype, v.dtype} != {k0.dtype}:
+            raise InvalidObjectError(f"layer {idx}: K/V shape or dtype differs from layer 0")
+    encoder = get_codec(codec)
+    records = [encoder.encode(k, v, i, len(layers)) for i, (k, v) in enumerate(layers)]
+    num_tokens, num_kv_heads, head_dim = k0.shape
+    meta = common_pb2.ObjectMeta(
+        key=key,
+        num_layers=len(layers),
+        num_tokens=num_tokens,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=DTYPE_NAMES[k0.dtype],
+        codec=codec,
+        position_offset=position_offset,
+        layer_nbytes=[len(r) for r in records],
+        layer_crc32=[crc32(r) for r in records],
+    )
+    return meta, records
+
+
+def put_requests(
+    meta: common_pb2.ObjectMeta, records: Sequence[bytes]
+) -> Iterator[cache_pb2.PutRequest]:
+    """The Put stream: the header, then each record's frames in layer order."""
+    yield cache_pb2.PutRequest(header=cache_pb2.PutHeader(meta=meta))
+    for idx, record in enumerate(records):
+        for frame in split_record("", idx, record, meta.layer_crc32[idx]):
+            yield cache_pb2.PutRequest(frame=frame)
+
+
+def decode_record(record: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one layer record, each [T, H_kv, D] in the dtype they were stored from."""
+    from kvfuse.codecs import codec_of, get_codec
+
+    return get_codec(codec_of(record)).decode(record)
+
+
+def error_from_rpc(exc: grpc.RpcError) -> KvfuseError:
+    """The kvfuse error for a failed call (its status code and the server's message)."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    error_type = _ERRORS.get(code, CacheError)
+    return error_type(f"{code.name}: {details}")
+
+
+def channel_options(max_message_bytes: int, server_name: str | None) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+    if server_name is not None:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return options
+
+
+def channel_credentials(
+    root_cert: str | Path | bytes | None,
+    client_cert: str | Path | bytes | None = None,
+    client_key: str | Path | bytes | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials (PEM bytes or file paths); None for a plaintext channel."""
+    if root_cert is None and client_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(root_cert),
+        private_key=_pem(client_key),
+        certificate_chain=_pem(client_cert),
+    )
+
+
+def _pem(value: str | Path | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {value}: {exc}") from exc
+
+
+def get_layers_request(
+    keys: Sequence[str], layers: range | None, codec: str | None
+) -> cache_pb2.GetLayersRequest:
+    """A GetLayers request; `layers` is a contiguous range (step 1) or None for all."""
+    if layers is not None and (layers.step != 1 or len(layers) == 0 or layers.start < 0):
+        raise InvalidObjectError(f"layers must be a non-empty range with step 1, got {layers}")
+    return cache_pb2.GetLayersRequest(
+        keys=[check_key(k) for k in keys],
+        layer_start=0 if layers is None else layers.start,
+        layer_stop=0 if layers is None else layers.stop,
+        codec=codec or "",
+    )
+
+
+class LayerDecoder:
+    """Turns a GetLayers response stream into headers and decoded LayerFrames, checking it.
+
+    `feed` returns a (key, found) pair for a header, a LayerFrame when a record completes,
+    else None. CorruptRecordError when a record fails its CRC32, CacheError when the stream
+    breaks the protocol. Not thread-safe (one per stream).
+    """
+
+    def __init__(self, max_record_bytes: int) -> None:
+        from kvfuse.client.frames import RecordAssembler
+
+        self._assembler = RecordAssembler(max_record_bytes)
+        self._found: set[str] = set()
+        self._frames_started = False
+
+    def feed(self, response: cache_pb2.GetLayersResponse) -> tuple[str, bool] | LayerFrame | None:
+        if response.WhichOneof("kind") == "header":
+            if self._frames_started:
+                raise CacheError("protocol error: key header after layer frames")
+            if response.header.found:
+                self._found.add(response.header.key)
+            return response.header.key, response.header.found
+        self._frames_started = True
+        try:
+            record = self._assembler.feed(response.frame)
+        except InvalidObjectError as exc:
+            raise CacheError(f"protocol error: {exc}") from exc
+        if record is None:
+            return None
+        if record.key not in self._found:
+            raise CacheError(f"protocol error: layer frame for unannounced key {record.key}")
+        k, v = decode_record(record.data)
+        return LayerFrame(record.key, record.layer_idx, k, v)
