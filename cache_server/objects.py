@@ -67,6 +67,20 @@ class ObjectMeta:
     def check_integrity(self) -> None:
         """Raises InvalidObjectError if the fields contradict each other."""
         check_key(self.key)
+        # Metadata also arrives from disk, Redis and the network: check types before values.
+        ints = (
+            self.num_layers,
+            self.num_tokens,
+            self.num_kv_heads,
+            self.head_dim,
+            self.position_offset,
+            *self.layer_nbytes,
+            *self.layer_crc32,
+        )
+        if not all(type(n) is int for n in ints):
+            raise InvalidObjectError("object metadata needs integer sizes, offsets and CRCs")
+        if not isinstance(self.codec, str) or not self.codec:
+            raise InvalidObjectError("codec must be a non-empty string")
         if not 1 <= self.num_layers <= MAX_LAYERS:
             raise InvalidObjectError(f"num_layers must be in [1, {MAX_LAYERS}]")
         for name in ("num_tokens", "num_kv_heads", "head_dim"):
@@ -80,6 +94,8 @@ class ObjectMeta:
             raise InvalidObjectError("layer_nbytes and layer_crc32 need one entry per layer")
         if any(n < 0 for n in self.layer_nbytes):
             raise InvalidObjectError("layer sizes must be >= 0")
+        if any(not 0 <= c <= 0xFFFFFFFF for c in self.layer_crc32):
+            raise InvalidObjectError("layer CRC32s must be unsigned 32-bit integers")
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -88,6 +104,8 @@ class ObjectMeta:
     def from_bytes(cls, data: bytes) -> ObjectMeta:
         try:
             fields = json.loads(data)
+            if not isinstance(fields, dict):
+                raise TypeError("metadata must be a JSON object")
             return cls(**fields)
         except (ValueError, TypeError) as exc:
             raise InvalidObjectError(f"malformed object metadata: {exc}") from exc
@@ -107,9 +125,12 @@ class StoredObject:
                 f"object has {len(self.layers)} layer records, metadata says {self.meta.num_layers}"
             )
         for idx, record in enumerate(self.layers):
+            if not isinstance(record, bytes):  # tiers keep references: records must be immutable
+                raise InvalidObjectError(f"layer {idx} record must be bytes")
             if len(record) != self.meta.layer_nbytes[idx]:
-                raise InvalidObjectError(f"layer {idx} has {len(record)} bytes, expected "
-                                         f"{self.meta.layer_nbytes[idx]}")
+                raise InvalidObjectError(
+                    f"layer {idx} has {len(record)} bytes, expected {self.meta.layer_nbytes[idx]}"
+                )
 
     def verify_layer(self, idx: int) -> bytes:
         """The record of layer `idx` after checking its CRC32; CorruptRecordError if it fails."""

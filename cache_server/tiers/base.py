@@ -32,12 +32,19 @@ class Tier(ABC):
           Storing an existing key replaces it atomically. The tier makes room by evicting
           unpinned objects and returns the evicted ones so the caller can demote them to a
           lower tier. It raises CapacityError (and stores nothing) when the object cannot fit
-          without evicting pinned objects or is larger than the budget allows.
+          without evicting pinned objects or is larger than the budget allows. A tier with an
+          admission policy may decline `obj` itself (counted in num_rejected): it then stores
+          nothing and returns `obj` among the "evicted" objects, so the caller demotes it like
+          any evictee.
         - Reads return None on a miss. A record that fails its checksum is quarantined
           (removed, counted in num_corrupt) and reported as a miss; it is never returned.
         - A tier that cannot reach its backend raises TierUnavailableError from every call
           and reports up=False in `stats`; it recovers by itself when the backend returns.
         - Pins survive until `unpin` or `delete`; pinned objects are never evicted.
+        - Accesses (for LRU/LFU ordering): `get`, and `get_layer` of layer 0 (one access per
+          layer-by-layer read). `get_meta`, `keys` and `stats` are not accesses.
+        - `get_layer` with a layer index outside [0, num_layers) of a stored object raises
+          InvalidObjectError.
     """
 
     name: str
@@ -70,6 +77,10 @@ class Tier(ABC):
     @abstractmethod
     def unpin(self, key: str) -> bool:
         """Lifts the pin; True if it was pinned."""
+
+    @abstractmethod
+    def is_pinned(self, key: str) -> bool:
+        """True if `key` is stored here and pinned."""
 
     @abstractmethod
     def keys(self) -> Iterator[str]:

@@ -1,0 +1,342 @@
+"""The disk tier: one checksummed file per object in a directory, with an LRU byte budget."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cache_server.objects import ObjectMeta, StoredObject, check_key
+from cache_server.tiers import diskfile
+from cache_server.tiers.base import Tier, TierStats
+from kvfuse.errors import CapacityError, ConfigError, CorruptRecordError, InvalidObjectError
+
+SUFFIX = ".kvo"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    meta: ObjectMeta
+    path: Path
+    data_offset: int  # where layer 0's record starts
+    nbytes: int  # file size
+    ino: int  # identifies the file version the index describes (a rename replaces it)
+
+
+def file_name(key: str) -> str:
+    """`tenant/hex` → `tenant@hex.kvo` ('@' cannot occur in keys)."""
+    return key.replace("/", "@") + SUFFIX
+
+
+class DiskTier(Tier):
+    """Objects as files under `root`, bounded by `capacity_bytes` of file size. Thread-safe.
+
+    Layout of `root`:
+        objects/<hh>/<name>.kvo   committed objects (format in `diskfile`), hh = key hex[:2]
+        tmp/                      writes in progress and evictions being read back
+        quarantine/               files that failed validation, kept for inspection
+        pins.json                 pinned keys (rewritten atomically on pin/unpin)
+        lock                      flock held while a tier has the directory open
+
+    A put writes a tmp file, fsyncs it, renames it into place and fsyncs the directory, so an
+    object is either entirely visible or absent, even across a crash. Opening the tier deletes
+    leftovers in tmp/, validates every file's header and size (failures → quarantine/, counted
+    in num_corrupt), and rebuilds the LRU order from file mtimes (accesses touch the mtime).
+    Layer reads seek to one record and verify its CRC32; a mismatch quarantines the file.
+    Big reads and writes run outside the lock; only index updates and renames run under it.
+    One process per directory (enforced with flock).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        capacity_bytes: int,
+        *,
+        codec: str = "raw",
+        name: str = "disk",
+        fsync: bool = True,
+        return_evicted: bool = True,
+    ) -> None:
+        if capacity_bytes <= 0:
+            raise ConfigError("disk tier capacity_bytes must be positive")
+        self.name, self.codec = name, codec
+        self.capacity_bytes = capacity_bytes
+        self.root = Path(root)
+        self._fsync, self._return_evicted = fsync, return_evicted
+        for sub in ("objects", "tmp", "quarantine"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.root / "lock", "a+b")  # noqa: SIM115 - held until close
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._lock_file.close()
+            raise ConfigError(f"{self.root} is already used by another disk tier") from exc
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, _Entry] = OrderedDict()  # LRU first
+        self._pinned: set[str] = set()
+        self._stored_bytes = 0
+        self._num_evictions = self._num_corrupt = 0
+        self._open()
+
+    # ---- startup
+    def _open(self) -> None:
+        for leftover in (self.root / "tmp").iterdir():
+            leftover.unlink()
+        found: list[tuple[int, _Entry]] = []
+        for path in (self.root / "objects").glob(f"*/*{SUFFIX}"):
+            try:
+                meta, data_offset, nbytes = diskfile.read_header(path)
+                if file_name(meta.key) != path.name or path.parent.name != _fan_out(meta.key):
+                    raise CorruptRecordError(f"{path.name}: holds key {meta.key}")
+                st = path.stat()
+            except (CorruptRecordError, InvalidObjectError, OSError):
+                self._quarantine_path(path)
+                continue
+            found.append((st.st_mtime_ns, _Entry(meta, path, data_offset, nbytes, st.st_ino)))
+        for _, entry in sorted(found, key=lambda item: item[0]):
+            self._index[entry.meta.key] = entry
+            self._stored_bytes += entry.nbytes
+        self._pinned = {key for key in self._load_pins() if key in self._index}
+        while self._stored_bytes > self.capacity_bytes:  # the budget shrank since last run
+            victim = next((k for k in self._index if k not in self._pinned), None)
+            if victim is None:
+                break
+            self._drop(victim).path.unlink(missing_ok=True)
+            self._num_evictions += 1
+
+    def _load_pins(self) -> list[str]:
+        try:
+            keys = json.loads((self.root / "pins.json").read_bytes())
+        except FileNotFoundError:
+            return []
+        except ValueError:
+            return []  # a torn pins file only loses pins, never objects
+        return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+
+    def _save_pins(self) -> None:
+        tmp = self.root / "tmp" / f"pins.{uuid.uuid4().hex}"
+        diskfile.write_file(tmp, [json.dumps(sorted(self._pinned)).encode()], self._fsync)
+        os.replace(tmp, self.root / "pins.json")
+        if self._fsync:
+            diskfile.fsync_dir(self.root)
+
+    # ---- writes
+    def put(self, obj: StoredObject) -> list[StoredObject]:
+        key = obj.meta.key
+        header = diskfile.encode_header(obj.meta)
+        nbytes = len(header) + obj.meta.total_nbytes
+        with self._lock:
+            self._choose_victims(key, nbytes)  # fail fast before writing anything
+        tmp = self.root / "tmp" / f"{file_name(key)}.{uuid.uuid4().hex}"
+        diskfile.write_file(tmp, [header, *obj.layers], self._fsync)
+        path = self.root / "objects" / _fan_out(key) / file_name(key)
+        try:
+            with self._lock:
+                victims = self._choose_victims(key, nbytes)
+                evicting = [self._evict_to_tmp(victim) for victim in victims]
+                path.parent.mkdir(exist_ok=True)
+                os.replace(tmp, path)
+                if self._fsync:
+                    diskfile.fsync_dir(path.parent)
+                old = self._index.pop(key, None)
+                self._stored_bytes += nbytes - (old.nbytes if old else 0)
+                ino = path.stat().st_ino
+                self._index[key] = _Entry(obj.meta, path, len(header), nbytes, ino)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return self._read_evicted(evicting)
+
+    def _choose_victims(self, key: str, nbytes: int) -> list[str]:
+        old = self._index.get(key)
+        needed = self._stored_bytes - (old.nbytes if old else 0) + nbytes - self.capacity_bytes
+        victims: list[str] = []
+        for victim, entry in self._index.items():
+            if needed <= 0:
+                break
+            if victim != key and victim not in self._pinned:
+                victims.append(victim)
+                needed -= entry.nbytes
+        if needed > 0:
+            raise CapacityError(
+                f"{self.name} tier: {nbytes} bytes do not fit in {self.capacity_bytes} bytes "
+                f"without evicting pinned objects"
+            )
+        return victims
+
+    def _evict_to_tmp(self, key: str) -> tuple[_Entry, Path]:
+        """Unindexes `key` and moves its file aside (under the lock; read back outside it)."""
+        entry = self._drop(key)
+        self._num_evictions += 1
+        aside = self.root / "tmp" / f"{entry.path.name}.evicted.{uuid.uuid4().hex}"
+        os.replace(entry.path, aside)
+        return entry, aside
+
+    def _read_evicted(self, evicting: list[tuple[_Entry, Path]]) -> list[StoredObject]:
+        evicted: list[StoredObject] = []
+        for entry, aside in evicting:
+            try:
+                if self._return_evicted:
+                    obj = diskfile.read_object(aside, entry.meta, entry.data_offset)
+                    evicted.extend([obj] if obj is not None else [])
+            except CorruptRecordError:
+                self._quarantine_path(aside)
+            finally:
+                aside.unlink(missing_ok=True)
+        return evicted
+
+    def _drop(self, key: str) -> _Entry:
+        entry = self._index.pop(key)
+        self._stored_bytes -= entry.nbytes
+        if key in self._pinned:
+            self._pinned.discard(key)
+            self._save_pins()
+        return entry
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            if key not in self._index:
+                return False
+            self._drop(key).path.unlink(missing_ok=True)
+            return True
+
+    # ---- reads
+    def get_meta(self, key: str) -> ObjectMeta | None:
+        with self._lock:
+            entry = self._index.get(key)
+            return entry.meta if entry else None
+
+    def get_layer(self, key: str, layer_idx: int) -> bytes | None:
+        for _ in range(3):  # a concurrent replace makes the file we looked up go away
+            entry = self._lookup(key)
+            if entry is None:
+                return None
+            if not 0 <= layer_idx < entry.meta.num_layers:
+                raise InvalidObjectError(f"{key}: no layer {layer_idx}")
+            try:
+                record = diskfile.read_layer(
+                    entry.path, entry.ino, entry.meta, entry.data_offset, layer_idx
+                )
+            except CorruptRecordError:
+                self._quarantine(key, entry)
+                return None
+            if record is not None:
+                if layer_idx == 0:
+                    self._touch(key, entry)
+                return record
+            self._forget_if_vanished(key, entry)
+        return None
+
+    def get(self, key: str) -> StoredObject | None:
+        for _ in range(3):
+            entry = self._lookup(key)
+            if entry is None:
+                return None
+            try:
+                obj = diskfile.read_object(entry.path, entry.meta, entry.data_offset, entry.ino)
+            except CorruptRecordError:
+                self._quarantine(key, entry)
+                return None
+            if obj is not None:
+                self._touch(key, entry)
+                return obj
+            self._forget_if_vanished(key, entry)
+        return None
+
+    def _lookup(self, key: str) -> _Entry | None:
+        check_key(key)
+        with self._lock:
+            return self._index.get(key)
+
+    def _touch(self, key: str, entry: _Entry) -> None:
+        with self._lock:
+            if self._index.get(key) is entry:
+                self._index.move_to_end(key)
+        with contextlib.suppress(FileNotFoundError):  # deleted or evicted meanwhile
+            os.utime(entry.path)  # the mtime carries the LRU order across restarts
+
+    def _forget_if_vanished(self, key: str, entry: _Entry) -> None:
+        """Drops an index entry whose file was removed behind our back (counted as corrupt)."""
+        with self._lock:
+            if self._index.get(key) is entry and not entry.path.exists():
+                self._drop(key)
+                self._num_corrupt += 1
+
+    def _quarantine(self, key: str, entry: _Entry) -> None:
+        with self._lock:
+            if self._index.get(key) is not entry:
+                return  # replaced or removed since we read it
+            self._drop(key)
+            self._quarantine_path(entry.path)
+
+    def _quarantine_path(self, path: Path) -> None:
+        self._num_corrupt += 1
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, self.root / "quarantine" / f"{path.name}.{time.time_ns()}")
+
+    # ---- pins and introspection
+    def pin(self, key: str) -> bool:
+        with self._lock:
+            if key not in self._index:
+                return False
+            if key not in self._pinned:
+                self._pinned.add(key)
+                self._save_pins()
+            return True
+
+    def unpin(self, key: str) -> bool:
+        with self._lock:
+            if key not in self._pinned:
+                return False
+            self._pinned.discard(key)
+            self._save_pins()
+            return True
+
+    def is_pinned(self, key: str) -> bool:
+        with self._lock:
+            return key in self._pinned
+
+    def keys(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._index))
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(
+                name=self.name,
+                up=True,
+                capacity_bytes=self.capacity_bytes,
+                stored_bytes=self._stored_bytes,
+                num_objects=len(self._index),
+                num_pinned=len(self._pinned),
+                num_evictions=self._num_evictions,
+                num_corrupt=self._num_corrupt,
+                num_rejected=0,
+            )
+
+    def check_integrity(self) -> None:
+        """Raises AssertionError if the index disagrees with the files or the budget."""
+        with self._lock:
+            assert self._stored_bytes == sum(e.nbytes for e in self._index.values())
+            assert self._stored_bytes <= self.capacity_bytes or not (
+                set(self._index) - self._pinned
+            )
+            assert self._pinned <= set(self._index)
+            for entry in self._index.values():
+                assert entry.path.stat().st_size == entry.nbytes, entry.path
+
+    def close(self) -> None:
+        if not self._lock_file.closed:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+
+
+def _fan_out(key: str) -> str:
+    return key[-64:-62]  # first two hex chars of the chunk hash: 256 subdirectories

@@ -1,0 +1,132 @@
+"""The on-disk object file: a checksummed header with the metadata, then the layer records.
+
+Layout (little-endian):
+    offset 0   4 bytes   magic b"KVFO"
+           4   u16       format version (1)
+           6   u16       reserved (0)
+           8   u32       meta_len: length of the metadata JSON
+          12   u32       CRC32 of the metadata JSON
+          16   meta_len  ObjectMeta.to_bytes() (holds every layer's size and CRC32)
+    then the layer records back to back; record i starts at
+    16 + meta_len + sum(layer_nbytes[:i]). The file size must be exactly
+    16 + meta_len + total_nbytes, so a truncated or padded file is rejected.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+from cache_server.objects import ObjectMeta, StoredObject, checksum
+from kvfuse.errors import CorruptRecordError, InvalidObjectError
+
+MAGIC = b"KVFO"
+VERSION = 1
+HEAD = struct.Struct("<4sHHII")  # magic, version, reserved, meta_len, meta_crc32
+MAX_META_BYTES = 1 << 20
+
+
+def encode_header(meta: ObjectMeta) -> bytes:
+    """The bytes that precede the layer records."""
+    meta_bytes = meta.to_bytes()
+    return HEAD.pack(MAGIC, VERSION, 0, len(meta_bytes), checksum(meta_bytes)) + meta_bytes
+
+
+def read_header(path: Path) -> tuple[ObjectMeta, int, int]:
+    """Validates a file's header and size; returns (meta, data_offset, file size).
+
+    Raises CorruptRecordError when anything is off; OSError when the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(HEAD.size)
+        if len(head) != HEAD.size:
+            raise CorruptRecordError(f"{path.name}: truncated header")
+        magic, version, _, meta_len, meta_crc = HEAD.unpack(head)
+        if magic != MAGIC or version != VERSION or meta_len > MAX_META_BYTES:
+            raise CorruptRecordError(f"{path.name}: not a version-{VERSION} kvfuse object file")
+        meta_bytes = f.read(meta_len)
+        if len(meta_bytes) != meta_len or checksum(meta_bytes) != meta_crc:
+            raise CorruptRecordError(f"{path.name}: metadata failed its checksum")
+        try:
+            meta = ObjectMeta.from_bytes(meta_bytes)
+        except InvalidObjectError as exc:
+            raise CorruptRecordError(f"{path.name}: {exc}") from exc
+        size = os.fstat(f.fileno()).st_size
+    data_offset = HEAD.size + meta_len
+    if size != data_offset + meta.total_nbytes:
+        raise CorruptRecordError(f"{path.name}: {size} bytes, header says more or less")
+    return meta, data_offset, size
+
+
+def write_file(path: Path, chunks: Sequence[bytes], fsync: bool) -> None:
+    """Creates `path` (which must not exist) with `chunks` back to back; fsyncs if asked."""
+    with open(path, "xb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes renames and creations inside directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_version(path: Path, ino: int | None) -> int | None:
+    """An fd on `path` if it still is file `ino`; None if it is gone or was replaced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    if ino is not None and os.fstat(fd).st_ino != ino:
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_layer(
+    path: Path, ino: int, meta: ObjectMeta, data_offset: int, layer_idx: int
+) -> bytes | None:
+    """Reads and verifies one record (a single pread); None if the file is gone or replaced.
+
+    Raises CorruptRecordError if the record is short or fails its CRC32.
+    """
+    fd = _open_version(path, ino)
+    if fd is None:
+        return None
+    try:
+        nbytes = meta.layer_nbytes[layer_idx]
+        record = os.pread(fd, nbytes, data_offset + sum(meta.layer_nbytes[:layer_idx]))
+    finally:
+        os.close(fd)
+    if len(record) != nbytes or checksum(record) != meta.layer_crc32[layer_idx]:
+        raise CorruptRecordError(f"{meta.key}: layer {layer_idx} failed its checksum")
+    return record
+
+
+def read_object(
+    path: Path, meta: ObjectMeta, data_offset: int, ino: int | None = None
+) -> StoredObject | None:
+    """Reads and verifies every record; None if the file is gone or was replaced.
+
+    Raises CorruptRecordError if any record fails its CRC32.
+    """
+    fd = _open_version(path, ino)
+    if fd is None:
+        return None
+    with open(fd, "rb") as f:
+        f.seek(data_offset)
+        layers = [f.read(nbytes) for nbytes in meta.layer_nbytes]
+    try:
+        obj = StoredObject(meta, tuple(layers))
+    except InvalidObjectError as exc:  # a short read
+        raise CorruptRecordError(f"{meta.key}: {exc}") from exc
+    obj.verify()
+    return obj
