@@ -1,0 +1,160 @@
+"""Prometheus metrics of the cache server, declared in one place and served on their own port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cache_server.store import TieredStore
+
+_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_RATIO_BUCKETS = (0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 12, 16)
+
+
+class CacheMetrics:
+    """The server's metrics on a private registry (several servers can share one process).
+
+    Labels are bounded: `op` is a CacheService method name, `code` a gRPC status name, `tier`
+    a configured tier name, `codec` a kvfuse codec name. Thread-safe (prometheus-client is).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram(
+            "kvfuse_cache_request_duration_seconds",
+            "CacheService RPC duration by method and final status code.",
+            ["op", "code"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.lookups = Counter(
+            "kvfuse_cache_lookups",
+            "Keys looked up, by result (hit or miss).",
+            ["result"],
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            "kvfuse_cache_received_bytes", "Layer-record bytes received.", ["op"], registry=r
+        )
+        self.sent_bytes = Counter(
+            "kvfuse_cache_sent_bytes", "Layer-record bytes sent.", ["op"], registry=r
+        )
+        self.compression_ratio = Histogram(
+            "kvfuse_codec_compression_ratio",
+            "Uncompressed K/V bytes over encoded bytes, per object written or transcoded.",
+            ["codec"],
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+        self.encode_seconds = Histogram(
+            "kvfuse_codec_encode_seconds",
+            "Time to encode one layer record.",
+            ["codec"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "kvfuse_codec_decode_seconds",
+            "Time to decode one layer record.",
+            ["codec"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+
+    def observe_request(self, op: str, code: str, seconds: float) -> None:
+        self.request_seconds.labels(op, code).observe(seconds)
+
+    def watch_store(self, store: TieredStore) -> None:
+        """Exports the store's and tiers' own counters, read at every scrape."""
+        self.registry.register(StoreCollector(store))
+
+
+class StoreCollector(Collector):
+    """Per-tier gauges and counters from TierStats and StoreCounters snapshots at scrape time."""
+
+    def __init__(self, store: TieredStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        tiers = self._store.stats()
+        for name, doc, attr in _TIER_GAUGES:
+            gauge = GaugeMetricFamily(name, doc, labels=["tier"])
+            for t in tiers:
+                gauge.add_metric([t.name], float(getattr(t, attr)))
+            yield gauge
+        for name, doc, attr in _TIER_COUNTERS:
+            counter = CounterMetricFamily(name, doc, labels=["tier"])
+            for t in tiers:
+                counter.add_metric([t.name], float(getattr(t, attr)))
+            yield counter
+        counts = self._store.counters()
+        for name, doc, per_tier in (
+            ("kvfuse_cache_hits", "Reads served, by tier.", counts.num_hits),
+            (
+                "kvfuse_cache_tier_unavailable",
+                "Calls that found a tier down.",
+                counts.num_unavailable,
+            ),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["tier"])
+            for tier, value in per_tier.items():
+                counter.add_metric([tier], float(value))
+            yield counter
+        for name, doc, value in (
+            ("kvfuse_cache_misses", "Reads no tier could serve.", counts.num_misses),
+            (
+                "kvfuse_cache_promotions",
+                "Objects copied up into the first tier.",
+                counts.num_promotions,
+            ),
+            (
+                "kvfuse_cache_demotions",
+                "Evicted objects stored into a lower tier.",
+                counts.num_demotions,
+            ),
+            ("kvfuse_cache_dropped", "Evicted objects no lower tier took.", counts.num_dropped),
+            (
+                "kvfuse_cache_transcodes",
+                "Objects re-encoded to another codec.",
+                counts.num_transcodes,
+            ),
+        ):
+            yield CounterMetricFamily(name, doc, value=float(value))
+
+
+_TIER_GAUGES = (
+    ("kvfuse_cache_stored_bytes", "Bytes stored in the tier.", "stored_bytes"),
+    ("kvfuse_cache_capacity_bytes", "Byte budget of the tier.", "capacity_bytes"),
+    ("kvfuse_cache_objects", "Objects stored in the tier.", "num_objects"),
+    ("kvfuse_cache_pinned_objects", "Pinned objects in the tier.", "num_pinned"),
+    ("kvfuse_cache_tier_up", "1 if the tier's backend is reachable.", "up"),
+)
+_TIER_COUNTERS = (
+    ("kvfuse_cache_evictions", "Objects evicted from the tier.", "num_evictions"),
+    ("kvfuse_cache_corrupt_records", "Records that failed a checksum.", "num_corrupt"),
+    ("kvfuse_cache_rejected", "Objects the tier refused or declined.", "num_rejected"),
+)
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint on its own port (a daemon thread)."""
+
+    def __init__(self, metrics: CacheMetrics, host: str, port: int) -> None:
+        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self._server: WSGIServer = server
+        self._thread: Thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()

@@ -1,0 +1,158 @@
+"""CacheService over a TieredStore: validates requests, translates messages, lets the store work."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from cache_server import download, status, wire
+from cache_server.auth import Authenticator
+from cache_server.config import CacheServerConfig
+from cache_server.metrics import CacheMetrics
+from cache_server.objects import StoredObject
+from cache_server.records import RecordCodec
+from cache_server.store import TieredStore
+from cache_server.upload import CommitLocks, Upload
+from kvfuse.v1 import cache_pb2, cache_pb2_grpc
+
+
+class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
+    """One instance per server, called from the gRPC thread pool; thread-safe.
+
+    Every key is scoped to the caller's tenant (resolved from the bearer token), so tenants
+    never see each other's objects. KvfuseErrors raised here become status codes in the
+    ObservingInterceptor (see `status`); a miss is never an error except for Pin/Move.
+    """
+
+    def __init__(
+        self,
+        store: TieredStore,
+        config: CacheServerConfig,
+        auth: Authenticator,
+        metrics: CacheMetrics,
+        tier_codecs: dict[str, str],
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._auth = auth
+        self._metrics = metrics
+        self._codecs = RecordCodec(metrics)
+        self._tier_codecs = tier_codecs
+        self._commit_locks = CommitLocks()
+
+    def _tenant(self, context: grpc.ServicerContext) -> str:
+        return self._auth.tenant_of(context.invocation_metadata())
+
+    def Lookup(
+        self, request: cache_pb2.LookupRequest, context: grpc.ServicerContext
+    ) -> cache_pb2.LookupResponse:
+        tenant = self._tenant(context)
+        entries = []
+        for key in wire.check_keys(request.keys, self._config.max_batch_keys):
+            location = self._store.lookup(wire.storage_key(tenant, key))
+            self._metrics.lookups.labels("miss" if location is None else "hit").inc()
+            entries.append(wire.entry_to_proto(key, location))
+        return cache_pb2.LookupResponse(entries=entries)
+
+    def Put(
+        self, request_iterator: Iterator[cache_pb2.PutRequest], context: grpc.ServicerContext
+    ) -> cache_pb2.PutResponse:
+        upload = Upload(self._tenant(context), self._codecs, self._config.max_object_bytes)
+        for request in request_iterator:
+            upload.add(request)
+        obj = upload.finish()
+        self._metrics.received_bytes.labels("Put").inc(obj.meta.total_nbytes)
+        created = self._commit_locks.put_if_absent(
+            obj.meta.key,
+            exists=lambda: self._store.lookup(obj.meta.key) is not None,
+            put=lambda: self._store.put(obj),
+        )
+        location = self._store.lookup(obj.meta.key)
+        return cache_pb2.PutResponse(
+            key=upload.key,
+            created=created,
+            tier="" if location is None else location.tier,
+            nbytes=obj.meta.total_nbytes,
+        )
+
+    def GetLayers(
+        self, request: cache_pb2.GetLayersRequest, context: grpc.ServicerContext
+    ) -> Iterator[cache_pb2.GetLayersResponse]:
+        tenant = self._tenant(context)
+        keys = wire.check_keys(request.keys, self._config.max_batch_keys)
+        codec = request.codec or None
+        if codec is not None:
+            self._codecs.codec(codec)  # CodecError for an unknown codec
+        found: list[StoredObject] = []
+        headers = []
+        for key in keys:
+            obj = self._store.get(wire.storage_key(tenant, key))
+            headers.append(cache_pb2.KeyHeader(key=key, found=obj is not None))
+            if obj is not None:
+                headers[-1].meta.CopyFrom(wire.meta_to_proto(obj.meta))
+                found.append(obj)
+        layers = download.layer_range(found, request.layer_start, request.layer_stop)
+        for header in headers:
+            yield cache_pb2.GetLayersResponse(header=header)
+        for response in download.iter_layer_frames(found, layers, codec, self._codecs):
+            self._metrics.sent_bytes.labels("GetLayers").inc(len(response.frame.data))
+            yield response
+
+    def Delete(
+        self, request: cache_pb2.DeleteRequest, context: grpc.ServicerContext
+    ) -> cache_pb2.DeleteResponse:
+        tenant = self._tenant(context)
+        keys = wire.check_keys(request.keys, self._config.max_batch_keys)
+        num_deleted = sum(self._store.delete(wire.storage_key(tenant, k)) for k in keys)
+        return cache_pb2.DeleteResponse(num_deleted=num_deleted)
+
+    def Pin(
+        self, request: cache_pb2.PinRequest, context: grpc.ServicerContext
+    ) -> cache_pb2.PinResponse:
+        if not self._store.pin(wire.storage_key(self._tenant(context), request.key)):
+            status.abort_not_found(context, request.key)
+        return cache_pb2.PinResponse(changed=True)
+
+    def Unpin(
+        self, request: cache_pb2.PinRequest, context: grpc.ServicerContext
+    ) -> cache_pb2.PinResponse:
+        changed = self._store.unpin(wire.storage_key(self._tenant(context), request.key))
+        return cache_pb2.PinResponse(changed=changed)
+
+    def Move(
+        self, request: cache_pb2.MoveRequest, context: grpc.ServicerContext
+    ) -> cache_pb2.MoveResponse:
+        key = wire.storage_key(self._tenant(context), request.key)
+        location = self._store.move(key, request.tier, request.codec or None)
+        if location is None:
+            status.abort_not_found(context, request.key)
+        return cache_pb2.MoveResponse(entry=wire.entry_to_proto(request.key, location))
+
+    def Stats(
+        self, request: cache_pb2.StatsRequest, context: grpc.ServicerContext
+    ) -> cache_pb2.StatsResponse:
+        self._tenant(context)
+        tiers = [
+            wire.tier_stats_to_proto(s, self._tier_codecs.get(s.name, ""))
+            for s in self._store.stats()
+        ]
+        return cache_pb2.StatsResponse(tiers=tiers)
+
+    def List(
+        self, request: cache_pb2.ListRequest, context: grpc.ServicerContext
+    ) -> cache_pb2.ListResponse:
+        tenant = self._tenant(context)
+        if request.after:
+            wire.check_chunk_key(request.after)
+        limit = min(request.limit or self._config.max_list_page, self._config.max_list_page)
+        prefix = f"{tenant}/"
+        after = prefix + request.after
+        stored = self._store.keys()  # sorted
+        keys = [k for k in stored if k.startswith(prefix) and k > after]
+        entries = [
+            wire.entry_to_proto(wire.chunk_key_of(k), self._store.lookup(k)) for k in keys[:limit]
+        ]
+        entries = [e for e in entries if e.found]
+        next_after = wire.chunk_key_of(keys[limit - 1]) if len(keys) > limit else ""
+        return cache_pb2.ListResponse(entries=entries, next_after=next_after)

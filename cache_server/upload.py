@@ -1,0 +1,116 @@
+"""One Put stream turned into a validated StoredObject: header first, then every layer in order."""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable
+
+from cache_server import wire
+from cache_server.objects import ObjectMeta, StoredObject
+from cache_server.records import RecordCodec
+from kvfuse.client.frames import RecordAssembler
+from kvfuse.errors import CapacityError, InvalidObjectError
+from kvfuse.v1 import cache_pb2
+
+
+class Upload:
+    """Collects the messages of one Put stream and builds the object they describe.
+
+    Order of calls: `add` for every message, then `finish`. Validates everything before
+    anything is stored: one header first, a known codec, the object within
+    `max_object_bytes`, frames contiguous and in layer order, each record's size and CRC32 as
+    announced in the header (CorruptRecordError → DATA_LOSS when the bytes do not match), each
+    record decoding to the header's shape and dtype. Memory is bounded by the header's sizes.
+    Not thread-safe (one per stream).
+    """
+
+    def __init__(self, tenant: str, codecs: RecordCodec, max_object_bytes: int) -> None:
+        self._tenant = tenant
+        self._codecs = codecs
+        self._max_object_bytes = max_object_bytes
+        self._meta: ObjectMeta | None = None
+        self._assembler: RecordAssembler | None = None
+        self._layers: list[bytes] = []
+
+    @property
+    def key(self) -> str | None:
+        """The client's chunk key once the header arrived."""
+        return None if self._meta is None else wire.chunk_key_of(self._meta.key)
+
+    def add(self, request: cache_pb2.PutRequest) -> None:
+        """Takes the next message of the stream."""
+        kind = request.WhichOneof("kind")
+        if kind == "header":
+            self._start(request.header)
+        elif kind == "frame":
+            self._add_frame(request)
+        else:
+            raise InvalidObjectError("empty PutRequest: expected a header or a frame")
+
+    def finish(self) -> StoredObject:
+        """The complete object; InvalidObjectError if the stream stopped short."""
+        meta = self._meta
+        if meta is None:
+            raise InvalidObjectError("put stream ended without a header")
+        if len(self._layers) != meta.num_layers or self._assembler_busy():
+            raise InvalidObjectError(
+                f"put stream truncated: {len(self._layers)} of {meta.num_layers} layers arrived"
+            )
+        return StoredObject(meta, tuple(self._layers))
+
+    def _assembler_busy(self) -> bool:
+        return self._assembler is not None and self._assembler.in_progress
+
+    def _start(self, header: cache_pb2.PutHeader) -> None:
+        if self._meta is not None:
+            raise InvalidObjectError("duplicate header in put stream")
+        meta = wire.meta_from_proto(header.meta, self._tenant)
+        self._codecs.codec(meta.codec)  # CodecError for an unknown codec
+        if meta.total_nbytes > self._max_object_bytes:
+            raise CapacityError(
+                f"object of {meta.total_nbytes} bytes exceeds the "
+                f"{self._max_object_bytes}-byte object limit"
+            )
+        self._meta = meta
+        self._assembler = RecordAssembler(max(meta.layer_nbytes))
+
+    def _add_frame(self, request: cache_pb2.PutRequest) -> None:
+        meta, assembler = self._meta, self._assembler
+        if meta is None or assembler is None:
+            raise InvalidObjectError("put stream must start with a header")
+        frame = request.frame
+        idx = len(self._layers)
+        if frame.key not in ("", wire.chunk_key_of(meta.key)):
+            raise InvalidObjectError(f"frame for key {frame.key[:80]!r} in a put of {self.key}")
+        if idx >= meta.num_layers or frame.layer_idx != idx:
+            raise InvalidObjectError(f"frame for layer {frame.layer_idx}, expected layer {idx}")
+        if (frame.record_nbytes, frame.record_crc32) != (
+            meta.layer_nbytes[idx],
+            meta.layer_crc32[idx],
+        ):
+            raise InvalidObjectError(f"layer {idx}: frame size/CRC32 differ from the header")
+        frame.key = wire.chunk_key_of(meta.key)  # may be left empty by the client
+        record = assembler.feed(frame)
+        if record is not None:
+            self._codecs.check(meta, idx, record.data)
+            self._codecs.observe_ratio(meta, meta.codec, record.data)
+            self._layers.append(record.data)
+
+
+class CommitLocks:
+    """Serializes commits per key so that concurrent puts of one key store exactly one object.
+
+    Striped: keys hash onto a fixed set of locks. Thread-safe.
+    """
+
+    def __init__(self, num_stripes: int = 64) -> None:
+        self._locks = [threading.Lock() for _ in range(num_stripes)]
+
+    def put_if_absent(self, key: str, exists: Callable[[], bool], put: Callable[[], None]) -> bool:
+        """Runs `put` unless `exists()`, under the key's lock; True if it stored the object."""
+        with self._locks[zlib.crc32(key.encode()) % len(self._locks)]:
+            if exists():
+                return False
+            put()
+            return True
