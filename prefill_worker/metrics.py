@@ -1,0 +1,110 @@
+"""Prometheus metrics of the prefill worker, declared in one place and served on their own port."""
+
+from __future__ import annotations
+
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+
+
+class PrefillMetrics:
+    """The worker's metrics on a private registry (several workers can share one process).
+
+    Labels are bounded: `code` is a gRPC status name, `mode` a prefill mode, `reason` a
+    fallback reason (cache_unavailable, cache_timeout, cache_error, cache_stream_failed).
+    Thread-safe (prometheus-client is).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kvfuse_prefill_requests", "Prefill RPCs by final status code.", ["code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "kvfuse_prefill_request_duration_seconds",
+            "Prefill RPC duration, first byte in to last byte out, by mode.",
+            ["mode"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "kvfuse_prefill_requests_in_flight", "Prefill RPCs being served.", registry=r
+        )
+        self.chunk_lookups = Counter(
+            "kvfuse_prefill_chunk_lookups", "Chunk and prefix keys looked up.", registry=r
+        )
+        self.chunk_hits = Counter(
+            "kvfuse_prefill_chunk_hits", "Looked-up keys found in the cache.", registry=r
+        )
+        self.fetched_bytes = Counter(
+            "kvfuse_prefill_fetched_bytes", "Decoded K/V bytes fetched from the cache.", registry=r
+        )
+        self.sent_bytes = Counter(
+            "kvfuse_prefill_sent_bytes", "Fused K/V bytes streamed to callers.", registry=r
+        )
+        self.layers_computed = Counter(
+            "kvfuse_prefill_layers_computed", "Fused layers computed (all requests).", registry=r
+        )
+        self.layer_load_seconds = Histogram(
+            "kvfuse_prefill_layer_load_seconds",
+            "Time to receive one layer of every fetched chunk, from the previous layer.",
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.layer_wait_seconds = Histogram(
+            "kvfuse_prefill_layer_wait_seconds",
+            "Time the blend waited for a fetched layer (load not hidden behind compute).",
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.recompute_ratio = Histogram(
+            "kvfuse_prefill_recompute_ratio",
+            "Recomputed over cached tokens, per request that reused cached chunks.",
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "kvfuse_prefill_fallbacks",
+            "Requests that computed cached chunks instead of fetching them, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.write_behind_depth = Gauge(
+            "kvfuse_prefill_write_behind_queue_depth",
+            "Missing chunks waiting to be precomputed and stored.",
+            registry=r,
+        )
+        self.write_behind_dropped = Counter(
+            "kvfuse_prefill_write_behind_dropped",
+            "Missing chunks not stored because the write-behind queue was full.",
+            registry=r,
+        )
+        self.write_behind_stored = Counter(
+            "kvfuse_prefill_write_behind_stored", "Chunks precomputed and stored.", registry=r
+        )
+        self.write_behind_errors = Counter(
+            "kvfuse_prefill_write_behind_errors", "Chunk stores that failed.", registry=r
+        )
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint on its own port (a daemon thread)."""
+
+    def __init__(self, metrics: PrefillMetrics, host: str, port: int) -> None:
+        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self._server: WSGIServer = server
+        self._thread: Thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

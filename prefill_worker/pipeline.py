@@ -1,0 +1,282 @@
+"""The worker's `Prefiller`: look up, stream chunk layers in, blend, stream fused layers out.
+
+One request, in order: validate; derive keys (`engine.prepare_tokens`); look the prefix and
+chunks up on their cache shards; start one background `GetLayers` stream per shard with hits;
+run the blend layer by layer on a compute thread while the caller reads finished layers (so
+fetch of layer l+1, compute of layer l and sending of layer l-1 overlap); sample the first
+token; queue the missing chunks for write-behind.
+
+Fail soft: a lookup that fails makes its keys misses (computed in place). A stream that fails
+part-way makes its incomplete chunks misses and restarts the blend without them; layers the
+caller already received are not sent again — the restarted run's later layers follow them.
+Every fused layer is a complete, consistent layer of some valid prefill of this prompt (the
+first ones of the blend, the rest of the recompute), and the first token comes from the
+recompute. The stats say why (`fallback`), a metric counts it, the request succeeds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from kvfuse.blend import BlendConfig, FusedLayer, Mode
+from kvfuse.engine import Engine, PreparedPrompt, prefill_stats
+from kvfuse.errors import CacheError, InvalidRequestError, KvfuseError, PromptTooLongError
+from kvfuse.model.sampling import Sampler
+from kvfuse.prefill import PrefillRequest, PrefillResult
+from prefill_worker.background import BackgroundIterator
+from prefill_worker.metrics import PrefillMetrics
+from prefill_worker.remote_chunks import LayerFetch, Layout, StreamedChunk, fallback_reason
+from prefill_worker.sources import Shards
+from prefill_worker.writeback import WriteBehind, WriteJob
+
+MAX_REQUEST_ID_CHARS = 256
+_LOCK_POLL_S = 0.05  # how often a request waiting for the compute lock checks for cancel
+
+
+@dataclass
+class _Fetched:
+    """What the lookup found and which streams bring it in."""
+
+    chunks: dict[str, StreamedChunk] = field(default_factory=dict)
+    fetches: list[LayerFetch] = field(default_factory=list)
+    found: set[str] = field(default_factory=set)
+    unknown: set[str] = field(default_factory=set)  # keys whose lookup failed
+    fallback: str = ""
+
+
+class _Cancel:
+    """A request's cancel flag; cancelling also cancels its fetches. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fetches: list[LayerFetch] = []
+        self.event = threading.Event()
+
+    def add(self, fetch: LayerFetch) -> None:
+        with self._lock:
+            self._fetches.append(fetch)
+            if self.event.is_set():
+                fetch.cancel()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.event.set()
+            fetches = list(self._fetches)
+        for fetch in fetches:
+            fetch.cancel()
+
+
+class RemotePrefiller:
+    """Prefills prompts with chunk KV from cache shards. Thread-safe.
+
+    Requests compute one at a time under `compute_lock` (also taken by the write-behind per
+    chunk); their fetches and the reading of their layers run concurrently.
+
+    Args:
+        engine: model, tokenizer, keys; its own store is not used (see `LocalSource`).
+        shards: where chunks are looked up, fetched and stored.
+        writer: the write-behind queue; None never stores missing chunks.
+        fetch_deadline_s: how long a request's layer streams may take in all.
+        default_ratio: recompute ratio when a request sets none; None keeps the engine's.
+        layers_ahead: fused layers computed ahead of the reader (bounds memory).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        shards: Shards,
+        writer: WriteBehind | None,
+        metrics: PrefillMetrics,
+        compute_lock: threading.Lock,
+        fetch_deadline_s: float,
+        default_ratio: float | None = None,
+        layers_ahead: int = 2,
+    ) -> None:
+        self.engine, self.shards, self.writer, self.metrics = engine, shards, writer, metrics
+        self.compute_lock = compute_lock
+        self.fetch_deadline_s, self.default_ratio = fetch_deadline_s, default_ratio
+        self.layers_ahead = layers_ahead
+        cfg = engine.model.cfg
+        self.layout = Layout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layout.num_layers
+
+    def prefill(self, request: PrefillRequest) -> Iterator[FusedLayer | PrefillResult]:
+        """The `Prefiller` protocol: fused layers in order, then the result.
+
+        Closing the iterator early cancels the request's compute and fetches.
+        """
+        stream = self.start(request)
+        try:
+            yield from stream
+        finally:
+            stream.cancel()
+
+    def start(self, request: PrefillRequest) -> BackgroundIterator[FusedLayer | PrefillResult]:
+        """Validates `request` and starts computing it; iterate the result, `cancel` to stop.
+
+        Raises:
+            InvalidRequestError: malformed request (PromptTooLongError: it does not fit).
+        """
+        blend = self.validate(request)
+        cancel = _Cancel()
+        return BackgroundIterator(
+            lambda: self._compute(request, blend, cancel), self.layers_ahead, cancel.cancel
+        )
+
+    def validate(self, request: PrefillRequest) -> BlendConfig:
+        """Checks what the model bounds (vocabulary, context) and returns the blend settings."""
+        seg, cfg = request.segments, self.engine.model.cfg
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequestError(f"request_id longer than {MAX_REQUEST_ID_CHARS} characters")
+        if not seg.query_ids:
+            raise InvalidRequestError("the query segment is empty")
+        for idx, chunk in enumerate(seg.chunk_ids):
+            if not chunk:
+                raise InvalidRequestError(f"chunk {idx} is empty")
+        ids = seg.token_ids
+        if any(not 0 <= t < cfg.vocab_size for t in ids):
+            raise InvalidRequestError(f"token ids must be in [0, {cfg.vocab_size})")
+        total = seg.num_tokens + request.sampling.max_tokens
+        if total > self.engine.max_context_tokens:
+            raise PromptTooLongError(total, self.engine.max_context_tokens)
+        ratio = request.recompute_ratio
+        return self.engine.blend_config(self.default_ratio if ratio is None else ratio)
+
+    def _compute(
+        self, request: PrefillRequest, blend: BlendConfig, cancel: _Cancel
+    ) -> Iterator[FusedLayer | PrefillResult]:
+        """Runs on the compute thread: the whole request, cleanup included."""
+        start_s = time.perf_counter()
+        with torch.inference_mode():
+            prompt = self.engine.prepare_tokens(request.segments)
+            fetched = self._open(prompt, request.mode, cancel)
+            try:
+                if not self._acquire(cancel):
+                    return
+                try:
+                    yield from self._blend(prompt, request, blend, fetched, cancel, start_s)
+                finally:
+                    self.compute_lock.release()
+                if not cancel.event.is_set():
+                    self._write_behind(prompt, request.mode, fetched)
+            finally:
+                for fetch in fetched.fetches:
+                    fetch.close()
+
+    def _acquire(self, cancel: _Cancel) -> bool:
+        while not self.compute_lock.acquire(timeout=_LOCK_POLL_S):
+            if cancel.event.is_set():
+                return False
+        return True
+
+    def _open(self, prompt: PreparedPrompt, mode: Mode, cancel: _Cancel) -> _Fetched:
+        """Looks the prompt's objects up and starts streaming the ones its mode reads."""
+        fetched = _Fetched()
+        if mode is Mode.FULL_PREFILL:
+            return fetched
+        seg = prompt.segments
+        prefix_keys = [prompt.prefix_key] if seg.prefix_ids else []
+        keys = list(dict.fromkeys([*prefix_keys, *prompt.chunk_keys]))  # unique, in order
+        read = set(keys)
+        if mode is Mode.PREFIX_CACHE:  # only the prefix and the chunk stored right after it
+            read = {prompt.prefix_key, *prompt.chunk_keys[:1]}
+        self.metrics.chunk_lookups.inc(len(keys))
+        for idx, shard_keys in self.shards.split(keys).items():
+            source = self.shards.sources[idx]
+            try:
+                infos = source.lookup(shard_keys)
+            except KvfuseError as exc:
+                self._count_fallback(fetched, fallback_reason(exc))
+                fetched.unknown.update(shard_keys)
+                continue
+            infos = {k: i for k, i in infos.items() if i.num_layers == self.num_layers}
+            fetched.found.update(infos)
+            self.metrics.chunk_hits.inc(len(infos))
+            infos = {k: i for k, i in infos.items() if k in read}
+            if infos:
+                fetch = LayerFetch(source, infos, self.layout, self.fetch_deadline_s, self.metrics)
+                cancel.add(fetch.start())
+                fetched.fetches.append(fetch)
+                fetched.chunks.update(fetch.chunks)
+        return fetched
+
+    def _blend(
+        self,
+        prompt: PreparedPrompt,
+        request: PrefillRequest,
+        blend: BlendConfig,
+        fetched: _Fetched,
+        cancel: _Cancel,
+        start_s: float,
+    ) -> Iterator[FusedLayer | PrefillResult]:
+        """Runs the blend, restarting without chunks whose stream failed; yields each layer
+        once, then the result."""
+        chunks, num_sent, counted = dict(fetched.chunks), 0, set[int]()
+        while True:
+            planned, run = self.engine.start_prefill(prompt, request.mode, blend, chunks)
+            try:
+                for layer in run:
+                    if cancel.event.is_set():
+                        return
+                    if layer.layer_idx >= num_sent:
+                        self.metrics.layers_computed.inc()
+                        num_sent += 1
+                        yield layer
+                break
+            except CacheError:
+                if cancel.event.is_set():
+                    return
+                lost = self._lost_chunks(fetched, chunks, counted)
+                if not lost:
+                    raise
+                chunks = {k: c for k, c in chunks.items() if k not in lost}
+        first = Sampler(request.sampling).sample(run.last_logits)
+        stats = replace(prefill_stats(run.stats, planned, start_s), fallback=fetched.fallback)
+        if stats.num_cached_tokens and request.mode is Mode.BLEND:
+            self.metrics.recompute_ratio.observe(
+                stats.num_recomputed_tokens / stats.num_cached_tokens
+            )
+        yield PrefillResult(first, stats)
+
+    def _lost_chunks(
+        self, fetched: _Fetched, chunks: dict[str, StreamedChunk], counted: set[int]
+    ) -> set[str]:
+        """Chunks in use whose fetch failed before they arrived whole; counts each failure."""
+        lost: set[str] = set()
+        for fetch in fetched.fetches:
+            if not fetch.failed:
+                continue
+            if id(fetch) not in counted:
+                counted.add(id(fetch))
+                self._count_fallback(fetched, fetch.reason)
+            lost |= (fetch.chunks.keys() - fetch.complete_keys()) & chunks.keys()
+        return lost
+
+    def _count_fallback(self, fetched: _Fetched, reason: str) -> None:
+        self.metrics.fallbacks.labels(reason).inc()
+        fetched.fallback = fetched.fallback or reason
+
+    def _write_behind(self, prompt: PreparedPrompt, mode: Mode, fetched: _Fetched) -> None:
+        """Queues the prompt's objects the lookup did not find (never blocks)."""
+        if self.writer is None or mode is Mode.FULL_PREFILL:
+            return
+        keys = {*prompt.chunk_keys}
+        if prompt.segments.prefix_ids:
+            keys.add(prompt.prefix_key)
+        missing = keys - fetched.found - fetched.unknown
+        if not missing:
+            return
+        prefix = fetched.chunks.get(prompt.prefix_key)
+        prefix_kv = None
+        if prefix is not None:
+            fetch = next(f for f in fetched.fetches if prompt.prefix_key in f.chunks)
+            prefix_kv = fetch.materialize(prompt.prefix_key)
+        self.writer.submit(WriteJob(prompt, frozenset(missing), prefix_kv))

@@ -1,0 +1,67 @@
+"""PrefillService over gRPC: translates messages, streams the pipeline's layers, maps errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from kvfuse.blend import FusedLayer
+from kvfuse.errors import KvfuseError
+from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
+from prefill_worker import status, wire
+from prefill_worker.metrics import PrefillMetrics
+from prefill_worker.pipeline import RemotePrefiller
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
+    """Serves `Prefill`: layers are serialized on the RPC thread while the next one computes.
+
+    A cancelled call (client closed its iterator, deadline) cancels the request's compute and
+    fetches through `context.add_callback`. Thread-safe.
+    """
+
+    def __init__(self, prefiller: RemotePrefiller, metrics: PrefillMetrics) -> None:
+        self._prefiller, self._metrics = prefiller, metrics
+
+    def Prefill(
+        self, request: prefill_pb2.PrefillRequest, context: grpc.ServicerContext
+    ) -> Iterator[prefill_pb2.PrefillResponse]:
+        start_s, code, mode = time.perf_counter(), grpc.StatusCode.OK, "invalid"
+        stream = None
+        self._metrics.in_flight.inc()
+        try:
+            req = wire.request_from_proto(request)
+            mode = req.mode.value
+            stream = self._prefiller.start(req)
+            context.add_callback(stream.cancel)
+            for item in stream:
+                if isinstance(item, FusedLayer):
+                    for frame in wire.layer_frames(item):
+                        self._metrics.sent_bytes.inc(len(frame.layer.data))
+                        yield frame
+                else:
+                    yield wire.done_to_proto(item, self._prefiller.num_layers)
+            if not context.is_active():
+                code = grpc.StatusCode.CANCELLED
+        except KvfuseError as exc:
+            code = status.code_of(exc)
+            log.info("prefill %s failed: %s", request.request_id, exc)
+            status.abort(context, exc)
+        except GeneratorExit:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("prefill %s failed", request.request_id)
+            raise
+        finally:
+            if stream is not None:
+                stream.cancel()  # no-op after a complete stream; stops the compute otherwise
+            self._metrics.in_flight.dec()
+            self._metrics.requests.labels(code.name).inc()
+            self._metrics.request_seconds.labels(mode).observe(time.perf_counter() - start_s)

@@ -1,0 +1,174 @@
+"""Where chunk KV comes from and goes to: cache servers (sharded) or the worker's own store."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from kvfuse.chunk_store import ChunkStore
+from kvfuse.errors import ConfigError
+from kvfuse.kv import ChunkKV
+
+if TYPE_CHECKING:
+    from kvfuse.client import CacheClient
+
+
+class ChunkInfo(NamedTuple):
+    """A stored chunk's layout: each layer's K/V is [num_tokens, H_kv, D] at positions
+    position_offset .. position_offset + num_tokens - 1."""
+
+    num_tokens: int
+    num_layers: int
+    position_offset: int
+
+
+class LayerItem(NamedTuple):
+    """One layer of one chunk. Shape of k and v: [T, H_kv, D]."""
+
+    key: str
+    layer_idx: int
+    k: Tensor
+    v: Tensor
+
+
+class ChunkSource(Protocol):
+    """A chunk store the prefill worker reads layer by layer and writes whole objects to.
+
+    Implementations are thread-safe. Errors raise kvfuse.errors.CacheError types (a missing
+    key is a miss, never an error); `get_layers` may also fail part-way through.
+    """
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, ChunkInfo]:
+        """The stored ones among `keys`."""
+        ...
+
+    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerItem]:
+        """Layers of the stored keys, layer 0 of every key before layer 1 of any.
+
+        Keys that are not stored (any more) are skipped. Closing the iterator ends the read.
+        """
+        ...
+
+    def put(self, key: str, kv: ChunkKV) -> bool:
+        """Stores a whole object; False if it was already stored."""
+        ...
+
+
+class LocalSource:
+    """The worker's in-process `ChunkStore` as a source (one-process mode, tests)."""
+
+    def __init__(self, store: ChunkStore) -> None:
+        self.store = store
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, ChunkInfo]:
+        found = {}
+        for key in keys:
+            kv = self.store.get(key)
+            if kv is not None:
+                found[key] = ChunkInfo(kv.num_tokens, kv.num_layers, int(kv.positions[0]))
+        return found
+
+    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerItem]:
+        objects = [(key, kv) for key in keys if (kv := self.store.get(key)) is not None]
+        num_layers = max((kv.num_layers for _, kv in objects), default=0)
+        for layer_idx in range(num_layers):
+            for key, kv in objects:
+                yield LayerItem(key, layer_idx, *kv.layer(layer_idx))
+
+    def put(self, key: str, kv: ChunkKV) -> bool:
+        if self.store.contains(key):
+            return False
+        return self.store.put(key, kv)
+
+
+class RemoteSource:
+    """One cache server through the client SDK.
+
+    Three clients share nothing but the address so each call kind has its own deadline: a
+    lookup must answer fast (else the request computes), a stream may take longer, a
+    background put longer still.
+    """
+
+    def __init__(
+        self,
+        addr: str,
+        token: str | None,
+        lookup_deadline_s: float,
+        fetch_deadline_s: float,
+        put_deadline_s: float,
+        max_message_bytes: int = 16 << 20,
+    ) -> None:
+        from kvfuse.client import CacheClient, RetryPolicy
+
+        def client(timeout_s: float, attempts: int) -> CacheClient:
+            return CacheClient(
+                addr,
+                token=token,
+                timeout_s=timeout_s,
+                retry=RetryPolicy(max_attempts=attempts),
+                max_message_bytes=max_message_bytes,
+            )
+
+        self.addr = addr
+        # No retry on the request path: a failed lookup or stream costs the request a full
+        # compute, a retry could cost it more than that.
+        self._lookup = client(lookup_deadline_s, 1)
+        self._fetch = client(fetch_deadline_s, 1)
+        self._put = client(put_deadline_s, 3)
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, ChunkInfo]:
+        entries = self._lookup.lookup(keys)
+        return {
+            key: ChunkInfo(e.num_tokens, e.num_layers, e.position_offset)
+            for key, e in entries.items()
+            if e is not None
+        }
+
+    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerItem]:
+        for frame in self._fetch.get_layers(keys):
+            yield LayerItem(frame.key, frame.layer_idx, frame.k, frame.v)
+
+    def put(self, key: str, kv: ChunkKV) -> bool:
+        layers = [kv.layer(idx) for idx in range(kv.num_layers)]  # [T, H_kv, D] each
+        return self._put.put(key, layers, position_offset=int(kv.positions[0]))
+
+    def close(self) -> None:
+        for client in (self._lookup, self._fetch, self._put):
+            client.close()
+
+
+class Shards:
+    """Several sources with every key owned by one of them (rendezvous hashing).
+
+    Adding or removing a server moves only the keys it gains or owned. Immutable.
+    """
+
+    def __init__(self, sources: Sequence[ChunkSource], names: Sequence[str]) -> None:
+        if len(sources) != len(names) or not sources:
+            raise ConfigError("one name per source, at least one source")
+        self.sources = list(sources)
+        self._salts = [name.encode() for name in names]
+
+    def owner(self, key: str) -> int:
+        """Index of the source that owns `key`."""
+        if len(self.sources) == 1:
+            return 0
+        scores = [hashlib.sha256(salt + b"\0" + key.encode()).digest() for salt in self._salts]
+        return max(range(len(scores)), key=scores.__getitem__)
+
+    def split(self, keys: Sequence[str]) -> dict[int, list[str]]:
+        """Keys grouped by owning source, in their original order."""
+        groups: dict[int, list[str]] = {}
+        for key in keys:
+            groups.setdefault(self.owner(key), []).append(key)
+        return groups
+
+
+def positions_of(info: ChunkInfo, device: torch.device | str = "cpu") -> Tensor:
+    """The positions a stored chunk's keys were rotated to. Shape: [T] int64."""
+    start = info.position_offset
+    return torch.arange(start, start + info.num_tokens, dtype=torch.long, device=device)
