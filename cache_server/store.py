@@ -1,15 +1,20 @@
-"""TieredStore: the tiers in order (memory → disk → Redis) behind one interface.
-
-INTERFACE DRAFT — to be implemented (issue 3). Signatures are the contract the servicer uses.
-"""
+"""TieredStore: the tiers in order (memory → disk → Redis) behind one interface."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import TypeVar
 
-from cache_server.objects import ObjectMeta, StoredObject
+from cache_server.objects import ObjectMeta, StoredObject, check_key, checksum
 from cache_server.tiers.base import Tier, TierStats
+from kvfuse.errors import CapacityError, ConfigError, InvalidRequestError, TierUnavailableError
+
+T = TypeVar("T")
+MAX_TOMBSTONES = 100_000  # per tier: deletes a down tier missed, replayed when it is back
 
 
 @dataclass(frozen=True)
@@ -21,28 +26,342 @@ class Location:
     pinned: bool
 
 
-class TieredStore:
-    """Tiers ordered fastest first. Thread-safe.
+@dataclass(frozen=True)
+class StoreCounters:
+    """Store-level counters since start (tier-level ones are in TierStats).
 
-    - `put` stores into the first tier (transcoding to that tier's codec when it differs);
-      objects the tier evicts are demoted to the next tier (transcoded to its codec), and off
-      the end they are dropped. CapacityError when the first tier refuses.
-    - `get` reads from the highest tier that has the key and promotes it to the first tier
-      on a hit (best effort: a promotion that does not fit is skipped).
-    - A tier that is down (TierUnavailableError) is skipped on reads and writes, never fatal.
-    - `delete` removes the key from every tier; `pin` pins where it lives.
-    - `move(key, tier, codec)` re-homes an object into `tier`, transcoded to `codec`.
+    Attributes:
+        num_hits: reads served, per tier name.
+        num_misses: reads no tier could serve.
+        num_promotions: objects copied up into the first tier after a hit below it.
+        num_demotions: evicted (or declined) objects stored into a lower tier.
+        num_dropped: evicted objects no lower tier took (off the end of the chain).
+        num_transcodes: objects re-encoded to another codec.
+        num_unavailable: calls that found a tier down and skipped it, per tier name.
+    """
+
+    num_hits: dict[str, int]
+    num_misses: int
+    num_promotions: int
+    num_demotions: int
+    num_dropped: int
+    num_transcodes: int
+    num_unavailable: dict[str, int]
+
+
+def transcode(obj: StoredObject, codec: str) -> StoredObject:
+    """`obj` with every layer re-encoded by `codec` (the same object if it already is).
+
+    Raises CorruptRecordError if a source record fails its CRC32, CodecError if a codec is
+    unknown or a record does not decode.
+    """
+    if obj.meta.codec == codec:
+        return obj
+    from kvfuse.codecs import get_codec  # torch-heavy; only needed when codecs differ
+
+    source, target = get_codec(obj.meta.codec), get_codec(codec)
+    num_layers = obj.meta.num_layers
+    layers = []
+    for idx in range(num_layers):
+        k, v = source.decode(obj.verify_layer(idx))  # [T, H_kv, D] each
+        layers.append(target.encode(k, v, idx, num_layers))
+    meta = replace(
+        obj.meta,
+        codec=codec,
+        layer_nbytes=tuple(len(r) for r in layers),
+        layer_crc32=tuple(checksum(r) for r in layers),
+    )
+    return StoredObject(meta, tuple(layers))
+
+
+def _get_layer(tier: Tier, key: str, layer_idx: int) -> bytes | None:
+    return tier.get_layer(key, layer_idx)
+
+
+class TieredStore:
+    """Tiers ordered fastest first, typically memory → disk → Redis. Thread-safe.
+
+    - `put` stores into the first tier (transcoded to its codec); if that tier refuses
+      (CapacityError) or is down, the next tiers are tried, and the key is removed from every
+      other tier so no stale copy remains. CapacityError if no tier takes it.
+    - Objects a tier evicts (or declines through admission) are demoted to the next tier that
+      takes them, transcoded to its codec (skipped when it already holds the same object); off
+      the end they are dropped.
+    - `get` reads from the highest tier that has the key and promotes it into the first tier
+      (best effort; the lower copy stays, so caching is inclusive). Pins travel with promotion.
+    - A tier that is down (TierUnavailableError) is skipped, never fatal. Deletes it missed
+      are remembered (tombstones) and replayed before it serves that key again.
+    - `delete` removes the key from every tier; `pin`/`unpin` act on every tier holding it.
+    - `move(key, tier, codec)` re-homes an object into `tier` (transcoded to `codec`, default
+      the tier's) and removes it from all other tiers.
+
+    Locking: one store lock serializes mutations (put, delete, pin, unpin, move, promotion
+    and the demotions they cause), so concurrent puts of one key commit exactly one object
+    and a delete cannot be undone by an in-flight demotion. Reads (lookup, get, get_layer) and
+    the transcoding of incoming objects run outside the lock; each tier guards itself.
     """
 
     def __init__(self, tiers: Sequence[Tier]) -> None:
-        raise NotImplementedError
+        if not tiers:
+            raise ConfigError("a store needs at least one tier")
+        if len({t.name for t in tiers}) != len(tiers):
+            raise ConfigError("tier names must be unique")
+        self.tiers: tuple[Tier, ...] = tuple(tiers)
+        self._lock = threading.RLock()
+        self._tombstones: list[OrderedDict[str, None]] = [OrderedDict() for _ in tiers]
+        self._num_deletes = 0  # promotions that raced a delete are dropped
+        self._counts: Counter[str] = Counter()
+        self._count_lock = threading.Lock()
 
-    def lookup(self, key: str) -> Location | None: ...
-    def put(self, obj: StoredObject) -> None: ...
-    def get(self, key: str) -> StoredObject | None: ...
-    def delete(self, key: str) -> bool: ...
-    def pin(self, key: str) -> bool: ...
-    def unpin(self, key: str) -> bool: ...
-    def move(self, key: str, tier: str, codec: str | None = None) -> Location: ...
-    def stats(self) -> list[TierStats]: ...
-    def close(self) -> None: ...
+    # ---- reads
+    def lookup(self, key: str) -> Location | None:
+        """The highest tier holding `key` with its metadata; None on a miss. No promotion."""
+        check_key(key)
+        for idx, tier in enumerate(self.tiers):
+            meta = self._read(idx, tier.get_meta, key)
+            if meta is not None:
+                return Location(tier.name, meta, bool(self._read(idx, tier.is_pinned, key)))
+        return None
+
+    def get(self, key: str) -> StoredObject | None:
+        """The whole verified object from the highest tier that has it, or None."""
+        check_key(key)
+        num_deletes = self._num_deletes
+        found = self._get_highest(key)
+        if found is None:
+            self._count("miss")
+            return None
+        idx, obj = found
+        self._count(f"hit:{self.tiers[idx].name}")
+        if idx > 0:
+            self._promote(obj, idx, num_deletes)
+        return obj
+
+    def get_layer(self, key: str, layer_idx: int, tier: str | None = None) -> bytes | None:
+        """One verified layer record from `tier` (default: the highest that has it), or None.
+
+        No promotion. A layer-by-layer reader should pass the tier `lookup` reported, so all
+        its layers come from one copy.
+        """
+        check_key(key)
+        for idx, t in enumerate(self.tiers):
+            if tier is None or t.name == tier:
+                record = self._read(idx, partial(_get_layer, t, layer_idx=layer_idx), key)
+                if record is not None:
+                    return record
+        return None
+
+    def keys(self) -> Iterator[str]:
+        """Keys held by any reachable tier (a snapshot, sorted)."""
+        found: set[str] = set()
+        for idx, tier in enumerate(self.tiers):
+            try:
+                held = tier.keys()
+                found.update(k for k in held if k not in self._tombstones[idx])
+            except TierUnavailableError:
+                self._count(f"unavailable:{tier.name}")
+        return iter(sorted(found))
+
+    def stats(self) -> list[TierStats]:
+        """One snapshot per tier, fastest first (down tiers report up=False)."""
+        return [tier.stats() for tier in self.tiers]
+
+    def counters(self) -> StoreCounters:
+        with self._count_lock:
+            counts = dict(self._counts)
+
+        def per_tier(prefix: str) -> dict[str, int]:
+            return {t.name: counts.get(f"{prefix}:{t.name}", 0) for t in self.tiers}
+
+        return StoreCounters(
+            num_hits=per_tier("hit"),
+            num_misses=counts.get("miss", 0),
+            num_promotions=counts.get("promotion", 0),
+            num_demotions=counts.get("demotion", 0),
+            num_dropped=counts.get("dropped", 0),
+            num_transcodes=counts.get("transcode", 0),
+            num_unavailable=per_tier("unavailable"),
+        )
+
+    # ---- writes
+    def put(self, obj: StoredObject) -> None:
+        """Stores `obj` (its CRC32s must already be verified, as the servicer's upload does)."""
+        first = self._transcode(obj, self.tiers[0].codec)  # outside the lock: CPU-heavy
+        refused: CapacityError | None = None
+        with self._lock:
+            for idx, tier in enumerate(self.tiers):
+                copy = first if idx == 0 else self._transcode(obj, tier.codec)
+                try:
+                    landed = self._store_into(idx, copy)
+                except CapacityError as exc:
+                    refused = refused or exc
+                    continue
+                if landed is not None:
+                    self._delete_except(obj.meta.key, landed)
+                    return
+        raise refused or TierUnavailableError("no tier is reachable")
+
+    def delete(self, key: str) -> bool:
+        """Removes `key` from every tier (pinned or not); True if any tier had it."""
+        check_key(key)
+        with self._lock:
+            self._num_deletes += 1
+            return self._delete_except(key, None)
+
+    def pin(self, key: str) -> bool:
+        """Pins `key` in every reachable tier holding it; True if any does."""
+        check_key(key)
+        with self._lock:
+            return any([bool(self._read(i, t.pin, key)) for i, t in enumerate(self.tiers)])
+
+    def unpin(self, key: str) -> bool:
+        """Lifts the pin everywhere; True if any tier had it pinned."""
+        check_key(key)
+        with self._lock:
+            return any([bool(self._read(i, t.unpin, key)) for i, t in enumerate(self.tiers)])
+
+    def move(self, key: str, tier: str, codec: str | None = None) -> Location | None:
+        """Re-homes `key` into `tier` as `codec` (default: the tier's); None if no tier has it.
+
+        Raises InvalidRequestError for an unknown tier, CodecError for an unknown codec,
+        CapacityError if the target refuses (nothing changes), TierUnavailableError if the
+        target is down.
+        """
+        check_key(key)
+        names = [t.name for t in self.tiers]
+        if tier not in names:
+            raise InvalidRequestError(f"unknown tier {tier!r}; the store has {names}")
+        idx = names.index(tier)
+        target = self.tiers[idx]
+        with self._lock:
+            found = self._get_highest(key)
+            if found is None:
+                return None
+            tiers = enumerate(self.tiers)
+            pinned = any([bool(self._read(i, t.is_pinned, key)) for i, t in tiers])
+            copy = self._transcode(found[1], codec or target.codec)
+            evicted = target.put(copy)
+            if any(e is copy for e in evicted):
+                raise CapacityError(f"{tier} tier declined {key}: its victims are hotter")
+            self._tombstones[idx].pop(key, None)
+            if pinned:
+                target.pin(key)
+            self._delete_except(key, idx)
+            self._demote(evicted, idx)
+            return Location(target.name, copy.meta, pinned)
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()
+
+    # ---- internals (mutating ones run under self._lock)
+    def _get_highest(self, key: str) -> tuple[int, StoredObject] | None:
+        for idx, tier in enumerate(self.tiers):
+            obj = self._read(idx, tier.get, key)
+            if obj is not None:
+                return idx, obj
+        return None
+
+    def _store_into(self, idx: int, obj: StoredObject, pin: bool = False) -> int | None:
+        """Puts `obj` into tier `idx` and demotes what it evicts.
+
+        Returns the index of the tier now holding `obj` (`idx`, or a lower one if admission
+        declined it, or len(tiers) if it was dropped); None if tier `idx` is down. Raises
+        CapacityError if the tier refuses.
+        """
+        tier = self.tiers[idx]
+        try:
+            evicted = tier.put(obj)
+        except TierUnavailableError:
+            self._count(f"unavailable:{tier.name}")
+            return None
+        if any(e is obj for e in evicted):  # declined: it goes down the chain like an evictee
+            self._demote([e for e in evicted if e is not obj], idx)
+            return self._demote_one(obj, idx)
+        self._tombstones[idx].pop(obj.meta.key, None)
+        if pin:
+            self._read(idx, tier.pin, obj.meta.key)
+        self._demote(evicted, idx)
+        return idx
+
+    def _demote(self, evicted: list[StoredObject], from_idx: int) -> None:
+        for victim in evicted:
+            self._demote_one(victim, from_idx)
+
+    def _demote_one(self, victim: StoredObject, from_idx: int) -> int:
+        """Stores `victim` into the first lower tier that takes it; its index, or len(tiers)."""
+        for idx in range(from_idx + 1, len(self.tiers)):
+            tier = self.tiers[idx]
+            copy = self._transcode(victim, tier.codec)
+            if self._read(idx, tier.get_meta, victim.meta.key) == copy.meta:
+                return idx  # already there (inclusive caching after a promotion)
+            try:
+                landed = self._store_into(idx, copy)
+            except CapacityError:
+                continue
+            if landed is not None:
+                self._count("demotion")
+                return landed
+        self._count("dropped")
+        return len(self.tiers)
+
+    def _promote(self, obj: StoredObject, from_idx: int, num_deletes: int) -> None:
+        key = obj.meta.key
+        copy = self._transcode(obj, self.tiers[0].codec)
+        with self._lock:
+            if self._num_deletes != num_deletes:
+                return  # a delete ran since we read `obj`: never resurrect it
+            pinned = bool(self._read(from_idx, self.tiers[from_idx].is_pinned, key))
+            try:
+                landed = self._store_into(0, copy, pin=pinned)
+            except CapacityError:
+                return
+            if landed == 0:
+                self._count("promotion")
+
+    def _delete_except(self, key: str, keep_idx: int | None) -> bool:
+        found = False
+        for idx, tier in enumerate(self.tiers):
+            if idx == keep_idx:
+                continue
+            try:
+                found |= tier.delete(key)
+                self._tombstones[idx].pop(key, None)
+            except TierUnavailableError:
+                self._count(f"unavailable:{tier.name}")
+                self._tombstones[idx][key] = None
+                if len(self._tombstones[idx]) > MAX_TOMBSTONES:
+                    self._tombstones[idx].popitem(last=False)
+        return found
+
+    def _read(self, idx: int, call: Callable[[str], T], key: str) -> T | None:
+        """`call(key)` on tier `idx`; None if the tier is down or still owes a delete of key."""
+        if key in self._tombstones[idx] and not self._replay_delete(idx, key):
+            return None
+        try:
+            return call(key)
+        except TierUnavailableError:
+            self._count(f"unavailable:{self.tiers[idx].name}")
+            return None
+
+    def _replay_delete(self, idx: int, key: str) -> bool:
+        """Replays a delete tier `idx` missed; True once the tier no longer holds `key`."""
+        with self._lock:
+            if key not in self._tombstones[idx]:
+                return True
+            try:
+                self.tiers[idx].delete(key)
+            except TierUnavailableError:
+                return False
+            self._tombstones[idx].pop(key, None)
+            return True
+
+    def _transcode(self, obj: StoredObject, codec: str) -> StoredObject:
+        copy = transcode(obj, codec)
+        if copy is not obj:
+            self._count("transcode")
+        return copy
+
+    def _count(self, name: str) -> None:
+        with self._count_lock:
+            self._counts[name] += 1

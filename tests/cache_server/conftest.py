@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -39,6 +41,8 @@ class RedisServer:
 
     `stop()` kills it (clients then see connection errors), `start()` brings it back on the
     same port, empty, as after a crash of a cache-only Redis; `restart()` does both.
+    `pause()` freezes it (SIGSTOP: clients time out, as with a network partition) and
+    `resume()` thaws it with its data intact.
     """
 
     def __init__(self, workdir: Path) -> None:
@@ -84,6 +88,14 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def pause(self) -> None:
+        assert self._proc is not None
+        os.kill(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        os.kill(self._proc.pid, signal.SIGCONT)
 
 
 @pytest.fixture
