@@ -127,7 +127,7 @@ class CacheServer:
         self._server.start()
         for service in ("", SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("cache server listening on %s", self.address)
+        log.debug("cache server listening on %s", self.address)
         return self
 
     def stop(self, grace_s: float | None = None) -> None:

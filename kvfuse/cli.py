@@ -1,4 +1,4 @@
-"""The `kvfuse` command line: generate, demo and benchmarks."""
+"""The `kvfuse` command line: generate, demo, benchmarks, services and cache admin."""
 
 from __future__ import annotations
 
@@ -96,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     prefill_bench.add_arguments(prefill)
     prefill.set_defaults(func=prefill_bench.run)
+
+    services = sub.add_parser("serve", help="run a kvfuse service").add_subparsers(
+        dest="service", required=True
+    )
+    from cache_server import serve as cache_server_serve
+
+    serve_cache = services.add_parser("cache", help="the gRPC cache server (memory/disk/Redis)")
+    cache_server_serve.add_arguments(serve_cache)
+    serve_cache.set_defaults(func=cache_server_serve.run)
+
+    cache = sub.add_parser("cache", help="inspect a running cache server: stats, ls, rm")
+    from kvfuse.client import admin as cache_admin
+
+    cache_admin.add_arguments(cache)
+    cache.set_defaults(func=cache_admin.run)
     return parser
 
 
