@@ -1,0 +1,273 @@
+"""Decode-worker settings: one frozen, validated object built from a TOML file, env and flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvfuse.blend import Mode
+from kvfuse.errors import ConfigError
+from kvfuse.precompute import ChunkContext
+from kvfuse.segments import DEFAULT_SEPARATOR
+from kvfuse.settings import DTYPES, Settings
+
+ENV_PREFIX = "KVFUSE_DECODE_"
+# Variables shared by every kvfuse process; a KVFUSE_DECODE_* variable wins over them.
+SHARED_ENV = {
+    "auth_token": "KVFUSE_AUTH_TOKEN",
+    "model": "KVFUSE_MODEL",
+    "device": "KVFUSE_DEVICE",
+    "dtype": "KVFUSE_DTYPE",
+    "cache_dir": "KVFUSE_CACHE_DIR",
+}
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+_SIZE_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+}
+
+
+def parse_bytes(value: object) -> int:
+    """`4096`, `"512MiB"`, `"2G"` → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*([kmg]i?)?b?\s*", str(value), re.IGNORECASE)
+    if m is None:
+        raise ConfigError(f"not a byte size: {value!r} (e.g. 1048576, 512MiB, 2GiB)")
+    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+
+
+def _optional_float(value: object) -> float | None:
+    return None if value is None or str(value).strip().lower() in ("", "none") else float(value)  # type: ignore[arg-type]
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "port": int,
+    "num_threads": int,
+    "max_batch": int,
+    "max_model_len": int,
+    "max_concurrent_prefills": int,
+    "max_waiting": int,
+    "default_max_tokens": int,
+    "prefill_timeout_s": float,
+    "default_temperature": float,
+    "default_recompute_ratio": _optional_float,
+    "kv_cache_bytes": parse_bytes,
+    "store_capacity_bytes": parse_bytes,
+    "cache_dir": Path,
+}
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Everything a decode-worker process needs, read once in `__main__` and passed down.
+
+    Each field can be set in a TOML file (same name), by `KVFUSE_DECODE_<NAME>` and by
+    `--<name-with-dashes>`; flags win over env, env over the file. `KVFUSE_AUTH_TOKEN`,
+    `KVFUSE_MODEL`, `KVFUSE_DEVICE`, `KVFUSE_DTYPE` and `KVFUSE_CACHE_DIR` are shared aliases.
+
+    Attributes:
+        host, port: HTTP listen address (port 0 picks a free port).
+        model, device, dtype, num_threads, cache_dir: the model and torch (see kvfuse Settings).
+        chunk_context, store_capacity_bytes: the in-process engine used for local prefill.
+        prefill_url: the prefill worker's gRPC address; empty runs prefill in this process.
+        prefill_timeout_s: deadline of one remote prefill.
+        auth_token: bearer token required on every route but /health and /metrics; empty = off.
+        served_model_name: the `model` clients send; empty derives it from the model file.
+        max_batch: most sequences prefilling or decoding at once (one decode batch).
+        max_model_len: context limit (prompt + generation); 0 uses the model's.
+        kv_cache_bytes: budget for all sequences' KV caches; a request waits for room.
+        max_concurrent_prefills: prefill streams in flight (the local engine runs one at a time).
+        max_waiting: requests queued beyond that are refused with 503.
+        default_max_tokens: generation limit when a request sets none.
+        default_temperature: when a request sets none (OpenAI's default is 1.0).
+        separator: splits a prompt / last user message into segments (removed).
+        default_mode, default_recompute_ratio: when the request's `kvfuse` object sets none;
+            a None ratio uses the prefiller's own default.
+        log_level: Python logging level name.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    num_threads: int = 0
+    cache_dir: Path = field(default_factory=lambda: Settings().cache_dir)
+    chunk_context: str = ChunkContext.PREFIX.value
+    store_capacity_bytes: int = 1 << 30
+    prefill_url: str = ""
+    prefill_timeout_s: float = 60.0
+    auth_token: str = field(default="", repr=False)
+    served_model_name: str = ""
+    max_batch: int = 8
+    max_model_len: int = 0
+    kv_cache_bytes: int = 1 << 30
+    max_concurrent_prefills: int = 2
+    max_waiting: int = 256
+    default_max_tokens: int = 256
+    default_temperature: float = 1.0
+    separator: str = DEFAULT_SEPARATOR
+    default_mode: str = Mode.BLEND.value
+    default_recompute_ratio: float | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
+        _check(self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        _check(self.num_threads >= 0, "num_threads must be ≥ 0")
+        _check(self.max_batch >= 1, f"max_batch must be ≥ 1, got {self.max_batch}")
+        _check(self.max_model_len >= 0, "max_model_len must be ≥ 0 (0 = the model's)")
+        _check(self.kv_cache_bytes > 0, "kv_cache_bytes must be positive")
+        _check(self.store_capacity_bytes > 0, "store_capacity_bytes must be positive")
+        _check(self.max_concurrent_prefills >= 1, "max_concurrent_prefills must be ≥ 1")
+        _check(self.max_waiting >= 0, "max_waiting must be ≥ 0")
+        _check(self.default_max_tokens >= 1, "default_max_tokens must be ≥ 1")
+        _check(0.0 <= self.default_temperature <= 100.0, "default_temperature must be in [0, 100]")
+        _check(self.prefill_timeout_s > 0, "prefill_timeout_s must be positive")
+        _check(bool(self.separator), "separator must not be empty")
+        _check(self.default_mode in {m.value for m in Mode}, f"unknown mode {self.default_mode!r}")
+        _check(
+            self.chunk_context in {c.value for c in ChunkContext},
+            f"unknown chunk_context {self.chunk_context!r}",
+        )
+        ratio = self.default_recompute_ratio
+        _check(ratio is None or 0.0 <= ratio <= 1.0, "default_recompute_ratio must be in [0, 1]")
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use: `served_model_name`, else the model file's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        if not self.model:
+            return DEFAULT_SERVED_NAME
+        path = Path(self.model)
+        return path.stem if path.suffix == ".gguf" else path.name
+
+    def engine_settings(self) -> Settings:
+        """The kvfuse engine settings of the local model."""
+        return Settings(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            cache_dir=self.cache_dir,
+            store_capacity_bytes=self.store_capacity_bytes,
+            num_threads=self.num_threads,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        file: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        flags: Mapping[str, Any] | None = None,
+    ) -> DecodeConfig:
+        """Merges file < env < flags (flags that are None are unset).
+
+        Raises:
+            ConfigError: unreadable file, unknown key, or a value that does not parse/validate.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        path = file or (Path(env[f"{ENV_PREFIX}CONFIG"]) if f"{ENV_PREFIX}CONFIG" in env else None)
+        if path is not None:
+            values.update(_read_file(path))
+        values.update(_read_env(env))
+        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> DecodeConfig:
+        """Builds a config from raw values (strings are parsed to the field's type)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown decode-worker settings: {', '.join(unknown)}")
+        parsed: dict[str, Any] = {}
+        for name, value in values.items():
+            try:
+                parsed[name] = _PARSERS.get(name, str)(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"bad value for {name}: {value!r}") from exc
+        return cls(**parsed)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """A `.toml`, `.yaml`/`.yml` or `.json` file: a flat table, or one under `[decode]`."""
+    try:
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib  # Python ≥ 3.11
+
+            data: Any = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file must be .toml, .yaml, .yml or .json, got {path}")
+    except (OSError, ValueError) as exc:  # ValueError covers TOML/JSON decode errors
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    section = data.get("decode", data) if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: expected a table of settings (optionally under [decode])")
+    return section
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {name: env[var] for name, var in SHARED_ENV.items() if var in env}
+    for f in dataclasses.fields(DecodeConfig):
+        var = f"{ENV_PREFIX}{f.name.upper()}"
+        if var in env:
+            values[f.name] = env[var]
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `kvfuse serve decode` / `python -m decode_worker` flags (all default to unset)."""
+    add = parser.add_argument
+    add("--config", type=Path, help=f"TOML file (also {ENV_PREFIX}CONFIG)")
+    add("--host", help="listen address (default 0.0.0.0)")
+    add("--port", type=int, help="listen port (default 8000; 0 = any free port)")
+    add("--model", help="GGUF file or safetensors dir (default: bundled SmolLM2)")
+    add("--device", help="torch device (default cpu)")
+    add("--dtype", choices=sorted(DTYPES), help="weights and KV dtype (default float32)")
+    add("--num-threads", type=int, help="torch threads (default: torch's)")
+    add("--prefill-url", help="prefill worker gRPC address; empty = prefill in this process")
+    add("--token", dest="auth_token", help="bearer token clients must send (KVFUSE_AUTH_TOKEN)")
+    add("--served-model-name", help="model name clients send (default: from the model file)")
+    add("--max-batch", type=int, help="most sequences decoding at once (default 8)")
+    add("--max-model-len", type=int, help="context limit, prompt + generation (default: model's)")
+    add("--kv-cache-bytes", help="KV budget of all sequences, e.g. 2GiB (default 1GiB)")
+    add("--default-max-tokens", type=int, help="generation limit when a request sets none")
+    add("--separator", help=f"segment separator (default {DEFAULT_SEPARATOR})")
+    add("--default-mode", choices=[m.value for m in Mode], help="prefill mode (default blend)")
+    add("--recompute-ratio", dest="default_recompute_ratio", type=float, help="default ratio")
+    add("--chunk-context", choices=[c.value for c in ChunkContext], help="local prefill only")
+    add("--log-level", help="debug, info, warning, error (default info)")
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> DecodeConfig:
+    """The config of a parsed `add_arguments` namespace, over the file and env."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command")}
+    names = {f.name for f in dataclasses.fields(DecodeConfig)}
+    return DecodeConfig.load(args.config, env, {k: v for k, v in flags.items() if k in names})

@@ -1,0 +1,73 @@
+"""The decode worker's Prefiller: the in-process engine, or a remote prefill worker over gRPC."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvfuse.engine import Engine
+from kvfuse.errors import ConfigError
+from kvfuse.prefill import Prefiller
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillBackend:
+    """A Prefiller with its readiness probe (for /health) and its cleanup."""
+
+    prefiller: Prefiller
+    ready: Callable[[], bool]
+    close: Callable[[], None]
+    name: str
+
+
+def local_backend(engine: Engine) -> PrefillBackend:
+    """Prefill in this process (`Engine.prefill`, one prompt at a time); always ready."""
+    return PrefillBackend(engine, lambda: True, lambda: None, "local")
+
+
+def remote_backend(target: str, token: str, timeout_s: float) -> PrefillBackend:
+    """A prefill worker at `target` ("host:port"), probed through grpc.health.v1.
+
+    Raises:
+        ConfigError: the prefill worker's client package is not installed.
+    """
+    try:
+        from prefill_worker.client import PrefillClient
+    except ImportError as exc:
+        raise ConfigError(f"prefill_url is set but the prefill client is missing: {exc}") from exc
+    client = PrefillClient(target, token=token or None, timeout_s=timeout_s)
+    probe = HealthProbe(target)
+
+    def close() -> None:
+        client.close()
+        probe.close()
+
+    return PrefillBackend(client, probe.ready, close, f"remote {target}")
+
+
+class HealthProbe:
+    """Asks a gRPC server's standard health service whether it is SERVING. Thread-safe."""
+
+    def __init__(self, target: str, timeout_s: float = 1.0, service: str = "") -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = health_pb2_grpc.HealthStub(self._channel)
+        self._timeout_s = timeout_s
+        self._service = service
+
+    def ready(self) -> bool:
+        request = health_pb2.HealthCheckRequest(service=self._service)
+        try:
+            response = self._stub.Check(request, timeout=self._timeout_s)
+        except grpc.RpcError as exc:
+            log.info("prefill worker not ready: %s", exc.code() if hasattr(exc, "code") else exc)
+            return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,201 @@
+"""Turns an HTTP request body into a tokenized, validated `GenerationRequest`.
+
+Segments come from `kvfuse.segments` or from splitting the prompt / the last user message at
+the separator. For chat, system (and developer) messages form the prefix, the documents and
+the question sit in the last user message, and earlier turns join the prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from decode_worker.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    KvfuseOptions,
+    SamplingBody,
+    TokenizeRequest,
+)
+from decode_worker.sequence import GenerationRequest
+from kvfuse.blend import Mode
+from kvfuse.errors import InvalidRequestError, PromptTooLongError
+from kvfuse.model.sampling import SamplingParams
+from kvfuse.model.tokenizer import Tokenizer
+from kvfuse.segments import DOCUMENT_SUFFIX, PromptSegments, build_prompt, split_text
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+# Stands in for the last user message while the chat template renders earlier turns.
+_BODY_MARKER = "\x00kvfuse-decode-body\x00"
+_SYSTEM_ROLES = ("system", "developer")
+
+
+@dataclass(frozen=True)
+class PromptDefaults:
+    """What a request leaves unset, and the limits it must respect."""
+
+    separator: str
+    max_model_len: int
+    default_max_tokens: int
+    default_temperature: float
+    default_mode: Mode
+    default_recompute_ratio: float | None
+    vocab_size: int
+
+
+class PromptBuilder:
+    """Tokenizes request bodies. Thread-safe (tokenizers are; the builder holds no state)."""
+
+    def __init__(self, tokenizer: Tokenizer, defaults: PromptDefaults) -> None:
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+
+    def completion(self, body: CompletionRequest, request_id: str) -> GenerationRequest:
+        """Raises InvalidRequestError / PromptTooLongError (both 400)."""
+        _refuse_unsupported(body)
+        if body.echo or body.suffix or body.logprobs is not None or (body.best_of or 1) > 1:
+            raise InvalidRequestError("echo, suffix, logprobs and best_of > 1 are not supported")
+        segments = self.completion_segments(body.prompt, body.kvfuse)
+        return self._generation(body, segments, body.max_tokens, request_id)
+
+    def chat(self, body: ChatCompletionRequest, request_id: str) -> GenerationRequest:
+        """Raises InvalidRequestError / PromptTooLongError (both 400)."""
+        _refuse_unsupported(body)
+        if body.logprobs or body.top_logprobs:
+            raise InvalidRequestError("logprobs are not supported")
+        segments = self.chat_segments(body.messages, body.kvfuse)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return self._generation(body, segments, max_tokens, request_id)
+
+    def tokenize(self, body: TokenizeRequest) -> PromptSegments:
+        if body.messages is not None:
+            return self.chat_segments(body.messages, body.kvfuse)
+        return self.completion_segments(body.prompt, body.kvfuse)
+
+    def completion_segments(
+        self, prompt: str | list[str] | list[int] | None, options: KvfuseOptions | None
+    ) -> PromptSegments:
+        """Raw text (no chat template): [prefix, chunk…, query]."""
+        if options is not None and options.segments is not None:
+            return build_prompt(self.tokenizer, options.segments, chat=False)
+        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            return self._token_prompt([int(p) for p in prompt])
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise InvalidRequestError(
+                    f"send one prompt per request (got a list of {len(prompt)})"
+                )
+            prompt = str(prompt[0])
+        if not prompt or not prompt.strip():
+            raise InvalidRequestError("prompt is missing or empty (or send kvfuse.segments)")
+        return build_prompt(self.tokenizer, split_text(prompt, self.defaults.separator), False)
+
+    def chat_segments(
+        self, messages: list[ChatMessage] | None, options: KvfuseOptions | None
+    ) -> PromptSegments:
+        """Chat-framed: [system, document…, question], earlier turns in the prefix."""
+        if options is not None and options.segments is not None:
+            return build_prompt(self.tokenizer, options.segments, chat=True)
+        if not messages:
+            raise InvalidRequestError("messages is missing or empty (or send kvfuse.segments)")
+        num_system = 0
+        while num_system < len(messages) and messages[num_system].role in _SYSTEM_ROLES:
+            num_system += 1
+        system = "\n\n".join(m.text for m in messages[:num_system])
+        turns = messages[num_system:]
+        if not turns or turns[-1].role != "user":
+            raise InvalidRequestError("the last message must be from the user")
+        history, last = turns[:-1], turns[-1]
+        parts = split_text(last.text, self.defaults.separator)
+        if not history:
+            return build_prompt(self.tokenizer, [system, *parts], chat=True)
+        return self._with_history(system, history, parts)
+
+    def _with_history(
+        self, system: str, history: Sequence[ChatMessage], parts: list[str]
+    ) -> PromptSegments:
+        """Renders system + earlier turns into the prefix, as `build_prompt` frames one turn."""
+        if not parts[-1].strip() or any(not p.strip() for p in parts[:-1]):
+            raise InvalidRequestError("the question or a document in the last message is empty")
+        if any(m.role in _SYSTEM_ROLES for m in history):
+            raise InvalidRequestError("system messages must come before the conversation")
+        turns = [{"role": "system", "content": system}] if system else []
+        turns += [{"role": m.role, "content": m.text} for m in history]
+        turns.append({"role": "user", "content": _BODY_MARKER})
+        hf = self.tokenizer.hf
+        rendered = str(hf.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+        head, sep, tail = rendered.partition(_BODY_MARKER)
+        if not sep:
+            raise InvalidRequestError("the chat template does not render the user message")
+        prefix_ids = self.tokenizer.encode(head)
+        if self.tokenizer.add_bos and self.tokenizer.bos_token_id is not None:
+            prefix_ids.insert(0, self.tokenizer.bos_token_id)
+        return PromptSegments(
+            prefix_ids=tuple(prefix_ids),
+            chunk_ids=tuple(tuple(self.tokenizer.encode(d + DOCUMENT_SUFFIX)) for d in parts[:-1]),
+            query_ids=tuple(self.tokenizer.encode(parts[-1] + tail)),
+        )
+
+    def _token_prompt(self, token_ids: list[int]) -> PromptSegments:
+        self._check_token_ids(token_ids, "prompt")
+        return PromptSegments(prefix_ids=(), chunk_ids=(), query_ids=tuple(token_ids))
+
+    def _check_token_ids(self, token_ids: Sequence[int], what: str) -> None:
+        vocab_size = self.defaults.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(f"{what} has token ids outside [0, {vocab_size}): {bad[:5]}")
+
+    def _generation(
+        self,
+        body: SamplingBody,
+        segments: PromptSegments,
+        max_tokens: int | None,
+        request_id: str,
+    ) -> GenerationRequest:
+        defaults = self.defaults
+        num_prompt, limit = segments.num_tokens, defaults.max_model_len
+        if max_tokens is None:
+            max_tokens = max(1, min(defaults.default_max_tokens, limit - num_prompt))
+        if num_prompt + max_tokens > limit:
+            raise PromptTooLongError(num_prompt + max_tokens, limit)
+        stop_token_ids = tuple(body.stop_token_ids or ())
+        self._check_token_ids(stop_token_ids, "stop_token_ids")
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=defaults.default_temperature
+            if body.temperature is None
+            else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=body.ignore_eos,
+        )
+        options = body.kvfuse or KvfuseOptions()
+        ratio = options.recompute_ratio
+        return GenerationRequest(
+            request_id=request_id,
+            segments=segments,
+            sampling=sampling,
+            stop=_stop_strings(body.stop),
+            mode=options.mode or defaults.default_mode,
+            recompute_ratio=defaults.default_recompute_ratio if ratio is None else ratio,
+        )
+
+
+def _refuse_unsupported(body: SamplingBody) -> None:
+    if body.n != 1:
+        raise InvalidRequestError(f"only n=1 is supported (got n={body.n})")
+    if body.presence_penalty or body.frequency_penalty or body.logit_bias:
+        raise InvalidRequestError("presence/frequency penalties and logit_bias are not supported")
+
+
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise InvalidRequestError(
+            f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters"
+        )
+    return tuple(s for s in stops if s)

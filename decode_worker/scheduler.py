@@ -1,0 +1,326 @@
+"""Continuous batching: admit requests, stream their prefill in, decode all sequences as a batch.
+
+Lifecycle of a sequence: `submit` queues it (WAITING); the scheduler thread admits it in
+arrival order when a batch slot, a prefill slot and KV room are free (PREFILLING) and hands
+its prefill stream to a prefill thread, which copies each fused layer into the sequence's KV
+cache as it arrives and sends the first token to the client at once; the sequence then joins
+the decode batch (RUNNING), where every step appends one token to every running sequence
+(`kvfuse.batch_decode.decode_batch`), so a short request never waits behind a long one. A
+finished, failed or aborted sequence frees its KV room.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from decode_worker.detokenizer import TextStream
+from decode_worker.metrics import DecodeMetrics
+from decode_worker.sequence import (
+    FinishReason,
+    GenerationRequest,
+    OutputSink,
+    Sequence,
+    SequenceOutput,
+    SequenceStatus,
+)
+from kvfuse.batch_decode import decode_batch
+from kvfuse.blend import FusedLayer
+from kvfuse.decode import KVCache
+from kvfuse.errors import KvfuseError, PromptTooLongError, ServiceUnavailableError
+from kvfuse.model.tokenizer import Tokenizer
+from kvfuse.model.transformer import Transformer
+from kvfuse.prefill import Prefiller, PrefillResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    """Attributes: see `DecodeConfig` (kv_budget_tokens = kv_cache_bytes / KV bytes per token)."""
+
+    max_batch: int
+    kv_budget_tokens: int
+    max_concurrent_prefills: int
+    max_waiting: int
+
+
+class KVBudget:
+    """Tokens of KV cache the running sequences may hold. Not thread-safe (caller locks)."""
+
+    def __init__(self, num_tokens: int) -> None:
+        self.num_tokens = num_tokens
+        self.num_used_tokens = 0
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        return self.num_used_tokens + num_tokens <= self.num_tokens
+
+    def allocate(self, num_tokens: int) -> None:
+        self.num_used_tokens += num_tokens
+
+    def free(self, num_tokens: int) -> None:
+        self.num_used_tokens -= num_tokens
+
+    @property
+    def usage(self) -> float:
+        """Fraction in use, 0..1."""
+        return self.num_used_tokens / self.num_tokens
+
+
+class Scheduler:
+    """Owns the waiting queue, the prefill threads and the decode thread.
+
+    Thread-safety: `submit`, `abort` and the counters may be called from any thread; outputs
+    reach each sequence's sink from a prefill thread (the first token, or a prefill error) and
+    then from the decode thread, in order.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        prefiller: Prefiller,
+        limits: SchedulerLimits,
+        metrics: DecodeMetrics,
+    ) -> None:
+        self.model, self.tokenizer, self.prefiller = model, tokenizer, prefiller
+        self.limits, self.metrics = limits, metrics
+        self._stop_token_ids = frozenset(tokenizer.eos_token_ids)
+        self._cond = threading.Condition()
+        self._budget = KVBudget(limits.kv_budget_tokens)
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: set[Sequence] = set()
+        self._ready: list[Sequence] = []
+        self._running: list[Sequence] = []  # touched by the decode thread only
+        self._stopped = False
+        self._pool = ThreadPoolExecutor(limits.max_concurrent_prefills, "prefill")
+        self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Fails every unfinished request (503), stops the threads and waits for them."""
+        with self._cond:
+            self._stopped = True
+            unfinished = [*self._waiting, *self._prefilling, *self._ready, *self._running]
+            for seq in unfinished:
+                seq.abort()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        error = ServiceUnavailableError("the server is shutting down")
+        for seq in unfinished:
+            self._finish(seq, SequenceOutput("", seq.num_generated_tokens, error=error))
+        self._waiting.clear()
+
+    def submit(self, request: GenerationRequest, sink: OutputSink) -> Sequence:
+        """Queues a request; its outputs go to `sink` (called from scheduler threads).
+
+        Raises:
+            PromptTooLongError: the request needs more KV than the whole budget.
+            ServiceUnavailableError: the queue is full or the server is stopping.
+        """
+        if request.num_kv_tokens > self._budget.num_tokens:
+            raise PromptTooLongError(request.num_kv_tokens, self._budget.num_tokens)
+        seq = Sequence(
+            request, sink, TextStream(self.tokenizer, request.stop), self._stop_token_ids
+        )
+        with self._cond:
+            if self._stopped:
+                raise ServiceUnavailableError("the server is shutting down")
+            if len(self._waiting) >= self.limits.max_waiting:
+                raise ServiceUnavailableError(
+                    f"server at capacity: {len(self._waiting)} requests waiting"
+                )
+            self._waiting.append(seq)
+            self._cond.notify_all()
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Releases a sequence whose client went away (no-op if it already finished)."""
+        seq.abort()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the decode thread runs."""
+        return self._thread.is_alive() and not self._stopped
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences prefilling or decoding (vLLM counts both as running)."""
+        return len(self._prefilling) + len(self._ready) + len(self._running)
+
+    @property
+    def kv_usage(self) -> float:
+        return self._budget.usage
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                batch = self._schedule()
+            if batch is None:
+                return
+            try:
+                self._step(batch)
+            except Exception as exc:  # a bug must fail its requests, not hang them
+                log.exception("decode step failed for %d sequences", len(batch))
+                for seq in batch:
+                    if seq.status is not SequenceStatus.FINISHED:
+                        self._finish(seq, SequenceOutput("", seq.num_generated_tokens, error=exc))
+            self._running = [s for s in self._running if s.status is SequenceStatus.RUNNING]
+
+    def _schedule(self) -> list[Sequence] | None:
+        """Under the lock: admits, takes prefilled sequences in, drops aborted ones, and
+        returns the next batch (waiting while there is none); None once stopped."""
+        while not self._stopped:
+            self._admit()
+            self._running.extend(self._ready)
+            self._ready.clear()
+            for seq in [s for s in self._running if s.aborted]:
+                if self._release(seq):
+                    self._send_final(seq, seq.final(FinishReason.ABORT))
+            self._running = [s for s in self._running if s.status is SequenceStatus.RUNNING]
+            if self._running:
+                return list(self._running)
+            self._cond.wait()
+        return None
+
+    def _admit(self) -> None:
+        limits = self.limits
+        self._waiting = deque(s for s in self._waiting if not s.aborted)
+        while self._waiting and len(self._prefilling) < limits.max_concurrent_prefills:
+            seq = self._waiting[0]
+            num_active = len(self._prefilling) + len(self._ready) + len(self._running)
+            need = seq.request.num_kv_tokens
+            if num_active >= limits.max_batch or not self._budget.can_allocate(need):
+                return
+            self._waiting.popleft()
+            self._budget.allocate(need)
+            seq.status = SequenceStatus.PREFILLING
+            self._prefilling.add(seq)
+            self._pool.submit(self._run_prefill, seq)
+
+    def _step(self, batch: list[Sequence]) -> None:
+        start_s = time.perf_counter()
+        caches = [seq.cache for seq in batch if seq.cache is not None]
+        assert len(caches) == len(batch)  # set before a sequence runs
+        logits = decode_batch(self.model, caches, [s.last_token_id for s in batch])
+        for seq, row in zip(batch, logits, strict=True):
+            assert seq.sampler is not None
+            delta, reason = seq.append(seq.sampler.sample(row))
+            if reason is not None:
+                self._finish(seq, SequenceOutput(delta, seq.num_generated_tokens, reason))
+            elif delta:
+                seq.sink(SequenceOutput(delta, seq.num_generated_tokens))
+        self.metrics.on_decode_step(len(batch), time.perf_counter() - start_s)
+
+    def _run_prefill(self, seq: Sequence) -> None:
+        """A prefill thread: stream the fused layers in, send the first token, hand over."""
+        stream = self.prefiller.prefill(seq.request.prefill_request())
+        try:
+            seq.cache = KVCache(self.model, seq.request.num_kv_tokens)
+            result = self._receive_layers(seq, stream)
+            if result is None:
+                self._finish(seq, seq.final(FinishReason.ABORT))
+                return
+            self._start_decoding(seq, result)
+            self._drain(seq, stream)
+        except Exception as exc:
+            if not isinstance(exc, KvfuseError):
+                log.exception("prefill of %s failed", seq.request_id)
+            self._finish(seq, SequenceOutput("", seq.num_generated_tokens, error=exc))
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # releases the prefiller's work if we stopped early
+
+    def _receive_layers(
+        self, seq: Sequence, stream: Iterator[FusedLayer | PrefillResult]
+    ) -> PrefillResult | None:
+        """Copies layers into the cache as they come; the result, or None if aborted.
+
+        Raises:
+            ServiceUnavailableError: the prefiller sent malformed layers or too few of them.
+        """
+        cfg, cache = self.model.cfg, seq.cache
+        assert cache is not None
+        expected = (cfg.num_kv_heads, seq.request.num_prompt_tokens, cfg.head_dim)
+        received: set[int] = set()
+        for item in stream:
+            if seq.aborted:
+                return None
+            if isinstance(item, PrefillResult):
+                if len(received) != cfg.num_layers:
+                    raise ServiceUnavailableError(
+                        f"prefill sent {len(received)} of {cfg.num_layers} layers"
+                    )
+                return item
+            if not 0 <= item.layer_idx < cfg.num_layers or tuple(item.k.shape) != expected:
+                raise ServiceUnavailableError(
+                    f"prefill sent layer {item.layer_idx} of shape {tuple(item.k.shape)}, "
+                    f"expected {expected}"
+                )
+            cache.fill((item,))  # [H_kv, N, D]; a resent layer overwrites
+            received.add(item.layer_idx)
+        raise ServiceUnavailableError("prefill stream ended without a first token")
+
+    def _start_decoding(self, seq: Sequence, result: PrefillResult) -> None:
+        seq.sampler = seq.decode_sampler(self.model.cfg.vocab_size)
+        delta, reason = seq.append(result.first_token_id)
+        ttft_s = time.perf_counter() - seq.arrival_s
+        self.metrics.on_first_token(result.stats, ttft_s)
+        out = SequenceOutput(delta, seq.num_generated_tokens, reason, result.stats, ttft_s)
+        if reason is not None:
+            self._finish(seq, out)
+            return
+        seq.sink(out)  # before the hand-over, so the decode thread's outputs come after it
+        with self._cond:
+            self._prefilling.discard(seq)
+            seq.status = SequenceStatus.RUNNING
+            self._ready.append(seq)
+            self._cond.notify_all()
+
+    def _drain(self, seq: Sequence, stream: Iterator[FusedLayer | PrefillResult]) -> None:
+        """Runs the prefiller to its end (the local engine stores new chunks after the result)."""
+        try:
+            for _ in stream:
+                pass
+        except KvfuseError as exc:  # the answer is already decoding; only the store missed out
+            log.warning("prefill of %s failed after its first token: %s", seq.request_id, exc)
+
+    def _finish(self, seq: Sequence, out: SequenceOutput) -> None:
+        """Frees a sequence and sends its last output (no-op if it already finished)."""
+        with self._cond:
+            released = self._release(seq)
+        if released:
+            self._send_final(seq, out)
+
+    def _release(self, seq: Sequence) -> bool:
+        """Under the lock: gives back its KV room; False if it had already finished."""
+        if seq.status is SequenceStatus.FINISHED:
+            return False
+        if seq.status in (SequenceStatus.PREFILLING, SequenceStatus.RUNNING):
+            self._budget.free(seq.request.num_kv_tokens)
+        self._prefilling.discard(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.cache = None  # only its owner thread (or stop, after the threads) gets here
+        self._cond.notify_all()
+        return True
+
+    def _send_final(self, seq: Sequence, out: SequenceOutput) -> None:
+        reason = out.finish_reason.value if out.finish_reason is not None else None
+        self.metrics.on_finish(reason, time.perf_counter() - seq.arrival_s)
+        seq.sink(out)
