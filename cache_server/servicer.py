@@ -80,7 +80,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, request: cache_pb2.GetLayersRequest, context: grpc.ServicerContext
     ) -> Iterator[cache_pb2.GetLayersResponse]:
         tenant = self._tenant(context)
-        keys = wire.check_keys(request.keys, self._config.max_batch_keys)
+        keys = dict.fromkeys(wire.check_keys(request.keys, self._config.max_batch_keys))
         codec = request.codec or None
         if codec is not None:
             self._codecs.codec(codec)  # CodecError for an unknown codec

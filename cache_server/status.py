@@ -50,8 +50,3 @@ def abort_not_found(context: grpc.ServicerContext, key: str) -> NoReturn:
     """Ends the RPC with NOT_FOUND: Pin or Move named a key that is not stored."""
     context.abort(grpc.StatusCode.NOT_FOUND, f"key {key} is not stored")
     raise AssertionError("unreachable: context.abort raises")
-
-
-def abort_unauthenticated(context: grpc.ServicerContext, message: str) -> NoReturn:
-    """Ends the RPC with UNAUTHENTICATED."""
-    abort(context, AuthError(message))

@@ -29,8 +29,10 @@ def key_of(label: str) -> str:
     return hashlib.sha256(label.encode()).hexdigest()
 
 
-def layers_of(seed: float, num_layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    kv = torch.full((4, 3, 64), seed, dtype=torch.float16)  # [T, H_kv, D]
+def layers_of(
+    seed: float, num_layers: int = 2, num_tokens: int = 4
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    kv = torch.full((num_tokens, 3, 64), seed, dtype=torch.float16)  # [T, H_kv, D]
     return [(kv, kv + 1) for _ in range(num_layers)]
 
 
@@ -200,3 +202,29 @@ def test_busy_port_is_a_config_error() -> None:
         with pytest.raises(ConfigError):
             second.start()
         second.stop()
+
+
+def test_redis_tier_takes_demotions_and_its_outage_is_not_fatal(redis_server: Any) -> None:
+    settings = {"memory_bytes": "4MiB", "redis_url": redis_server.url, "redis_bytes": "64MiB"}
+    keys = [key_of(f"redis-{i}") for i in range(6)]
+    with make_server(metrics_port=0, **settings) as srv, CacheClient(srv.address) as c:
+        for i, key in enumerate(keys):  # 1.4 MiB each (30 layers of 64 x 3 x 64 fp16)
+            assert c.put(key, layers_of(float(i), num_layers=30, num_tokens=64)) is True
+        tiers = {t.name: t for t in c.stats()}
+        assert tiers["redis"].codec == "int8" and tiers["redis"].num_objects >= 1
+        entries = c.lookup(keys)
+        in_redis = [k for k, e in entries.items() if e is not None and e.tier == "redis"]
+        assert in_redis and all(e is not None for e in entries.values())
+        got = c.get(in_redis[0])  # int8 in Redis, promoted back into memory
+        assert got is not None and len(got) == 30
+        redis_server.stop()
+        # Redis down: what memory holds is still served, the rest is a miss, nothing raises
+        after = c.lookup(keys)
+        assert any(e is not None for e in after.values())
+        assert any(e is None for e in after.values())
+        assert all(c.get(k) is None for k, e in after.items() if e is None)
+        assert c.put(key_of("during-outage"), layers_of(9.0)) is True
+        metrics = _scrape(srv.metrics_port or 0)
+        up = metrics["kvfuse_cache_tier_up"]
+        assert _value(up, "kvfuse_cache_tier_up", tier="redis") == 0
+        assert _value(up, "kvfuse_cache_tier_up", tier="memory") == 1
