@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from cache_server.objects import ObjectMeta, StoredObject, check_key, checksum
+from cache_server.objects import ObjectMeta, StoredObject, check_key
 from cache_server.tiers.base import Tier, TierStats
+from cache_server.tiers.transcode import transcode
 from kvfuse.errors import CapacityError, ConfigError, InvalidRequestError, TierUnavailableError
 
 T = TypeVar("T")
@@ -47,31 +48,6 @@ class StoreCounters:
     num_dropped: int
     num_transcodes: int
     num_unavailable: dict[str, int]
-
-
-def transcode(obj: StoredObject, codec: str) -> StoredObject:
-    """`obj` with every layer re-encoded by `codec` (the same object if it already is).
-
-    Raises CorruptRecordError if a source record fails its CRC32, CodecError if a codec is
-    unknown or a record does not decode.
-    """
-    if obj.meta.codec == codec:
-        return obj
-    from kvfuse.codecs import get_codec  # torch-heavy; only needed when codecs differ
-
-    source, target = get_codec(obj.meta.codec), get_codec(codec)
-    num_layers = obj.meta.num_layers
-    layers = []
-    for idx in range(num_layers):
-        k, v = source.decode(obj.verify_layer(idx))  # [T, H_kv, D] each
-        layers.append(target.encode(k, v, idx, num_layers))
-    meta = replace(
-        obj.meta,
-        codec=codec,
-        layer_nbytes=tuple(len(r) for r in layers),
-        layer_crc32=tuple(checksum(r) for r in layers),
-    )
-    return StoredObject(meta, tuple(layers))
 
 
 def _get_layer(tier: Tier, key: str, layer_idx: int) -> bytes | None:
@@ -113,7 +89,6 @@ class TieredStore:
         self._counts: Counter[str] = Counter()
         self._count_lock = threading.Lock()
 
-    # ---- reads
     def lookup(self, key: str) -> Location | None:
         """The highest tier holding `key` with its metadata; None on a miss. No promotion."""
         check_key(key)
@@ -183,7 +158,6 @@ class TieredStore:
             num_unavailable=per_tier("unavailable"),
         )
 
-    # ---- writes
     def put(self, obj: StoredObject) -> None:
         """Stores `obj` (its CRC32s must already be verified, as the servicer's upload does)."""
         first = self._transcode(obj, self.tiers[0].codec)  # outside the lock: CPU-heavy
@@ -197,7 +171,7 @@ class TieredStore:
                     refused = refused or exc
                     continue
                 if landed is not None:
-                    self._delete_except(obj.meta.key, landed)
+                    self._drop_other_copies(obj.meta.key, landed)
                     return
         raise refused or TierUnavailableError("no tier is reachable")
 
@@ -254,7 +228,6 @@ class TieredStore:
         for tier in self.tiers:
             tier.close()
 
-    # ---- internals (mutating ones run under self._lock)
     def _get_highest(self, key: str) -> tuple[int, StoredObject] | None:
         for idx, tier in enumerate(self.tiers):
             obj = self._read(idx, tier.get, key)
@@ -318,6 +291,14 @@ class TieredStore:
                 return
             if landed == 0:
                 self._count("promotion")
+
+    def _drop_other_copies(self, key: str, landed: int) -> None:
+        """After a put: deletes older copies of `key` in other tiers, keeping their pin."""
+        others = [i for i in range(len(self.tiers)) if i != landed]
+        pinned = any([bool(self._read(i, self.tiers[i].is_pinned, key)) for i in others])
+        self._delete_except(key, landed)
+        if pinned and landed < len(self.tiers):
+            self._read(landed, self.tiers[landed].pin, key)
 
     def _delete_except(self, key: str, keep_idx: int | None) -> bool:
         found = False

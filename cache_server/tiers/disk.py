@@ -4,36 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from cache_server.objects import ObjectMeta, StoredObject, check_key
 from cache_server.tiers import diskfile
 from cache_server.tiers.base import Tier, TierStats
-from kvfuse.errors import CapacityError, ConfigError, CorruptRecordError, InvalidObjectError
-
-SUFFIX = ".kvo"
-
-
-@dataclass(frozen=True)
-class _Entry:
-    meta: ObjectMeta
-    path: Path
-    data_offset: int  # where layer 0's record starts
-    nbytes: int  # file size
-    ino: int  # identifies the file version the index describes (a rename replaces it)
-
-
-def file_name(key: str) -> str:
-    """`tenant/hex` → `tenant@hex.kvo` ('@' cannot occur in keys)."""
-    return key.replace("/", "@") + SUFFIX
+from cache_server.tiers.diskfile import Entry
+from kvfuse.errors import (
+    CapacityError,
+    ConfigError,
+    CorruptRecordError,
+    InvalidObjectError,
+)
 
 
 class DiskTier(Tier):
@@ -80,31 +68,25 @@ class DiskTier(Tier):
             self._lock_file.close()
             raise ConfigError(f"{self.root} is already used by another disk tier") from exc
         self._lock = threading.Lock()
-        self._index: OrderedDict[str, _Entry] = OrderedDict()  # LRU first
+        self._index: OrderedDict[str, Entry] = OrderedDict()  # LRU first
         self._pinned: set[str] = set()
         self._stored_bytes = 0
         self._num_evictions = self._num_corrupt = 0
+        self._pins_path = self.root / "pins.json"
         self._open()
 
-    # ---- startup
     def _open(self) -> None:
+        """Rebuilds the index from the files (see the class docstring)."""
         for leftover in (self.root / "tmp").iterdir():
             leftover.unlink()
-        found: list[tuple[int, _Entry]] = []
-        for path in (self.root / "objects").glob(f"*/*{SUFFIX}"):
-            try:
-                meta, data_offset, nbytes = diskfile.read_header(path)
-                if file_name(meta.key) != path.name or path.parent.name != _fan_out(meta.key):
-                    raise CorruptRecordError(f"{path.name}: holds key {meta.key}")
-                st = path.stat()
-            except (CorruptRecordError, InvalidObjectError, OSError):
-                self._quarantine_path(path)
-                continue
-            found.append((st.st_mtime_ns, _Entry(meta, path, data_offset, nbytes, st.st_ino)))
-        for _, entry in sorted(found, key=lambda item: item[0]):
+        entries, bad = diskfile.scan(self.root / "objects")
+        for path in bad:
+            self._quarantine_path(path)
+        for entry in entries:
             self._index[entry.meta.key] = entry
             self._stored_bytes += entry.nbytes
-        self._pinned = {key for key in self._load_pins() if key in self._index}
+        pins = diskfile.load_keys(self._pins_path)
+        self._pinned = {key for key in pins if key in self._index}
         while self._stored_bytes > self.capacity_bytes:  # the budget shrank since last run
             victim = next((k for k in self._index if k not in self._pinned), None)
             if victim is None:
@@ -112,47 +94,42 @@ class DiskTier(Tier):
             self._drop(victim).path.unlink(missing_ok=True)
             self._num_evictions += 1
 
-    def _load_pins(self) -> list[str]:
-        try:
-            keys = json.loads((self.root / "pins.json").read_bytes())
-        except FileNotFoundError:
-            return []
-        except ValueError:
-            return []  # a torn pins file only loses pins, never objects
-        return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
-
     def _save_pins(self) -> None:
-        tmp = self.root / "tmp" / f"pins.{uuid.uuid4().hex}"
-        diskfile.write_file(tmp, [json.dumps(sorted(self._pinned)).encode()], self._fsync)
-        os.replace(tmp, self.root / "pins.json")
-        if self._fsync:
-            diskfile.fsync_dir(self.root)
+        diskfile.save_keys(self._pins_path, self._pinned, self.root / "tmp", self._fsync)
 
-    # ---- writes
     def put(self, obj: StoredObject) -> list[StoredObject]:
         key = obj.meta.key
         header = diskfile.encode_header(obj.meta)
         nbytes = len(header) + obj.meta.total_nbytes
         with self._lock:
             self._choose_victims(key, nbytes)  # fail fast before writing anything
-        tmp = self.root / "tmp" / f"{file_name(key)}.{uuid.uuid4().hex}"
-        diskfile.write_file(tmp, [header, *obj.layers], self._fsync)
-        path = self.root / "objects" / _fan_out(key) / file_name(key)
+        tmp = self.root / "tmp" / f"{diskfile.file_name(key)}.{uuid.uuid4().hex}"
         try:
-            with self._lock:
-                victims = self._choose_victims(key, nbytes)
-                evicting = [self._evict_to_tmp(victim) for victim in victims]
-                path.parent.mkdir(exist_ok=True)
-                os.replace(tmp, path)
-                if self._fsync:
-                    diskfile.fsync_dir(path.parent)
-                old = self._index.pop(key, None)
-                self._stored_bytes += nbytes - (old.nbytes if old else 0)
-                ino = path.stat().st_ino
-                self._index[key] = _Entry(obj.meta, path, len(header), nbytes, ino)
+            diskfile.write_file(tmp, [header, *obj.layers], self._fsync)
+            evicting = self._commit(tmp, obj.meta, len(header), nbytes)
+        except OSError as exc:
+            raise diskfile.os_error(self.name, exc) from exc
         finally:
             tmp.unlink(missing_ok=True)
         return self._read_evicted(evicting)
+
+    def _commit(
+        self, tmp: Path, meta: ObjectMeta, data_offset: int, nbytes: int
+    ) -> list[tuple[Entry, Path]]:
+        """Renames the written file into place after moving LRU victims aside."""
+        key = meta.key
+        path = diskfile.object_path(self.root / "objects", key)
+        with self._lock:
+            victims = self._choose_victims(key, nbytes)
+            evicting = [self._evict_to_tmp(victim) for victim in victims]
+            path.parent.mkdir(exist_ok=True)
+            os.replace(tmp, path)
+            if self._fsync:
+                diskfile.fsync_dir(path.parent)
+            old = self._index.pop(key, None)
+            self._stored_bytes += nbytes - (old.nbytes if old else 0)
+            self._index[key] = Entry(meta, path, data_offset, nbytes, path.stat().st_ino)
+        return evicting
 
     def _choose_victims(self, key: str, nbytes: int) -> list[str]:
         old = self._index.get(key)
@@ -171,7 +148,7 @@ class DiskTier(Tier):
             )
         return victims
 
-    def _evict_to_tmp(self, key: str) -> tuple[_Entry, Path]:
+    def _evict_to_tmp(self, key: str) -> tuple[Entry, Path]:
         """Unindexes `key` and moves its file aside (under the lock; read back outside it)."""
         entry = self._drop(key)
         self._num_evictions += 1
@@ -179,7 +156,7 @@ class DiskTier(Tier):
         os.replace(entry.path, aside)
         return entry, aside
 
-    def _read_evicted(self, evicting: list[tuple[_Entry, Path]]) -> list[StoredObject]:
+    def _read_evicted(self, evicting: list[tuple[Entry, Path]]) -> list[StoredObject]:
         evicted: list[StoredObject] = []
         for entry, aside in evicting:
             try:
@@ -192,7 +169,7 @@ class DiskTier(Tier):
                 aside.unlink(missing_ok=True)
         return evicted
 
-    def _drop(self, key: str) -> _Entry:
+    def _drop(self, key: str) -> Entry:
         entry = self._index.pop(key)
         self._stored_bytes -= entry.nbytes
         if key in self._pinned:
@@ -207,7 +184,6 @@ class DiskTier(Tier):
             self._drop(key).path.unlink(missing_ok=True)
             return True
 
-    # ---- reads
     def get_meta(self, key: str) -> ObjectMeta | None:
         with self._lock:
             entry = self._index.get(key)
@@ -250,26 +226,26 @@ class DiskTier(Tier):
             self._forget_if_vanished(key, entry)
         return None
 
-    def _lookup(self, key: str) -> _Entry | None:
+    def _lookup(self, key: str) -> Entry | None:
         check_key(key)
         with self._lock:
             return self._index.get(key)
 
-    def _touch(self, key: str, entry: _Entry) -> None:
+    def _touch(self, key: str, entry: Entry) -> None:
         with self._lock:
             if self._index.get(key) is entry:
                 self._index.move_to_end(key)
         with contextlib.suppress(FileNotFoundError):  # deleted or evicted meanwhile
             os.utime(entry.path)  # the mtime carries the LRU order across restarts
 
-    def _forget_if_vanished(self, key: str, entry: _Entry) -> None:
+    def _forget_if_vanished(self, key: str, entry: Entry) -> None:
         """Drops an index entry whose file was removed behind our back (counted as corrupt)."""
         with self._lock:
             if self._index.get(key) is entry and not entry.path.exists():
                 self._drop(key)
                 self._num_corrupt += 1
 
-    def _quarantine(self, key: str, entry: _Entry) -> None:
+    def _quarantine(self, key: str, entry: Entry) -> None:
         with self._lock:
             if self._index.get(key) is not entry:
                 return  # replaced or removed since we read it
@@ -281,7 +257,6 @@ class DiskTier(Tier):
         with contextlib.suppress(FileNotFoundError):
             os.replace(path, self.root / "quarantine" / f"{path.name}.{time.time_ns()}")
 
-    # ---- pins and introspection
     def pin(self, key: str) -> bool:
         with self._lock:
             if key not in self._index:
@@ -336,7 +311,3 @@ class DiskTier(Tier):
         if not self._lock_file.closed:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
-
-
-def _fan_out(key: str) -> str:
-    return key[-64:-62]  # first two hex chars of the chunk hash: 256 subdirectories

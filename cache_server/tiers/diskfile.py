@@ -1,6 +1,6 @@
-"""The on-disk object file: a checksummed header with the metadata, then the layer records.
+"""On-disk formats of the disk tier: object files, their directory layout, the pins file.
 
-Layout (little-endian):
+Object file layout (little-endian):
     offset 0   4 bytes   magic b"KVFO"
            4   u16       format version (1)
            6   u16       reserved (0)
@@ -10,22 +10,95 @@ Layout (little-endian):
     then the layer records back to back; record i starts at
     16 + meta_len + sum(layer_nbytes[:i]). The file size must be exactly
     16 + meta_len + total_nbytes, so a truncated or padded file is rejected.
+
+Object `tenant/<hex>` lives in `objects/<hex[:2]>/tenant@<hex>.kvo` ('@' never occurs in keys).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import struct
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cache_server.objects import ObjectMeta, StoredObject, checksum
-from kvfuse.errors import CorruptRecordError, InvalidObjectError
+from kvfuse.errors import (
+    CapacityError,
+    CorruptRecordError,
+    InvalidObjectError,
+    TierUnavailableError,
+)
 
+SUFFIX = ".kvo"
 MAGIC = b"KVFO"
 VERSION = 1
 HEAD = struct.Struct("<4sHHII")  # magic, version, reserved, meta_len, meta_crc32
 MAX_META_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the disk tier's index knows about one committed file."""
+
+    meta: ObjectMeta
+    path: Path
+    data_offset: int  # where layer 0's record starts
+    nbytes: int  # file size
+    ino: int  # identifies the file version described (a rename replaces the inode)
+
+
+def file_name(key: str) -> str:
+    return key.replace("/", "@") + SUFFIX
+
+
+def object_path(objects_dir: Path, key: str) -> Path:
+    return objects_dir / key[-64:-62] / file_name(key)
+
+
+def scan(objects_dir: Path) -> tuple[list[Entry], list[Path]]:
+    """Validates every object file: (entries oldest mtime first, paths that failed)."""
+    found: list[tuple[int, Entry]] = []
+    bad: list[Path] = []
+    for path in objects_dir.glob(f"*/*{SUFFIX}"):
+        try:
+            meta, data_offset, nbytes = read_header(path)
+            if object_path(objects_dir, meta.key) != path:
+                raise CorruptRecordError(f"{path.name}: holds key {meta.key}")
+            st = path.stat()
+        except (CorruptRecordError, OSError):
+            bad.append(path)
+            continue
+        found.append((st.st_mtime_ns, Entry(meta, path, data_offset, nbytes, st.st_ino)))
+    return [entry for _, entry in sorted(found, key=lambda item: item[0])], bad
+
+
+def load_keys(path: Path) -> list[str]:
+    """The keys of a JSON list file; [] if it is missing or torn (pins are best effort)."""
+    try:
+        keys = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return []
+    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+
+
+def save_keys(path: Path, keys: set[str], tmp_dir: Path, fsync: bool) -> None:
+    """Replaces `path` atomically with a JSON list of `keys`."""
+    tmp = tmp_dir / f"{path.name}.{uuid.uuid4().hex}"
+    write_file(tmp, [json.dumps(sorted(keys)).encode()], fsync)
+    os.replace(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def os_error(tier_name: str, exc: OSError) -> CapacityError | TierUnavailableError:
+    """The cache error an I/O failure means: a full disk refuses, anything else is down."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CapacityError(f"{tier_name} tier: the disk is full ({exc})")
+    return TierUnavailableError(f"{tier_name} tier: {exc}")
 
 
 def encode_header(meta: ObjectMeta) -> bytes:

@@ -12,7 +12,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from cache_server.objects import ObjectMeta, StoredObject, check_key, checksum
+from cache_server.objects import ObjectMeta, StoredObject, check_key
+from cache_server.tiers import redis_schema as schema
 from cache_server.tiers.base import Tier, TierStats
 from kvfuse.errors import (
     CapacityError,
@@ -22,25 +23,7 @@ from kvfuse.errors import (
     TierUnavailableError,
 )
 
-META_FIELD = b"meta"
 SCAN_BATCH = 64
-
-# Bookkeeping lives in one hash slot ({_index}); each object in its own slot ({key}). No
-# command or script touches both, so the layout works on Redis Cluster too.
-_REMEMBER = """
-local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-return redis.call('INCRBY', KEYS[3], tonumber(ARGV[2]) - old)
-"""
-_FORGET = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[4], ARGV[1])
-if old then redis.call('DECRBY', KEYS[3], tonumber(old)) end
-return old and 1 or 0
-"""
 
 
 class RedisTier(Tier):
@@ -100,8 +83,8 @@ class RedisTier(Tier):
         index = f"{prefix}{{_index}}:"
         self._sizes, self._lru = index + "sizes", index + "lru"
         self._pins, self._bytes = index + "pins", index + "bytes"
-        self._remember = self._redis.register_script(_REMEMBER)
-        self._forget = self._redis.register_script(_FORGET)
+        self._remember = self._redis.register_script(schema.REMEMBER)
+        self._forget = self._redis.register_script(schema.FORGET)
         self._lock = threading.Lock()
         self._up, self._retry_at, self._last_error = True, 0.0, ""
         self._last_stats = (0, 0, 0)  # stored bytes, objects, pinned: shown while down
@@ -125,20 +108,18 @@ class RedisTier(Tier):
             self._up, self._retry_at = False, time.monotonic() + self._retry_interval_s
             self._last_error = str(exc) or type(exc).__name__
             raise TierUnavailableError(f"{self.name} tier is down: {self._last_error}") from exc
-        except redis.ResponseError as exc:
+        except redis.RedisError as exc:  # a refused command (READONLY, LOADING, OOM ...)
             if str(exc).startswith("OOM"):
                 raise CapacityError(f"{self.name} tier: redis is out of memory") from exc
             raise TierUnavailableError(f"{self.name} tier: redis refused: {exc}") from exc
         self._up = True
 
-    # ---- writes
     def put(self, obj: StoredObject) -> list[StoredObject]:
         key, meta_bytes = obj.meta.key, obj.meta.to_bytes()
         nbytes = obj.meta.total_nbytes + len(meta_bytes)
         if nbytes > self.capacity_bytes:
             raise CapacityError(f"{self.name} tier: {nbytes} bytes exceed the whole budget")
-        fields = {META_FIELD: meta_bytes}
-        fields.update({str(idx).encode(): record for idx, record in enumerate(obj.layers)})
+        fields = schema.to_fields(obj, meta_bytes)
         okey = self._object_key(key)
         with self._lock, self._call() as r:
             victims = self._choose_victims(r, key, nbytes)
@@ -191,7 +172,7 @@ class RedisTier(Tier):
         if not fields:
             return None  # expired meanwhile, or not asked for
         try:
-            return _parse(key, fields)
+            return schema.parse_object(key, fields)
         except CorruptRecordError:
             self._num_corrupt += 1
             return None
@@ -213,15 +194,14 @@ class RedisTier(Tier):
         self._forget_key(r, key)
         self._num_corrupt += 1
 
-    # ---- reads
     def get_meta(self, key: str) -> ObjectMeta | None:
         okey = self._object_key(key)
         with self._call() as r:
-            data = r.hget(okey, META_FIELD)
+            data = r.hget(okey, schema.META_FIELD)
             if data is None:
                 return None
             try:
-                return _parse_meta(key, data)
+                return schema.parse_meta(key, data)
             except CorruptRecordError:
                 self._quarantine(r, key)
                 return None
@@ -229,14 +209,14 @@ class RedisTier(Tier):
     def get_layer(self, key: str, layer_idx: int) -> bytes | None:
         okey = self._object_key(key)
         with self._call() as r:
-            meta_bytes, record = r.hmget(okey, [META_FIELD, str(layer_idx).encode()])
+            meta_bytes, record = r.hmget(okey, [schema.META_FIELD, str(layer_idx).encode()])
             if meta_bytes is None:
                 return None
             try:
-                meta = _parse_meta(key, meta_bytes)
+                meta = schema.parse_meta(key, meta_bytes)
                 if not 0 <= layer_idx < meta.num_layers:
                     raise InvalidObjectError(f"{key}: no layer {layer_idx}")
-                record = _verify_record(meta, layer_idx, record)
+                record = schema.verify_record(meta, layer_idx, record)
             except CorruptRecordError:
                 self._quarantine(r, key)
                 return None
@@ -251,14 +231,13 @@ class RedisTier(Tier):
             if not fields:
                 return None
             try:
-                obj = _parse(key, fields)
+                obj = schema.parse_object(key, fields)
             except CorruptRecordError:
                 self._quarantine(r, key)
                 return None
             r.zadd(self._lru, {key: time.time()}, xx=True)
             return obj
 
-    # ---- pins and introspection
     def pin(self, key: str) -> bool:
         okey = self._object_key(key)
         with self._call() as r:
@@ -324,31 +303,3 @@ class RedisTier(Tier):
 
     def close(self) -> None:
         self._redis.close()
-
-
-def _parse_meta(key: str, data: bytes) -> ObjectMeta:
-    try:
-        meta = ObjectMeta.from_bytes(data)
-    except InvalidObjectError as exc:
-        raise CorruptRecordError(f"{key}: {exc}") from exc
-    if meta.key != key:
-        raise CorruptRecordError(f"{key}: stored metadata names {meta.key}")
-    return meta
-
-
-def _verify_record(meta: ObjectMeta, layer_idx: int, record: bytes | None) -> bytes:
-    if record is None or len(record) != meta.layer_nbytes[layer_idx]:
-        raise CorruptRecordError(f"{meta.key}: layer {layer_idx} is missing or short")
-    if checksum(record) != meta.layer_crc32[layer_idx]:
-        raise CorruptRecordError(f"{meta.key}: layer {layer_idx} failed its checksum")
-    return record
-
-
-def _parse(key: str, fields: dict[bytes, bytes]) -> StoredObject:
-    """The object stored in a hash; CorruptRecordError if anything is missing or wrong."""
-    meta = _parse_meta(key, fields.get(META_FIELD, b""))
-    layers = [fields.get(str(idx).encode()) for idx in range(meta.num_layers)]
-    return StoredObject(
-        meta,
-        tuple(_verify_record(meta, idx, rec) for idx, rec in enumerate(layers)),
-    )

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from cache_server.objects import ObjectMeta, StoredObject, checksum
-from cache_server.store import TieredStore, transcode
+from cache_server.store import TieredStore
 from cache_server.tiers import diskfile
 from cache_server.tiers.disk import DiskTier
 from cache_server.tiers.memory import MemoryTier, held_nbytes
 from cache_server.tiers.redis_tier import RedisTier
+from cache_server.tiers.transcode import transcode
 from kvfuse.codecs import get_codec
 from kvfuse.errors import CapacityError, ConfigError, InvalidRequestError
 
@@ -167,6 +168,21 @@ def test_pinned_objects_stay_and_pins_follow_promotion(
     assert location is not None and location.tier == "memory" and location.pinned
     assert store.unpin(objects("pinned").meta.key)
     assert not store.lookup(objects("pinned").meta.key).pinned  # type: ignore[union-attr]
+
+
+def test_replacing_a_pinned_key_keeps_the_pin(
+    build: Callable[..., TieredStore], objects: Make
+) -> None:
+    store = build()
+    old = objects("old")
+    store.put(old)
+    store.move(old.meta.key, "disk")
+    store.pin(old.meta.key)
+    new = StoredObject(replace(objects("new").meta, key=old.meta.key), objects("new").layers)
+    store.put(new)
+    location = store.lookup(old.meta.key)
+    assert location is not None and (location.tier, location.pinned) == ("memory", True)
+    assert store.tiers[1].get_meta(old.meta.key) is None
 
 
 def test_put_falls_through_when_the_first_tier_is_full_of_pins(

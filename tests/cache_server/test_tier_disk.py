@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 
 from cache_server.objects import StoredObject
 from cache_server.tiers import diskfile
-from cache_server.tiers.disk import DiskTier, file_name
+from cache_server.tiers.disk import DiskTier
+from cache_server.tiers.diskfile import file_name
 from kvfuse.errors import CapacityError, ConfigError, InvalidObjectError
 
 Make = Callable[..., StoredObject]
@@ -164,6 +166,22 @@ def test_damaged_files_are_quarantined_at_open(tmp_path: Path, objects: Make, da
     assert tier.stats().num_corrupt == 1
     assert len(list((tmp_path / "quarantine").iterdir())) == 1
     assert tier.get(good.meta.key) == good
+    tier.close()
+
+
+def test_full_disk_is_a_capacity_error(
+    tmp_path: Path, objects: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = DiskTier(tmp_path, 1 << 20, fsync=False)
+
+    def disk_full(path: Path, chunks: object, fsync: bool) -> None:
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diskfile, "write_file", disk_full)
+    with pytest.raises(CapacityError):
+        tier.put(objects("a"))
+    assert list((tmp_path / "tmp").iterdir()) == [] and list(tier.keys()) == []
     tier.close()
 
 
