@@ -24,21 +24,16 @@ class CacheMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+        self.registry = r = registry if registry is not None else CollectorRegistry()
         self.request_seconds = Histogram(
             "kvfuse_cache_request_duration_seconds",
             "CacheService RPC duration by method and final status code.",
-            ["op", "code"],
-            buckets=_SECONDS_BUCKETS,
-            registry=r,
-        )
+            ["op", "code"], registry=r, buckets=_SECONDS_BUCKETS,
+        )  # fmt: skip
         self.lookups = Counter(
-            "kvfuse_cache_lookups",
-            "Keys looked up, by result (hit or miss).",
-            ["result"],
+            "kvfuse_cache_lookups", "Keys looked up, by result (hit or miss).", ["result"],
             registry=r,
-        )
+        )  # fmt: skip
         self.received_bytes = Counter(
             "kvfuse_cache_received_bytes", "Layer-record bytes received.", ["op"], registry=r
         )
@@ -47,25 +42,17 @@ class CacheMetrics:
         )
         self.compression_ratio = Histogram(
             "kvfuse_codec_compression_ratio",
-            "Uncompressed K/V bytes over encoded bytes, per object written or transcoded.",
-            ["codec"],
-            buckets=_RATIO_BUCKETS,
-            registry=r,
-        )
+            "Uncompressed K/V bytes over encoded bytes, per layer record received or transcoded.",
+            ["codec"], registry=r, buckets=_RATIO_BUCKETS,
+        )  # fmt: skip
         self.encode_seconds = Histogram(
-            "kvfuse_codec_encode_seconds",
-            "Time to encode one layer record.",
-            ["codec"],
-            buckets=_SECONDS_BUCKETS,
-            registry=r,
-        )
+            "kvfuse_codec_encode_seconds", "Time to encode one layer record (transcoding).",
+            ["codec"], registry=r, buckets=_SECONDS_BUCKETS,
+        )  # fmt: skip
         self.decode_seconds = Histogram(
-            "kvfuse_codec_decode_seconds",
-            "Time to decode one layer record.",
-            ["codec"],
-            buckets=_SECONDS_BUCKETS,
-            registry=r,
-        )
+            "kvfuse_codec_decode_seconds", "Time to decode one layer record (transcoding).",
+            ["codec"], registry=r, buckets=_SECONDS_BUCKETS,
+        )  # fmt: skip
 
     def observe_request(self, op: str, code: str, seconds: float) -> None:
         self.request_seconds.labels(op, code).observe(seconds)
@@ -82,6 +69,10 @@ class StoreCollector(Collector):
         self._store = store
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._tier_metrics()
+        yield from self._store_metrics()
+
+    def _tier_metrics(self) -> Iterator[Metric]:
         tiers = self._store.stats()
         for name, doc, attr in _TIER_GAUGES:
             gauge = GaugeMetricFamily(name, doc, labels=["tier"])
@@ -93,6 +84,8 @@ class StoreCollector(Collector):
             for t in tiers:
                 counter.add_metric([t.name], float(getattr(t, attr)))
             yield counter
+
+    def _store_metrics(self) -> Iterator[Metric]:
         counts = self._store.counters()
         for name, doc, per_tier in (
             ("kvfuse_cache_hits", "Reads served, by tier.", counts.num_hits),
