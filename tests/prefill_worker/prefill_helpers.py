@@ -1,0 +1,185 @@
+"""Prefill-worker test helpers: a RAG prompt on SmolLM2, chunk sources that hold or fail, child
+processes. (A uniquely named module: test dirs have no __init__.py.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from kvfuse.blend import FusedLayer, Mode
+from kvfuse.chunk_store import ChunkStore
+from kvfuse.engine import Engine
+from kvfuse.errors import ServiceUnavailableError
+from kvfuse.kv import ChunkKV
+from kvfuse.prefill import PrefillRequest, PrefillResult
+from prefill_worker.sources import ChunkInfo, LayerItem, LocalSource
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 120.0  # a worker process loads torch and the model first
+HOLD_TIMEOUT_S = 60.0  # a held stream gives up after this (the test then fails)
+
+SYSTEM = "You are a helpful assistant. Answer the question using the documents."
+DOCS = (
+    "Marla Quistenby was born in the city of Dravenport. She later moved to Oslen.",
+    "The Varnholt bridge crosses the river Tesk. It was finished in 1931.",
+    "Edwin Palk works as a glassblower in the town of Hobbridge.",
+)
+QUESTION = "In which city was Marla Quistenby born?"
+
+
+def make_request(
+    engine: Engine,
+    docs: Sequence[str] = DOCS,
+    question: str = QUESTION,
+    mode: Mode = Mode.BLEND,
+    ratio: float | None = None,
+    request_id: str = "test",
+) -> PrefillRequest:
+    segments = engine.prepare([SYSTEM, *docs, question]).segments
+    return PrefillRequest(request_id, segments, mode, ratio)
+
+
+def split(items: Sequence[FusedLayer | PrefillResult]) -> tuple[list[FusedLayer], PrefillResult]:
+    """A prefill stream's layers and its result; checks the stream's shape."""
+    *layers, result = items
+    assert isinstance(result, PrefillResult)
+    assert all(isinstance(layer, FusedLayer) for layer in layers)
+    assert [layer.layer_idx for layer in layers] == list(range(len(layers)))
+    return layers, result  # type: ignore[return-value]
+
+
+def assert_layers_equal(
+    got: Sequence[FusedLayer], want: Sequence[FusedLayer], atol: float = 0.0
+) -> None:
+    """Layer by layer; atol 0 means bit for bit."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.layer_idx == b.layer_idx
+        if atol == 0.0:
+            assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v), f"layer {a.layer_idx}"
+        else:
+            torch.testing.assert_close(a.k, b.k, atol=atol, rtol=0)
+            torch.testing.assert_close(a.v, b.v, atol=atol, rtol=0)
+
+
+def poll(condition: object, timeout_s: float = 60.0, what: str = "condition") -> None:
+    """Waits until `condition()` is true, checking every few ms; fails after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)  # polling an observable state, not waiting on timing
+
+
+class TestSource:
+    """The in-process store as a chunk source, with hooks to hold, break or fail streams.
+
+    Args:
+        hold_at: the stream stops before layer `hold_at` until `release` is set.
+        fail_at: the stream raises ServiceUnavailableError before layer `fail_at`.
+        bad_at: layer `bad_at` arrives with a wrong shape.
+        lookup_error: lookups raise this.
+    """
+
+    __test__ = False
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        *,
+        hold_at: int | None = None,
+        fail_at: int | None = None,
+        bad_at: int | None = None,
+        lookup_error: Exception | None = None,
+    ) -> None:
+        self.inner = LocalSource(store)
+        self.hold_at, self.fail_at, self.bad_at = hold_at, fail_at, bad_at
+        self.lookup_error = lookup_error
+        self.release = threading.Event()
+        self.held = threading.Event()
+        self.closed = threading.Event()
+        self.sent_layers: list[int] = []
+        self.num_puts = 0
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, ChunkInfo]:
+        if self.lookup_error is not None:
+            raise self.lookup_error
+        return self.inner.lookup(keys)
+
+    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerItem]:
+        try:
+            for item in self.inner.get_layers(keys):
+                if item.layer_idx == self.hold_at and not self.held.is_set():
+                    self.held.set()
+                    if not self.release.wait(HOLD_TIMEOUT_S):
+                        raise ServiceUnavailableError("test hold was never released")
+                if item.layer_idx == self.fail_at:
+                    raise ServiceUnavailableError("UNAVAILABLE: injected stream failure")
+                if item.layer_idx == self.bad_at:
+                    item = item._replace(k=item.k[:, :1])
+                self.sent_layers.append(item.layer_idx)
+                yield item
+        finally:
+            self.closed.set()
+
+    def put(self, key: str, kv: ChunkKV) -> bool:
+        self.num_puts += 1
+        return self.inner.put(key, kv)
+
+
+class Child:
+    """A service child process; `address` is parsed from its 'listening on' line."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.address = ""
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(START_TIMEOUT_S) or not self.address:
+            self.kill()
+            raise RuntimeError(f"{args} did not start:\n" + "".join(self.lines[-30:]))
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            match = re.search(r"listening on (\S+)", line)
+            if match and not self.address:
+                self.address = match.group(1)
+                self._ready.set()
+        self._ready.set()  # exited
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def kill(self) -> None:
+        """SIGKILL (kill -9) and reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM (graceful), then SIGKILL if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()

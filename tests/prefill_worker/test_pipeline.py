@@ -1,0 +1,232 @@
+"""The layerwise pipeline on the real SmolLM2 (fp32, greedy), in process, with test sources.
+
+Equivalence is bit for bit: the pipeline runs the engine's own blend on the same weights.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from prefill_helpers import (
+    DOCS,
+    TestSource,
+    assert_layers_equal,
+    make_request,
+    poll,
+    split,
+)
+
+from kvfuse.blend import FusedLayer, Mode
+from kvfuse.engine import Engine
+from kvfuse.errors import InvalidRequestError, PromptTooLongError, ServiceUnavailableError
+from kvfuse.prefill import PrefillRequest, PrefillResult
+from prefill_worker.metrics import PrefillMetrics
+from prefill_worker.pipeline import RemotePrefiller
+from prefill_worker.sources import ChunkSource, Shards
+from prefill_worker.writeback import WriteBehind
+
+
+def make_prefiller(
+    engine: Engine, source: ChunkSource, fetch_deadline_s: float = 60.0, write_behind: int = 64
+) -> RemotePrefiller:
+    metrics, lock = PrefillMetrics(), threading.Lock()
+    writer = WriteBehind(engine, source.put, write_behind, lock, metrics)
+    return RemotePrefiller(
+        engine, Shards([source], ["test"]), writer, metrics, lock, fetch_deadline_s
+    )
+
+
+def run(
+    prefiller: RemotePrefiller, request: PrefillRequest
+) -> tuple[list[FusedLayer], PrefillResult]:
+    return split(list(prefiller.prefill(request)))
+
+
+def reference(engine: Engine, request: PrefillRequest) -> tuple[list[FusedLayer], PrefillResult]:
+    """What the embedded engine yields for the same request (same store, same weights)."""
+    return split(list(engine.prefill(request)))
+
+
+def full_prefill(engine: Engine, request: PrefillRequest) -> tuple[list[FusedLayer], PrefillResult]:
+    return reference(engine, PrefillRequest("full", request.segments, Mode.FULL_PREFILL))
+
+
+def counter(prefiller: RemotePrefiller, name: str, **labels: str) -> float:
+    value = prefiller.metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+def test_cold_then_warm_in_another_order_equals_engine_prefill(engine: Engine) -> None:
+    source = TestSource(engine.store)
+    prefiller = make_prefiller(engine, source)
+    cold = make_request(engine)
+    layers, result = run(prefiller, cold)
+    assert result.stats.num_chunk_hits == 0 and result.stats.fallback == ""
+    assert prefiller.writer is not None and prefiller.writer.wait_idle(120)
+    assert source.num_puts == 4  # prefix + 3 chunks, stored by the write-behind
+    ref_layers, ref_result = full_prefill(engine, cold)  # no hits: a cold blend is a full prefill
+    assert_layers_equal(layers, ref_layers)
+    assert result.first_token_id == ref_result.first_token_id
+
+    warm = make_request(engine, DOCS[::-1], "What does Edwin Palk do?")
+    layers, result = run(prefiller, warm)
+    ref_layers, ref_result = reference(engine, warm)
+    assert result.stats.num_chunk_hits == 3 == ref_result.stats.num_chunk_hits
+    assert 0 < result.stats.num_recomputed_tokens < result.stats.num_cached_tokens
+    assert_layers_equal(layers, ref_layers)
+    assert result.first_token_id == ref_result.first_token_id
+    assert counter(prefiller, "kvfuse_prefill_chunk_hits_total") == 4
+    assert counter(prefiller, "kvfuse_prefill_fetched_bytes_total") > 0
+
+
+@pytest.mark.parametrize("mode", [Mode.FULL_REUSE, Mode.PREFIX_CACHE])
+def test_other_modes_equal_engine_prefill(warm_engine: Engine, mode: Mode) -> None:
+    prefiller = make_prefiller(warm_engine, TestSource(warm_engine.store))
+    request = make_request(warm_engine, mode=mode)
+    layers, result = run(prefiller, request)
+    ref_layers, ref_result = reference(warm_engine, request)
+    assert_layers_equal(layers, ref_layers)
+    assert result.first_token_id == ref_result.first_token_id
+    assert result.stats.num_chunk_hits == ref_result.stats.num_chunk_hits > 0
+
+
+def test_ratio_one_equals_full_prefill(warm_engine: Engine) -> None:
+    """Same first token; layers equal the engine's r=1 blend bit for bit and full prefill to
+    fp32 rounding (the blend attends in row groups, full prefill in one causal call)."""
+    prefiller = make_prefiller(warm_engine, TestSource(warm_engine.store))
+    request = make_request(warm_engine, ratio=1.0)
+    layers, result = run(prefiller, request)
+    assert result.stats.num_chunk_hits == 3
+    num_prefix = len(request.segments.prefix_ids)  # exact, never recomputed
+    assert result.stats.num_recomputed_tokens == result.stats.num_cached_tokens - num_prefix
+    assert_layers_equal(layers, reference(warm_engine, request)[0])
+    full_layers, full_result = full_prefill(warm_engine, request)
+    assert_layers_equal(layers, full_layers, atol=1e-4)
+    assert result.first_token_id == full_result.first_token_id
+
+
+def test_first_layer_reaches_the_reader_before_later_layers_are_fetched(
+    warm_engine: Engine,
+) -> None:
+    """Overlap: the source holds layer 5 until the reader has layer 0, so a prefill that
+    fetched, computed or sent everything before streaming would never finish."""
+    source = TestSource(warm_engine.store, hold_at=5)
+    prefiller = make_prefiller(warm_engine, source)
+    seen_at_layer0: tuple[bool, float] | None = None
+    items = []
+    for item in prefiller.prefill(make_request(warm_engine)):
+        if isinstance(item, FusedLayer) and item.layer_idx == 0:
+            computed = counter(prefiller, "kvfuse_prefill_layers_computed_total")
+            seen_at_layer0 = (5 in source.sent_layers, computed)
+            source.release.set()
+        items.append(item)
+    layers, result = split(items)
+    assert seen_at_layer0 is not None
+    layer5_fetched, num_computed = seen_at_layer0
+    assert not layer5_fetched and 1 <= num_computed <= 5
+    assert len(layers) == 30 and result.stats.fallback == ""
+    assert source.sent_layers[-1] == 29
+
+
+def test_stream_failure_before_any_layer_computes_a_full_prefill(warm_engine: Engine) -> None:
+    prefiller = make_prefiller(warm_engine, TestSource(warm_engine.store, fail_at=0))
+    request = make_request(warm_engine)
+    layers, result = run(prefiller, request)
+    ref_layers, ref_result = full_prefill(warm_engine, request)
+    assert_layers_equal(layers, ref_layers)
+    assert result.first_token_id == ref_result.first_token_id
+    assert result.stats.fallback == "cache_unavailable" and result.stats.num_cached_tokens == 0
+    assert counter(prefiller, "kvfuse_prefill_fallbacks_total", reason="cache_unavailable") == 1
+
+
+def test_stream_failure_mid_layers_keeps_sent_layers_and_recomputes_the_rest(
+    warm_engine: Engine,
+) -> None:
+    """Layers 0-9 came from the blend and were sent; 10-29 and the first token come from a
+    recompute without the lost chunks (here: all of them, so a full prefill)."""
+    prefiller = make_prefiller(warm_engine, TestSource(warm_engine.store, fail_at=10))
+    request = make_request(warm_engine)
+    layers, result = run(prefiller, request)
+    blend_layers, _ = reference(warm_engine, request)
+    full_layers, full_result = full_prefill(warm_engine, request)
+    assert_layers_equal(layers[:10], blend_layers[:10])
+    assert_layers_equal(layers[10:], full_layers[10:])
+    assert result.first_token_id == full_result.first_token_id
+    assert result.stats.fallback == "cache_unavailable"
+
+
+def test_lookup_failure_computes_everything_and_stores_nothing(warm_engine: Engine) -> None:
+    source = TestSource(warm_engine.store, lookup_error=ServiceUnavailableError("UNAVAILABLE"))
+    prefiller = make_prefiller(warm_engine, source)
+    request = make_request(warm_engine)
+    layers, result = run(prefiller, request)
+    ref_layers, _ = full_prefill(warm_engine, request)
+    assert_layers_equal(layers, ref_layers)
+    assert result.stats.fallback == "cache_unavailable" and result.stats.num_chunk_hits == 0
+    assert prefiller.writer is not None and prefiller.writer.wait_idle(60)
+    assert source.num_puts == 0  # unknown is not missing
+
+
+def test_slow_stream_times_out_and_recomputes(warm_engine: Engine) -> None:
+    source = TestSource(warm_engine.store, hold_at=3)
+    prefiller = make_prefiller(warm_engine, source, fetch_deadline_s=0.2)
+    request = make_request(warm_engine)
+    try:
+        layers, result = run(prefiller, request)
+    finally:
+        source.release.set()
+    full_layers, full_result = full_prefill(warm_engine, request)
+    assert_layers_equal(layers[3:], full_layers[3:])
+    assert result.first_token_id == full_result.first_token_id
+    assert result.stats.fallback == "cache_timeout"
+
+
+def test_malformed_layer_is_a_cache_error_not_a_failed_request(warm_engine: Engine) -> None:
+    prefiller = make_prefiller(warm_engine, TestSource(warm_engine.store, bad_at=2))
+    layers, result = run(prefiller, make_request(warm_engine))
+    assert len(layers) == 30 and result.stats.fallback == "cache_error"
+
+
+def test_closing_the_iterator_stops_the_compute(warm_engine: Engine) -> None:
+    source = TestSource(warm_engine.store, hold_at=3)
+    prefiller = make_prefiller(warm_engine, source)
+    stream = prefiller.start(make_request(warm_engine))
+    received = [next(stream) for _ in range(3)]  # layers 0-2; layer 3 is held at the source
+    assert [layer.layer_idx for layer in received] == [0, 1, 2]  # type: ignore[union-attr]
+    source.held.wait(60)
+    stream.cancel()
+    assert stream.join(60), "the compute thread did not stop"
+    assert counter(prefiller, "kvfuse_prefill_layers_computed_total") == 3
+    assert prefiller.compute_lock.acquire(blocking=False)  # released
+    prefiller.compute_lock.release()
+    source.release.set()
+    poll(source.closed.is_set, what="the fetch stream to close")
+    assert source.sent_layers[-1] == 3  # the fetch stopped after the held layer
+    assert prefiller.writer is not None and prefiller.writer.depth == 0  # nothing queued
+    assert list(stream) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"query_ids": ()}, InvalidRequestError, "query"),
+        ({"query_ids": (1, 10**9)}, InvalidRequestError, "token ids"),
+        ({"chunk_ids": ((),)}, InvalidRequestError, "chunk 0 is empty"),
+        ({"query_ids": (1,) * 9000}, PromptTooLongError, "context"),
+    ],
+)
+def test_bad_requests_are_refused_before_any_work(
+    engine: Engine, change: dict[str, object], error: type[Exception], message: str
+) -> None:
+    from dataclasses import replace
+
+    prefiller = make_prefiller(engine, TestSource(engine.store))
+    request = make_request(engine)
+    bad = replace(request, segments=replace(request.segments, **change))  # type: ignore[arg-type]
+    with pytest.raises(error, match=message):
+        prefiller.start(bad)
+    with pytest.raises(InvalidRequestError, match="recompute_ratio"):
+        prefiller.start(replace(request, recompute_ratio=1.5))
+    with pytest.raises(InvalidRequestError, match="request_id"):
+        prefiller.start(replace(request, request_id="x" * 300))
