@@ -201,9 +201,16 @@ def test_concurrent_puts_of_one_key_commit_one_whole_object(tmp_path: Path, obje
         StoredObject(replace(v.meta, key=key), v.layers)
         for v in (objects(i, layer_nbytes=4000 + i) for i in range(8))
     ]
-    threads = [
-        threading.Thread(target=lambda v=v: [tier.put(v) for _ in range(5)]) for v in versions
-    ]
+    errors: list[BaseException] = []
+
+    def write(version: StoredObject) -> None:
+        try:
+            for _ in range(5):
+                tier.put(version)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(v,)) for v in versions]
     for thread in threads:
         thread.start()
     seen = []
@@ -213,6 +220,7 @@ def test_concurrent_puts_of_one_key_commit_one_whole_object(tmp_path: Path, obje
             seen.append(obj)
     for thread in threads:
         thread.join()
+    assert errors == []
     final = tier.get(versions[0].meta.key)
     assert final in versions
     assert all(obj in versions for obj in seen)

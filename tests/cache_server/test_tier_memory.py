@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import tracemalloc
 from collections.abc import Callable
 
@@ -183,6 +184,33 @@ def test_accounting_matches_the_ram_actually_held(objects: Make) -> None:
             tracemalloc.stop()
         accounted = tier.stats().stored_bytes
         assert 0.85 * accounted <= held <= 1.15 * accounted, (num_layers, held, accounted)
+
+
+def test_threads_keep_the_accounting_consistent(objects: Make) -> None:
+    tier = sized_tier(objects, 20, high_watermark=0.9, low_watermark=0.7)
+    pool = [objects(seed, layer_nbytes=64 + seed) for seed in range(100)]
+
+    wrong: list[object] = []
+
+    def work(offset: int) -> None:
+        for step in range(300):
+            obj = pool[(offset * 37 + step * 11) % len(pool)]
+            tier.put(obj)
+            got = tier.get(pool[(offset + step) % len(pool)].meta.key)
+            if got is not None and got not in pool:
+                wrong.append(got)
+            if step % 50 == 0:
+                tier.pin(obj.meta.key)
+                tier.unpin(obj.meta.key)
+                tier.delete(pool[step % len(pool)].meta.key)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+    tier.check_integrity()
 
 
 def test_rejects_bad_configuration() -> None:

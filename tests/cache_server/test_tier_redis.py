@@ -142,11 +142,17 @@ def test_readers_never_see_a_mix_of_two_writes(redis_server: Any, objects: Make)
     ]
     done = threading.Event()
 
+    errors: list[BaseException] = []
+
     def write() -> None:
-        for _ in range(10):
-            for version in versions:
-                tier.put(version)
-        done.set()
+        try:
+            for _ in range(10):
+                for version in versions:
+                    tier.put(version)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            done.set()
 
     writer = threading.Thread(target=write)
     writer.start()
@@ -156,6 +162,7 @@ def test_readers_never_see_a_mix_of_two_writes(redis_server: Any, objects: Make)
         assert obj is None or obj in versions
         seen += obj is not None
     writer.join()
+    assert errors == [] and seen > 0
     assert tier.stats().num_corrupt == 0 and tier.stats().num_objects == 1
     assert tier.get(key) == versions[-1]
     tier.close()
