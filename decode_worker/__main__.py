@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 
 from decode_worker.config import DecodeConfig, add_arguments, from_args
-from kvfuse.errors import KvfuseError
+from kvfuse.errors import ConfigError, KvfuseError
+
+log = logging.getLogger("decode_worker")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(config: DecodeConfig) -> None:
-    """Blocks serving HTTP on `config.host:config.port` until SIGINT/SIGTERM."""
+    """Blocks serving HTTP on `config.host:config.port` until SIGINT/SIGTERM.
+
+    Logs `decode worker listening on http://host:port` once the socket is bound (port 0 picks
+    a free port) and the model is loaded.
+    """
     import uvicorn
 
     from decode_worker.app import create_app
@@ -30,13 +37,26 @@ def serve(config: DecodeConfig) -> None:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(DecodeService.from_config(config))
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level.lower(),
-        timeout_graceful_shutdown=10,
+    sock = _bind(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.info("decode worker listening on http://%s:%d", shown, port)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level=config.log_level.lower(), timeout_graceful_shutdown=10)
     )
+    server.run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:

@@ -84,6 +84,7 @@ class DecodeConfig:
         chunk_context, store_capacity_bytes: the in-process engine used for local prefill.
         prefill_url: the prefill worker's gRPC address; empty runs prefill in this process.
         prefill_timeout_s: deadline of one remote prefill.
+        prefill_token: bearer token for the prefill worker; empty uses `auth_token`.
         auth_token: bearer token required on every route but /health and /metrics; empty = off.
         served_model_name: the `model` clients send; empty derives it from the model file.
         max_batch: most sequences prefilling or decoding at once (one decode batch).
@@ -110,6 +111,7 @@ class DecodeConfig:
     store_capacity_bytes: int = 1 << 30
     prefill_url: str = ""
     prefill_timeout_s: float = 60.0
+    prefill_token: str = field(default="", repr=False)
     auth_token: str = field(default="", repr=False)
     served_model_name: str = ""
     max_batch: int = 8
@@ -155,6 +157,10 @@ class DecodeConfig:
             return DEFAULT_SERVED_NAME
         path = Path(self.model)
         return path.stem if path.suffix == ".gguf" else path.name
+
+    @property
+    def effective_prefill_token(self) -> str:
+        return self.prefill_token or self.auth_token
 
     def engine_settings(self) -> Settings:
         """The kvfuse engine settings of the local model."""
@@ -253,6 +259,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dtype", choices=sorted(DTYPES), help="weights and KV dtype (default float32)")
     add("--num-threads", type=int, help="torch threads (default: torch's)")
     add("--prefill-url", help="prefill worker gRPC address; empty = prefill in this process")
+    add("--prefill-token", help="bearer token for the prefill worker (default: --token)")
     add("--token", dest="auth_token", help="bearer token clients must send (KVFUSE_AUTH_TOKEN)")
     add("--served-model-name", help="model name clients send (default: from the model file)")
     add("--max-batch", type=int, help="most sequences decoding at once (default 8)")

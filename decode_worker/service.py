@@ -76,7 +76,7 @@ class DecodeService:
         )
         if config.prefill_url:
             backend = remote_backend(
-                config.prefill_url, config.auth_token, config.prefill_timeout_s
+                config.prefill_url, config.effective_prefill_token, config.prefill_timeout_s
             )
         else:
             store = ChunkStore(config.store_capacity_bytes)
