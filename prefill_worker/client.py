@@ -76,6 +76,8 @@ class PrefillClient:
                             f"result after {assembler.num_layers} of "
                             f"{response.done.num_layers} layers"
                         )
+                    for _extra in call:  # waits for the OK status so the call ends cleanly
+                        raise CodecError("message after the result")
                     yield wire.result_from_proto(response.done)
                     return
                 else:
