@@ -11,18 +11,33 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvfuse.cli import main as kvfuse_main
-from kvfuse.client import CacheClient
+from kvfuse.client import CacheClient, RetryPolicy
+from kvfuse.errors import ServiceUnavailableError
 
 START_TIMEOUT_S = 120.0  # importing torch on a loaded 2-core machine can take a while
+NO_RETRY = RetryPolicy(max_attempts=1)
 LISTENING = re.compile(r"listening on (\S+):(\d+) .*metrics port (\d+)")
+
+
+def poll_until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> bool:
+    """True as soon as `predicate()` holds; False after `timeout_s` (a deadline, not a delay)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
 
 
 class ServerProcess:
@@ -37,6 +52,7 @@ class ServerProcess:
             env=env,
         )
         self.lines: queue.Queue[str] = queue.Queue()
+        self.metrics_url = ""
         self.output: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -83,8 +99,9 @@ def processes() -> Iterator[list[ServerProcess]]:
         proc.kill()
 
 
-def _layers() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(0)
+def _layers(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A SmolLM2-shaped chunk: 30 layers of K and V, each [64, 3, 64] float32."""
+    gen = torch.Generator().manual_seed(seed)
     return [
         (torch.randn(64, 3, 64, generator=gen), torch.randn(64, 3, 64, generator=gen))
         for _ in range(30)
@@ -142,3 +159,88 @@ def test_bad_settings_exit_with_a_clear_error(env: dict[str, str]) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "not a byte size" in proc.stderr
+
+
+def _start(processes: list[ServerProcess], env: dict[str, str], flags: list[str]) -> str:
+    proc = ServerProcess(["-m", "cache_server", "--port", "0", "--metrics-port", "0", *flags], env)
+    processes.append(proc)
+    host, port, metrics_port = proc.wait_for_line(LISTENING).groups()
+    proc.metrics_url = f"http://{host}:{metrics_port}/metrics"
+    return f"{host}:{port}"
+
+
+def _key(i: int) -> str:
+    return hashlib.sha256(f"reliability-{i}".encode()).hexdigest()
+
+
+def test_kill_9_during_puts_leaves_a_consistent_disk_index(
+    tmp_path: Path, env: dict[str, str], processes: list[ServerProcess]
+) -> None:
+    # memory holds about two chunks, so puts keep demoting older ones to disk
+    flags = ["--memory-bytes", "8MiB", "--disk-dir", str(tmp_path / "disk")]
+    target = _start(processes, env, flags)
+    sent: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    acked: list[str] = []
+
+    def writer() -> None:
+        with CacheClient(target, token="secret-token", retry=NO_RETRY) as client:
+            for i in range(1000):
+                sent[_key(i)] = _layers(i)
+                try:
+                    client.put(_key(i), sent[_key(i)])
+                except ServiceUnavailableError:
+                    return
+                acked.append(_key(i))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert poll_until(lambda: len(acked) >= 12 or not thread.is_alive())
+    processes[0].proc.kill()  # SIGKILL while the writer is in the middle of puts
+    processes[0].proc.wait()
+    thread.join(60)
+    assert len(acked) >= 12
+
+    target = _start(processes, env, flags)
+    with CacheClient(target, token="secret-token") as client:
+        listed = list(client.iter_entries())
+        assert len(listed) >= 6  # what was demoted to disk survived; memory did not
+        assert all(e.tier == "disk" for e in listed)
+        [memory, disk] = client.stats()
+        assert memory.num_objects == 0 and disk.num_objects == len(listed)
+        # every object the rebuilt index knows is whole and unchanged (a put the kill cut off
+        # before its ack may or may not have committed; a partial one never shows)
+        for entry in listed:
+            got = client.get(entry.key)
+            assert got is not None and entry.key in sent
+            expected = sent[entry.key]
+            assert all(torch.equal(k, k0) for (k, _), (k0, _) in zip(got, expected, strict=True))
+
+
+def test_redis_outage_and_return_under_a_real_process(
+    env: dict[str, str], processes: list[ServerProcess], redis_server: Any
+) -> None:
+    flags = ["--memory-bytes", "8MiB", "--redis-url", redis_server.url, "--redis-codec", "fp16"]
+    target = _start(processes, env, flags)
+    metrics_url = processes[0].metrics_url
+
+    def redis_up() -> float:
+        families = text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text)
+        up = next(f for f in families if f.name == "kvfuse_cache_tier_up")
+        return next(s.value for s in up.samples if s.labels["tier"] == "redis")
+
+    with CacheClient(target, token="secret-token") as client:
+        for i in range(4):
+            assert client.put(_key(100 + i), _layers(i)) is True
+        assert client.stats()[1].num_objects >= 1  # demoted into Redis
+        redis_server.stop()
+        for i in range(4, 8):  # keeps working: demotions to the missing tier are dropped
+            assert client.put(_key(100 + i), _layers(i)) is True
+        entries = client.lookup([_key(100 + i) for i in range(8)])
+        assert entries[_key(107)] is not None
+        assert all(client.get(k) is None for k, e in entries.items() if e is None)
+        assert poll_until(lambda: redis_up() == 0.0)
+        redis_server.start()  # back, empty (a cache-only Redis after a crash)
+        assert poll_until(lambda: redis_up() == 1.0, timeout_s=30)
+        for i in range(8, 12):
+            assert client.put(_key(100 + i), _layers(i)) is True
+        assert poll_until(lambda: client.stats()[1].num_objects >= 1)
