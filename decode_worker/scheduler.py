@@ -32,7 +32,12 @@ from decode_worker.sequence import (
 from kvfuse.batch_decode import decode_batch
 from kvfuse.blend import FusedLayer
 from kvfuse.decode import KVCache
-from kvfuse.errors import KvfuseError, PromptTooLongError, ServiceUnavailableError
+from kvfuse.errors import (
+    AuthError,
+    KvfuseError,
+    PromptTooLongError,
+    ServiceUnavailableError,
+)
 from kvfuse.model.tokenizer import Tokenizer
 from kvfuse.model.transformer import Transformer
 from kvfuse.prefill import Prefiller, PrefillResult
@@ -106,18 +111,18 @@ class Scheduler:
 
     def stop(self) -> None:
         """Fails every unfinished request (503), stops the threads and waits for them."""
+        error = ServiceUnavailableError("the server is shutting down")
         with self._cond:
             self._stopped = True
             unfinished = [*self._waiting, *self._prefilling, *self._ready, *self._running]
             for seq in unfinished:
-                seq.abort()
+                seq.abort(error)
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        error = ServiceUnavailableError("the server is shutting down")
-        for seq in unfinished:
-            self._finish(seq, SequenceOutput("", seq.num_generated_tokens, error=error))
+        for seq in unfinished:  # those no thread finished (queued, or never admitted)
+            self._finish(seq, seq.final(FinishReason.ABORT))
         self._waiting.clear()
 
     def submit(self, request: GenerationRequest, sink: OutputSink) -> Sequence:
@@ -241,7 +246,10 @@ class Scheduler:
         except Exception as exc:
             if not isinstance(exc, KvfuseError):
                 log.exception("prefill of %s failed", seq.request_id)
-            self._finish(seq, SequenceOutput("", seq.num_generated_tokens, error=exc))
+            error = exc
+            if isinstance(exc, AuthError):  # our token, not the client's: the backend is unusable
+                error = ServiceUnavailableError(f"the prefill worker refused our token: {exc}")
+            self._finish(seq, SequenceOutput("", seq.num_generated_tokens, error=error))
         finally:
             close = getattr(stream, "close", None)
             if close is not None:

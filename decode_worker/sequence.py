@@ -108,6 +108,7 @@ class Sequence:
         self.last_token_id = -1
         self.num_generated_tokens = 0
         self.arrival_s = time.perf_counter()
+        self.abort_error: BaseException | None = None
         self._aborted = threading.Event()
 
     @property
@@ -118,8 +119,14 @@ class Sequence:
     def aborted(self) -> bool:
         return self._aborted.is_set()
 
-    def abort(self) -> None:
-        """Marks the sequence for release; its owner frees it at the next check."""
+    def abort(self, error: BaseException | None = None) -> None:
+        """Marks the sequence for release; its owner frees it at the next check.
+
+        Args:
+            error: sent as the final output's error (e.g. the server is stopping); None when
+                the client went away and nobody reads it.
+        """
+        self.abort_error = self.abort_error or error
         self._aborted.set()
 
     def decode_sampler(self, vocab_size: int) -> Sampler:
@@ -151,4 +158,5 @@ class Sequence:
 
     def final(self, reason: FinishReason) -> SequenceOutput:
         """The last output of a sequence ended from outside (abort): any held-back text."""
-        return SequenceOutput(self.text.flush(), self.num_generated_tokens, reason)
+        error = self.abort_error
+        return SequenceOutput(self.text.flush(), self.num_generated_tokens, reason, error=error)

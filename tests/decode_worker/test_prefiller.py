@@ -1,0 +1,132 @@
+"""The decode worker over a real prefill worker (gRPC on 127.0.0.1): same answers as local
+prefill, chunk hits reported from the remote stats, /health follows the worker's health."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+from decode_helpers import DOCS, QUESTION, SYSTEM, TOKEN, ThreadServer, poll, rag_messages
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from decode_worker.app import create_app
+from decode_worker.config import DecodeConfig
+from decode_worker.prefiller import HealthProbe, remote_backend
+from decode_worker.service import DecodeService
+from kvfuse.engine import Engine
+from kvfuse.model.loader import LoadedModel
+from prefill_worker.config import PrefillConfig
+from prefill_worker.server import PrefillServer
+
+GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 10}
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[health.HealthServicer, str]]:
+    """A gRPC server with only the standard health service."""
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(grace=0)
+
+
+def test_health_probe_follows_the_serving_status(
+    health_server: tuple[health.HealthServicer, str],
+) -> None:
+    servicer, address = health_server
+    probe = HealthProbe(address)
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert probe.ready()
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert not probe.ready()
+    probe.close()
+    assert not HealthProbe("127.0.0.1:1", timeout_s=0.5).ready()  # nothing listens there
+
+
+@pytest.fixture
+def prefill_server(engine: Engine) -> Iterator[PrefillServer]:
+    config = PrefillConfig(host="127.0.0.1", port=0, metrics_port=None, auth_token=TOKEN)
+    server = PrefillServer(config, engine=engine).start()
+    yield server
+    server.stop(grace_s=0)
+
+
+@pytest.fixture
+def remote_url(prefill_server: PrefillServer, smollm: LoadedModel) -> Iterator[str]:
+    """A decode worker (uvicorn in a thread) whose prefill is the worker above."""
+    config = DecodeConfig(
+        host="127.0.0.1", port=0, prefill_url=prefill_server.address, auth_token=TOKEN
+    )
+    backend = remote_backend(config.prefill_url, TOKEN, config.prefill_timeout_s)
+    with ThreadServer(create_app(DecodeService(config, smollm, backend))) as url:
+        yield url
+
+
+def chat(url: str, mode: str, ratio: float | None = None, **kwargs: Any) -> Any:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
+    kvfuse: dict[str, Any] = {"mode": mode}
+    if ratio is not None:
+        kvfuse["recompute_ratio"] = ratio
+    return client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=rag_messages(),  # type: ignore[arg-type]
+        extra_body={"kvfuse": kvfuse},
+        **{**GREEDY, **kwargs},
+    )
+
+
+def test_remote_prefill_answers_like_local_prefill(
+    remote_url: str, prefill_server: PrefillServer, engine: Engine
+) -> None:
+    full = chat(remote_url, "full_prefill")
+    local = engine.generate([SYSTEM, *DOCS, QUESTION], "full_prefill", max_tokens=10)
+    assert full.choices[0].message.content == local.text
+    cold = chat(remote_url, "blend")
+    assert cold.usage.model_extra["kvfuse"]["chunk_hits"] == 0
+    poll(lambda: engine.store.stats().num_objects >= 4, 120, "the write-behind to store chunks")
+    blend = chat(remote_url, "blend", 1.0)
+    assert blend.usage.model_extra["kvfuse"]["chunk_hits"] == 3
+    assert blend.choices[0].message.content == full.choices[0].message.content
+    streamed = chat(remote_url, "blend", 1.0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == full.choices[0].message.content
+
+
+def test_health_follows_the_prefill_worker(remote_url: str, prefill_server: PrefillServer) -> None:
+    assert httpx.get(f"{remote_url}/health").status_code == 200
+    prefill_server.stop(grace_s=0)
+    response = httpx.get(f"{remote_url}/health")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == 503
+    failed = httpx.post(
+        f"{remote_url}/v1/completions",
+        json={"prompt": "hi", "max_tokens": 2},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=120,
+    )
+    assert failed.status_code == 503 and failed.json()["error"]["message"]
+
+
+def test_a_wrong_prefill_token_is_a_503_not_a_401(
+    prefill_server: PrefillServer, smollm: LoadedModel
+) -> None:
+    config = DecodeConfig(host="127.0.0.1", prefill_url=prefill_server.address, auth_token=TOKEN)
+    backend = remote_backend(config.prefill_url, "not-the-token", 30.0)
+    with ThreadServer(create_app(DecodeService(config, smollm, backend))) as url:
+        response = httpx.post(
+            f"{url}/v1/completions",
+            json={"prompt": "hi", "max_tokens": 2},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=120,
+        )
+    assert (
+        response.status_code == 503 and "refused our token" in response.json()["error"]["message"]
+    )

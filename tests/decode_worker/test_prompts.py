@@ -1,0 +1,175 @@
+"""Request bodies to segments: the separator, explicit segments, chat history, limits, refusals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from decode_helpers import DOCS, QUESTION, SEP, SYSTEM, rag_messages
+
+from decode_worker.prompts import PromptBuilder, PromptDefaults
+from decode_worker.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from kvfuse.blend import Mode
+from kvfuse.engine import Engine
+from kvfuse.errors import InvalidRequestError, PromptTooLongError
+
+LIMIT = 512
+
+
+@pytest.fixture
+def builder(engine: Engine) -> PromptBuilder:
+    defaults = PromptDefaults(
+        separator=SEP,
+        max_model_len=LIMIT,
+        default_max_tokens=64,
+        default_temperature=1.0,
+        default_mode=Mode.BLEND,
+        default_recompute_ratio=0.3,
+        vocab_size=engine.model.cfg.vocab_size,
+    )
+    return PromptBuilder(engine.tokenizer, defaults)
+
+
+def chat(builder: PromptBuilder, **body: Any) -> Any:
+    return builder.chat(ChatCompletionRequest.model_validate(body), "rid")
+
+
+def complete(builder: PromptBuilder, **body: Any) -> Any:
+    return builder.completion(CompletionRequest.model_validate(body), "rid")
+
+
+def test_chat_separator_gives_the_engines_segments_and_keys(
+    builder: PromptBuilder, engine: Engine
+) -> None:
+    gen = chat(builder, messages=rag_messages())
+    want = engine.prepare([SYSTEM, *DOCS, QUESTION])
+    assert gen.segments == want.segments
+    assert engine.prepare_tokens(gen.segments).chunk_keys == want.chunk_keys
+    assert gen.mode is Mode.BLEND and gen.recompute_ratio == 0.3
+    assert gen.sampling.temperature == 1.0 and gen.sampling.max_tokens == 64
+
+
+def test_without_a_system_message_documents_stay_chunks(
+    builder: PromptBuilder, engine: Engine
+) -> None:
+    gen = chat(builder, messages=[{"role": "user", "content": SEP.join([*DOCS, QUESTION])}])
+    assert len(gen.segments.chunk_ids) == 3
+    assert gen.segments == engine.prepare(["", *DOCS, QUESTION]).segments
+
+
+def test_explicit_segments_replace_the_messages(builder: PromptBuilder, engine: Engine) -> None:
+    options = {"segments": [SYSTEM, *DOCS, QUESTION], "mode": "full_reuse", "recompute_ratio": 0}
+    gen = chat(builder, messages=[{"role": "user", "content": "x"}], kvfuse=options)
+    assert gen.segments == engine.prepare([SYSTEM, *DOCS, QUESTION]).segments
+    assert gen.mode is Mode.FULL_REUSE and gen.recompute_ratio == 0.0
+
+
+def test_earlier_turns_join_the_prefix_and_chunks_keep_their_tokens(
+    builder: PromptBuilder,
+) -> None:
+    one_turn = chat(builder, messages=rag_messages()).segments
+    history = [
+        rag_messages()[0],
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hi! How can I help?"}]},
+        rag_messages()[1],
+    ]
+    multi = chat(builder, messages=history).segments
+    assert multi.chunk_ids == one_turn.chunk_ids and multi.query_ids == one_turn.query_ids
+    assert len(multi.prefix_ids) > len(one_turn.prefix_ids)
+    assert multi.prefix_ids[: len(one_turn.prefix_ids) - 3] == one_turn.prefix_ids[:-3]
+
+
+def test_completion_prompt_is_raw_text_split_at_the_separator(
+    builder: PromptBuilder, engine: Engine
+) -> None:
+    gen = complete(builder, prompt=SEP.join(["Facts:\n", *DOCS, "\nQ: Where?\nA:"]))
+    assert len(gen.segments.chunk_ids) == 3
+    assert (
+        gen.segments == engine.prepare(["Facts:\n", *DOCS, "\nQ: Where?\nA:"], chat=False).segments
+    )
+    tokens = complete(builder, prompt=[1, 2, 3], max_tokens=2).segments
+    assert tokens.token_ids == [1, 2, 3]
+    assert complete(builder, prompt=["single"]).segments.query_ids
+
+
+def test_max_tokens_defaults_within_the_context(builder: PromptBuilder) -> None:
+    long_prompt = "word " * (LIMIT - 10)
+    gen = complete(builder, prompt=long_prompt)
+    assert gen.num_prompt_tokens + gen.sampling.max_tokens == LIMIT
+    with pytest.raises(PromptTooLongError, match=str(LIMIT)):
+        complete(builder, prompt=long_prompt, max_tokens=64)
+    with pytest.raises(PromptTooLongError, match=str(LIMIT)):
+        complete(builder, prompt="word " * LIMIT)
+
+
+def test_sampling_fields_reach_the_request(builder: PromptBuilder) -> None:
+    gen = chat(
+        builder,
+        messages=rag_messages(),
+        max_completion_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        seed=3,
+        stop=["\n", ""],
+        stop_token_ids=[2],
+        ignore_eos=True,
+    )
+    params = gen.sampling
+    assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (7, 0.5, 0.9, 3)
+    assert params.stop_token_ids == (2,) and params.ignore_eos and gen.stop == ("\n",)
+    assert complete(builder, prompt="x", stop="END").stop == ("END",)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"prompt": "hi", "n": 2}, "n=1"),
+        ({"prompt": "hi", "echo": True}, "echo"),
+        ({"prompt": "hi", "best_of": 2}, "best_of"),
+        ({"prompt": "hi", "presence_penalty": 0.5}, "penalties"),
+        ({"prompt": "hi", "stop": ["x"] * 17}, "stop strings"),
+        ({"prompt": "hi", "stop_token_ids": [10**9]}, "stop_token_ids"),
+        ({"prompt": [5, -1]}, "token ids"),
+        ({"prompt": ["a", "b"]}, "one prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": f"a{SEP}{SEP}question"}, "segment 1 is empty"),
+        ({}, "prompt"),
+    ],
+)
+def test_bad_completions_are_refused(
+    builder: PromptBuilder, body: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        complete(builder, **body)
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([], "messages"),
+        ([{"role": "system", "content": "only a system prompt"}], "last message"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message"),
+        ([{"role": "user", "content": "  "}], "query"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "late"},
+             {"role": "user", "content": "b"}],
+            "system messages",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_chats_are_refused(
+    builder: PromptBuilder, messages: list[dict[str, str]], message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        chat(builder, messages=messages)
+
+
+def test_tokenize_uses_the_same_segments(builder: PromptBuilder) -> None:
+    body = TokenizeRequest.model_validate({"messages": rag_messages()})
+    assert builder.tokenize(body) == chat(builder, messages=rag_messages()).segments
+    raw = TokenizeRequest.model_validate({"prompt": "Hello world"})
+    assert (
+        builder.tokenize(raw).token_ids
+        == complete(builder, prompt="Hello world").segments.token_ids
+    )
