@@ -136,7 +136,7 @@ def _decode_words(
         out[c] = coder.decode(model, num_tokens) + sym_min[c]
     if not coder.is_empty():
         raise CodecError("entropy stream has data left after the last symbol")
-    return out.T
+    return np.ascontiguousarray(out.T)
 
 
 def _model(codes: npt.NDArray[np.uint8]) -> object:

@@ -17,9 +17,11 @@ from kvfuse.errors import CodecError
 
 MAGIC = b"KVFC"
 FORMAT_VERSION = 1
-# magic, format version, codec id, dtype code, flags, T, H_kv, D, CRC-32 of the body.
+# magic, format version, codec id, dtype code, flags, T, H_kv, D, CRC-32 of the payload's
+# other bytes (the header fields before it and the whole body).
 _HEADER = struct.Struct("<4sBBBBIIII")
 HEADER_SIZE = _HEADER.size  # 24 bytes
+_CRC_OFFSET = HEADER_SIZE - 4
 
 # Limits checked before any allocation. One payload is one layer of one chunk.
 MAX_TOKENS = 1 << 20
@@ -90,23 +92,22 @@ def check_dims(num_tokens: int, num_heads: int, head_dim: int) -> None:
 
 
 def pack(header: Header, body: Sequence[bytes]) -> bytes:
-    """Header bytes followed by the body parts; the header carries the body's CRC-32."""
-    crc = 0
-    for part in body:
-        crc = zlib.crc32(part, crc)
-    dtype_code = DTYPE_CODES[header.dtype]
-    head = _HEADER.pack(
+    """Header bytes followed by the body parts; the CRC-32 covers every other header field too."""
+    fields = _HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
         int(header.codec_id),
-        dtype_code,
+        DTYPE_CODES[header.dtype],
         header.flags,
         header.num_tokens,
         header.num_heads,
         header.head_dim,
-        crc,
-    )
-    return b"".join((head, *body))
+        0,
+    )[:_CRC_OFFSET]
+    crc = zlib.crc32(fields)
+    for part in body:
+        crc = zlib.crc32(part, crc)
+    return b"".join((fields, struct.pack("<I", crc), *body))
 
 
 def peek_codec_id(payload: bytes) -> CodecId:
@@ -118,7 +119,7 @@ def parse(payload: bytes, codec_id: CodecId) -> Header:
     """Validates the header of `payload` for codec `codec_id` and returns it.
 
     Checks, in order, before anything is allocated: length, magic, version, codec id, dtype
-    code, flags, dims within limits, the expansion bound, and the body CRC-32.
+    code, flags, dims within limits, the expansion bound, and the CRC-32.
 
     Raises:
         CodecError: any check fails.
@@ -137,8 +138,9 @@ def parse(payload: bytes, codec_id: CodecId) -> Header:
         raise CodecError(
             f"{len(payload)}-byte payload cannot hold 2x{header.num_elements} elements"
         )
-    if zlib.crc32(memoryview(payload)[HEADER_SIZE:]) != crc:
-        raise CodecError("payload checksum mismatch (corrupt or truncated)")
+    view = memoryview(payload)
+    if zlib.crc32(view[HEADER_SIZE:], zlib.crc32(view[:_CRC_OFFSET])) != crc:
+        raise CodecError("payload checksum mismatch (corrupt header or body, or truncated)")
     return header
 
 

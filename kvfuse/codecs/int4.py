@@ -96,7 +96,7 @@ def quantize(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def dequantize(q: Tensor, lo: Tensor, step: Tensor, head_dim: int) -> Tensor:
     """Inverse of `quantize` in float32. Shape: q [T, H, G, 32] -> [T, H, D] (padding cropped)."""
     x = lo.float()[..., None] + q.float() * step.float()[..., None]
-    return x.flatten(-2)[..., :head_dim]
+    return x.flatten(-2)[..., :head_dim].contiguous()
 
 
 def pack_nibbles(q: Tensor) -> Tensor:
