@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -79,6 +80,12 @@ def poll(condition: object, timeout_s: float = 60.0, what: str = "condition") ->
         time.sleep(0.01)  # polling an observable state, not waiting on timing
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class TestSource:
     """The in-process store as a chunk source, with hooks to hold, break or fail streams.
 
@@ -136,9 +143,14 @@ class TestSource:
 
 
 class Child:
-    """A service child process; `address` is parsed from its 'listening on' line."""
+    """A service child process, ready once a stdout line matches `ready` (group 1: address)."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        ready: str = r"listening on (\S+)",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, *args],
             cwd=REPO,
@@ -148,10 +160,11 @@ class Child:
             text=True,
         )
         self.lines: list[str] = []
+        self.match: re.Match[str] | None = None
+        self._ready_pattern = re.compile(ready)
         self._ready = threading.Event()
-        self.address = ""
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(START_TIMEOUT_S) or not self.address:
+        if not self._ready.wait(START_TIMEOUT_S) or self.match is None:
             self.kill()
             raise RuntimeError(f"{args} did not start:\n" + "".join(self.lines[-30:]))
 
@@ -159,15 +172,16 @@ class Child:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line)
-            match = re.search(r"listening on (\S+)", line)
-            if match and not self.address:
-                self.address = match.group(1)
+            match = self._ready_pattern.search(line)
+            if match and self.match is None:
+                self.match = match
                 self._ready.set()
         self._ready.set()  # exited
 
     @property
-    def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
+    def address(self) -> str:
+        assert self.match is not None
+        return self.match.group(1)
 
     def kill(self) -> None:
         """SIGKILL (kill -9) and reap."""
