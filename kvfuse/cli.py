@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cache = services.add_parser("cache", help="the gRPC cache server (memory/disk/Redis)")
     cache_server_serve.add_arguments(serve_cache)
     serve_cache.set_defaults(func=cache_server_serve.run)
+    from prefill_worker import serve as prefill_worker_serve
+
+    serve_prefill = services.add_parser("prefill", help="the gRPC prefill worker (fetch, blend)")
+    prefill_worker_serve.add_arguments(serve_prefill)
+    serve_prefill.set_defaults(func=prefill_worker_serve.run)
 
     cache = sub.add_parser("cache", help="inspect a running cache server: stats, ls, rm")
     from kvfuse.client import admin as cache_admin
