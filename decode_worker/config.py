@@ -251,7 +251,7 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `kvfuse serve decode` / `python -m decode_worker` flags (all default to unset)."""
     add = parser.add_argument
-    add("--config", type=Path, help=f"TOML file (also {ENV_PREFIX}CONFIG)")
+    add("--config", type=Path, help=f"TOML, YAML or JSON file (also {ENV_PREFIX}CONFIG)")
     add("--host", help="listen address (default 0.0.0.0)")
     add("--port", type=int, help="listen port (default 8000; 0 = any free port)")
     add("--model", help="GGUF file or safetensors dir (default: bundled SmolLM2)")

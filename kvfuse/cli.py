@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_prefill = services.add_parser("prefill", help="the gRPC prefill worker (fetch, blend)")
     prefill_worker_serve.add_arguments(serve_prefill)
     serve_prefill.set_defaults(func=prefill_worker_serve.run)
+    from decode_worker import serve as decode_worker_serve
+
+    serve_decode = services.add_parser("decode", help="the OpenAI-compatible HTTP decode worker")
+    decode_worker_serve.add_arguments(serve_decode)
+    serve_decode.set_defaults(func=decode_worker_serve.run)
 
     cache = sub.add_parser("cache", help="inspect a running cache server: stats, ls, rm")
     from kvfuse.client import admin as cache_admin

@@ -52,15 +52,27 @@ def is_healthy(url: str) -> bool:
         return False
 
 
+PYTHON_M_DECODE_WORKER = ("-m", "decode_worker")
+KVFUSE_SERVE_DECODE = ("-m", "kvfuse.cli", "serve", "decode")
+
+
 class DecodeProcess:
-    """`python -m decode_worker` as a child process on 127.0.0.1 and a free port.
+    """The decode worker as a child process on 127.0.0.1 and a free port.
 
     The URL is parsed from its 'listening on' log line; `start` then polls /health.
+
+    Args:
+        command: `python -m decode_worker` or `kvfuse serve decode`.
     """
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        command: Sequence[str] = PYTHON_M_DECODE_WORKER,
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "decode_worker", "--host", "127.0.0.1", "--port", "0", *args],
+            [sys.executable, *command, "--host", "127.0.0.1", "--port", "0", *args],
             cwd=REPO,
             env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE,

@@ -15,7 +15,17 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from decode_helpers import DOCS, QUESTION, SEP, SYSTEM, TOKEN, DecodeProcess, poll, rag_messages
+from decode_helpers import (
+    DOCS,
+    KVFUSE_SERVE_DECODE,
+    QUESTION,
+    SEP,
+    SYSTEM,
+    TOKEN,
+    DecodeProcess,
+    poll,
+    rag_messages,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -24,8 +34,10 @@ GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 12}
 
 @pytest.fixture(scope="module")
 def server(smollm_dir: Path) -> Iterator[DecodeProcess]:
-    """One decode worker (local prefill) with a bearer token; smollm_dir converts weights first."""
-    proc = DecodeProcess(["--token", TOKEN, "--num-threads", "1", "--max-batch", "4"]).start()
+    """One `kvfuse serve decode` (local prefill) with a bearer token; smollm_dir converts the
+    weights first."""
+    args = ["--token", TOKEN, "--num-threads", "1", "--max-batch", "4"]
+    proc = DecodeProcess(args, command=KVFUSE_SERVE_DECODE).start()
     yield proc
     proc.stop()
     assert "Application shutdown complete" in proc.log_tail(), proc.log_tail()
