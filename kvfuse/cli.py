@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     prefill_bench.add_arguments(prefill)
     prefill.set_defaults(func=prefill_bench.run)
+    cache_bench_parser = bench.add_parser("cache", help="cache server put/lookup/get latency")
+    from kvfuse.bench import cache as cache_bench
+
+    cache_bench.add_arguments(cache_bench_parser)
+    cache_bench_parser.set_defaults(func=cache_bench.run)
 
     services = sub.add_parser("serve", help="run a kvfuse service").add_subparsers(
         dest="service", required=True

@@ -27,13 +27,15 @@ def split_record(
     crc = crc32(record) if record_crc32 is None else record_crc32
     view = memoryview(record)
     for offset in range(0, max(len(record), 1), max_frame_bytes):
+        # a record that fits one frame goes as is (no slice copy)
+        data = record if len(record) <= max_frame_bytes else view[offset : offset + max_frame_bytes]
         yield common_pb2.LayerFrame(
             key=key,
             layer_idx=layer_idx,
             record_nbytes=len(record),
             record_crc32=crc,
             offset=offset,
-            data=bytes(view[offset : offset + max_frame_bytes]),
+            data=bytes(data),
         )
 
 
