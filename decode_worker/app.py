@@ -96,7 +96,7 @@ def create_app(service: DecodeService) -> FastAPI:
     auth = [Depends(_bearer_auth(service.config.auth_token))]
 
     @app.get("/health")
-    async def health() -> Response:
+    def health() -> Response:  # sync: FastAPI runs it in a thread (a remote probe may block)
         if service.ready():
             return Response(status_code=200)
         return errors.error_response(ServiceUnavailableError("the prefill worker is not ready"))

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from decode_worker.detokenizer import TextStream
+from decode_worker.kv_budget import KVBudget
 from decode_worker.metrics import DecodeMetrics
 from decode_worker.sequence import (
     FinishReason,
@@ -53,28 +54,6 @@ class SchedulerLimits:
     kv_budget_tokens: int
     max_concurrent_prefills: int
     max_waiting: int
-
-
-class KVBudget:
-    """Tokens of KV cache the running sequences may hold. Not thread-safe (caller locks)."""
-
-    def __init__(self, num_tokens: int) -> None:
-        self.num_tokens = num_tokens
-        self.num_used_tokens = 0
-
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self.num_used_tokens + num_tokens <= self.num_tokens
-
-    def allocate(self, num_tokens: int) -> None:
-        self.num_used_tokens += num_tokens
-
-    def free(self, num_tokens: int) -> None:
-        self.num_used_tokens -= num_tokens
-
-    @property
-    def usage(self) -> float:
-        """Fraction in use, 0..1."""
-        return self.num_used_tokens / self.num_tokens
 
 
 class Scheduler:

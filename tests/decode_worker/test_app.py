@@ -111,7 +111,7 @@ def test_missing_or_wrong_token_is_401(server: DecodeProcess, headers: dict[str,
 
 
 def test_streamed_and_non_streamed_are_identical(client: openai.OpenAI) -> None:
-    full = {"extra_body": {"kvfuse": {"mode": "full_prefill"}}}  # same KV both times
+    full: dict[str, Any] = {"extra_body": {"kvfuse": {"mode": "full_prefill"}}}  # same KV
     whole = chat(client, rag_messages(), **full, **GREEDY)
     chunks = list(chat(client, rag_messages(), stream=True, **full, **GREEDY))
     assert chunks[0].choices[0].delta.role == "assistant"
