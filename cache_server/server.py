@@ -85,6 +85,9 @@ class CacheServer:
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share
+                # ping idle connections so streams of vanished clients are cancelled
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
             ],
             maximum_concurrent_rpcs=4 * config.num_workers,
         )
