@@ -119,8 +119,10 @@ def test_tls_and_mtls(tmp_path: Path) -> None:
             plain.lookup([key_of("tls")])
     # mTLS: the same self-signed certificate serves as the CA of client certificates
     with make_server(tls_cert=cert, tls_key=key, tls_client_ca=cert) as srv:
-        mtls = {"tls_root_cert": cert, "tls_client_cert": cert, "tls_client_key": key}
-        with CacheClient(srv.address, **mtls) as c:
+        mtls = CacheClient(
+            srv.address, tls_root_cert=cert, tls_client_cert=cert, tls_client_key=key
+        )
+        with mtls as c:
             assert c.lookup([key_of("tls")]) == {key_of("tls"): None}
         no_cert = CacheClient(srv.address, tls_root_cert=cert, retry=NO_RETRY, timeout_s=5)
         with no_cert, pytest.raises(ServiceUnavailableError):
@@ -140,7 +142,9 @@ def _scrape(port: int) -> dict[str, list[Any]]:
 
 
 def _value(samples: list[Any], name: str, **labels: str) -> float:
-    return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+    return float(
+        sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+    )
 
 
 def test_metrics_endpoint_scrapes_and_parses(metered: CacheServer) -> None:

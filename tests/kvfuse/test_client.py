@@ -127,7 +127,7 @@ def flaky() -> Iterator[Callable[[FlakyServicer], str]]:
 
     def start(servicer: FlakyServicer) -> str:
         server = grpc.server(futures.ThreadPoolExecutor(4))
-        cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
+        cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
