@@ -68,12 +68,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             exists=lambda: self._store.lookup(obj.meta.key) is not None,
             put=lambda: self._store.put(obj),
         )
-        location = self._store.lookup(obj.meta.key)
+        location = self._store.lookup(obj.meta.key)  # stored size: the tier's codec may differ
         return cache_pb2.PutResponse(
             key=upload.key,
             created=created,
             tier="" if location is None else location.tier,
-            nbytes=obj.meta.total_nbytes,
+            nbytes=0 if location is None else location.meta.total_nbytes,
         )
 
     def GetLayers(
