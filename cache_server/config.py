@@ -225,9 +225,7 @@ def read_config_file(path: Path) -> Mapping[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     try:
         if path.suffix == ".toml":
-            import tomllib
-
-            data: Any = tomllib.loads(text)
+            data: Any = _load_toml(text)
         elif path.suffix in (".yaml", ".yml"):
             data = _load_yaml(text)
         else:
@@ -237,6 +235,14 @@ def read_config_file(path: Path) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path} must hold a table of settings")
     return data
+
+
+def _load_toml(text: str) -> Any:
+    try:
+        import tomllib
+    except ImportError as exc:  # Python 3.10
+        raise ConfigError("TOML config files need Python 3.11+; use YAML") from exc
+    return tomllib.loads(text)
 
 
 def _load_yaml(text: str) -> Any:
