@@ -213,8 +213,9 @@ class Scheduler:
 
     def _run_prefill(self, seq: Sequence) -> None:
         """A prefill thread: stream the fused layers in, send the first token, hand over."""
-        stream = self.prefiller.prefill(seq.request.prefill_request())
+        stream: Iterator[FusedLayer | PrefillResult] | None = None
         try:
+            stream = self.prefiller.prefill(seq.request.prefill_request())
             seq.cache = KVCache(self.model, seq.request.num_kv_tokens)
             result = self._receive_layers(seq, stream)
             if result is None:
@@ -230,7 +231,7 @@ class Scheduler:
                 error = ServiceUnavailableError(f"the prefill worker refused our token: {exc}")
             self._finish(seq, SequenceOutput("", seq.num_generated_tokens, error=error))
         finally:
-            close = getattr(stream, "close", None)
+            close = getattr(stream, "close", None)  # None also when prefill() itself raised
             if close is not None:
                 close()  # releases the prefiller's work if we stopped early
 

@@ -188,6 +188,21 @@ def test_prefill_failure_fails_the_request_and_frees_it(
     assert ok.final()[1].finish_reason is FinishReason.LENGTH
 
 
+class DownPrefiller:
+    """A Prefiller that raises before returning an iterator (e.g. a client refusing to call)."""
+
+    def prefill(self, request: PrefillRequest) -> Iterator[FusedLayer | PrefillResult]:
+        raise ServiceUnavailableError("prefill worker down")
+
+
+def test_a_prefiller_raising_at_call_fails_the_request(engine: Engine, make: Any) -> None:
+    scheduler = make(DownPrefiller())
+    sink = Collector()
+    scheduler.submit(request(engine), sink)
+    assert isinstance(sink.final()[1].error, ServiceUnavailableError)
+    assert_released(scheduler)
+
+
 def test_abort_during_prefill_closes_the_stream(engine: Engine, make: Any) -> None:
     prefiller = ScriptedPrefiller(engine, hold_at=2)
     scheduler = make(prefiller)
