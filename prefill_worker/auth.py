@@ -33,8 +33,8 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     Same scheme as the cache server. Immutable, thread-safe.
     """
 
-    def __init__(self, token: str) -> None:
-        self._token = token
+    def __init__(self, token: str, on_deny: Callable[[], None] = lambda: None) -> None:
+        self._token, self._on_deny = token, on_deny
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
@@ -44,6 +44,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return handler
         if bearer_ok(details.invocation_metadata, self._token):
             return handler
+        self._on_deny()
         return grpc.unary_stream_rpc_method_handler(
             _deny,
             request_deserializer=handler.request_deserializer,

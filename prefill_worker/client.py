@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -30,7 +31,8 @@ class PrefillClient:
         timeout_s: deadline of a whole prefill stream; None waits as long as it takes.
         max_message_bytes: gRPC message limit.
         max_layer_bytes: largest fused layer (K + V) accepted.
-        tls_root_cert: PEM bytes of the CA that signed the worker's certificate; enables TLS.
+        tls_root_cert: PEM (bytes or a path) of the CA that signed the worker's certificate;
+            enables TLS.
     """
 
     def __init__(
@@ -41,8 +43,10 @@ class PrefillClient:
         timeout_s: float | None = 120.0,
         max_message_bytes: int = 16 << 20,
         max_layer_bytes: int = 1 << 30,
-        tls_root_cert: bytes | None = None,
+        tls_root_cert: bytes | Path | None = None,
     ) -> None:
+        if isinstance(tls_root_cert, Path):
+            tls_root_cert = tls_root_cert.read_bytes()
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -57,7 +61,7 @@ class PrefillClient:
         self._timeout_s = timeout_s
         self._max_layer_bytes = max_layer_bytes
 
-    def prefill(self, request: PrefillRequest) -> Iterator[FusedLayer | PrefillResult]:
+    def prefill(self, request: PrefillRequest) -> Generator[FusedLayer | PrefillResult, None, None]:
         """The `Prefiller` protocol: fused layers in order, then exactly one result."""
         call = self._stub.Prefill(
             wire.request_to_proto(request), timeout=self._timeout_s, metadata=self._metadata

@@ -33,6 +33,8 @@ class PrefillConfig:
             hashing. Empty: chunks live in the worker's own in-process store.
         cache_token: bearer token presented to the cache servers (default: `auth_token`).
         auth_token: bearer token callers must present; None turns auth off.
+        tls_cert, tls_key: the worker's certificate chain and key (PEM); both or neither.
+        cache_tls_ca: PEM roots that signed the cache servers' certificates; enables TLS to them.
         model, dtype, device, num_threads, chunk_context, tenant_salt: the engine.
         default_ratio: recompute ratio when a request sets none; None keeps the engine's.
         write_behind_size: chunk objects queued for store; beyond it work is dropped (0: never
@@ -52,6 +54,9 @@ class PrefillConfig:
     cache_addrs: tuple[str, ...] = ()
     cache_token: str | None = field(default=None, repr=False)
     auth_token: str | None = field(default=None, repr=False)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    cache_tls_ca: Path | None = None
     model: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
@@ -93,6 +98,8 @@ class PrefillConfig:
             raise ConfigError("num_workers and local_store_bytes must be positive")
         if self.max_message_bytes < (4 << 20) + (64 << 10):
             raise ConfigError("max_message_bytes must hold a 4 MiB frame plus headers")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together")
         for addr in self.cache_addrs:
             host, sep, port = addr.rpartition(":")
             if not sep or not host or not port.isdigit():
@@ -166,6 +173,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "cache_addrs": _addrs,
     "cache_token": _optional(str),
     "auth_token": _optional(str),
+    "tls_cert": _optional(Path),
+    "tls_key": _optional(Path),
+    "cache_tls_ca": _optional(Path),
     "model": _optional(str),
     "dtype": str,
     "device": str,

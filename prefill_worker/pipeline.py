@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -31,7 +31,7 @@ from kvfuse.prefill import PrefillRequest, PrefillResult
 from prefill_worker.background import BackgroundIterator
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.remote_chunks import LayerFetch, Layout, StreamedChunk, fallback_reason
-from prefill_worker.sources import Shards
+from prefill_worker.sources import ChunkInfo, Shards
 from prefill_worker.writeback import WriteBehind, WriteJob
 
 MAX_REQUEST_ID_CHARS = 256
@@ -108,7 +108,7 @@ class RemotePrefiller:
     def num_layers(self) -> int:
         return self.layout.num_layers
 
-    def prefill(self, request: PrefillRequest) -> Iterator[FusedLayer | PrefillResult]:
+    def prefill(self, request: PrefillRequest) -> Generator[FusedLayer | PrefillResult, None, None]:
         """The `Prefiller` protocol: fused layers in order, then the result.
 
         Closing the iterator early cancels the request's compute and fetches.
@@ -188,6 +188,8 @@ class RemotePrefiller:
         read = set(keys)
         if mode is Mode.PREFIX_CACHE:  # only the prefix and the chunk stored right after it
             read = {prompt.prefix_key, *prompt.chunk_keys[:1]}
+        num_tokens = dict(zip(prompt.chunk_keys, map(len, seg.chunk_ids), strict=True))
+        num_tokens[prompt.prefix_key] = len(seg.prefix_ids)
         self.metrics.chunk_lookups.inc(len(keys))
         for idx, shard_keys in self.shards.split(keys).items():
             source = self.shards.sources[idx]
@@ -197,7 +199,7 @@ class RemotePrefiller:
                 self._count_fallback(fetched, fallback_reason(exc))
                 fetched.unknown.update(shard_keys)
                 continue
-            infos = {k: i for k, i in infos.items() if i.num_layers == self.num_layers}
+            infos = {k: i for k, i in infos.items() if self._fits(i, num_tokens.get(k))}
             fetched.found.update(infos)
             self.metrics.chunk_hits.inc(len(infos))
             infos = {k: i for k, i in infos.items() if k in read}
@@ -207,6 +209,11 @@ class RemotePrefiller:
                 fetched.fetches.append(fetch)
                 fetched.chunks.update(fetch.chunks)
         return fetched
+
+    def _fits(self, info: ChunkInfo, num_tokens: int | None) -> bool:
+        """A stored object is usable only with this model's layers and the segment's length
+        (anything else is a foreign or corrupt entry: treated as a miss)."""
+        return info.num_layers == self.num_layers and info.num_tokens == num_tokens
 
     def _blend(
         self,

@@ -22,6 +22,9 @@ _FLAGS = (
     ("--cache", "cache servers, comma-separated host:port (default: in-process store)"),
     ("--cache-token", "bearer token for the cache servers (default: --token)"),
     ("--token", "bearer token callers must present (or KVFUSE_AUTH_TOKEN)"),
+    ("--tls-cert", "the worker's certificate chain (PEM); enables TLS with --tls-key"),
+    ("--tls-key", "the worker's private key (PEM)"),
+    ("--cache-tls-ca", "CA (PEM) of the cache servers' certificates; enables TLS to them"),
     ("--model", "GGUF file or safetensors dir (default: bundled SmolLM2)"),
     ("--dtype", "float32, bfloat16 or float16 (default float32)"),
     ("--device", "torch device (default cpu)"),
@@ -68,9 +71,10 @@ def serve(config: PrefillConfig, out: TextIO = sys.stdout) -> int:
         server.start()
         cache = ",".join(config.cache_addrs) or "in-process store"
         metrics = "off" if server.metrics_port is None else f"port {server.metrics_port}"
+        tls, auth = ("on" if on else "off" for on in (config.tls_cert, config.auth_token))
         print(
             f"kvfuse prefill worker listening on {server.address} "
-            f"(auth {'on' if config.auth_token else 'off'}, cache {cache}, metrics {metrics})",
+            f"(tls {tls}, auth {auth}, cache {cache}, metrics {metrics})",
             file=out,
             flush=True,
         )

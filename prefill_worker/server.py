@@ -60,10 +60,21 @@ def build_shards(config: PrefillConfig, engine: Engine) -> Shards:
             config.fetch_deadline_s,
             config.put_deadline_s,
             config.max_message_bytes,
+            config.cache_tls_ca,
         )
         for addr in config.cache_addrs
     ]
     return Shards(sources, config.cache_addrs)
+
+
+def _server_credentials(config: PrefillConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    try:
+        pair = (config.tls_key.read_bytes(), config.tls_cert.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the TLS certificate or key: {exc}") from exc
+    return grpc.ssl_server_credentials([pair])
 
 
 def _address(host: str, port: int) -> str:
@@ -107,7 +118,10 @@ class PrefillServer:
             config.default_ratio,
         )
         self._health = health.HealthServicer()
-        interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
+        interceptors = []
+        if config.auth_token:
+            deny = self.metrics.requests.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc
+            interceptors.append(AuthInterceptor(config.auth_token, deny))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(config.num_workers, thread_name_prefix="kvfuse-prefill"),
             interceptors=interceptors,
@@ -142,8 +156,12 @@ class PrefillServer:
 
     def start(self) -> PrefillServer:
         address = _address(self.config.host, self.config.port)
+        credentials = _server_credentials(self.config)
         try:
-            self.port = self._server.add_insecure_port(address)
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address}: {exc}") from exc
         if self.port == 0:

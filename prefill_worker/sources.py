@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
@@ -101,6 +102,7 @@ class RemoteSource:
         fetch_deadline_s: float,
         put_deadline_s: float,
         max_message_bytes: int = 16 << 20,
+        tls_root_cert: Path | None = None,
     ) -> None:
         from kvfuse.client import CacheClient, RetryPolicy
 
@@ -111,6 +113,7 @@ class RemoteSource:
                 timeout_s=timeout_s,
                 retry=RetryPolicy(max_attempts=attempts),
                 max_message_bytes=max_message_bytes,
+                tls_root_cert=tls_root_cert,
             )
 
         self.addr = addr

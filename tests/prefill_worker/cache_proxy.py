@@ -23,7 +23,8 @@ from kvfuse.v1 import cache_pb2, cache_pb2_grpc
 class Proxy(cache_pb2_grpc.CacheServiceServicer):
     def __init__(self, target: str, pause_at_layer: int, arm_file: str) -> None:
         options = [("grpc.max_receive_message_length", 64 << 20)]
-        self._stub = cache_pb2_grpc.CacheServiceStub(grpc.insecure_channel(target, options))
+        channel = grpc.insecure_channel(target, options)
+        self._stub = cache_pb2_grpc.CacheServiceStub(channel)  # type: ignore[no-untyped-call]
         self._pause_at_layer, self._arm_file = pause_at_layer, arm_file
 
     @staticmethod
@@ -66,9 +67,8 @@ def main() -> None:
     args = parser.parse_args()
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(8), options=options)
-    cache_pb2_grpc.add_CacheServiceServicer_to_server(
-        Proxy(args.target, args.pause_at_layer, args.arm_file), server
-    )
+    proxy = Proxy(args.target, args.pause_at_layer, args.arm_file)
+    cache_pb2_grpc.add_CacheServiceServicer_to_server(proxy, server)  # type: ignore[no-untyped-call]
     server.add_insecure_port(args.listen)
     server.start()
     print(f"cache proxy listening on {args.listen}", flush=True)

@@ -50,11 +50,12 @@ def make_request(
 
 def split(items: Sequence[FusedLayer | PrefillResult]) -> tuple[list[FusedLayer], PrefillResult]:
     """A prefill stream's layers and its result; checks the stream's shape."""
-    *layers, result = items
+    *rest, result = items
     assert isinstance(result, PrefillResult)
-    assert all(isinstance(layer, FusedLayer) for layer in layers)
+    layers = [layer for layer in rest if isinstance(layer, FusedLayer)]
+    assert len(layers) == len(rest)
     assert [layer.layer_idx for layer in layers] == list(range(len(layers)))
-    return layers, result  # type: ignore[return-value]
+    return layers, result
 
 
 def assert_layers_equal(

@@ -6,6 +6,7 @@ Equivalence is bit for bit: the pipeline runs the engine's own blend on the same
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 from prefill_helpers import (
@@ -26,15 +27,26 @@ from prefill_worker.pipeline import RemotePrefiller
 from prefill_worker.sources import ChunkSource, Shards
 from prefill_worker.writeback import WriteBehind
 
+MakePrefiller = Callable[..., RemotePrefiller]
 
-def make_prefiller(
-    engine: Engine, source: ChunkSource, fetch_deadline_s: float = 60.0, write_behind: int = 64
-) -> RemotePrefiller:
-    metrics, lock = PrefillMetrics(), threading.Lock()
-    writer = WriteBehind(engine, source.put, write_behind, lock, metrics)
-    return RemotePrefiller(
-        engine, Shards([source], ["test"]), writer, metrics, lock, fetch_deadline_s
-    )
+
+@pytest.fixture
+def make_prefiller() -> Iterator[MakePrefiller]:
+    """Factory of prefillers over one source; their write-behind threads stop at teardown."""
+    writers: list[WriteBehind] = []
+
+    def make(
+        engine: Engine, source: ChunkSource, fetch_deadline_s: float = 60.0
+    ) -> RemotePrefiller:
+        metrics, lock = PrefillMetrics(), threading.Lock()
+        writer = WriteBehind(engine, source.put, 64, lock, metrics)
+        writers.append(writer)
+        shards = Shards([source], ["test"])
+        return RemotePrefiller(engine, shards, writer, metrics, lock, fetch_deadline_s)
+
+    yield make
+    for writer in writers:
+        writer.close()
 
 
 def run(
@@ -57,7 +69,9 @@ def counter(prefiller: RemotePrefiller, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-def test_cold_then_warm_in_another_order_equals_engine_prefill(engine: Engine) -> None:
+def test_cold_then_warm_in_another_order_equals_engine_prefill(
+    engine: Engine, make_prefiller: MakePrefiller
+) -> None:
     source = TestSource(engine.store)
     prefiller = make_prefiller(engine, source)
     cold = make_request(engine)
@@ -81,7 +95,9 @@ def test_cold_then_warm_in_another_order_equals_engine_prefill(engine: Engine) -
 
 
 @pytest.mark.parametrize("mode", [Mode.FULL_REUSE, Mode.PREFIX_CACHE])
-def test_other_modes_equal_engine_prefill(warm_engine: Engine, mode: Mode) -> None:
+def test_other_modes_equal_engine_prefill(
+    warm_engine: Engine, mode: Mode, make_prefiller: MakePrefiller
+) -> None:
     prefiller = make_prefiller(warm_engine, TestSource(warm_engine.store))
     request = make_request(warm_engine, mode=mode)
     layers, result = run(prefiller, request)
@@ -91,7 +107,7 @@ def test_other_modes_equal_engine_prefill(warm_engine: Engine, mode: Mode) -> No
     assert result.stats.num_chunk_hits == ref_result.stats.num_chunk_hits > 0
 
 
-def test_ratio_one_equals_full_prefill(warm_engine: Engine) -> None:
+def test_ratio_one_equals_full_prefill(warm_engine: Engine, make_prefiller: MakePrefiller) -> None:
     """Same first token; layers equal the engine's r=1 blend bit for bit and full prefill to
     fp32 rounding (the blend attends in row groups, full prefill in one causal call)."""
     prefiller = make_prefiller(warm_engine, TestSource(warm_engine.store))
@@ -107,7 +123,7 @@ def test_ratio_one_equals_full_prefill(warm_engine: Engine) -> None:
 
 
 def test_first_layer_reaches_the_reader_before_later_layers_are_fetched(
-    warm_engine: Engine,
+    warm_engine: Engine, make_prefiller: MakePrefiller
 ) -> None:
     """Overlap: the source holds layer 5 until the reader has layer 0, so a prefill that
     fetched, computed or sent everything before streaming would never finish."""
@@ -129,7 +145,9 @@ def test_first_layer_reaches_the_reader_before_later_layers_are_fetched(
     assert source.sent_layers[-1] == 29
 
 
-def test_stream_failure_before_any_layer_computes_a_full_prefill(warm_engine: Engine) -> None:
+def test_stream_failure_before_any_layer_computes_a_full_prefill(
+    warm_engine: Engine, make_prefiller: MakePrefiller
+) -> None:
     prefiller = make_prefiller(warm_engine, TestSource(warm_engine.store, fail_at=0))
     request = make_request(warm_engine)
     layers, result = run(prefiller, request)
@@ -141,7 +159,7 @@ def test_stream_failure_before_any_layer_computes_a_full_prefill(warm_engine: En
 
 
 def test_stream_failure_mid_layers_keeps_sent_layers_and_recomputes_the_rest(
-    warm_engine: Engine,
+    warm_engine: Engine, make_prefiller: MakePrefiller
 ) -> None:
     """Layers 0-9 came from the blend and were sent; 10-29 and the first token come from a
     recompute without the lost chunks (here: all of them, so a full prefill)."""
@@ -156,7 +174,9 @@ def test_stream_failure_mid_layers_keeps_sent_layers_and_recomputes_the_rest(
     assert result.stats.fallback == "cache_unavailable"
 
 
-def test_lookup_failure_computes_everything_and_stores_nothing(warm_engine: Engine) -> None:
+def test_lookup_failure_computes_everything_and_stores_nothing(
+    warm_engine: Engine, make_prefiller: MakePrefiller
+) -> None:
     source = TestSource(warm_engine.store, lookup_error=ServiceUnavailableError("UNAVAILABLE"))
     prefiller = make_prefiller(warm_engine, source)
     request = make_request(warm_engine)
@@ -168,7 +188,9 @@ def test_lookup_failure_computes_everything_and_stores_nothing(warm_engine: Engi
     assert source.num_puts == 0  # unknown is not missing
 
 
-def test_slow_stream_times_out_and_recomputes(warm_engine: Engine) -> None:
+def test_slow_stream_times_out_and_recomputes(
+    warm_engine: Engine, make_prefiller: MakePrefiller
+) -> None:
     source = TestSource(warm_engine.store, hold_at=3)
     prefiller = make_prefiller(warm_engine, source, fetch_deadline_s=0.2)
     request = make_request(warm_engine)
@@ -182,13 +204,17 @@ def test_slow_stream_times_out_and_recomputes(warm_engine: Engine) -> None:
     assert result.stats.fallback == "cache_timeout"
 
 
-def test_malformed_layer_is_a_cache_error_not_a_failed_request(warm_engine: Engine) -> None:
+def test_malformed_layer_is_a_cache_error_not_a_failed_request(
+    warm_engine: Engine, make_prefiller: MakePrefiller
+) -> None:
     prefiller = make_prefiller(warm_engine, TestSource(warm_engine.store, bad_at=2))
     layers, result = run(prefiller, make_request(warm_engine))
     assert len(layers) == 30 and result.stats.fallback == "cache_error"
 
 
-def test_closing_the_iterator_stops_the_compute(warm_engine: Engine) -> None:
+def test_closing_the_iterator_stops_the_compute(
+    warm_engine: Engine, make_prefiller: MakePrefiller
+) -> None:
     source = TestSource(warm_engine.store, hold_at=3)
     prefiller = make_prefiller(warm_engine, source)
     stream = prefiller.start(make_request(warm_engine))
@@ -217,7 +243,11 @@ def test_closing_the_iterator_stops_the_compute(warm_engine: Engine) -> None:
     ],
 )
 def test_bad_requests_are_refused_before_any_work(
-    engine: Engine, change: dict[str, object], error: type[Exception], message: str
+    engine: Engine,
+    change: dict[str, object],
+    error: type[Exception],
+    message: str,
+    make_prefiller: MakePrefiller,
 ) -> None:
     from dataclasses import replace
 
@@ -230,3 +260,35 @@ def test_bad_requests_are_refused_before_any_work(
         prefiller.start(replace(request, recompute_ratio=1.5))
     with pytest.raises(InvalidRequestError, match="request_id"):
         prefiller.start(replace(request, request_id="x" * 300))
+
+
+def test_a_failed_shard_loses_only_its_own_chunks(warm_engine: Engine) -> None:
+    request = make_request(warm_engine)
+    prompt = warm_engine.prepare_tokens(request.segments)
+    healthy, failing = TestSource(warm_engine.store), TestSource(warm_engine.store, fail_at=10)
+    metrics, lock = PrefillMetrics(), threading.Lock()
+    shards = Shards([healthy, failing], ["shard-a", "shard-b"])
+    kept = [k for k in prompt.chunk_keys if shards.owner(k) == 0]
+    assert 0 < len(kept) < 3 and shards.owner(prompt.prefix_key) == 1  # both shards in play
+    prefiller = RemotePrefiller(warm_engine, shards, None, metrics, lock, 60.0)
+    layers, result = run(prefiller, request)
+    assert result.stats.fallback == "cache_unavailable"
+    assert result.stats.num_chunk_hits == len(kept)  # the restart still reuses shard a's
+    chunks = {key: warm_engine.store.get(key) for key in kept}
+    blend = warm_engine.blend_config()
+    _, rerun = warm_engine.start_prefill(prompt, Mode.BLEND, blend, chunks)  # type: ignore[arg-type]
+    assert_layers_equal(layers[10:], list(rerun)[10:])
+
+
+def test_stored_objects_of_the_wrong_length_are_misses(
+    warm_engine: Engine, make_prefiller: MakePrefiller
+) -> None:
+    request = make_request(warm_engine)
+    prompt = warm_engine.prepare_tokens(request.segments)
+    store = warm_engine.store
+    wrong = store.get(prompt.chunk_keys[1])
+    assert wrong is not None
+    store.put(prompt.chunk_keys[0], wrong)  # a foreign object under chunk 0's key
+    prefiller = make_prefiller(warm_engine, TestSource(store))
+    _, result = run(prefiller, request)
+    assert result.stats.num_chunk_hits == 2 and result.stats.fallback == ""

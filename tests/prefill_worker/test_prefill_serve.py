@@ -206,3 +206,15 @@ def test_real_cache_server_killed_during_a_request(stack: Stack, engine: Engine)
     _, full_result = full_prefill(engine, request)
     if result.stats.fallback:  # the kill landed before the stream ended
         assert result.first_token_id == full_result.first_token_id
+
+
+def test_command_line_entry_points(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvfuse.cli import main as kvfuse_main
+    from prefill_worker.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        kvfuse_main(["serve", "prefill", "--help"])
+    assert exit_info.value.code == 0
+    assert "--fetch-deadline-s" in capsys.readouterr().out
+    assert main(["--dtype", "int8"]) == 2  # refused before any model is loaded
+    assert "dtype must be one of" in capsys.readouterr().err

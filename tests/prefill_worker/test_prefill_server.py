@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -91,7 +94,7 @@ def test_bad_input_is_invalid_argument_with_a_message(
 ) -> None:
     server = make_server(engine)
     with grpc.insecure_channel(server.address) as channel:
-        stub = prefill_pb2_grpc.PrefillServiceStub(channel)
+        stub = prefill_pb2_grpc.PrefillServiceStub(channel)  # type: ignore[no-untyped-call]
         bad = prefill_pb2.PrefillRequest(prefix_ids=[1, 2], query_ids=[])
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Prefill(bad))
@@ -144,3 +147,54 @@ def test_unreachable_worker_is_service_unavailable(engine: Engine) -> None:
     client = PrefillClient("127.0.0.1:1", timeout_s=10)
     with client, pytest.raises(ServiceUnavailableError, match="UNAVAILABLE"):
         list(client.prefill(make_request(engine)))
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl CLI not available")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_to_callers_and_to_a_tls_cache_server(
+    engine: Engine, make_server: MakeServer, tmp_path: Path
+) -> None:
+    from cache_server.config import CacheServerConfig
+    from cache_server.server import CacheServer
+
+    cert, key = self_signed(tmp_path)
+    cache_config = CacheServerConfig(
+        port=0, metrics_port=None, auth_token="cache", tls_cert=cert, tls_key=key
+    )
+    with CacheServer(cache_config) as cache:
+        server = make_server(
+            engine,
+            cache_addrs=(cache.address,),
+            cache_token="cache",
+            cache_tls_ca=cert,
+            tls_cert=cert,
+            tls_key=key,
+            auth_token=TOKEN,
+        )
+        request = make_request(engine)
+        with PrefillClient(server.address, token=TOKEN, tls_root_cert=cert) as client:
+            _, cold = split(list(client.prefill(request)))
+            assert cold.stats.num_chunk_hits == 0 and cold.stats.fallback == ""
+            assert server.writer.wait_idle(120)
+            _, warm = split(list(client.prefill(request)))
+            assert warm.stats.num_chunk_hits == 3 and warm.stats.fallback == ""
+        assert sample(server, "kvfuse_prefill_write_behind_stored_total") == 4
+        plain = PrefillClient(server.address, token=TOKEN, timeout_s=10)
+        with plain, pytest.raises(ServiceUnavailableError):
+            list(plain.prefill(request))
+    unauthenticated = PrefillClient(server.address, tls_root_cert=cert)
+    with unauthenticated, pytest.raises(AuthError):
+        list(unauthenticated.prefill(request))
+    assert sample(server, "kvfuse_prefill_requests_total", code="UNAUTHENTICATED") == 1

@@ -106,7 +106,7 @@ def test_result_round_trip() -> None:
     assert wire.result_from_proto(done) == PrefillResult(17, stats)
 
 
-class _RpcError(grpc.RpcError):
+class _RpcError(grpc.RpcError):  # type: ignore[misc]
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         self._code, self._details = code, details
 

@@ -58,7 +58,12 @@ def test_a_read_blocks_until_its_layer_arrives() -> None:
     fetch, _ = start(source)
     chunk = fetch.chunks[KEYS[0]]
     got = threading.Event()
-    threading.Thread(target=lambda: (chunk.layer(2), got.set()), daemon=True).start()
+
+    def read() -> None:
+        chunk.layer(2)
+        got.set()
+
+    threading.Thread(target=read, daemon=True).start()
     chunk.layer(1)  # earlier layers are readable while layer 2 is held
     assert source.held.wait(30)
     assert not got.is_set()  # layer 2 cannot have arrived: the source holds it

@@ -1,0 +1,41 @@
+"""Chunk sources: the in-process store as a source, rendezvous sharding over cache servers."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from kvfuse.chunk_store import ChunkStore
+from kvfuse.kv import ChunkKV
+from prefill_worker.sources import ChunkInfo, LocalSource, Shards, positions_of
+
+KEYS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(400)]
+
+
+def test_local_source_streams_by_layer_and_puts_once() -> None:
+    store = ChunkStore(1 << 20)
+    source = LocalSource(store)
+    kv = ChunkKV(torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8), torch.arange(7, 11))
+    assert source.put(KEYS[0], kv) and not source.put(KEYS[0], kv)
+    source.put(KEYS[1], ChunkKV(kv.k[:, :2], kv.v[:, :2], torch.arange(2)))
+    assert source.lookup([KEYS[0], KEYS[2]]) == {KEYS[0]: ChunkInfo(4, 3, 7)}
+    items = list(source.get_layers([KEYS[0], KEYS[2], KEYS[1]]))
+    assert [(i.key, i.layer_idx) for i in items] == [
+        (key, layer) for layer in range(3) for key in (KEYS[0], KEYS[1])
+    ]
+    assert torch.equal(items[2].k, kv.k[1])
+    assert torch.equal(positions_of(ChunkInfo(4, 3, 7)), torch.arange(7, 11))
+
+
+def test_rendezvous_spreads_keys_and_moves_only_a_removed_servers_keys() -> None:
+    names = ["a:1", "b:2", "c:3"]
+    three = Shards([LocalSource(ChunkStore(1))] * 3, names)
+    two = Shards([LocalSource(ChunkStore(1))] * 2, names[:2])
+    owners = [three.owner(k) for k in KEYS]
+    assert all(owners.count(i) > len(KEYS) // 6 for i in range(3))  # roughly even
+    for key, owner in zip(KEYS, owners, strict=True):
+        if owner < 2:
+            assert two.owner(key) == owner  # keys of the remaining servers stay put
+    groups = three.split(KEYS[:10])
+    assert sorted(k for ks in groups.values() for k in ks) == sorted(KEYS[:10])
