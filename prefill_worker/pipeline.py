@@ -178,37 +178,46 @@ class RemotePrefiller:
         return True
 
     def _open(self, prompt: PreparedPrompt, mode: Mode, cancel: _Cancel) -> _Fetched:
-        """Looks the prompt's objects up and starts streaming the ones its mode reads."""
+        """Looks the prompt's objects up and starts streaming the ones its mode reads.
+
+        Streams start before the compute lock is taken, so a queued request prefetches; the
+        fetch deadline counts from here.
+        """
         fetched = _Fetched()
         if mode is Mode.FULL_PREFILL:
             return fetched
         seg = prompt.segments
-        prefix_keys = [prompt.prefix_key] if seg.prefix_ids else []
-        keys = list(dict.fromkeys([*prefix_keys, *prompt.chunk_keys]))  # unique, in order
-        read = set(keys)
+        num_tokens = dict(zip(prompt.chunk_keys, map(len, seg.chunk_ids), strict=True))
+        if seg.prefix_ids:
+            num_tokens = {prompt.prefix_key: len(seg.prefix_ids), **num_tokens}
+        read = set(num_tokens)
         if mode is Mode.PREFIX_CACHE:  # only the prefix and the chunk stored right after it
             read = {prompt.prefix_key, *prompt.chunk_keys[:1]}
-        num_tokens = dict(zip(prompt.chunk_keys, map(len, seg.chunk_ids), strict=True))
-        num_tokens[prompt.prefix_key] = len(seg.prefix_ids)
-        self.metrics.chunk_lookups.inc(len(keys))
-        for idx, shard_keys in self.shards.split(keys).items():
-            source = self.shards.sources[idx]
+        self.metrics.chunk_lookups.inc(len(num_tokens))
+        for idx, keys in self.shards.split(list(num_tokens)).items():  # unique keys, in order
             try:
-                infos = source.lookup(shard_keys)
+                infos = self.shards.sources[idx].lookup(keys)
             except KvfuseError as exc:
                 self._count_fallback(fetched, fallback_reason(exc))
-                fetched.unknown.update(shard_keys)
+                fetched.unknown.update(keys)
                 continue
             infos = {k: i for k, i in infos.items() if self._fits(i, num_tokens.get(k))}
             fetched.found.update(infos)
             self.metrics.chunk_hits.inc(len(infos))
-            infos = {k: i for k, i in infos.items() if k in read}
-            if infos:
-                fetch = LayerFetch(source, infos, self.layout, self.fetch_deadline_s, self.metrics)
-                cancel.add(fetch.start())
-                fetched.fetches.append(fetch)
-                fetched.chunks.update(fetch.chunks)
+            self._fetch(idx, {k: i for k, i in infos.items() if k in read}, fetched, cancel)
         return fetched
+
+    def _fetch(
+        self, idx: int, infos: dict[str, ChunkInfo], fetched: _Fetched, cancel: _Cancel
+    ) -> None:
+        """Starts one shard's layer stream (if it has anything to read)."""
+        if not infos:
+            return
+        source = self.shards.sources[idx]
+        fetch = LayerFetch(source, infos, self.layout, self.fetch_deadline_s, self.metrics)
+        cancel.add(fetch.start())
+        fetched.fetches.append(fetch)
+        fetched.chunks.update(fetch.chunks)
 
     def _fits(self, info: ChunkInfo, num_tokens: int | None) -> bool:
         """A stored object is usable only with this model's layers and the segment's length
