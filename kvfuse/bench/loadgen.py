@@ -36,6 +36,7 @@ class RequestResult:
         text: The generated text.
         error: Why the request failed (HTTP status and body, transport error); "" when it
             succeeded.
+        start_s: `time.perf_counter()` when the request was sent (its timeline origin).
     """
 
     ttft_s: float | None
@@ -44,6 +45,7 @@ class RequestResult:
     usage: dict[str, Any] = field(default_factory=dict)
     text: str = ""
     error: str = ""
+    start_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -131,6 +133,33 @@ def _chunk_text(chunk: dict[str, Any]) -> tuple[str, bool]:
     return text, finished
 
 
+@dataclass
+class _Progress:
+    """What a stream delivered so far (mutable, one request)."""
+
+    start_s: float
+    ttft_s: float | None = None
+    text: str = ""
+    num_chunks: int = 0
+    usage: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        piece, finished = _chunk_text(chunk)
+        if (piece or finished) and self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self.start_s
+        self.num_chunks += bool(piece)
+        self.text += piece
+        self.usage = chunk.get("usage") or self.usage
+
+    def result(self, error: str = "") -> RequestResult:
+        if not error and self.ttft_s is None:
+            error = "stream carried no content"
+        latency_s = time.perf_counter() - self.start_s
+        return RequestResult(
+            self.ttft_s, latency_s, self.num_chunks, self.usage, self.text, error, self.start_s
+        )
+
+
 async def stream_request(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> RequestResult:
@@ -142,41 +171,20 @@ async def stream_request(
         body: JSON body with `"stream": true`.
         headers: Extra headers (e.g. Authorization).
     """
-    start = time.perf_counter()
-    ttft_s: float | None = None
-    text, num_chunks = "", 0
-    usage: dict[str, Any] = {}
+    progress = _Progress(time.perf_counter())
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
                 detail = (await response.aread()).decode("utf-8", "replace")[:500]
-                return RequestResult(
-                    None, time.perf_counter() - start, error=_http(response, detail)
-                )
+                return progress.result(f"HTTP {response.status_code}: {detail}")
             async for payload in sse_data(response.aiter_lines()):
                 chunk = json.loads(payload)
                 if "error" in chunk:
-                    return RequestResult(
-                        ttft_s, time.perf_counter() - start, num_chunks, usage, text,
-                        error=f"stream error: {json.dumps(chunk['error'])[:300]}",
-                    )  # fmt: skip
-                piece, finished = _chunk_text(chunk)
-                if (piece or finished) and ttft_s is None:
-                    ttft_s = time.perf_counter() - start
-                num_chunks += bool(piece)
-                text += piece
-                usage = chunk.get("usage") or usage
+                    return progress.result(f"stream error: {json.dumps(chunk['error'])[:300]}")
+                progress.add(chunk)
     except (httpx.HTTPError, ValueError) as err:  # ValueError: a payload that is not JSON
-        return RequestResult(
-            ttft_s, time.perf_counter() - start, num_chunks, usage, text, repr(err)
-        )
-    if ttft_s is None:
-        return RequestResult(None, time.perf_counter() - start, error="stream carried no content")
-    return RequestResult(ttft_s, time.perf_counter() - start, num_chunks, usage, text)
-
-
-def _http(response: httpx.Response, detail: str) -> str:
-    return f"HTTP {response.status_code}: {detail}"
+        return progress.result(repr(err))
+    return progress.result()
 
 
 async def run_closed_loop(

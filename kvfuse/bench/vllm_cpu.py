@@ -91,13 +91,14 @@ def ensure_venv(options: VllmOptions, log_path: Path) -> Path:
     return python
 
 
-def prepare_model_dir(cache_dir: Path) -> Path:
-    """The bundled SmolLM2 as a safetensors directory vLLM can load; returns its path.
+def prepare_model_dir(cache_dir: Path, source: Path | None = None) -> Path:
+    """A safetensors directory vLLM can load (`<cache_dir>/vllm/<name>`); returns its path.
 
-    Reuses kvfuse's own GGUF conversion (`<cache_dir>/models/...`, done once), so both servers
-    read the very same weights; the vLLM view links those files and adds `architectures`.
+    By default `source` is kvfuse's own conversion of the bundled SmolLM2 GGUF (done once), so
+    both servers read the very same weights; the vLLM view symlinks its files and writes a
+    config.json with the `architectures` entry the conversion lacks.
     """
-    source = convert_gguf(default_model_path(), cache_dir)
+    source = source or convert_gguf(default_model_path(), cache_dir)
     target = cache_dir / "vllm" / source.name
     target.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():

@@ -1,0 +1,61 @@
+"""Benchmark child processes: readiness by log line and HTTP, early exit, group stop."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvfuse.bench.procs import ServerProcess, run_logged
+from kvfuse.bench.vllm_cpu import free_port
+from kvfuse.errors import ServiceUnavailableError
+
+# Prints a line, serves HTTP 200 on the given port, and runs until signalled.
+_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+print("toy server listening on", srv.server_address, flush=True)
+srv.serve_forever()
+"""
+
+
+def test_waits_for_line_and_http_then_stops(tmp_path: Path) -> None:
+    port = free_port()
+    proc = ServerProcess("toy", [sys.executable, "-c", _SERVER, str(port)], tmp_path / "toy.log")
+    with proc:
+        match = proc.wait_for_line(r"listening on \('127.0.0.1', (\d+)\)", timeout_s=30)
+        assert int(match.group(1)) == port
+        proc.wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s=30)
+        assert proc.running
+    assert not proc.running
+    assert proc.stop() is not None  # idempotent, reports the exit code
+
+
+def test_early_exit_raises_with_the_log(tmp_path: Path) -> None:
+    code = "print('bad flag --nope'); raise SystemExit(3)"
+    with ServerProcess("broken", [sys.executable, "-c", code], tmp_path / "b.log") as proc:
+        with pytest.raises(ServiceUnavailableError, match=r"(?s)code 3.*bad flag"):
+            proc.wait_for_line("never printed", timeout_s=30)
+        with pytest.raises(ServiceUnavailableError, match="code 3"):
+            proc.wait_http_ok(f"http://127.0.0.1:{free_port()}/", timeout_s=30)
+
+
+def test_deadline_raises(tmp_path: Path) -> None:
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    proc = ServerProcess("slow", argv, tmp_path / "s.log")
+    with proc, pytest.raises(ServiceUnavailableError, match="in time"):
+        proc.wait_for_line("ready", timeout_s=0.3)
+    assert not proc.running
+
+
+def test_run_logged_appends_output(tmp_path: Path) -> None:
+    log = tmp_path / "steps.log"
+    assert run_logged([sys.executable, "-c", "print('one')"], log, timeout_s=60) == 0
+    assert run_logged([sys.executable, "-c", "raise SystemExit(2)"], log, timeout_s=60) == 2
+    text = log.read_text()
+    assert "one" in text and text.count("$ ") == 2
