@@ -52,7 +52,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kvfuse.demo import run_demo
 
-    return run_demo(_build_engine(args))
+    return run_demo(args.dtype or "float32")
 
 
 def _cmd_bench_blend(args: argparse.Namespace) -> int:
@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="no chat template: prefix|chunks|query")
     gen.set_defaults(func=_cmd_generate)
 
-    demo = sub.add_parser("demo", help="one RAG question three ways: full prefill, reuse, blend")
-    _engine_args(demo)
+    demo = sub.add_parser("demo", help="the service stack answering RAG questions, cold then warm")
+    demo.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
