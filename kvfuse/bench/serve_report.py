@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvfuse.bench.report import print_table
+from rich.console import Console
+from rich.table import Table
 
 FULL = "full_prefill"
 BLEND = "blend"
@@ -18,6 +20,7 @@ TTFT_SPEEDUP_TARGET = 3.0
 THROUGHPUT_TARGET = 2.5
 THROUGHPUT_TARGET_CONCURRENCY = 8
 CACHE_OVER_MEMORY_TARGET = 1.15
+_TEXT_KEYS = ("dtype", "system", "phase", "source", "pipeline", "target", "goal", "error")
 _STYLE = {
     "full_prefill": "tab:green",
     "prefix_cache": "tab:gray",
@@ -25,21 +28,41 @@ _STYLE = {
     "blend": "tab:blue",
     "vllm": "tab:orange",
 }
-TABLE_COLUMNS = [
-    "dtype",
-    "system",
-    "phase",
-    "concurrency",
-    "ttft_p50_ms",
-    "ttft_p90_ms",
-    "throughput_rps",
-    "chunk_hit_rate",
-    "prompt_tokens_mean",
-    "ttft_speedup_vs_full",
-    "ttft_speedup_vs_vllm",
-    "throughput_vs_full",
-    "num_errors",
-]
+# (row key, column header) of the main table
+TABLE_COLUMNS = (
+    ("dtype", "dtype"),
+    ("system", "system"),
+    ("phase", "phase"),
+    ("concurrency", "C"),
+    ("ttft_p50_ms", "TTFT p50 ms"),
+    ("ttft_p90_ms", "TTFT p90 ms"),
+    ("throughput_rps", "req/s"),
+    ("chunk_hit_rate", "chunk hits"),
+    ("prompt_tokens_mean", "prompt tok"),
+    ("ttft_speedup_vs_full", "TTFT ×full"),
+    ("ttft_speedup_vs_vllm", "TTFT ×vLLM"),
+    ("throughput_vs_full", "req/s ×full"),
+    ("num_errors", "errors"),
+)
+KV_COLUMNS = (
+    ("dtype", "dtype"),
+    ("source", "chunk KV in"),
+    ("pipeline", "pipeline"),
+    ("concurrency", "C"),
+    ("ttft_p50_ms", "TTFT p50 ms"),
+    ("ttft_p90_ms", "TTFT p90 ms"),
+    ("throughput_rps", "req/s"),
+    ("chunk_hit_rate", "chunk hits"),
+    ("num_errors", "errors"),
+    ("error", "why missing"),
+)
+TARGET_COLUMNS = (
+    ("dtype", "dtype"),
+    ("target", "target"),
+    ("value", "value"),
+    ("goal", "goal"),
+    ("met", "met"),
+)
 
 
 def _find(rows: Sequence[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
@@ -159,21 +182,28 @@ def print_results(
     checks: Sequence[dict[str, Any]],
 ) -> None:
     """The three tables: systems × concurrency, KV source × pipeline, targets."""
-    print_table(list(rows), TABLE_COLUMNS, title="RAG serving over HTTP: TTFT and throughput")
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(_table(rows, TABLE_COLUMNS, "RAG serving over HTTP: TTFT and throughput"))
     if kv_rows:
-        cols = [
-            "dtype",
-            "source",
-            "pipeline",
-            "concurrency",
-            "ttft_p50_ms",
-            "ttft_p90_ms",
-            "throughput_rps",
-            "chunk_hit_rate",
-            "num_errors",
-        ]
-        print_table(list(kv_rows), cols, title="blend TTFT by where chunk KV lives (steady state)")
-    print_table(list(checks), ["dtype", "target", "value", "goal", "met"], title="targets")
+        console.print(_table(kv_rows, KV_COLUMNS, "blend TTFT by where chunk KV lives"))
+    console.print(_table(checks, TARGET_COLUMNS, "targets"))
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], title: str) -> Table:
+    table = Table(title=title)
+    for key, header in columns:
+        table.add_column(header, justify="left" if key in _TEXT_KEYS else "right")
+    for row in rows:
+        table.add_row(*(_cell(row.get(key)) for key, _ in columns))
+    return table
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
 
 
 def plot_serve(path: Path, rows: Sequence[dict[str, Any]]) -> None:
