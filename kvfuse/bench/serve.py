@@ -3,8 +3,9 @@
 For each dtype and system a fresh server starts, answers a cold phase (empty caches,
 concurrency 1), then one steady-state phase per concurrency, each on the next slice of the same
 deterministic Zipf workload, so every system sees exactly the same requests in the same order.
-A second section runs blend with chunk KV in the prefill worker's memory vs fetched from the
-cache server (and with the layerwise pipeline off, where the prefill worker can switch it off).
+A second section runs blend twice over the same requests and measures the second pass (all
+chunk KV stored) with the KV in the prefill worker's memory vs fetched from the cache server
+(and with the layerwise pipeline off, where the prefill worker can switch it off).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from kvfuse.settings import Settings
 DEFAULT_MUSIQUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "musique_s.json"
 KVFUSE_MODES = ("full_prefill", "prefix_cache", "full_reuse", "blend")
 DEFAULT_SYSTEMS = "full_prefill,prefix_cache,blend,vllm"
+HOT = "hot"
 
 
 @dataclass(frozen=True)
@@ -149,15 +151,25 @@ class Server:
         return request.kvfuse_body(self.model, self.mode, self.ratio, max_tokens)
 
 
-def measure(server: Server, plan: Plan, concurrency: Sequence[int]) -> list[dict[str, Any]]:
-    """Cold phase (concurrency 1, skipped when empty), then steady phases; one row each."""
+Phase = tuple[str, int, tuple[RagRequest, ...]]  # (name, concurrency, requests)
+
+
+def main_phases(plan: Plan) -> list[Phase]:
+    """Cold (concurrency 1, skipped when empty), then one steady phase per concurrency."""
+    phases: list[Phase] = [("cold", 1, plan.cold)] if plan.cold else []
+    steady = zip(plan.concurrency, plan.steady, strict=True)
+    return phases + [(serve_report.STEADY, c, requests) for c, requests in steady]
+
+
+def kv_phases(plan: Plan) -> list[Phase]:
+    """The first steady slice twice at concurrency 1: a pass that stores its chunks, then the
+    measured `hot` pass, whose chunk KV is all stored (the same KV for every topology)."""
+    return [("warm", 1, plan.steady[0]), (HOT, 1, plan.steady[0])]
+
+
+def measure(server: Server, plan: Plan, phases: Sequence[Phase]) -> list[dict[str, Any]]:
+    """Runs the phases in order against one server; one summary row per phase."""
     url = server.url + "/v1/chat/completions"
-    phases: list[tuple[str, int, tuple[RagRequest, ...]]] = []
-    if plan.cold:
-        phases.append(("cold", 1, plan.cold))
-    for c, requests in zip(plan.concurrency, plan.steady, strict=True):
-        if c in concurrency:
-            phases.append((serve_report.STEADY, c, requests))
     rows = []
     for phase, c, requests in phases:
         bodies = [server.body(r, plan.max_tokens) for r in requests]
@@ -202,43 +214,35 @@ def run_system(
         vllm = VllmServer(python, model_dir, dtype, options, log_dir / f"vllm-{dtype}.log")
         try:
             vllm.start()
-            return measure(Server(vllm.url, vllm.model_name, None, None), plan, plan.concurrency)
+            return measure(Server(vllm.url, vllm.model_name, None, None), plan, main_phases(plan))
         finally:
             vllm.stop()
     ratio = plan.ratio if system == "blend" else None
     topology = Topology(args.topology)
     with kvfuse_server(args, dtype, topology, log_dir / f"{system}-{dtype}", ()) as (url, model):
-        return measure(Server(url, model or "", system, ratio), plan, plan.concurrency)
+        return measure(Server(url, model or "", system, ratio), plan, main_phases(plan))
 
 
 def run_kv_sources(
-    args: argparse.Namespace,
-    plan: Plan,
-    dtype: str,
-    log_dir: Path,
-    blend_rows: list[dict[str, Any]],
+    args: argparse.Namespace, plan: Plan, dtype: str, log_dir: Path
 ) -> list[dict[str, Any]]:
-    """Blend at the first concurrency with chunk KV in each topology, pipeline on (and off if
-    --pipeline-off-args). The main run's blend row stands for its own topology, pipeline on."""
+    """Blend on the same, fully stored chunks (`kv_phases`) with chunk KV in each topology,
+    pipeline on (and off with --pipeline-off-args); one `hot` row per variant."""
     variants = [(Topology(s), "on", tuple[str, ...]()) for s in _csv(args.kv_sources)]
     off = tuple(shlex.split(args.pipeline_off_args))
     variants += [(t, "off", off) for t, _, _ in variants if off and t is not Topology.LOCAL]
-    first = [r for r in blend_rows if r["phase"] == serve_report.STEADY][:1]
     rows = []
     for topology, pipeline, extra in variants:
         label = {"dtype": dtype, "source": topology.value, "pipeline": pipeline}
-        if first and topology.value == args.topology and pipeline == "on":
-            rows.append({**label, **first[0]})
-            continue
         print(f"[{dtype}] blend, KV source {topology.value}, pipeline {pipeline}", flush=True)
         where = log_dir / f"kv-{topology.value}-{pipeline}-{dtype}"
         try:
             with kvfuse_server(args, dtype, topology, where, extra) as (url, model):
-                found = measure(Server(url, model, "blend", plan.ratio), plan, plan.concurrency[:1])
+                found = measure(Server(url, model, "blend", plan.ratio), plan, kv_phases(plan))
         except KvfuseError as err:
             rows.append({**label, "error": str(err)[:500]})
             continue
-        rows += [{**label, **r} for r in found if r["phase"] == serve_report.STEADY]
+        rows += [{**label, **r} for r in found if r["phase"] == HOT]
     return rows
 
 
@@ -260,8 +264,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             rows += [{"dtype": dtype, "system": system, **row} for row in found]
         if _csv(args.kv_sources) and not args.endpoint:
-            blend = [r for r in rows if r["system"] == "blend" and r["dtype"] == dtype]
-            kv_rows += run_kv_sources(args, plan, dtype, log_dir, blend)
+            kv_rows += run_kv_sources(args, plan, dtype, log_dir)
     serve_report.add_ratios(rows)
     serve_report.add_milliseconds(kv_rows)
     checks = serve_report.check_targets(rows, kv_rows)

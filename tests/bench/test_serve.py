@@ -1,0 +1,126 @@
+"""`kvfuse bench serve` end to end against a fake OpenAI endpoint (no model): plan, rows, files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvfuse.bench import serve
+from kvfuse.errors import ConfigError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Answers every chat request with one word and kvfuse usage; records the bodies."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.bodies.append(body)  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        mode = (body.get("kvfuse") or {}).get("mode")
+        hits = 4 if mode == "blend" else 0
+        usage = {"prompt_tokens": 9, "kvfuse": {"chunks": 6, "chunk_hits": hits}}
+        events = [
+            {"choices": [{"delta": {"content": "Paris"}, "finish_reason": None}]},
+            {"choices": [{"delta": {}, "finish_reason": "length"}]},
+            {"choices": [], "usage": usage},
+        ]
+        for event in events:
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+@pytest.fixture
+def endpoint() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.bodies = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+@pytest.fixture
+def musique(tmp_path: Path) -> Path:
+    entries = [
+        {"ctxs": [{"title": f"T{q}-{i}", "text": f"Text {q} {i}."} for i in range(10)],
+         "question": f"Question {q}?", "answers": ["x"]}
+        for q in range(5)
+    ]  # fmt: skip
+    path = tmp_path / "musique.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_plan_slices_are_disjoint_and_quick_is_small(musique: Path) -> None:
+    plan = serve.make_plan(_args("--quick", "--musique-path", str(musique)))
+    assert plan.dtypes == ("bfloat16",) and plan.concurrency == (1, 4)
+    assert len(plan.cold) == serve.QUICK.num_cold
+    assert [len(s) for s in plan.steady] == [serve.QUICK.num_steady] * 2
+    indices = [r.index for r in plan.cold] + [r.index for s in plan.steady for r in s]
+    assert indices == list(range(len(indices)))
+    assert [p[:2] for p in serve.main_phases(plan)] == [("cold", 1), ("steady", 1), ("steady", 4)]
+    assert [p[:2] for p in serve.kv_phases(plan)] == [("warm", 1), ("hot", 1)]
+    assert serve.kv_phases(plan)[1][2] == plan.steady[0]
+    full = serve.make_plan(_args("--musique-path", str(musique)))
+    assert full.concurrency == (1, 4, 8) and full.dtypes == ("bfloat16", "float32")
+    with pytest.raises(ConfigError):
+        serve.make_plan(_args("--systems", "blend,sglang", "--musique-path", str(musique)))
+    with pytest.raises(ConfigError):
+        serve.make_plan(_args("--concurrency", "0", "--musique-path", str(musique)))
+
+
+def test_run_against_an_endpoint_writes_rows_ratios_and_plot(
+    endpoint: ThreadingHTTPServer, musique: Path, tmp_path: Path
+) -> None:
+    url = f"http://127.0.0.1:{endpoint.server_address[1]}"
+    out = tmp_path / "results"
+    args = _args(
+        "--endpoint", url, "--systems", "full_prefill,blend", "--dtypes", "float32",
+        "--concurrency", "1,2", "--num-cold", "1", "--num-steady", "3",
+        "--musique-path", str(musique), "--out", str(out), "--num-docs", "3",
+    )  # fmt: skip
+    assert serve.run(args) == 0
+    result = json.loads((out / "serve.json").read_text())
+    rows = result["rows"]
+    assert [(r["system"], r["phase"], r["concurrency"]) for r in rows] == [
+        ("full_prefill", "cold", 1), ("full_prefill", "steady", 1), ("full_prefill", "steady", 2),
+        ("blend", "cold", 1), ("blend", "steady", 1), ("blend", "steady", 2),
+    ]  # fmt: skip
+    assert all(r["num_errors"] == 0 and r["ttft_p50_s"] > 0 for r in rows)
+    assert rows[4]["chunk_hit_rate"] == pytest.approx(4 / 6)
+    assert rows[4]["ttft_speedup_vs_full"] is not None
+    assert result["missing"] == {} and result["kv_sources"] == []  # no stacks with --endpoint
+    assert result["config"]["num_steady"] == 3 and result["machine"]["cpus"] >= 1
+    assert (out / "serve.png").read_bytes().startswith(PNG_MAGIC)
+    bodies = endpoint.bodies  # type: ignore[attr-defined]
+    assert len(bodies) == 2 * (1 + 3 + 3)
+    assert {b["kvfuse"]["mode"] for b in bodies} == {"full_prefill", "blend"}
+    blend = [b for b in bodies if b["kvfuse"]["mode"] == "blend"]
+    assert all(b["kvfuse"]["recompute_ratio"] == 0.15 for b in blend)
+
+    def requests(bodies: list[dict[str, Any]]) -> list[str]:  # arrival order varies at C=2
+        return sorted(json.dumps(b["kvfuse"]["segments"]) for b in bodies)
+
+    assert requests(bodies[:7]) == requests(blend)  # every system gets the very same requests
