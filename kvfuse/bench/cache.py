@@ -1,150 +1,276 @@
-"""`kvfuse bench cache`: put, lookup and layer-by-layer get latency of the cache server.
+"""`kvfuse bench cache`: the kvfuse cache server side by side with redis-server and LMCache.
 
-Chunks have the default model's shape (30 layers, 3 KV heads, head dim 64). The server is a
-separate process (`python -m cache_server` on a free port, memory + disk tiers in a temporary
-directory) unless `--target` names a running one, so client and server do not share a GIL.
-Times are medians over `--repeats`; "first layer" is when layer 0 of every chunk of the batch
-has arrived (what a layer-by-layer prefill waits for), "MB/s" counts the fp16 bytes of K and V
-delivered per second of a whole batch get.
+Every system runs as its own OS process on 127.0.0.1 and is driven by the same worker processes
+(`kvfuse.bench.cache_workers`) with the same chunk: by default the KV of a real SmolLM2 chunk of
+512 tokens (30 layers x K,V x 512 x 3 x 64, fp16, 11.8 MB). Sections: put/get throughput and
+p50/p99 latency at each concurrency per system; the codec table (size, error and speed of each
+codec from `kvfuse.bench.codecs`, plus kvfuse put/get throughput per codec at 4 clients); the
+memory tier's RSS against the bytes it stores; and single-client per-tier latency. Results go
+to `<out>/cache.json` and `<out>/cache.png`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import re
-import statistics
-import subprocess
-import sys
+import contextlib
+import math
+import os
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvfuse.client.sync import CacheClient
+from kvfuse.bench import cache_report, cache_rss
+from kvfuse.bench.cache_chunks import HEAD_DIM, NUM_KV_HEADS, NUM_LAYERS, chunks
+from kvfuse.bench.cache_clients import Layers, fp16_nbytes
+from kvfuse.bench.cache_systems import Systems, clearer
+from kvfuse.bench.cache_throughput import Cell, measure_cell, object_keys
+from kvfuse.bench.cache_workers import WorkerPool, write_chunks
 
-NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
-_LISTENING = re.compile(r"listening on (\S+:\d+)")
-Layers = list[tuple[torch.Tensor, torch.Tensor]]
+CODECS = ("raw", "fp16", "int8", "int4", "cachegen")
+_QUICK = {
+    "ops": 16,
+    "gets": 16,
+    "codec_ops": 4,
+    "rss_objects": 8,
+    "tiers": "",
+    "codec_chunks": 1,
+    "codec_repeats": 1,
+    "tier_repeats": 2,
+}
+_FULL = {
+    "ops": 96,
+    "gets": 192,
+    "codec_ops": 32,
+    "rss_objects": 128,
+    "tiers": "memory,disk",
+    "codec_chunks": 3,
+    "codec_repeats": 3,
+    "tier_repeats": 5,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=None, help="a running server (default: start one)")
-    parser.add_argument("--token", default=None, help="bearer token for --target")
-    parser.add_argument("--tokens", default="64,512", help="chunk lengths, comma-separated")
-    parser.add_argument("--chunks", type=int, default=6, help="chunks per batch get")
-    parser.add_argument("--tiers", default="memory,disk", help="where the chunks are read from")
-    parser.add_argument("--codecs", default="raw,int8", help="codecs the records travel in")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    add = parser.add_argument
+    add("--quick", action="store_true", help="small op counts: a run of about two minutes")
+    add("--systems", default="kvfuse,redis,lmcache", help="systems to compare")
+    add("--concurrency", default="1,4,16", help="concurrent client processes, comma-separated")
+    add("--tokens", type=int, default=512, help="tokens per chunk")
+    add(
+        "--kv",
+        choices=("model", "random"),
+        default="model",
+        help="chunk KV from the real SmolLM2 model, or random fp16",
+    )
+    add("--ops", type=int, help="puts per cell (distinct objects; default 96, quick 16)")
+    add("--gets", type=int, help="gets per cell (default 192, quick 16)")
+    add("--codecs", default=",".join(CODECS), help="codecs of the codec table ('' skips it)")
+    add("--codec-concurrency", type=int, default=4, help="clients of the per-codec put/get")
+    add("--codec-ops", type=int, help="puts and gets per codec (default 32, quick 4)")
+    add("--codec-chunks", type=int, help="real chunks the codec table averages over")
+    add("--codec-repeats", type=int, help="timed codec round trips per chunk (median)")
+    add("--rss-objects", type=int, help="objects filled into a fresh server for the RSS check")
+    add("--tiers", help="tiers of the latency table (default memory,disk; quick and '' skip it)")
+    add("--tier-codecs", default="raw,int8", help="wire codecs of the latency table")
+    add("--tier-repeats", type=int)
+    add(
+        "--redis-mode",
+        choices=("mget", "hash"),
+        default="mget",
+        help="per-layer keys with pipelined SET/MGET, or one hash per object",
+    )
+    add(
+        "--lmcache",
+        choices=("setup", "existing", "off"),
+        default="setup",
+        help="create LMCache's venv if needed, use only an existing one, or skip LMCache",
+    )
+    add("--lmcache-venv", type=Path, default=Path("bench/.venvs/lmcache"))
+    add("--out", type=Path, default=Path("bench/results"))
 
 
-@contextmanager
-def _server(args: argparse.Namespace) -> Iterator[str]:
-    """The target: `--target`, or a server process started for the benchmark."""
-    if args.target:
-        yield args.target
-        return
-    with tempfile.TemporaryDirectory(prefix="kvfuse-bench-") as tmp:
-        flags = ["--port", "0", "--metrics-port", "off", "--memory-bytes", "4GiB"]
-        flags += ["--disk-dir", tmp, "--disk-bytes", "16GiB"]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cache_server", *flags], stdout=subprocess.PIPE, text=True
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags with the quick/full defaults filled in."""
+    defaults = _QUICK if args.quick else _FULL
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.pop("func", None)
+    for key, value in defaults.items():
+        if settings.get(key) is None:
+            settings[key] = value
+    return settings
+
+
+def _throughput(
+    pool: WorkerPool, settings: dict[str, Any], addresses: dict[str, str]
+) -> list[Cell]:
+    """Every system at every concurrency with raw fp16 chunks."""
+    cells: list[Cell] = []
+    for system, address in addresses.items():
+        for conc in _concurrencies(settings):
+            _log(f"{system} at {conc} clients")
+            cells += _cell(pool, settings, system, address, "raw", conc, settings["ops"])
+    return cells
+
+
+def _codec_throughput(
+    pool: WorkerPool, settings: dict[str, Any], addresses: dict[str, str]
+) -> list[Cell]:
+    """kvfuse per codec at `--codec-concurrency` clients, each against a server whose memory
+    tier stores that codec (so it stores and serves the client's records as they are)."""
+    cells: list[Cell] = []
+    for codec, address in addresses.items():
+        _log(f"kvfuse {codec} at {settings['codec_concurrency']} clients")
+        cells += _cell(
+            pool,
+            settings,
+            "kvfuse",
+            address,
+            codec,
+            settings["codec_concurrency"],
+            settings["codec_ops"],
         )
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                match = _LISTENING.search(line)
-                if match:
-                    yield match.group(1)
-                    return
-            raise RuntimeError(f"cache server exited with {proc.wait()} before listening")
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    return cells
 
 
-def _chunk(num_tokens: int, seed: int) -> Layers:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (num_tokens, NUM_KV_HEADS, HEAD_DIM)  # [T, H_kv, D]
-    return [
-        (torch.randn(shape, generator=gen).half(), torch.randn(shape, generator=gen).half())
-        for _ in range(NUM_LAYERS)
-    ]
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()
-
-
-def _timed_get(client: CacheClient, keys: list[str], codec: str) -> tuple[float, float]:
-    """Seconds to layer 0 of every key, and to the whole batch."""
-    start = time.perf_counter()
-    first_layer_s, num_frames = 0.0, 0
-    for _ in client.get_layers(keys, codec=codec):
-        num_frames += 1
-        if num_frames == len(keys):
-            first_layer_s = time.perf_counter() - start
-    if num_frames != len(keys) * NUM_LAYERS:
-        raise RuntimeError(f"expected {len(keys) * NUM_LAYERS} layers, got {num_frames}")
-    return first_layer_s, time.perf_counter() - start
-
-
-def measure(
-    client: CacheClient, num_tokens: int, tier: str, codec: str, args: argparse.Namespace
-) -> dict[str, Any]:
-    """One row: put, lookup and batch get times for chunks of `num_tokens` read from `tier`."""
-    keys = [_key("bench", num_tokens, i) for i in range(args.chunks)]
-    for i, key in enumerate(keys):
-        client.put(key, _chunk(num_tokens, i))
-    chunk = _chunk(num_tokens, -1)
-    put_s = []
-    for r in range(args.repeats):
-        key = _key("bench-put", num_tokens, tier, codec, r, time.time_ns())
-        start = time.perf_counter()
-        client.put(key, chunk, codec=codec)
-        put_s.append(time.perf_counter() - start)
-        client.delete(key)
-    lookup_s, first_s, get_s = [], [], []
-    for _ in range(args.repeats):
-        if tier != "memory":
-            for key in keys:  # a get promotes into memory: put the chunks back for each run
-                client.move(key, tier)
-        start = time.perf_counter()
-        client.lookup(keys)
-        lookup_s.append(time.perf_counter() - start)
-        first, whole = _timed_get(client, keys, codec)
-        first_s.append(first)
-        get_s.append(whole)
-    fp16_mb = args.chunks * NUM_LAYERS * 2 * num_tokens * NUM_KV_HEADS * HEAD_DIM * 2 / 1e6
-    client.delete(keys)
-    return {
-        "tokens": num_tokens,
-        "tier": tier,
+def _cell(
+    pool: WorkerPool,
+    settings: dict[str, Any],
+    system: str,
+    address: str,
+    codec: str,
+    conc: int,
+    num_ops: int,
+) -> list[Cell]:
+    keys = object_keys(f"{system}|{codec}", _round_up(num_ops, conc))
+    num_gets = _round_up(settings["gets"] if codec == "raw" else num_ops, conc)
+    target = {
+        "system": system,
+        "address": address,
         "codec": codec,
-        "put_ms": 1e3 * statistics.median(put_s),
-        "lookup_ms": 1e3 * statistics.median(lookup_s),
-        "first_layer_ms": 1e3 * statistics.median(first_s),
-        "get_ms": 1e3 * statistics.median(get_s),
-        "MB_per_s": fp16_mb / statistics.median(get_s),
+        "redis_mode": settings["redis_mode"],
     }
+    return measure_cell(pool, target, conc, keys, num_gets, clearer(system, address))
+
+
+_T0 = time.monotonic()
+
+
+def _log(message: str) -> None:
+    print(f"[{time.monotonic() - _T0:6.1f} s] {message}", flush=True)
+
+
+def _concurrencies(settings: dict[str, Any]) -> list[int]:
+    return [int(c) for c in settings["concurrency"].split(",") if c]
+
+
+def _round_up(num: int, multiple: int) -> int:
+    return max(multiple, math.ceil(num / multiple) * multiple)
+
+
+def _codecs(settings: dict[str, Any]) -> list[str]:
+    return [c for c in settings["codecs"].split(",") if c]
+
+
+def _codec_table(
+    settings: dict[str, Any], kvs: list[Any], cells: list[Cell]
+) -> list[dict[str, Any]]:
+    """`kvfuse.bench.codecs.measure` per codec (1 torch thread), joined with kvfuse's put/get
+    cells of that codec (`--codec-concurrency` clients)."""
+    from kvfuse.bench.codecs import measure
+    from kvfuse.codecs import get_codec
+
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = [
+            asdict(measure(get_codec(n), kvs, settings["codec_repeats"])) for n in _codecs(settings)
+        ]
+    finally:
+        torch.set_num_threads(num_threads)
+    for row in rows:
+        for cell in (c for c in cells if c.codec == row["codec"]):
+            row[f"{cell.op}_gb_s"], row[f"{cell.op}_p99_ms"] = cell.gb_s, cell.p99_ms
+            row[f"{cell.op}_wire_gb_s"] = cell.wire_gb_s
+    return rows
+
+
+def _tiers(settings: dict[str, Any], address: str, layers: Layers) -> list[dict[str, Any]]:
+    from kvfuse.bench.cache_tiers import measure_tier
+    from kvfuse.client.sync import CacheClient
+
+    rows = []
+    with CacheClient(address, timeout_s=600) as client:
+        for tier in (t for t in settings["tiers"].split(",") if t):
+            for codec in (c for c in settings["tier_codecs"].split(",") if c):
+                _log(f"kvfuse {tier} tier, {codec} on the wire, 1 client")
+                rows.append(measure_tier(client, layers, tier, codec, 6, settings["tier_repeats"]))
+    return rows
+
+
+def _measure(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Every server-side section; the chunk KV is computed while servers and clients start."""
+    num_workers = max([*_concurrencies(settings), settings["codec_concurrency"]])
+    _log(f"starting servers and {num_workers} clients; chunk KV ({settings['kv']})")
+    pool = WorkerPool(num_workers, workdir / "workers.log")
+    try:
+        with contextlib.ExitStack() as stack:
+            object_nbytes = NUM_LAYERS * 2 * settings["tokens"] * NUM_KV_HEADS * HEAD_DIM * 2
+            rss_budget = cache_rss.memory_budget(settings["rss_objects"], object_nbytes)
+            systems = Systems(settings, workdir, stack, _codecs(settings), rss_budget)
+            num_chunks = max(1, settings["codec_chunks"])
+            layers, kvs = chunks(settings["kv"], settings["tokens"], num_chunks)
+            pool.load(workdir / "kv.bin", write_chunks(workdir / "kv.bin", layers))
+            systems.wait()
+            cells = _throughput(pool, settings, systems.addresses)
+            codec_cells = _codec_throughput(pool, settings, systems.codec_addresses)
+            tiers = (
+                _tiers(settings, systems.addresses["kvfuse"], layers[0])
+                if "kvfuse" in systems.addresses
+                else []
+            )
+            rss = None
+            if systems.rss is not None:
+                _log(f"RSS with {settings['rss_objects']} objects")
+                rss = cache_rss.measure(pool, *systems.rss, settings["rss_objects"])
+    finally:
+        pool.close()
+    return {"layers": layers, "kvs": kvs, "systems": systems.info, "cells": cells,
+            "codec_cells": codec_cells, "tiers": tiers, "rss": rss}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvfuse.bench.report import print_table, write_json
+    """Runs every section, prints the tables, writes `<out>/cache.json` and `<out>/cache.png`."""
+    from kvfuse.bench.report import write_json
 
-    rows = []
-    with _server(args) as target, CacheClient(target, token=args.token, timeout_s=300) as client:
-        for num_tokens in (int(t) for t in args.tokens.split(",")):
-            for tier in args.tiers.split(","):
-                for codec in args.codecs.split(","):
-                    rows.append(measure(client, num_tokens, tier, codec, args))
-    title = f"cache server: {args.chunks} chunks x {NUM_LAYERS} layers, medians of {args.repeats}"
-    print_table(rows, list(rows[0]), title=title)
-    settings = {k: getattr(args, k) for k in ("target", "tokens", "chunks", "tiers", "codecs")}
-    write_json(args.out / "cache.json", {"settings": settings, "rows": rows})
+    settings = _settings(args)
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="kvfuse-bench-cache-") as tmp:
+        measured = _measure(settings, Path(tmp))
+    _log("codec table")
+    codec_rows = _codec_table(settings, measured["kvs"], measured["codec_cells"])
+    layers = measured["layers"][0]
+    payload = {
+        "settings": settings,
+        "environment": {"cpus": os.cpu_count(), "load_avg_start": load_start,
+                        "load_avg_end": os.getloadavg()},
+        "object": {"num_layers": NUM_LAYERS, "num_tokens": settings["tokens"],
+                   "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float16",
+                   "fp16_bytes": fp16_nbytes(layers),
+                   "kv": "SmolLM2-135M chunk KV" if settings["kv"] == "model" else "random"},
+        "systems": measured["systems"],
+        "throughput": [asdict(c) for c in measured["cells"]],
+        "codec_throughput": [asdict(c) for c in measured["codec_cells"]],
+        "codecs": codec_rows,
+        "rss": measured["rss"],
+        "tiers": measured["tiers"],
+    }  # fmt: skip
+    payload["targets"] = cache_report.check_targets(measured["cells"], codec_rows, measured["rss"])
+    cache_report.print_tables(payload)
+    out = Path(settings["out"])
+    write_json(out / "cache.json", payload)
+    cache_report.plot(out / "cache.png", payload)
+    _log(f"wrote {out / 'cache.json'} and {out / 'cache.png'}")
     return 0
