@@ -46,18 +46,24 @@ class Stack:
         self.cache_port, self.proxy_port = free_port(), free_port()
         self.arm_file = workdir / "hold-streams"
         self.cache = self.start_cache()
-        self.proxy = self.start_proxy()
-        self.worker = Child(
-            [
-                *("-m", "prefill_worker", "--port", "0", "--metrics-port", "0"),
-                *("--cache", f"127.0.0.1:{self.proxy_port}", "--token", WORKER_TOKEN),
-                *("--cache-token", CACHE_TOKEN, "--num-threads", str(torch.get_num_threads())),
-                *("--lookup-deadline-s", "10", "--fetch-deadline-s", "120"),
-            ],
-            ready=r"kvfuse prefill worker listening on (\S+) .*metrics port (\d+)",
-        )
-        assert self.worker.match is not None
-        self.metrics_url = f"http://127.0.0.1:{self.worker.match.group(2)}/metrics"
+        try:
+            self.proxy = self.start_proxy()
+            self.worker = Child(
+                [
+                    *("-m", "prefill_worker", "--port", "0", "--metrics-port", "0"),
+                    *("--cache", f"127.0.0.1:{self.proxy_port}", "--token", WORKER_TOKEN),
+                    *("--cache-token", CACHE_TOKEN, "--num-threads", str(torch.get_num_threads())),
+                    *("--lookup-deadline-s", "10", "--fetch-deadline-s", "120"),
+                ],
+                ready=r"kvfuse prefill worker listening on (\S+) .*metrics port (\d+)",
+            )
+            assert self.worker.match is not None
+            self.metrics_url = f"http://127.0.0.1:{self.worker.match.group(2)}/metrics"
+        except BaseException:  # no child outlives a failed start
+            for child in (self.cache, getattr(self, "proxy", None), getattr(self, "worker", None)):
+                if child is not None:
+                    child.kill()
+            raise
 
     def start_cache(self) -> Child:
         port = str(self.cache_port)
