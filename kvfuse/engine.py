@@ -284,6 +284,7 @@ class Engine:
                 self.warm(prompt)
         return self._output(token_ids, params, ttft_s, total_s, run.stats, planned, prompt, mode)
 
+    @torch.inference_mode()
     def prefill(
         self, request: PrefillRequest, blend: BlendConfig | None = None
     ) -> Iterator[FusedLayer | PrefillResult]:
