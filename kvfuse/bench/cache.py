@@ -106,12 +106,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _throughput(
     pool: WorkerPool, settings: dict[str, Any], addresses: dict[str, str]
 ) -> list[Cell]:
-    """Every system at every concurrency with raw fp16 chunks."""
+    """Every system at every concurrency with raw fp16 chunks; systems take turns at each
+    concurrency, so a change in the machine's background load hits them alike."""
     cells: list[Cell] = []
-    for system, address in addresses.items():
-        for conc in _concurrencies(settings):
+    for conc in _concurrencies(settings):
+        for system, address in addresses.items():
             _log(f"{system} at {conc} clients")
-            cells += _cell(pool, settings, system, address, "raw", conc, settings["ops"])
+            target = _target(settings, system, address, "raw")
+            cells += _cell(pool, target, conc, settings["ops"], settings["gets"])
     return cells
 
 
@@ -121,38 +123,26 @@ def _codec_throughput(
     """kvfuse per codec at `--codec-concurrency` clients, each against a server whose memory
     tier stores that codec (so it stores and serves the client's records as they are)."""
     cells: list[Cell] = []
+    conc, num_ops = settings["codec_concurrency"], settings["codec_ops"]
     for codec, address in addresses.items():
-        _log(f"kvfuse {codec} at {settings['codec_concurrency']} clients")
-        cells += _cell(
-            pool,
-            settings,
-            "kvfuse",
-            address,
-            codec,
-            settings["codec_concurrency"],
-            settings["codec_ops"],
-        )
+        _log(f"kvfuse {codec} at {conc} clients")
+        cells += _cell(pool, _target(settings, "kvfuse", address, codec), conc, num_ops, num_ops)
     return cells
 
 
+def _target(settings: dict[str, Any], system: str, address: str, codec: str) -> dict[str, str]:
+    """What the workers' tasks name: system, address, codec, redis_mode."""
+    return {"system": system, "address": address, "codec": codec,
+            "redis_mode": settings["redis_mode"]}  # fmt: skip
+
+
 def _cell(
-    pool: WorkerPool,
-    settings: dict[str, Any],
-    system: str,
-    address: str,
-    codec: str,
-    conc: int,
-    num_ops: int,
+    pool: WorkerPool, target: dict[str, str], conc: int, num_puts: int, num_gets: int
 ) -> list[Cell]:
-    keys = object_keys(f"{system}|{codec}", _round_up(num_ops, conc))
-    num_gets = _round_up(settings["gets"] if codec == "raw" else num_ops, conc)
-    target = {
-        "system": system,
-        "address": address,
-        "codec": codec,
-        "redis_mode": settings["redis_mode"],
-    }
-    return measure_cell(pool, target, conc, keys, num_gets, clearer(system, address))
+    """Puts then gets (each rounded up to a multiple of `conc`); the store is cleared after."""
+    keys = object_keys(f"{target['system']}|{target['codec']}", _round_up(num_puts, conc))
+    clear = clearer(target["system"], target["address"])
+    return measure_cell(pool, target, conc, keys, _round_up(num_gets, conc), clear)
 
 
 _T0 = time.monotonic()

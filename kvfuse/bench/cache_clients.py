@@ -2,12 +2,14 @@
 
 - `kvfuse`: the SDK (`CacheClient.put(key, layers, codec=...)` encodes on the client; `get`
   streams GetLayers and decodes every layer to tensors).
-- `redis`: redis-py (hiredis parser) on the records kvfuse's `raw` codec makes, i.e. exactly
-  the bytes the kvfuse server stores: one key per layer, written with one pipelined round trip
-  of SETs and read with one MGET (`mget`, the default: fastest here), or one hash per object
-  with HSET/HGETALL (`hash`). Reads decode each record to tensors, as the SDK does.
+- `redis`: redis-py (hiredis parser) on the records kvfuse's `raw` codec makes from the tensors
+  on every put, i.e. exactly the bytes the kvfuse server stores, with the same client-side
+  encode/decode work as the SDK: one key per layer, written with one pipelined round trip of
+  SETs and read with one MGET (`mget`, the default: its puts are much faster than HSET's and
+  its gets as fast), or one hash per object with HSET/HGETALL (`hash`).
 - `lmcache`: LMCache's wire protocol, one fp16 [2, L, T, H_kv * D] object per chunk (LMCache's
-  own layout, the same values); reads wrap the bytes in a tensor without a copy.
+  own layout, the same values), gathered from the per-layer tensors on every put as LMCache's
+  connector does; reads wrap the bytes in a tensor without a copy. LMCache has no checksums.
 
 Every client is single-threaded: one per worker process. `put`/`get` return the bytes that
 crossed the wire, so throughput can be counted in stored-payload bytes.
@@ -86,32 +88,36 @@ class RedisBench:
         if mode not in REDIS_MODES:
             raise CacheError(f"unknown redis mode {mode!r} (known: {', '.join(REDIS_MODES)})")
         self._redis = redis.Redis(host="127.0.0.1", port=port, socket_timeout=600.0)
-        self._records = encode_layers("0" * 64, layers, "raw", 0)[1]
-        self._mode = mode
+        self._layers, self._mode = layers, mode
+        self._num_layers = len(layers)
+        self._wire_nbytes = sum(map(len, encode_layers("0" * 64, layers, "raw", 0)[1]))
 
     def connect(self) -> None:
         self._redis.ping()
 
     def put(self, key: str) -> int:
+        from kvfuse.client.wire import encode_layers
+
+        records = encode_layers(key, self._layers, "raw", 0)[1]
         if self._mode == "hash":
-            self._redis.hset(key, mapping=dict(enumerate(self._records)))
+            self._redis.hset(key, mapping=dict(enumerate(records)))
         else:
             pipe = self._redis.pipeline(transaction=False)
-            for idx, record in enumerate(self._records):
+            for idx, record in enumerate(records):
                 pipe.set(f"{key}:{idx}", record)
             pipe.execute()
-        return sum(map(len, self._records))
+        return sum(map(len, records))
 
     def get(self, key: str) -> int:
         from kvfuse.client.wire import decode_record
 
         if self._mode == "hash":
             found = self._redis.hgetall(key)
-            values = [found.get(str(idx).encode()) for idx in range(len(self._records))]
+            values = [found.get(str(idx).encode()) for idx in range(self._num_layers)]
         else:
-            values = self._redis.mget([f"{key}:{idx}" for idx in range(len(self._records))])
+            values = self._redis.mget([f"{key}:{idx}" for idx in range(self._num_layers)])
         records = [r for r in values if isinstance(r, bytes)]
-        if len(records) != len(self._records):
+        if len(records) != self._num_layers:
             raise CacheError(f"redis: {key} missing or short")
         for record in records:
             decode_record(record)
@@ -128,22 +134,25 @@ class LMCacheBench:
         from kvfuse.bench.lmcache_server import LMCacheClient
 
         self._client = LMCacheClient(port)
-        k = torch.stack([pair[0] for pair in layers])  # [L, T, H_kv, D]
-        v = torch.stack([pair[1] for pair in layers])
-        kv = torch.stack([k, v]).flatten(3).half().contiguous()  # [2, L, T, H_kv * D]
-        self._shape = (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[3])
-        self._data = kv.view(torch.uint8).flatten().numpy().tobytes()
+        self._layers = layers
+        num_tokens, num_kv_heads, head_dim = layers[0][0].shape
+        self._shape = (2, len(layers), num_tokens, num_kv_heads * head_dim)
+        self._nbytes = fp16_nbytes(layers)
 
     def connect(self) -> None:
         self._client.health()
 
     def put(self, key: str) -> int:
-        self._client.put(key, self._data, self._shape)
-        return len(self._data)
+        kv = torch.empty(self._shape, dtype=torch.float16)  # [2, L, T, H_kv * D]
+        for idx, (k, v) in enumerate(self._layers):  # the gather LMCache's connector does
+            kv[0, idx] = k.flatten(1)
+            kv[1, idx] = v.flatten(1)
+        self._client.put(key, kv.view(torch.uint8).flatten().numpy().data, self._shape)
+        return self._nbytes
 
     def get(self, key: str) -> int:
         data = self._client.get(key)
-        if data is None or len(data) != len(self._data):
+        if data is None or len(data) != self._nbytes:
             raise CacheError(f"lmcache: {key} missing or short")
         torch.frombuffer(data, dtype=torch.float16).view(self._shape)
         return len(data)

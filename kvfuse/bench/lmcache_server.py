@@ -165,7 +165,7 @@ class LMCacheClient:
 
     def put(self, key_hex: str, data: bytes | memoryview, shape: tuple[int, int, int, int]) -> None:
         """Stores `data` (fp16 [2, L, T, H_kv * D]) and waits until the server holds it."""
-        self._send(_PUT, key_hex, len(data), shape)
+        self._send(_PUT, key_hex, memoryview(data).nbytes, shape)
         self._sock.sendall(data)
         if not self.exists(key_hex):
             raise CacheError(f"lmcache server does not hold {key_hex} after PUT")

@@ -188,3 +188,5 @@ def test_lmcache_client_against_the_real_server(tmp_path: Path) -> None:
             assert bytes(client.get("ab" * 32) or b"") == data
             assert client.get("cd" * 32) is None
             assert client.exists("ab" * 32) and not client.exists("cd" * 32)
+            client.put("ef" * 32, memoryview(data).cast("B", (2, len(data) // 2)), (2, 3, 4, 160))
+            assert bytes(client.get("ef" * 32) or b"") == data  # a 2-d buffer counts its bytes
