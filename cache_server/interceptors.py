@@ -1,4 +1,4 @@
-"""Server interceptors: bearer-token auth, and status mapping plus metrics around every RPC."""
+"""The cache server's own interceptor: status mapping plus metrics around every CacheService RPC."""
 
 from __future__ import annotations
 
@@ -9,60 +9,11 @@ from typing import Any
 import grpc
 
 from cache_server import status
-from cache_server.auth import Authenticator
 from cache_server.metrics import CacheMetrics
-from kvfuse.errors import AuthError, KvfuseError
+from kvfuse.errors import KvfuseError
+from kvfuse.service.grpc_server import Behavior, wrap_handler
 
 SERVICE_PREFIX = "/kvfuse.v1.CacheService/"
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
-_FACTORIES = {
-    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
-    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
-    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
-    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
-}
-
-
-def wrap_handler(
-    handler: grpc.RpcMethodHandler | None, wrap: Callable[[Behavior, bool], Behavior]
-) -> grpc.RpcMethodHandler | None:
-    """The same handler with its behavior replaced by `wrap(behavior, response_streaming)`."""
-    if handler is None:
-        return None
-    factory, attr = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
-    return factory(
-        wrap(getattr(handler, attr), handler.response_streaming),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Rejects CacheService calls without a valid `authorization: Bearer <token>` (health and
-    reflection stay open for probes). Thread-safe."""
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self._auth = authenticator
-
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        if not self._auth.enabled or not details.method.startswith(SERVICE_PREFIX):
-            return handler
-        try:
-            self._auth.tenant_of(details.invocation_metadata)
-        except AuthError as exc:
-            deny = _deny(exc)
-            return wrap_handler(handler, lambda _behavior, _streaming: deny)
-        return handler
-
-
-def _deny(exc: AuthError) -> Behavior:
-    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-        status.abort(context, exc)
-
-    return deny
 
 
 class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]

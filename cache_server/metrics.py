@@ -1,12 +1,10 @@
-"""Prometheus metrics of the cache server, declared in one place and served on their own port."""
+"""Prometheus metrics of the cache server, declared in one place (served by its GrpcServer)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -133,21 +131,3 @@ _TIER_COUNTERS = (
     ("kvfuse_cache_corrupt_records", "Records that failed a checksum.", "num_corrupt"),
     ("kvfuse_cache_rejected", "Objects the tier refused or declined.", "num_rejected"),
 )
-
-
-class MetricsServer:
-    """The /metrics HTTP endpoint on its own port (a daemon thread)."""
-
-    def __init__(self, metrics: CacheMetrics, host: str, port: int) -> None:
-        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
-        self._server: WSGIServer = server
-        self._thread: Thread = thread
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_port)
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()

@@ -7,13 +7,13 @@ from collections.abc import Iterator
 import grpc
 
 from cache_server import download, status, wire
-from cache_server.auth import Authenticator
 from cache_server.config import CacheServerConfig
 from cache_server.metrics import CacheMetrics
 from cache_server.objects import StoredObject
 from cache_server.records import RecordCodec
 from cache_server.store import TieredStore
 from cache_server.upload import CommitLocks, Upload
+from kvfuse.service.auth import Authenticator
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc
 
 

@@ -1,9 +1,10 @@
-"""Shared fixtures: the real SmolLM2 engine (loaded once) and tiny random-init models."""
+"""Shared fixtures: the real SmolLM2 engine (loaded once), tiny random-init models, TLS files."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,3 +104,21 @@ def tiny_model_dir(
         return made[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1/localhost and its key (PEM files); the
+    certificate also serves as the CA of itself (TLS roots, mTLS client CA)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl CLI not available")
+    out = tmp_path_factory.mktemp("tls")
+    cert, key = out / "cert.pem", out / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key

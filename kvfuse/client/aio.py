@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -12,11 +11,13 @@ import grpc
 import torch
 
 from kvfuse.client import wire
-from kvfuse.client.retry import RetryPolicy
+from kvfuse.client.retry import RetryPolicy, retry_delay
+from kvfuse.service.auth import bearer_metadata
+from kvfuse.service.grpc_channel import open_aio_channel
+from kvfuse.service.tls import Pem
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc
 
 T = TypeVar("T")
-Pem = str | Path | bytes | None
 
 
 class AsyncCacheClient:
@@ -40,15 +41,16 @@ class AsyncCacheClient:
         retry: RetryPolicy | None = None,
         max_message_bytes: int = 16 << 20,
     ) -> None:
-        options = wire.channel_options(max_message_bytes, tls_server_name)
-        creds = wire.channel_credentials(tls_root_cert, tls_client_cert, tls_client_key)
-        self._channel = (
-            grpc.aio.insecure_channel(target, options)
-            if creds is None
-            else grpc.aio.secure_channel(target, creds, options)
+        self._channel = open_aio_channel(
+            target,
+            max_message_bytes=max_message_bytes,
+            tls_root_cert=tls_root_cert,
+            tls_client_cert=tls_client_cert,
+            tls_client_key=tls_client_key,
+            tls_server_name=tls_server_name,
         )
         self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer_metadata(token)
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
 
@@ -68,10 +70,7 @@ class AsyncCacheClient:
             except grpc.RpcError as exc:
                 if miss_ok and exc.code() == grpc.StatusCode.NOT_FOUND:
                     return None
-                delay = next(delays, None) if exc.code() in wire.RETRYABLE_CODES else None
-                if delay is None:
-                    raise wire.error_from_rpc(exc) from exc
-                await asyncio.sleep(delay)
+                await asyncio.sleep(retry_delay(delays, exc))
 
     async def _must(
         self, method: Callable[..., Awaitable[T]], make_request: Callable[[], Any]
@@ -131,11 +130,7 @@ class AsyncCacheClient:
                         yield item
                 return
             except grpc.RpcError as exc:
-                retry = not started and exc.code() in wire.RETRYABLE_CODES
-                delay = next(delays, None) if retry else None
-                if delay is None:
-                    raise wire.error_from_rpc(exc) from exc
-                await asyncio.sleep(delay)
+                await asyncio.sleep(retry_delay(delays, exc, retryable=not started))
             finally:
                 call.cancel()
 

@@ -6,6 +6,9 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import grpc
+
+from kvfuse.client.wire import RETRYABLE_CODES, error_from_rpc
 from kvfuse.errors import ConfigError
 
 
@@ -31,3 +34,16 @@ class RetryPolicy:
         """The delay before each retry (max_attempts - 1 of them), with full jitter."""
         for attempt in range(self.max_attempts - 1):
             yield random.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2**attempt))
+
+
+def retry_delay(delays: Iterator[float], exc: grpc.RpcError, retryable: bool = True) -> float:
+    """Seconds to wait before retrying the call that failed with `exc`.
+
+    Takes the next of the call's `delays` (from `RetryPolicy.delays`) when the code is
+    UNAVAILABLE or DEADLINE_EXCEEDED and `retryable` holds (e.g. no stream message arrived
+    yet); otherwise, or when none is left, raises the kvfuse error of `exc`.
+    """
+    delay = next(delays, None) if retryable and exc.code() in RETRYABLE_CODES else None
+    if delay is None:
+        raise error_from_rpc(exc) from exc
+    return delay

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -12,11 +11,13 @@ import grpc
 import torch
 
 from kvfuse.client import wire
-from kvfuse.client.retry import RetryPolicy
+from kvfuse.client.retry import RetryPolicy, retry_delay
+from kvfuse.service.auth import bearer_metadata
+from kvfuse.service.grpc_channel import open_channel
+from kvfuse.service.tls import Pem
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc
 
 T = TypeVar("T")
-Pem = str | Path | bytes | None
 
 
 class CacheClient:
@@ -52,15 +53,16 @@ class CacheClient:
         retry: RetryPolicy | None = None,
         max_message_bytes: int = 16 << 20,
     ) -> None:
-        options = wire.channel_options(max_message_bytes, tls_server_name)
-        creds = wire.channel_credentials(tls_root_cert, tls_client_cert, tls_client_key)
-        self._channel = (
-            grpc.insecure_channel(target, options)
-            if creds is None
-            else grpc.secure_channel(target, creds, options)
+        self._channel = open_channel(
+            target,
+            max_message_bytes=max_message_bytes,
+            tls_root_cert=tls_root_cert,
+            tls_client_cert=tls_client_cert,
+            tls_client_key=tls_client_key,
+            tls_server_name=tls_server_name,
         )
         self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer_metadata(token)
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
 
@@ -75,10 +77,7 @@ class CacheClient:
             except grpc.RpcError as exc:
                 if miss_ok and exc.code() == grpc.StatusCode.NOT_FOUND:
                     return None
-                delay = next(delays, None) if exc.code() in wire.RETRYABLE_CODES else None
-                if delay is None:
-                    raise wire.error_from_rpc(exc) from exc
-                time.sleep(delay)
+                time.sleep(retry_delay(delays, exc))
 
     def _must(self, method: Callable[..., T], make_request: Callable[[], Any]) -> T:
         response = self._call(method, make_request)
@@ -150,11 +149,7 @@ class CacheClient:
                         yield item
                 return
             except grpc.RpcError as exc:
-                retry = not started and exc.code() in wire.RETRYABLE_CODES
-                delay = next(delays, None) if retry else None
-                if delay is None:
-                    raise wire.error_from_rpc(exc) from exc
-                time.sleep(delay)
+                time.sleep(retry_delay(delays, exc, retryable=not started))
             finally:
                 call.cancel()  # no-op when complete; frees the stream if the caller stopped early
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import grpc
 import torch
@@ -16,7 +15,6 @@ from kvfuse.errors import (
     AuthError,
     CacheError,
     CapacityError,
-    ConfigError,
     CorruptRecordError,
     InvalidObjectError,
     KvfuseError,
@@ -168,40 +166,6 @@ def error_from_rpc(exc: grpc.RpcError) -> KvfuseError:
     details = exc.details() if hasattr(exc, "details") else str(exc)
     error_type = _ERRORS.get(code, CacheError)
     return error_type(f"{code.name}: {details}")
-
-
-def channel_options(max_message_bytes: int, server_name: str | None) -> list[tuple[str, Any]]:
-    options: list[tuple[str, Any]] = [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    ]
-    if server_name is not None:
-        options.append(("grpc.ssl_target_name_override", server_name))
-    return options
-
-
-def channel_credentials(
-    root_cert: str | Path | bytes | None,
-    client_cert: str | Path | bytes | None = None,
-    client_key: str | Path | bytes | None = None,
-) -> grpc.ChannelCredentials | None:
-    """TLS credentials (PEM bytes or file paths); None for a plaintext channel."""
-    if root_cert is None and client_cert is None:
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=_pem(root_cert),
-        private_key=_pem(client_key),
-        certificate_chain=_pem(client_cert),
-    )
-
-
-def _pem(value: str | Path | bytes | None) -> bytes | None:
-    if value is None or isinstance(value, bytes):
-        return value
-    try:
-        return Path(value).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {value}: {exc}") from exc
 
 
 def get_layers_request(

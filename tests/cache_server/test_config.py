@@ -7,26 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from cache_server.config import _PARSERS, CacheServerConfig, parse_bytes
+from cache_server.config import _PARSERS, CacheServerConfig
 from kvfuse.errors import ConfigError
 
 
 def test_every_field_has_a_parser() -> None:
     assert set(_PARSERS) == {f.name for f in fields(CacheServerConfig)}
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("4096", 4096), ("512MiB", 512 << 20), ("2GiB", 2 << 30), ("1G", 10**9), ("3kb", 3000)],
-)
-def test_parse_bytes(text: str, expected: int) -> None:
-    assert parse_bytes(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "-1", "1.5GiB", "12 parsecs"])
-def test_parse_bytes_rejects(text: str) -> None:
-    with pytest.raises(ConfigError):
-        parse_bytes(text)
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:

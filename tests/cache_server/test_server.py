@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,22 +92,8 @@ def test_tenants_never_see_each_others_chunks() -> None:
         assert stored == [f"team-a/{key}"]
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl CLI not available")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
-
-
-def test_tls_and_mtls(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+def test_tls_and_mtls(tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
     with make_server(tls_cert=cert, tls_key=key) as srv:
         with CacheClient(srv.address, tls_root_cert=cert) as c:
             assert c.put(key_of("tls"), layers_of(3.0)) is True
