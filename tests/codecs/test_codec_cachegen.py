@@ -15,10 +15,11 @@ from kvfuse.engine import Engine
 from kvfuse.errors import CodecError
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Stated reconstruction error of the default codec on real SmolLM2 chunk KV (measured: see the
-# codec benchmark); the test below fails if a change makes it worse.
+# Stated on real SmolLM2 chunk KV (~490 tokens, fp32): the default codec is >= 3.5x smaller
+# than fp16 (measured 3.67-3.68x on three chunks) at a relative RMS error of at most 4.5% for K
+# and 9% for V (measured 3.5% and 7.4-7.5%).
 REAL_KV_MIN_RATIO_VS_FP16 = 3.5
-REAL_KV_MAX_REL_RMS = {"k": 0.06, "v": 0.12}
+REAL_KV_MAX_REL_RMS = {"k": 0.045, "v": 0.09}
 
 
 def bin_widths(x: torch.Tensor, bins: int) -> torch.Tensor:
@@ -37,11 +38,11 @@ def assert_within_half_bin(x: torch.Tensor, out: torch.Tensor, bins: int) -> Non
 @pytest.mark.parametrize("layer_idx", [0, 15, 29])
 def test_error_is_at_most_half_a_bin(dtype, layer_idx, make_random, make_structured) -> None:
     codec = get_codec("cachegen")
-    bins = bins_for_layer(layer_idx, 30, 32, 16)
+    key_bins, value_bins = codec.bins(layer_idx, 30)  # type: ignore[attr-defined]
     for k, v in (make_random(dtype=dtype), make_structured(dtype=dtype)):
         k2, v2 = codec.decode(codec.encode(k, v, layer_idx, 30))
-        assert_within_half_bin(k, k2, bins)
-        assert_within_half_bin(v, v2, bins)
+        assert_within_half_bin(k, k2, key_bins)
+        assert_within_half_bin(v, v2, value_bins)
 
 
 def test_bins_fall_from_first_to_last_layer() -> None:
@@ -49,18 +50,18 @@ def test_bins_fall_from_first_to_last_layer() -> None:
     assert bins[0] == 32 and bins[-1] == 16
     assert all(a >= b for a, b in itertools.pairwise(bins))
     assert bins_for_layer(0, 1, 32, 16) == 32
-    codec = CacheGenCodec(48, 8)
-    assert codec.bins(0, 4) == 48 and codec.bins(3, 4) == 8
+    codec = CacheGenCodec(key_bins=(48, 8), value_bins=(20, 10))
+    assert codec.bins(0, 4) == (48, 20) and codec.bins(3, 4) == (8, 10)
     with pytest.raises(CodecError, match="bins"):
-        CacheGenCodec(1, 16)
+        CacheGenCodec(key_bins=(1, 16))
     with pytest.raises(CodecError, match="bins"):
-        CacheGenCodec(32, 129)
+        CacheGenCodec(value_bins=(32, 129))
 
 
 def test_more_bins_cost_more_bytes_and_err_less(make_random) -> None:
     k, v = make_random(num_tokens=64)
     sizes, errors = [], []
-    for layer_idx in (0, 29):  # 32 bins, then 16
+    for layer_idx in (0, 29):  # 32 bins, then 24
         k2, _ = get_codec("cachegen").decode(
             payload := get_codec("cachegen").encode(k, v, layer_idx, 30)
         )
