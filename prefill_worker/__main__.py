@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from kvfuse.errors import KvfuseError
+from kvfuse.service.runner import run_main
 from prefill_worker.serve import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefill_worker", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except KvfuseError as exc:
-        print(f"prefill_worker: error: {exc}", file=sys.stderr)
-        return 2
+    return run_main("prefill_worker", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

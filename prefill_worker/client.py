@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Generator
-from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -11,6 +10,9 @@ import grpc
 from kvfuse.blend import FusedLayer
 from kvfuse.errors import CodecError, ServiceUnavailableError
 from kvfuse.prefill import PrefillRequest, PrefillResult
+from kvfuse.service.auth import bearer_metadata
+from kvfuse.service.grpc_channel import open_channel
+from kvfuse.service.tls import Pem
 from kvfuse.v1 import prefill_pb2_grpc
 from prefill_worker import status, wire
 
@@ -32,7 +34,7 @@ class PrefillClient:
         max_message_bytes: gRPC message limit.
         max_layer_bytes: largest fused layer (K + V) accepted.
         tls_root_cert: PEM (bytes or a path) of the CA that signed the worker's certificate;
-            enables TLS.
+            enables TLS (ConfigError when the file cannot be read).
     """
 
     def __init__(
@@ -43,21 +45,13 @@ class PrefillClient:
         timeout_s: float | None = 120.0,
         max_message_bytes: int = 16 << 20,
         max_layer_bytes: int = 1 << 30,
-        tls_root_cert: bytes | Path | None = None,
+        tls_root_cert: Pem = None,
     ) -> None:
-        if isinstance(tls_root_cert, Path):
-            tls_root_cert = tls_root_cert.read_bytes()
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
-        self._channel = (
-            grpc.insecure_channel(target, options)
-            if tls_root_cert is None
-            else grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_root_cert), options)
+        self._channel = open_channel(
+            target, max_message_bytes=max_message_bytes, tls_root_cert=tls_root_cert
         )
         self._stub = prefill_pb2_grpc.PrefillServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer_metadata(token)
         self._timeout_s = timeout_s
         self._max_layer_bytes = max_layer_bytes
 

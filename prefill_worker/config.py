@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from kvfuse.errors import ConfigError
+from kvfuse.service.config import (
+    ConfigLayers,
+    Parser,
+    check_port,
+    check_tls_files,
+    optional,
+    parse_float,
+    parse_int,
+)
 
 ENV_PREFIX = "KVFUSE_PREFILL_"
 DTYPES = ("float32", "bfloat16", "float16")
 CHUNK_CONTEXTS = ("none", "bos", "prefix")
-_OFF = ("", "off", "none", "false", "no")
 
 
 @dataclass(frozen=True)
@@ -78,10 +85,8 @@ class PrefillConfig:
 
     def check(self) -> None:
         """Raises ConfigError on any invalid or contradictory value."""
-        for name in ("port", "metrics_port"):
-            port = getattr(self, name)
-            if port is not None and not 0 <= port <= 65535:
-                raise ConfigError(f"{name} must be in [0, 65535], got {port}")
+        check_port("port", self.port)
+        check_port("metrics_port", self.metrics_port)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.chunk_context not in CHUNK_CONTEXTS:
@@ -98,8 +103,7 @@ class PrefillConfig:
             raise ConfigError("num_workers and local_store_bytes must be positive")
         if self.max_message_bytes < (4 << 20) + (64 << 10):
             raise ConfigError("max_message_bytes must hold a 4 MiB frame plus headers")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("tls_cert and tls_key go together")
+        check_tls_files(self.tls_cert, self.tls_key)
         for addr in self.cache_addrs:
             host, sep, port = addr.rpartition(":")
             if not sep or not host or not port.isdigit():
@@ -118,44 +122,12 @@ class PrefillConfig:
     ) -> PrefillConfig:
         """Defaults < config file (or `KVFUSE_PREFILL_CONFIG`) < env vars < flags (None = unset)."""
         env = os.environ if env is None else env
-        path = config_file or env.get(ENV_PREFIX + "CONFIG")
-        values: dict[str, Any] = dict(read_config_file(Path(path))) if path else {}
-        values.update(_from_env(env))
-        values.update({k: v for k, v in (flags or {}).items() if v is not None})
-        return cls.from_mapping(values)
+        return cls.from_mapping(_LAYERS.merge(config_file, env, flags))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PrefillConfig:
         """Builds a config from raw values (strings, numbers, lists), parsing each by field."""
-        unknown = sorted(set(values) - set(_PARSERS))
-        if unknown:
-            raise ConfigError(f"unknown prefill-worker settings: {', '.join(unknown)}")
-        return replace(cls(), **{k: _PARSERS[k](v) for k, v in values.items()})
-
-
-def _int(value: object) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"not an integer: {value!r}")
-    try:
-        return int(str(value))
-    except ValueError as exc:
-        raise ConfigError(f"not an integer: {value!r}") from exc
-
-
-def _float(value: object) -> float:
-    try:
-        return float(str(value))
-    except ValueError as exc:
-        raise ConfigError(f"not a number: {value!r}") from exc
-
-
-def _optional(parse: Callable[[Any], Any]) -> Callable[[object], Any]:
-    def parse_or_none(value: object) -> Any:
-        if value is None or value is False or str(value).strip().lower() in _OFF:
-            return None
-        return parse(value)
-
-    return parse_or_none
+        return replace(cls(), **_LAYERS.parse(values))
 
 
 def _addrs(value: object) -> tuple[str, ...]:
@@ -166,60 +138,39 @@ def _addrs(value: object) -> tuple[str, ...]:
     return tuple(str(a).strip() for a in items if str(a).strip())
 
 
-_PARSERS: dict[str, Callable[[Any], Any]] = {
+_PARSERS: dict[str, Parser] = {
     "host": str,
-    "port": _int,
-    "metrics_port": _optional(_int),
+    "port": parse_int,
+    "metrics_port": optional(parse_int),
     "cache_addrs": _addrs,
-    "cache_token": _optional(str),
-    "auth_token": _optional(str),
-    "tls_cert": _optional(Path),
-    "tls_key": _optional(Path),
-    "cache_tls_ca": _optional(Path),
-    "model": _optional(str),
+    "cache_token": optional(str),
+    "auth_token": optional(str),
+    "tls_cert": optional(Path),
+    "tls_key": optional(Path),
+    "cache_tls_ca": optional(Path),
+    "model": optional(str),
     "dtype": str,
     "device": str,
-    "num_threads": _int,
+    "num_threads": parse_int,
     "chunk_context": str,
     "tenant_salt": str,
-    "default_ratio": _optional(_float),
-    "write_behind_size": _int,
-    "lookup_deadline_s": _float,
-    "fetch_deadline_s": _float,
-    "put_deadline_s": _float,
-    "local_store_bytes": _int,
-    "max_message_bytes": _int,
-    "num_workers": _int,
-    "grace_s": _float,
+    "default_ratio": optional(parse_float),
+    "write_behind_size": parse_int,
+    "lookup_deadline_s": parse_float,
+    "fetch_deadline_s": parse_float,
+    "put_deadline_s": parse_float,
+    "local_store_bytes": parse_int,
+    "max_message_bytes": parse_int,
+    "num_workers": parse_int,
+    "grace_s": parse_float,
 }
 assert set(_PARSERS) == {f.name for f in fields(PrefillConfig)}
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, str]:
-    names = [name for name in _PARSERS if ENV_PREFIX + name.upper() in env]
-    values = {name: env[ENV_PREFIX + name.upper()] for name in names}
-    if "KVFUSE_AUTH_TOKEN" in env and "auth_token" not in values:
-        values["auth_token"] = env["KVFUSE_AUTH_TOKEN"]
-    return values
-
-
-def read_config_file(path: Path) -> Mapping[str, Any]:
-    """The settings in a `.toml` or `.json` file (a flat table of field names)."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data: Any = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"config file must be .toml or .json, got {path}")
-    except ValueError as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
-        raise ConfigError(f"cannot parse {path}: {exc}") from exc
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path} must hold a table of settings")
-    return data
+_LAYERS = ConfigLayers(
+    service="prefill-worker",
+    env_prefix=ENV_PREFIX,
+    parsers=_PARSERS,
+    env_aliases={"auth_token": "KVFUSE_AUTH_TOKEN"},
+    suffixes=(".toml", ".json"),
+)

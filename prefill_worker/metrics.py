@@ -1,11 +1,8 @@
-"""Prometheus metrics of the prefill worker, declared in one place and served on their own port."""
+"""Prometheus metrics of the prefill worker, declared in one place (served by its GrpcServer)."""
 
 from __future__ import annotations
 
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
@@ -90,21 +87,3 @@ class PrefillMetrics:
         self.write_behind_errors = Counter(
             "kvfuse_prefill_write_behind_errors", "Chunk stores that failed.", registry=r
         )
-
-
-class MetricsServer:
-    """The /metrics HTTP endpoint on its own port (a daemon thread)."""
-
-    def __init__(self, metrics: PrefillMetrics, host: str, port: int) -> None:
-        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
-        self._server: WSGIServer = server
-        self._thread: Thread = thread
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_port)
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)

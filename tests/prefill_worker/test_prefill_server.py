@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -149,27 +147,13 @@ def test_unreachable_worker_is_service_unavailable(engine: Engine) -> None:
         list(client.prefill(make_request(engine)))
 
 
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl CLI not available")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
-
-
 def test_tls_to_callers_and_to_a_tls_cache_server(
-    engine: Engine, make_server: MakeServer, tmp_path: Path
+    engine: Engine, make_server: MakeServer, tls_files: tuple[Path, Path]
 ) -> None:
     from cache_server.config import CacheServerConfig
     from cache_server.server import CacheServer
 
-    cert, key = self_signed(tmp_path)
+    cert, key = tls_files
     cache_config = CacheServerConfig(
         port=0, metrics_port=None, auth_token="cache", tls_cert=cert, tls_key=key
     )
