@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from cache_server import wire
 from cache_server.objects import StoredObject
 from cache_server.records import RecordCodec
-from kvfuse.client.frames import split_record
+from kvfuse.client.frames import crc32, fill_frame, frame_parts
 from kvfuse.errors import InvalidRequestError
 from kvfuse.v1 import cache_pb2
 
@@ -46,5 +46,8 @@ def iter_layer_frames(
             if codec is not None and codec != obj.meta.codec:
                 record, crc = codecs.transcode(obj.meta, layer_idx, record, codec), None
             key = wire.chunk_key_of(obj.meta.key)
-            for frame in split_record(key, layer_idx, record, crc):
-                yield cache_pb2.GetLayersResponse(frame=frame)
+            crc = crc32(record) if crc is None else crc
+            for offset, data in frame_parts(record):
+                response = cache_pb2.GetLayersResponse()
+                fill_frame(response.frame, key, layer_idx, len(record), crc, offset, data)
+                yield response

@@ -16,6 +16,37 @@ def crc32(record: bytes) -> int:
     return zlib.crc32(record) & 0xFFFFFFFF
 
 
+def frame_parts(
+    record: bytes, max_frame_bytes: int = MAX_FRAME_BYTES
+) -> Iterator[tuple[int, bytes]]:
+    """(offset, data) of each frame of one record, in order (one part even for an empty one)."""
+    if len(record) <= max_frame_bytes:
+        yield 0, record  # the common case: the record as is, no slice copy
+        return
+    view = memoryview(record)
+    for offset in range(0, len(record), max_frame_bytes):
+        yield offset, bytes(view[offset : offset + max_frame_bytes])
+
+
+def fill_frame(
+    frame: common_pb2.LayerFrame,
+    key: str,
+    layer_idx: int,
+    record_nbytes: int,
+    record_crc32: int,
+    offset: int,
+    data: bytes,
+) -> None:
+    """Sets the fields of `frame` in place (a nested message: no copy of `data` on assignment
+    into its parent, unlike `Parent(frame=LayerFrame(...))`)."""
+    frame.key = key
+    frame.layer_idx = layer_idx
+    frame.record_nbytes = record_nbytes
+    frame.record_crc32 = record_crc32
+    frame.offset = offset
+    frame.data = data
+
+
 def split_record(
     key: str,
     layer_idx: int,
@@ -25,18 +56,10 @@ def split_record(
 ) -> Iterator[common_pb2.LayerFrame]:
     """The frames of one layer record, in offset order (one frame even for an empty record)."""
     crc = crc32(record) if record_crc32 is None else record_crc32
-    view = memoryview(record)
-    for offset in range(0, max(len(record), 1), max_frame_bytes):
-        # a record that fits one frame goes as is (no slice copy)
-        data = record if len(record) <= max_frame_bytes else view[offset : offset + max_frame_bytes]
-        yield common_pb2.LayerFrame(
-            key=key,
-            layer_idx=layer_idx,
-            record_nbytes=len(record),
-            record_crc32=crc,
-            offset=offset,
-            data=bytes(data),
-        )
+    for offset, data in frame_parts(record, max_frame_bytes):
+        frame = common_pb2.LayerFrame()
+        fill_frame(frame, key, layer_idx, len(record), crc, offset, data)
+        yield frame
 
 
 class Record(NamedTuple):
@@ -79,26 +102,27 @@ class RecordAssembler:
 
     def feed(self, frame: common_pb2.LayerFrame) -> Record | None:
         """Takes one frame; returns the record it completes, else None."""
-        if len(frame.data) > self._max_frame_bytes:
+        data = frame.data  # each read of a bytes field copies it: read once
+        if len(data) > self._max_frame_bytes:
             raise InvalidObjectError(
-                f"frame of {len(frame.data)} bytes exceeds the {self._max_frame_bytes}-byte limit"
+                f"frame of {len(data)} bytes exceeds the {self._max_frame_bytes}-byte limit"
             )
         if self._current is None:
-            self._start(frame)
+            self._start(frame, len(data))
         else:
-            self._continue(frame)
-        self._parts.append(frame.data)
-        self._num_received += len(frame.data)
+            self._continue(frame, len(data))
+        self._parts.append(data)
+        self._num_received += len(data)
         head = self._current
         if head is None or self._num_received < head.record_nbytes:
             return None
-        data = b"".join(self._parts)
+        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         self._current, self._parts, self._num_received = None, [], 0
         if crc32(data) != head.record_crc32:
             raise CorruptRecordError(f"{head.key}: layer {head.layer_idx} failed its CRC32")
         return Record(head.key, head.layer_idx, data)
 
-    def _start(self, frame: common_pb2.LayerFrame) -> None:
+    def _start(self, frame: common_pb2.LayerFrame, num_data_bytes: int) -> None:
         if frame.offset != 0:
             raise InvalidObjectError(
                 f"layer {frame.layer_idx}: first frame at offset {frame.offset}"
@@ -108,11 +132,11 @@ class RecordAssembler:
                 f"layer {frame.layer_idx}: record of {frame.record_nbytes} bytes exceeds the "
                 f"{self._max_record_bytes}-byte limit"
             )
-        if len(frame.data) > frame.record_nbytes or (frame.record_nbytes and not frame.data):
+        if num_data_bytes > frame.record_nbytes or (frame.record_nbytes and not num_data_bytes):
             raise InvalidObjectError(f"layer {frame.layer_idx}: frame size does not fit the record")
         self._current = _head(frame)
 
-    def _continue(self, frame: common_pb2.LayerFrame) -> None:
+    def _continue(self, frame: common_pb2.LayerFrame, num_data_bytes: int) -> None:
         head = self._current
         assert head is not None
         if _head(frame) != head or frame.offset != self._num_received:
@@ -120,5 +144,5 @@ class RecordAssembler:
                 f"layer {head.layer_idx}: frame out of order (offset {frame.offset}, "
                 f"expected {self._num_received} of the same record)"
             )
-        if not frame.data or self._num_received + len(frame.data) > head.record_nbytes:
+        if not num_data_bytes or self._num_received + num_data_bytes > head.record_nbytes:
             raise InvalidObjectError(f"layer {head.layer_idx}: frame overruns its record")

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import grpc
 import torch
 
-from kvfuse.client.frames import crc32, split_record
+from kvfuse.client.frames import crc32, fill_frame, frame_parts
 from kvfuse.errors import (
     AuthError,
     CacheError,
@@ -149,8 +149,10 @@ def put_requests(
     """The Put stream: the header, then each record's frames in layer order."""
     yield cache_pb2.PutRequest(header=cache_pb2.PutHeader(meta=meta))
     for idx, record in enumerate(records):
-        for frame in split_record("", idx, record, meta.layer_crc32[idx]):
-            yield cache_pb2.PutRequest(frame=frame)
+        for offset, data in frame_parts(record):
+            request = cache_pb2.PutRequest()  # filled in place: no second copy of the data
+            fill_frame(request.frame, "", idx, len(record), meta.layer_crc32[idx], offset, data)
+            yield request
 
 
 def decode_record(record: bytes) -> tuple[torch.Tensor, torch.Tensor]:
