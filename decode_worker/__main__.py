@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from decode_worker.serve import add_arguments, run
-from kvfuse.errors import KvfuseError
+from kvfuse.service.runner import run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m decode_worker", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except KvfuseError as exc:
-        print(f"decode_worker: error: {exc}", file=sys.stderr)
-        return 2
+    return run_main("decode_worker", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvfuse.blend import Mode
-from kvfuse.errors import ConfigError
 from kvfuse.precompute import ChunkContext
 from kvfuse.segments import DEFAULT_SEPARATOR
+from kvfuse.service.config import ConfigLayers, Parser, check_port, optional, parse_bytes, require
 from kvfuse.settings import DTYPES, Settings
 
 ENV_PREFIX = "KVFUSE_DECODE_"
@@ -28,32 +26,8 @@ SHARED_ENV = {
     "cache_dir": "KVFUSE_CACHE_DIR",
 }
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
-_SIZE_UNITS = {
-    "": 1,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-    "ki": 1 << 10,
-    "mi": 1 << 20,
-    "gi": 1 << 30,
-}
-
-
-def parse_bytes(value: object) -> int:
-    """`4096`, `"512MiB"`, `"2G"` → bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    m = re.fullmatch(r"\s*(\d+)\s*([kmg]i?)?b?\s*", str(value), re.IGNORECASE)
-    if m is None:
-        raise ConfigError(f"not a byte size: {value!r} (e.g. 1048576, 512MiB, 2GiB)")
-    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
-
-
-def _optional_float(value: object) -> float | None:
-    return None if value is None or str(value).strip().lower() in ("", "none") else float(value)  # type: ignore[arg-type]
-
-
-_PARSERS: dict[str, Callable[[Any], Any]] = {
+# Fields not named here are strings. Builtin int/float: a bad value reads "bad value for <name>".
+_PARSERS: dict[str, Parser] = {
     "port": int,
     "num_threads": int,
     "max_batch": int,
@@ -63,7 +37,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "default_max_tokens": int,
     "prefill_timeout_s": float,
     "default_temperature": float,
-    "default_recompute_ratio": _optional_float,
+    "default_recompute_ratio": optional(float),
     "kv_cache_bytes": parse_bytes,
     "store_capacity_bytes": parse_bytes,
     "cache_dir": Path,
@@ -127,26 +101,26 @@ class DecodeConfig:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        _check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
-        _check(self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        _check(self.num_threads >= 0, "num_threads must be ≥ 0")
-        _check(self.max_batch >= 1, f"max_batch must be ≥ 1, got {self.max_batch}")
-        _check(self.max_model_len >= 0, "max_model_len must be ≥ 0 (0 = the model's)")
-        _check(self.kv_cache_bytes > 0, "kv_cache_bytes must be positive")
-        _check(self.store_capacity_bytes > 0, "store_capacity_bytes must be positive")
-        _check(self.max_concurrent_prefills >= 1, "max_concurrent_prefills must be ≥ 1")
-        _check(self.max_waiting >= 0, "max_waiting must be ≥ 0")
-        _check(self.default_max_tokens >= 1, "default_max_tokens must be ≥ 1")
-        _check(0.0 <= self.default_temperature <= 100.0, "default_temperature must be in [0, 100]")
-        _check(self.prefill_timeout_s > 0, "prefill_timeout_s must be positive")
-        _check(bool(self.separator), "separator must not be empty")
-        _check(self.default_mode in {m.value for m in Mode}, f"unknown mode {self.default_mode!r}")
-        _check(
+        check_port("port", self.port)
+        require(self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        require(self.num_threads >= 0, "num_threads must be ≥ 0")
+        require(self.max_batch >= 1, f"max_batch must be ≥ 1, got {self.max_batch}")
+        require(self.max_model_len >= 0, "max_model_len must be ≥ 0 (0 = the model's)")
+        require(self.kv_cache_bytes > 0, "kv_cache_bytes must be positive")
+        require(self.store_capacity_bytes > 0, "store_capacity_bytes must be positive")
+        require(self.max_concurrent_prefills >= 1, "max_concurrent_prefills must be ≥ 1")
+        require(self.max_waiting >= 0, "max_waiting must be ≥ 0")
+        require(self.default_max_tokens >= 1, "default_max_tokens must be ≥ 1")
+        require(0.0 <= self.default_temperature <= 100.0, "default_temperature must be in [0, 100]")
+        require(self.prefill_timeout_s > 0, "prefill_timeout_s must be positive")
+        require(bool(self.separator), "separator must not be empty")
+        require(self.default_mode in {m.value for m in Mode}, f"unknown mode {self.default_mode!r}")
+        require(
             self.chunk_context in {c.value for c in ChunkContext},
             f"unknown chunk_context {self.chunk_context!r}",
         )
         ratio = self.default_recompute_ratio
-        _check(ratio is None or 0.0 <= ratio <= 1.0, "default_recompute_ratio must be in [0, 1]")
+        require(ratio is None or 0.0 <= ratio <= 1.0, "default_recompute_ratio must be in [0, 1]")
 
     @property
     def model_name(self) -> str:
@@ -186,66 +160,21 @@ class DecodeConfig:
             ConfigError: unreadable file, unknown key, or a value that does not parse/validate.
         """
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        path = file or (Path(env[f"{ENV_PREFIX}CONFIG"]) if f"{ENV_PREFIX}CONFIG" in env else None)
-        if path is not None:
-            values.update(_read_file(path))
-        values.update(_read_env(env))
-        values.update({k: v for k, v in (flags or {}).items() if v is not None})
-        return cls.from_mapping(values)
+        return cls.from_mapping(_LAYERS.merge(file, env, flags))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> DecodeConfig:
         """Builds a config from raw values (strings are parsed to the field's type)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown decode-worker settings: {', '.join(unknown)}")
-        parsed: dict[str, Any] = {}
-        for name, value in values.items():
-            try:
-                parsed[name] = _PARSERS.get(name, str)(value)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"bad value for {name}: {value!r}") from exc
-        return cls(**parsed)
+        return cls(**_LAYERS.parse(values))
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    """A `.toml`, `.yaml`/`.yml` or `.json` file: a flat table, or one under `[decode]`."""
-    try:
-        text = path.read_text()
-        if path.suffix == ".toml":
-            import tomllib  # Python ≥ 3.11
-
-            data: Any = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"config file must be .toml, .yaml, .yml or .json, got {path}")
-    except (OSError, ValueError) as exc:  # ValueError covers TOML/JSON decode errors
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    section = data.get("decode", data) if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: expected a table of settings (optionally under [decode])")
-    return section
-
-
-def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {name: env[var] for name, var in SHARED_ENV.items() if var in env}
-    for f in dataclasses.fields(DecodeConfig):
-        var = f"{ENV_PREFIX}{f.name.upper()}"
-        if var in env:
-            values[f.name] = env[var]
-    return values
+_LAYERS = ConfigLayers(
+    service="decode-worker",
+    env_prefix=ENV_PREFIX,
+    parsers={f.name: _PARSERS.get(f.name, str) for f in dataclasses.fields(DecodeConfig)},
+    env_aliases=SHARED_ENV,
+    section="decode",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ import socket
 
 from decode_worker.config import DecodeConfig, add_arguments, from_args
 from kvfuse.errors import ConfigError
+from kvfuse.service.runner import configure_logging
 
 __all__ = ["add_arguments", "run", "serve"]
 
@@ -25,9 +26,7 @@ def serve(config: DecodeConfig) -> None:
     from decode_worker.app import create_app
     from decode_worker.service import DecodeService
 
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(config.log_level)
     app = create_app(DecodeService.from_config(config))
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]

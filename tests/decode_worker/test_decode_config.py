@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from decode_worker.config import DecodeConfig, add_arguments, from_args, parse_bytes
+from decode_worker.config import DecodeConfig, add_arguments, from_args
 from kvfuse.errors import ConfigError
 
 
@@ -92,7 +92,3 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     bad.write_text("x=1")
     with pytest.raises(ConfigError, match="must be"):
         DecodeConfig.load(bad, env={})
-
-
-def test_parse_bytes() -> None:
-    assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("1k") == 1000 and parse_bytes(7) == 7
