@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from types import TracebackType
 
 from cache_server.config import CacheServerConfig
 from cache_server.interceptors import SERVICE_PREFIX, ObservingInterceptor
@@ -12,7 +11,7 @@ from cache_server.servicer import CacheServicer
 from cache_server.store import TieredStore
 from cache_server.tiers.base import Tier
 from kvfuse.service.auth import Authenticator, AuthInterceptor
-from kvfuse.service.grpc_server import GrpcServer
+from kvfuse.service.grpc_server import GrpcServer, GrpcService
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def build_tiers(config: CacheServerConfig) -> list[Tier]:
     return tiers
 
 
-class CacheServer:
+class CacheServer(GrpcService):
     """A cache server: start it, talk to `port`, stop it (or use it as a context manager).
 
     Owns the store (closed on `stop`) and the metrics endpoint. `start` binds both ports and
@@ -49,7 +48,7 @@ class CacheServer:
         self.metrics = CacheMetrics()
         self.metrics.watch_store(self.store)
         auth = Authenticator(config.tokens)
-        self._grpc = GrpcServer(
+        grpc_server = GrpcServer(
             SERVICE_NAME,
             host=config.host,
             port=config.port,
@@ -66,48 +65,15 @@ class CacheServer:
             metrics_registry=self.metrics.registry,
             metrics_port=config.metrics_port,
         )
+        super().__init__(grpc_server, config.grace_s)
         tier_codecs = {t.name: t.codec for t in tiers}
         servicer = CacheServicer(self.store, config, auth, self.metrics, tier_codecs)
-        cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, self._grpc.server)  # type: ignore[no-untyped-call]
-
-    @property
-    def port(self) -> int:
-        """The bound gRPC port (after `start`)."""
-        return self._grpc.port
-
-    @property
-    def address(self) -> str:
-        """host:port clients connect to (valid after `start`)."""
-        return self._grpc.address
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self._grpc.metrics_port
+        cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, grpc_server.server)  # type: ignore[no-untyped-call]
 
     def start(self) -> CacheServer:
-        self._grpc.start()
+        self.grpc.start()
         log.debug("cache server listening on %s", self.address)
         return self
 
-    def stop(self, grace_s: float | None = None) -> None:
-        """Stops taking RPCs, waits up to `grace_s` (default: config) for in-flight ones, then
-        closes the metrics endpoint and the store. Idempotent."""
-        if self._grpc.stopped:
-            return
-        self._grpc.stop(self.config.grace_s if grace_s is None else grace_s)
+    def close(self) -> None:
         self.store.close()
-
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Blocks until the server stops (or `timeout_s` passes); True if it stopped."""
-        return self._grpc.wait(timeout_s)
-
-    def __enter__(self) -> CacheServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

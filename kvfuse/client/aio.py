@@ -11,16 +11,14 @@ import grpc
 import torch
 
 from kvfuse.client import wire
-from kvfuse.client.retry import RetryPolicy, retry_delay
-from kvfuse.service.auth import bearer_metadata
-from kvfuse.service.grpc_channel import open_aio_channel
-from kvfuse.service.tls import Pem
-from kvfuse.v1 import cache_pb2, cache_pb2_grpc
+from kvfuse.client.base import ClientBase
+from kvfuse.client.retry import retry_delay
+from kvfuse.v1 import cache_pb2
 
 T = TypeVar("T")
 
 
-class AsyncCacheClient:
+class AsyncCacheClient(ClientBase):
     """The asyncio twin of CacheClient: same methods, same errors, same retries, awaited.
 
     Create, use and close it inside one running event loop. Encoding and decoding of layer
@@ -28,31 +26,7 @@ class AsyncCacheClient:
     wrap calls in `asyncio.to_thread` with large ones). See CacheClient for the arguments.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls_root_cert: Pem = None,
-        tls_client_cert: Pem = None,
-        tls_client_key: Pem = None,
-        tls_server_name: str | None = None,
-        timeout_s: float = 10.0,
-        retry: RetryPolicy | None = None,
-        max_message_bytes: int = 16 << 20,
-    ) -> None:
-        self._channel = open_aio_channel(
-            target,
-            max_message_bytes=max_message_bytes,
-            tls_root_cert=tls_root_cert,
-            tls_client_cert=tls_client_cert,
-            tls_client_key=tls_client_key,
-            tls_server_name=tls_server_name,
-        )
-        self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._metadata = bearer_metadata(token)
-        self._timeout_s = timeout_s
-        self._retry = retry or RetryPolicy()
+    aio = True
 
     async def _call(
         self,

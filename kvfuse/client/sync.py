@@ -11,16 +11,14 @@ import grpc
 import torch
 
 from kvfuse.client import wire
-from kvfuse.client.retry import RetryPolicy, retry_delay
-from kvfuse.service.auth import bearer_metadata
-from kvfuse.service.grpc_channel import open_channel
-from kvfuse.service.tls import Pem
-from kvfuse.v1 import cache_pb2, cache_pb2_grpc
+from kvfuse.client.base import ClientBase
+from kvfuse.client.retry import retry_delay
+from kvfuse.v1 import cache_pb2
 
 T = TypeVar("T")
 
 
-class CacheClient:
+class CacheClient(ClientBase):
     """Talks to one cache server over one gRPC channel. Thread-safe; close it when done.
 
     Every call has a deadline (`timeout_s`) and is retried with exponential backoff on
@@ -39,32 +37,6 @@ class CacheClient:
         retry: the retry policy.
         max_message_bytes: gRPC message limit (the server's must be at least as large).
     """
-
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls_root_cert: Pem = None,
-        tls_client_cert: Pem = None,
-        tls_client_key: Pem = None,
-        tls_server_name: str | None = None,
-        timeout_s: float = 10.0,
-        retry: RetryPolicy | None = None,
-        max_message_bytes: int = 16 << 20,
-    ) -> None:
-        self._channel = open_channel(
-            target,
-            max_message_bytes=max_message_bytes,
-            tls_root_cert=tls_root_cert,
-            tls_client_cert=tls_client_cert,
-            tls_client_key=tls_client_key,
-            tls_server_name=tls_server_name,
-        )
-        self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._metadata = bearer_metadata(token)
-        self._timeout_s = timeout_s
-        self._retry = retry or RetryPolicy()
 
     def _call(
         self, method: Callable[..., T], make_request: Callable[[], Any], miss_ok: bool = False

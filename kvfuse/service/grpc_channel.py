@@ -31,32 +31,18 @@ def open_channel(
     tls_client_cert: Pem = None,
     tls_client_key: Pem = None,
     tls_server_name: str | None = None,
-) -> grpc.Channel:
-    """A blocking channel to "host:port": TLS when a root or client certificate is given (PEM
-    bytes or file paths), else plaintext. The caller closes it.
+    aio: bool = False,
+) -> Any:
+    """A channel to "host:port": TLS when a root or client certificate is given (PEM bytes or
+    file paths), else plaintext. Blocking (`grpc.Channel`), or with `aio` a `grpc.aio.Channel`
+    (create that inside the running event loop). The caller closes it.
 
     Raises:
         ConfigError: a certificate file cannot be read.
     """
     options = channel_options(max_message_bytes, tls_server_name)
     creds = channel_credentials(tls_root_cert, tls_client_cert, tls_client_key)
+    api = grpc.aio if aio else grpc
     if creds is None:
-        return grpc.insecure_channel(target, options)
-    return grpc.secure_channel(target, creds, options)
-
-
-def open_aio_channel(
-    target: str,
-    *,
-    max_message_bytes: int,
-    tls_root_cert: Pem = None,
-    tls_client_cert: Pem = None,
-    tls_client_key: Pem = None,
-    tls_server_name: str | None = None,
-) -> grpc.aio.Channel:
-    """The asyncio twin of `open_channel` (create it inside the running event loop)."""
-    options = channel_options(max_message_bytes, tls_server_name)
-    creds = channel_credentials(tls_root_cert, tls_client_cert, tls_client_key)
-    if creds is None:
-        return grpc.aio.insecure_channel(target, options)
-    return grpc.aio.secure_channel(target, creds, options)
+        return api.insecure_channel(target, options)
+    return api.secure_channel(target, creds, options)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +19,7 @@ from kvfuse.service.metrics_http import MetricsEndpoint
 from kvfuse.service.tls import server_credentials
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
+S = TypeVar("S", bound="GrpcService")
 _FACTORIES = {
     (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
     (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
@@ -160,3 +163,67 @@ class GrpcServer:
         """Blocks until the server stops (or `timeout_s` passes); True if it stopped."""
         timed_out = self.server.wait_for_termination(timeout_s)
         return not timed_out
+
+
+class GrpcService(ABC):
+    """Base of a service's server object (CacheServer, PrefillServer) around a GrpcServer.
+
+    The subclass builds `grpc` and registers its servicer in `__init__`, implements `start`
+    (start `grpc`, log, return self) and `close` (release what it owns: store, threads,
+    clients). Here: the addresses, `stop` (gRPC first, then `close`, once), `wait`, and use
+    as a context manager (start on enter, stop on exit).
+
+    Args:
+        grpc_server: the subclass's server, not started.
+        grace_s: the default of `stop(grace_s)`.
+    """
+
+    def __init__(self, grpc_server: GrpcServer, grace_s: float) -> None:
+        self.grpc = grpc_server
+        self._grace_s = grace_s
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port (after `start`)."""
+        return self.grpc.port
+
+    @property
+    def address(self) -> str:
+        """host:port clients connect to (valid after `start`)."""
+        return self.grpc.address
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound /metrics port (after `start`); None when the endpoint is off."""
+        return self.grpc.metrics_port
+
+    @abstractmethod
+    def start(self: S) -> S:
+        """Binds and serves; returns self. Raises ConfigError when it cannot listen."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Releases what the service owns; called once, after gRPC has stopped."""
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stops taking RPCs, waits up to `grace_s` (default: the configured one) for in-flight
+        ones, closes the metrics endpoint, then `close`. Idempotent; fine after a failed start."""
+        if self.grpc.stopped:
+            return
+        self.grpc.stop(self._grace_s if grace_s is None else grace_s)
+        self.close()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Blocks until the server stops (or `timeout_s` passes); True if it stopped."""
+        return self.grpc.wait(timeout_s)
+
+    def __enter__(self: S) -> S:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from kvfuse.errors import ConfigError
 from kvfuse.service.grpc_channel import channel_options, open_channel
-from kvfuse.service.grpc_server import GrpcServer, address
+from kvfuse.service.grpc_server import GrpcServer, GrpcService, address
 
 SERVICE = "kvfuse.v1.CacheService"
 LIMIT = 1 << 20
@@ -127,3 +127,30 @@ def test_tls_and_mtls(tls_files: tuple[Path, Path]) -> None:
         mtls.stop(0)
     with pytest.raises(ConfigError, match="cannot read"):
         open_channel("127.0.0.1:1", max_message_bytes=LIMIT, tls_root_cert=str(cert) + ".x")
+
+
+class Service(GrpcService):
+    """The smallest GrpcService: counts its closes."""
+
+    def __init__(self) -> None:
+        super().__init__(make_server(), grace_s=0)
+        self.num_closes = 0
+
+    def start(self) -> Service:
+        self.grpc.start()
+        return self
+
+    def close(self) -> None:
+        self.num_closes += 1
+
+
+def test_grpc_service_context_manager_stops_once() -> None:
+    with Service() as service:
+        assert service.port > 0 and service.address.endswith(f":{service.port}")
+        assert service.metrics_port is None
+    assert service.num_closes == 1 and service.wait(timeout_s=10)
+    service.stop()
+    assert service.num_closes == 1
+    unstarted = Service()
+    unstarted.stop()  # fine before start
+    assert unstarted.num_closes == 1
