@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     decode_worker_serve.add_arguments(serve_decode)
     serve_decode.set_defaults(func=decode_worker_serve.run)
 
+    from kvfuse import serve_all
+
+    serve_all_parser = services.add_parser("all", help="all three services as local processes")
+    serve_all.add_arguments(serve_all_parser)
+    serve_all_parser.set_defaults(func=serve_all.run)
+
     cache = sub.add_parser("cache", help="inspect a running cache server: stats, ls, rm")
     from kvfuse.client import admin as cache_admin
 

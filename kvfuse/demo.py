@@ -106,7 +106,7 @@ def run_demo(dtype: str = "float32", console: Console | None = None) -> int:
     """Starts the stack, asks the demo questions, prints a table, stops the stack."""
     from openai import OpenAI
 
-    from kvfuse.bench.stack import KvfuseStack, Topology
+    from kvfuse.stack import KvfuseStack, Topology
 
     console = console or Console()
     log_dir = Path(tempfile.mkdtemp(prefix="kvfuse-demo-"))
@@ -116,13 +116,28 @@ def run_demo(dtype: str = "float32", console: Console | None = None) -> int:
         console.print(f"OpenAI-compatible endpoint: [bold]{stack.url}/v1[/]  (logs: {log_dir})")
         client = OpenAI(base_url=f"{stack.url}/v1", api_key="unused")
         answers = []
-        for request in demo_requests():
+        for idx, request in enumerate(demo_requests()):
             with console.status(f"{request.label}: {request.question}"):
                 answers.append(ask(client, stack.model_name, request))
+            if idx == 0 and stack.cache_addr:
+                with console.status("prefill worker storing the documents' KV (write-behind)…"):
+                    _wait_for_objects(stack.cache_addr, 1 + _NUM_DOCS)
     finally:
         stack.stop()
     _print(console, answers)
     return 0
+
+
+def _wait_for_objects(cache_addr: str, num_objects: int, timeout_s: float = 300.0) -> None:
+    """Polls the cache server until it holds `num_objects` objects (or the deadline passes)."""
+    from kvfuse.client import CacheClient
+
+    deadline = time.monotonic() + timeout_s
+    with CacheClient(cache_addr) as cache:
+        while time.monotonic() < deadline:
+            if sum(tier.num_objects for tier in cache.stats()) >= num_objects:
+                return
+            time.sleep(0.5)
 
 
 def _print(console: Console, answers: list[DemoAnswer]) -> None:

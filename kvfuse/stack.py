@@ -1,4 +1,4 @@
-"""A kvfuse serving stack as child processes on 127.0.0.1, for the serving benchmark.
+"""A kvfuse serving stack as child processes on 127.0.0.1 (`kvfuse serve all`, demo, benchmarks).
 
 Three topologies, all behind the decode worker's OpenAI endpoint:
 `local` (the decode worker prefills in its own process, chunk KV in its memory), `prefill`
@@ -9,12 +9,12 @@ fetching chunk KV layer by layer from a cache server). Each start is a fresh, em
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 
-from kvfuse.bench.procs import ServerProcess
-from kvfuse.bench.vllm_cpu import free_port
 from kvfuse.errors import ServiceUnavailableError
+from kvfuse.procs import ServerProcess, free_port
 
 _LISTENING = r"listening on"
 _START_TIMEOUT_S = 600.0
@@ -37,6 +37,10 @@ class KvfuseStack:
         log_dir: Each process logs to `<log_dir>/<name>.log`.
         extra_prefill_args: More prefill-worker flags (e.g. to switch its pipeline off).
         python: Interpreter to run the services with (default: this one).
+        port: The decode worker's HTTP port (default: a free one).
+        cache_args: More cache-server flags (tiers: `--disk-dir`, `--redis-url`, budgets).
+        env: The children's environment (default: this process's); `KVFUSE_AUTH_TOKEN` in it
+            turns on bearer auth in all three, which then use it to call each other.
     """
 
     def __init__(
@@ -46,20 +50,26 @@ class KvfuseStack:
         log_dir: Path,
         extra_prefill_args: tuple[str, ...] = (),
         python: str = sys.executable,
+        *,
+        port: int | None = None,
+        cache_args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.topology = topology
-        self.port = free_port()
+        self.port = port or free_port()
+        self.cache_addr: str | None = None
+        self._env = env
         self.model_name = SERVED_MODEL_NAME
         self._processes: list[tuple[ServerProcess, str | None]] = []
         prefill_url = ""
         if topology is not Topology.LOCAL:
             cache_flags: list[str] = []
             if topology is Topology.CACHE:
-                cache_addr = f"127.0.0.1:{free_port()}"
+                cache_addr = self.cache_addr = f"127.0.0.1:{free_port()}"
                 cache_flags = ["--cache", cache_addr]
                 argv = [python, "-m", "cache_server", "--host", "127.0.0.1"]
                 argv += ["--port", cache_addr.rpartition(":")[2], "--metrics-port", "off"]
-                self._add("cache_server", argv, log_dir, _LISTENING)
+                self._add("cache_server", [*argv, *cache_args], log_dir, _LISTENING)
             prefill_url = f"127.0.0.1:{free_port()}"
             argv = [python, "-m", "prefill_worker", "--host", "127.0.0.1", "--dtype", dtype]
             argv += ["--port", prefill_url.rpartition(":")[2], "--metrics-port", "off"]
@@ -73,7 +83,8 @@ class KvfuseStack:
         self._add("decode_worker", argv, log_dir, None)
 
     def _add(self, name: str, argv: list[str], log_dir: Path, ready_line: str | None) -> None:
-        self._processes.append((ServerProcess(name, argv, log_dir / f"{name}.log"), ready_line))
+        process = ServerProcess(name, argv, log_dir / f"{name}.log", env=self._env)
+        self._processes.append((process, ready_line))
 
     @property
     def url(self) -> str:

@@ -1,4 +1,4 @@
-"""Server child processes for benchmarks: start with a log file, wait until ready, stop cleanly.
+"""Server child processes: start with a log file, wait until ready, stop the whole group.
 
 Each child runs in its own session (process group), so stopping it also stops the workers it
 spawned (vLLM's engine core, for one). Readiness is polled against a deadline, never slept for.
@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,13 @@ import httpx
 from kvfuse.errors import ServiceUnavailableError
 
 _POLL_S = 0.2
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on `host` (a race with other processes is possible)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 class ServerProcess:

@@ -1,0 +1,67 @@
+"""`kvfuse serve all`: cache server, prefill worker and decode worker as processes on one host."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+
+from kvfuse.stack import KvfuseStack, Topology
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--port", type=int, default=8000, help="the decode worker's HTTP port (OpenAI API)")
+    add("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add("--memory-bytes", default="2GiB", help="the cache server's memory tier budget")
+    add("--disk-dir", default=None, help="enable the disk tier in this directory")
+    add("--redis-url", default=None, help="enable the Redis tier, e.g. redis://127.0.0.1:6379/0")
+    add("--token", default=None, help="bearer token for all three (or KVFUSE_AUTH_TOKEN)")
+    add("--log-dir", type=Path, default=None, help="where each process logs (default: a temp dir)")
+
+
+def cache_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The cache-server flags the tier options translate to."""
+    flags = ["--memory-bytes", args.memory_bytes]
+    if args.disk_dir:
+        flags += ["--disk-dir", args.disk_dir]
+    if args.redis_url:
+        flags += ["--redis-url", args.redis_url]
+    return tuple(flags)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Starts the stack, prints the endpoint, stops it on SIGINT/SIGTERM. Main thread only."""
+    env = dict(os.environ)
+    if args.token:
+        env["KVFUSE_AUTH_TOKEN"] = args.token
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="kvfuse-stack-"))
+    stack = KvfuseStack(
+        Topology.CACHE, args.dtype, log_dir, port=args.port, cache_args=cache_flags(args), env=env
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"starting cache server, prefill worker, decode worker (logs: {log_dir})…")
+        stack.start()
+        print(
+            f"kvfuse stack ready: OpenAI endpoint {stack.url}/v1 (cache server "
+            f"{stack.cache_addr}); Ctrl-C stops it",
+            flush=True,
+        )
+        stop.wait()
+        print("stopping…", file=sys.stderr)
+    finally:
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
