@@ -60,7 +60,7 @@ def demo_requests() -> list[DemoRequest]:
         DemoRequest("cold", first.system, documents, first.question, first.answers[0]),
         warm,
         DemoRequest(
-            "warm, full prefill",
+            "warm, no reuse",
             warm.system,
             warm.documents,
             warm.question,
