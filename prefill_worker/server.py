@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from types import TracebackType
 
 import grpc
 import torch
@@ -16,7 +15,7 @@ from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import load_model
 from kvfuse.precompute import ChunkContext
 from kvfuse.service.auth import DEFAULT_TENANT, Authenticator, AuthInterceptor
-from kvfuse.service.grpc_server import GrpcServer
+from kvfuse.service.grpc_server import GrpcServer, GrpcService
 from kvfuse.settings import Settings
 from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
 from prefill_worker.config import PrefillConfig
@@ -65,7 +64,7 @@ def build_shards(config: PrefillConfig, engine: Engine) -> Shards:
     return Shards(sources, config.cache_addrs)
 
 
-class PrefillServer:
+class PrefillServer(GrpcService):
     """A prefill worker: start it, call `port`, stop it (or use it as a context manager).
 
     Args:
@@ -103,7 +102,7 @@ class PrefillServer:
         )
         tokens = {config.auth_token: DEFAULT_TENANT} if config.auth_token else {}
         deny = self.metrics.requests.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc
-        self._grpc = GrpcServer(
+        grpc_server = GrpcServer(
             SERVICE_NAME,
             host=config.host,
             port=config.port,
@@ -116,54 +115,22 @@ class PrefillServer:
             metrics_registry=self.metrics.registry,
             metrics_port=config.metrics_port,
         )
+        super().__init__(grpc_server, config.grace_s)
         servicer = PrefillServicer(self.prefiller, self.metrics)
-        prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, self._grpc.server)  # type: ignore[no-untyped-call]
+        prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, grpc_server.server)  # type: ignore[no-untyped-call]
 
     def _store(self, key: str, kv: ChunkKV) -> bool:
         return self.shards.sources[self.shards.owner(key)].put(key, kv)
 
-    @property
-    def port(self) -> int:
-        """The bound gRPC port (after `start`)."""
-        return self._grpc.port
-
-    @property
-    def address(self) -> str:
-        """host:port clients connect to (valid after `start`)."""
-        return self._grpc.address
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self._grpc.metrics_port
-
     def start(self) -> PrefillServer:
-        self._grpc.start()
+        self.grpc.start()
         log.info("prefill worker listening on %s", self.address)
         return self
 
-    def stop(self, grace_s: float | None = None) -> None:
-        """Stops taking RPCs, waits up to `grace_s` (default: config) for in-flight ones, then
-        stops the metrics endpoint, the write-behind and the chunk sources. Idempotent."""
-        if self._grpc.stopped:
-            return
-        self._grpc.stop(self.config.grace_s if grace_s is None else grace_s)
+    def close(self) -> None:
+        """Stops the write-behind and closes the chunk sources."""
         self.writer.close()
         for source in self.shards.sources:
             close = getattr(source, "close", None)
             if close is not None:
                 close()
-
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Blocks until the server stops (or `timeout_s` passes); True if it stopped."""
-        return self._grpc.wait(timeout_s)
-
-    def __enter__(self) -> PrefillServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
