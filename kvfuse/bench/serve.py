@@ -23,6 +23,21 @@ from typing import Any
 from kvfuse.bench import serve_report
 from kvfuse.bench.loadgen import run_phase
 from kvfuse.bench.report import write_json
+from kvfuse.bench.serve_plan import (
+    DEFAULT_MUSIQUE,
+    DEFAULT_SYSTEMS,
+    FULL,
+    KVFUSE_MODES,
+    QUICK,
+    STEADY,
+    Phase,
+    Plan,
+    csv,
+    describe,
+    kv_phases,
+    main_phases,
+    make_plan,
+)
 from kvfuse.bench.vllm_cpu import (
     VLLM_CPU_SPEC,
     VllmOptions,
@@ -30,29 +45,13 @@ from kvfuse.bench.vllm_cpu import (
     ensure_venv,
     prepare_model_dir,
 )
-from kvfuse.bench.workload import RagRequest, load_pool, make_workload, reuse_fraction
-from kvfuse.errors import ConfigError, KvfuseError
+from kvfuse.bench.workload import RagRequest
+from kvfuse.errors import KvfuseError
+from kvfuse.service.config import parse_bytes
 from kvfuse.settings import Settings
 from kvfuse.stack import KvfuseStack, Topology
 
-DEFAULT_MUSIQUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "musique_s.json"
-KVFUSE_MODES = ("full_prefill", "prefix_cache", "full_reuse", "blend")
-DEFAULT_SYSTEMS = "full_prefill,prefix_cache,blend,vllm"
-HOT = "hot"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Defaults of a full run and of a --quick one."""
-
-    dtypes: str
-    concurrency: str
-    num_cold: int
-    num_steady: int
-
-
-FULL = Preset(dtypes="bfloat16,float32", concurrency="1,4,8", num_cold=12, num_steady=16)
-QUICK = Preset(dtypes="bfloat16", concurrency="1,4", num_cold=4, num_steady=6)
+_WRITE_BEHIND_TIMEOUT_S = 120.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--musique-path", type=Path, default=DEFAULT_MUSIQUE)
     add("--topology", default="cache", choices=[t.value for t in Topology], help="kvfuse stack")
     add("--kv-sources", default="prefill,cache", help="topologies compared for blend ('' = off)")
+    add("--store-bytes", default="8GiB", help="chunk KV budget of each kvfuse store/cache")
     add("--pipeline-off-args", default="", help="prefill-worker flags that switch it off")
     add("--endpoint", help="benchmark this running kvfuse endpoint instead of starting stacks")
     add("--vllm-venv", type=Path, default=Path("bench/.venvs/vllm"))
@@ -89,51 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--vllm-args", default="", help="more vLLM server flags, shell-quoted")
     add("--out", type=Path, default=Path("bench/results"))
     add("--name", default="serve", help="result file stem")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The resolved run: what to measure, on which requests."""
-
-    systems: tuple[str, ...]
-    dtypes: tuple[str, ...]
-    concurrency: tuple[int, ...]
-    cold: tuple[RagRequest, ...]
-    steady: tuple[tuple[RagRequest, ...], ...]  # one slice per concurrency
-    ratio: float
-    max_tokens: int
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
-def make_plan(args: argparse.Namespace) -> Plan:
-    """Resolves --quick defaults and draws the workload. Raises ConfigError on bad options."""
-    base = QUICK if args.quick else FULL
-    systems = _csv(args.systems)
-    unknown = set(systems) - {*KVFUSE_MODES, "vllm"}
-    if unknown or not systems:
-        raise ConfigError(f"unknown systems: {sorted(unknown)}")
-    concurrency = tuple(int(c) for c in _csv(args.concurrency or base.concurrency))
-    num_cold = base.num_cold if args.num_cold is None else int(args.num_cold)
-    num_steady = base.num_steady if args.num_steady is None else int(args.num_steady)
-    if min(concurrency, default=0) < 1 or num_cold < 0 or num_steady < 1:
-        raise ConfigError("need concurrency >= 1, --num-cold >= 0 and --num-steady >= 1")
-    passages, questions = load_pool(args.musique_path)
-    total = num_cold + num_steady * len(concurrency)
-    requests = make_workload(passages, questions, total, args.num_docs, args.zipf_s, args.seed)
-    cold, rest = requests[:num_cold], requests[num_cold:]
-    steady = [rest[i * num_steady : (i + 1) * num_steady] for i in range(len(concurrency))]
-    return Plan(
-        systems=systems,
-        dtypes=_csv(args.dtypes or base.dtypes),
-        concurrency=concurrency,
-        cold=tuple(cold),
-        steady=tuple(tuple(s) for s in steady),
-        ratio=args.ratio,
-        max_tokens=args.max_tokens,
-    )
 
 
 @dataclass(frozen=True)
@@ -151,22 +106,6 @@ class Server:
         return request.kvfuse_body(self.model, self.mode, self.ratio, max_tokens)
 
 
-Phase = tuple[str, int, tuple[RagRequest, ...]]  # (name, concurrency, requests)
-
-
-def main_phases(plan: Plan) -> list[Phase]:
-    """Cold (concurrency 1, skipped when empty), then one steady phase per concurrency."""
-    phases: list[Phase] = [("cold", 1, plan.cold)] if plan.cold else []
-    steady = zip(plan.concurrency, plan.steady, strict=True)
-    return phases + [(serve_report.STEADY, c, requests) for c, requests in steady]
-
-
-def kv_phases(plan: Plan) -> list[Phase]:
-    """The first steady slice twice at concurrency 1: a pass that stores its chunks, then the
-    measured `hot` pass, whose chunk KV is all stored (the same KV for every topology)."""
-    return [("warm", 1, plan.steady[0]), (HOT, 1, plan.steady[0])]
-
-
 def measure(server: Server, plan: Plan, phases: Sequence[Phase]) -> list[dict[str, Any]]:
     """Runs the phases in order against one server; one summary row per phase."""
     url = server.url + "/v1/chat/completions"
@@ -182,13 +121,37 @@ def measure(server: Server, plan: Plan, phases: Sequence[Phase]) -> list[dict[st
 @contextmanager
 def kvfuse_server(
     args: argparse.Namespace, dtype: str, topology: Topology, log_dir: Path, extra: tuple[str, ...]
-) -> Iterator[tuple[str, str]]:
-    """A fresh kvfuse stack (or the given --endpoint); yields (url, served model name)."""
+) -> Iterator[tuple[str, str, str | None]]:
+    """A fresh kvfuse stack (or the given --endpoint) whose chunk stores all get --store-bytes;
+    yields (url, served model name, cache-server address or None)."""
     if args.endpoint:
-        yield args.endpoint.rstrip("/"), ""
+        yield args.endpoint.rstrip("/"), "", None
         return
-    with KvfuseStack(topology, dtype, log_dir, extra) as stack:
-        yield stack.url, stack.model_name
+    store_bytes = str(parse_bytes(args.store_bytes))
+    env = {
+        **os.environ,
+        "KVFUSE_DECODE_STORE_CAPACITY_BYTES": store_bytes,
+        "KVFUSE_PREFILL_LOCAL_STORE_BYTES": store_bytes,
+    }
+    cache_args = ("--memory-bytes", store_bytes)
+    with KvfuseStack(topology, dtype, log_dir, extra, cache_args=cache_args, env=env) as stack:
+        yield stack.url, stack.model_name, stack.cache_addr
+
+
+def wait_for_objects(cache_addr: str | None, num_objects: int, timeout_s: float) -> int | None:
+    """Polls the cache server until it holds `num_objects` objects or `timeout_s` passes (the
+    write-behind stores chunks after their request); returns the last count (None: no server)."""
+    if cache_addr is None:
+        return None
+    from kvfuse.client import CacheClient
+
+    deadline = time.monotonic() + timeout_s
+    with CacheClient(cache_addr) as cache:
+        while True:
+            count = sum(tier.num_objects for tier in cache.stats())
+            if count >= num_objects or time.monotonic() > deadline:
+                return count
+            time.sleep(0.5)
 
 
 def _vllm_options(args: argparse.Namespace) -> VllmOptions:
@@ -219,8 +182,9 @@ def run_system(
             vllm.stop()
     ratio = plan.ratio if system == "blend" else None
     topology = Topology(args.topology)
-    with kvfuse_server(args, dtype, topology, log_dir / f"{system}-{dtype}", ()) as (url, model):
-        return measure(Server(url, model or "", system, ratio), plan, main_phases(plan))
+    where = log_dir / f"{system}-{dtype}"
+    with kvfuse_server(args, dtype, topology, where, ()) as (url, model, _):
+        return measure(Server(url, model, system, ratio), plan, main_phases(plan))
 
 
 def run_kv_sources(
@@ -228,7 +192,7 @@ def run_kv_sources(
 ) -> list[dict[str, Any]]:
     """Blend on the same, fully stored chunks (`kv_phases`) with chunk KV in each topology,
     pipeline on (and off with --pipeline-off-args); one `hot` row per variant."""
-    variants = [(Topology(s), "on", tuple[str, ...]()) for s in _csv(args.kv_sources)]
+    variants = [(Topology(s), "on", tuple[str, ...]()) for s in csv(args.kv_sources)]
     off = tuple(shlex.split(args.pipeline_off_args))
     variants += [(t, "off", off) for t, _, _ in variants if off and t is not Topology.LOCAL]
     rows = []
@@ -237,12 +201,17 @@ def run_kv_sources(
         print(f"[{dtype}] blend, KV source {topology.value}, pipeline {pipeline}", flush=True)
         where = log_dir / f"kv-{topology.value}-{pipeline}-{dtype}"
         try:
-            with kvfuse_server(args, dtype, topology, where, extra) as (url, model):
-                found = measure(Server(url, model, "blend", plan.ratio), plan, kv_phases(plan))
+            with kvfuse_server(args, dtype, topology, where, extra) as (url, model, cache):
+                server = Server(url, model, "blend", plan.ratio)
+                warm, hot = kv_phases(plan)
+                measure(server, plan, [warm])
+                passages = {p for r in warm[2] for p in r.passage_ids}
+                wait_for_objects(cache, len(passages) + 1, _WRITE_BEHIND_TIMEOUT_S)
+                found = measure(server, plan, [hot])
         except KvfuseError as err:
             rows.append({**label, "error": str(err)[:500]})
             continue
-        rows += [{**label, **r} for r in found if r["phase"] == HOT]
+        rows += [{**label, **r} for r in found]
     return rows
 
 
@@ -263,14 +232,14 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {system} ({dtype}) did not run: {str(err)[:300]}", flush=True)
                 continue
             rows += [{"dtype": dtype, "system": system, **row} for row in found]
-        if _csv(args.kv_sources) and not args.endpoint:
+        if csv(args.kv_sources) and not args.endpoint:
             kv_rows += run_kv_sources(args, plan, dtype, log_dir)
     serve_report.add_ratios(rows)
     serve_report.add_milliseconds(kv_rows)
     checks = serve_report.check_targets(rows, kv_rows)
     serve_report.print_results(rows, kv_rows, checks)
     payload = {
-        "config": _config(args, plan),
+        "config": describe(args, plan),
         "machine": {
             "cpus": os.cpu_count(),
             "load_avg_before": load_before,
@@ -283,22 +252,6 @@ def run(args: argparse.Namespace) -> int:
         "missing": missing,
     }
     write_json(args.out / f"{args.name}.json", payload)
-    if any(r["phase"] == serve_report.STEADY for r in rows):
+    if any(r["phase"] == STEADY for r in rows):
         serve_report.plot_serve(args.out / f"{args.name}.png", rows)
     return 0 if rows else 1
-
-
-def _config(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
-    """The options as given, the resolved plan, and how much chunk reuse the workload allows."""
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    options.pop("func", None)
-    steady = [r for s in plan.steady for r in s]
-    return {
-        **options,
-        "systems": plan.systems,
-        "dtypes": plan.dtypes,
-        "concurrency": plan.concurrency,
-        "num_cold": len(plan.cold),
-        "num_steady": len(plan.steady[0]) if plan.steady else 0,
-        "passage_reuse_upper_bound_steady": reuse_fraction(steady, plan.cold),
-    }

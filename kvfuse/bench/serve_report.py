@@ -10,10 +10,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kvfuse.bench.serve_plan import STEADY
+
 FULL = "full_prefill"
 BLEND = "blend"
 VLLM = "vllm"
-STEADY = "steady"
 # Targets of the issue: TTFT p50 ≥ 3× lower than full prefill and than vLLM (steady state),
 # throughput ≥ 2.5× full prefill at concurrency 8, cache-server KV ≤ 1.15× in-memory KV TTFT.
 TTFT_SPEEDUP_TARGET = 3.0

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from kvfuse.bench import serve
-from kvfuse.errors import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -71,24 +70,6 @@ def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
     return parser.parse_args(list(argv))
-
-
-def test_plan_slices_are_disjoint_and_quick_is_small(musique: Path) -> None:
-    plan = serve.make_plan(_args("--quick", "--musique-path", str(musique)))
-    assert plan.dtypes == ("bfloat16",) and plan.concurrency == (1, 4)
-    assert len(plan.cold) == serve.QUICK.num_cold
-    assert [len(s) for s in plan.steady] == [serve.QUICK.num_steady] * 2
-    indices = [r.index for r in plan.cold] + [r.index for s in plan.steady for r in s]
-    assert indices == list(range(len(indices)))
-    assert [p[:2] for p in serve.main_phases(plan)] == [("cold", 1), ("steady", 1), ("steady", 4)]
-    assert [p[:2] for p in serve.kv_phases(plan)] == [("warm", 1), ("hot", 1)]
-    assert serve.kv_phases(plan)[1][2] == plan.steady[0]
-    full = serve.make_plan(_args("--musique-path", str(musique)))
-    assert full.concurrency == (1, 4, 8) and full.dtypes == ("bfloat16", "float32")
-    with pytest.raises(ConfigError):
-        serve.make_plan(_args("--systems", "blend,sglang", "--musique-path", str(musique)))
-    with pytest.raises(ConfigError):
-        serve.make_plan(_args("--concurrency", "0", "--musique-path", str(musique)))
 
 
 def test_run_against_an_endpoint_writes_rows_ratios_and_plot(
