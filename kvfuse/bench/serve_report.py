@@ -248,7 +248,9 @@ def plot_serve(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         )
         ax_rps.set(title=f"{dtype}: throughput", xlabel="concurrency", ylabel="requests / s")
         ax_rps.set_ylim(bottom=0)
+        ticks = sorted({r["concurrency"] for r in steady if r["dtype"] == dtype})
         for ax in (ax_ttft, ax_rps):
+            ax.set_xticks(ticks)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
