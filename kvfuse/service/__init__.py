@@ -1,2 +1,2 @@
-"""Plumbing every kvfuse service shares: settings layers, gRPC server and channels, TLS, auth,
-the signal loop and the metrics endpoint. The shell around the pure core, never imported by it."""
+"""Plumbing the kvfuse services share (settings layers, gRPC server and channels, TLS, auth, the
+signal loop, the metrics endpoint): the shell around the pure core, never imported by it."""
