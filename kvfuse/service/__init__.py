@@ -1,2 +1,2 @@
-"""Plumbing the kvfuse services share (settings layers, gRPC server and channels, TLS, auth, the
-signal loop, the metrics endpoint): the shell around the pure core, never imported by it."""
+"""Plumbing the kvfuse services and the client SDK share (settings layers, gRPC server and
+channels, TLS, auth, signal loop, metrics endpoint); model, blend and KV code never import it."""
