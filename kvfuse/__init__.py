@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kvfuse.blend import BlendConfig, Deviation, MaskKind, Mode
 from kvfuse.engine import Engine, GenerateOutput
+from kvfuse.planner import MissPolicy
 from kvfuse.precompute import ChunkContext
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "Engine",
     "GenerateOutput",
     "MaskKind",
+    "MissPolicy",
     "Mode",
 ]

@@ -19,26 +19,36 @@ from typing import Any
 import torch
 
 from kvfuse import keys
-from kvfuse.blend import BlendConfig, BlendRun, BlendStats, FusedLayer, Mode, RowPlan
+from kvfuse.blend import BlendConfig, BlendRun, FusedLayer, Mode
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.decode import KVCache, generate_tokens
 from kvfuse.errors import ConfigError, InvalidRequestError, PromptTooLongError
-from kvfuse.kv import ChunkKV, ChunkLayers, PlacedKV
+from kvfuse.kv import ChunkKV, ChunkLayers
 from kvfuse.model.loader import LoadedModel, load_model
 from kvfuse.model.sampling import Sampler, SamplingParams
+from kvfuse.planner import (
+    PRECOMPUTE_MODES,
+    MissPolicy,
+    PlanInputs,
+    PlannedPrefill,
+    PreparedPrompt,
+    plan_prefill,
+    prefill_stats,
+)
 from kvfuse.precompute import ChunkContext, precompute
 from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats
 from kvfuse.segments import PromptSegments, build_prompt
 from kvfuse.settings import Settings
 
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A tokenized prompt and the store keys of its prefix and chunks."""
-
-    segments: PromptSegments
-    prefix_key: str
-    chunk_keys: tuple[str, ...]
+# PreparedPrompt, PlannedPrefill and prefill_stats moved to kvfuse.planner; still importable here.
+__all__ = [
+    "Engine",
+    "GenerateOutput",
+    "MissPolicy",
+    "PlannedPrefill",
+    "PreparedPrompt",
+    "prefill_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -57,21 +67,16 @@ class GenerateOutput:
     num_chunk_hits: int
     finish_reason: str
     mode: Mode
-
-
-@dataclass(frozen=True)
-class PlannedPrefill:
-    """A prefill ready to run: the row plan, its cached KV and the check schedule."""
-
-    plan: RowPlan
-    cached_kv: PlacedKV | None
-    schedule: dict[int, float]
-    num_chunk_hits: int
-    num_chunks: int
+    num_precomputed_tokens: int = 0
+    num_chunks_precomputed: int = 0
 
 
 class Engine:
-    """Model + tokenizer + chunk store. `generate` is serialized by a lock."""
+    """Model + tokenizer + chunk store. `generate` is serialized by a lock.
+
+    `miss_policy` says how a request handles chunks missing from the store (see
+    `kvfuse.planner.MissPolicy`); either way they are stored after the first token.
+    """
 
     def __init__(
         self,
@@ -80,6 +85,7 @@ class Engine:
         chunk_context: ChunkContext = ChunkContext.PREFIX,
         blend: BlendConfig | None = None,
         tenant_salt: str = "",
+        miss_policy: MissPolicy = MissPolicy.FORCED,
     ) -> None:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.fingerprint = loaded.fingerprint
@@ -88,6 +94,7 @@ class Engine:
         self.blend = blend or BlendConfig()
         self.blend.schedule(self.model.cfg.num_layers)  # validates check layers early
         self.tenant_salt = tenant_salt
+        self.miss_policy = MissPolicy(miss_policy)
         self._lock = threading.Lock()
 
     @classmethod
@@ -98,6 +105,7 @@ class Engine:
         settings: Settings | None = None,
         chunk_context: ChunkContext | str = ChunkContext.PREFIX,
         blend: BlendConfig | None = None,
+        miss_policy: MissPolicy | str = MissPolicy.FORCED,
         **overrides: Any,
     ) -> Engine:
         """Loads a model (default: bundled SmolLM2-135M-Instruct) with an in-process store.
@@ -111,7 +119,9 @@ class Engine:
             settings.model, settings.cache_dir, settings.torch_dtype, settings.device
         )
         store = ChunkStore(settings.store_capacity_bytes)
-        return cls(loaded, store, ChunkContext(chunk_context), blend)
+        return cls(
+            loaded, store, ChunkContext(chunk_context), blend, miss_policy=MissPolicy(miss_policy)
+        )
 
     @property
     def max_context_tokens(self) -> int:
@@ -179,64 +189,50 @@ class Engine:
         mode: Mode,
         blend: BlendConfig,
         chunks: Mapping[str, ChunkLayers] | None = None,
+        precomputed: Mapping[str, ChunkKV] | None = None,
     ) -> PlannedPrefill:
-        """Decides which rows are cached, exact, forced.
+        """Decides which rows are cached, exact, forced (see `kvfuse.planner.plan_prefill`).
 
         Args:
             chunks: the cached objects available, by key (prefix and chunks); None looks them
                 up in the in-process store. A worker passes chunks still streaming in.
+            precomputed: missing objects this request precomputed (`precompute_misses`);
+                they are reused like hits but not counted as hits.
         """
-        lookup = self.store.get if chunks is None else chunks.get
-        seg = prompt.segments
-        num_tokens, num_prefix = seg.num_tokens, len(seg.prefix_ids)
-        cached = torch.zeros(num_tokens, dtype=torch.bool)
-        exact, forced = cached.clone(), cached.clone()
-        forced[num_tokens - len(seg.query_ids) :] = True
-        forced[-1] = True
-        if mode is Mode.FULL_PREFILL:
-            return PlannedPrefill(
-                RowPlan(torch.tensor(seg.token_ids), cached, exact, forced),
-                None,
-                {},
-                0,
-                len(seg.chunk_ids),
-            )
-        pieces: list[ChunkLayers] = []
-        offsets, num_hits = [], 0
-        prefix_kv = lookup(prompt.prefix_key) if num_prefix else None
-        if prefix_kv is not None:
-            cached[:num_prefix] = exact[:num_prefix] = True
-            pieces.append(prefix_kv)
-            offsets.append(0)
-        spans = zip(prompt.chunk_keys, seg.chunk_ids, seg.chunk_offsets, strict=True)
-        for idx, (key, chunk_ids, offset) in enumerate(spans):
-            if mode is Mode.PREFIX_CACHE and not self._is_exact_after_prefix(idx, prefix_kv):
-                break
-            kv = lookup(key)
-            if kv is None:
-                continue
-            span = slice(offset, offset + len(chunk_ids))
-            cached[span] = True
-            exact[span] = mode is Mode.PREFIX_CACHE
-            if mode is Mode.BLEND:
-                forced[offset : offset + blend.num_forced_chunk_start] = True
-            pieces.append(kv)
-            offsets.append(offset)
-            num_hits += 1
-        forced |= ~cached  # cache misses are computed
-        schedule = {
-            Mode.BLEND: blend.schedule(self.model.cfg.num_layers),
-            Mode.FULL_REUSE: {0: 0.0},
-        }
-        placed = PlacedKV(pieces, offsets, self.model.inv_freq) if pieces else None
-        plan = RowPlan(torch.tensor(seg.token_ids), cached, exact, forced)
-        return PlannedPrefill(plan, placed, schedule.get(mode, {}), num_hits, len(seg.chunk_ids))
-
-    def _is_exact_after_prefix(self, chunk_idx: int, prefix_kv: ChunkLayers | None) -> bool:
-        """Only the first chunk, stored after this very prefix, has exact KV in place."""
-        return (
-            chunk_idx == 0 and prefix_kv is not None and self.chunk_context is ChunkContext.PREFIX
+        inputs = PlanInputs(
+            lookup=self.store.get if chunks is None else chunks.get,
+            precomputed=precomputed or {},
+            num_layers=self.model.cfg.num_layers,
+            inv_freq=self.model.inv_freq,
+            exact_first_chunk=self.chunk_context is ChunkContext.PREFIX,
         )
+        return plan_prefill(prompt, mode, blend, inputs)
+
+    def precompute_misses(
+        self,
+        prompt: PreparedPrompt,
+        mode: Mode,
+        contains: Callable[[str], bool] | None = None,
+        get_prefix: Callable[[str], ChunkKV | None] | None = None,
+    ) -> dict[str, ChunkKV]:
+        """Under `MissPolicy.PRECOMPUTE`, the prompt's missing objects precomputed standalone.
+
+        `contains`/`get_prefix` default to the in-process store (see `compute_missing`).
+        Returns {} under `MissPolicy.FORCED` or a mode that does not reuse chunks.
+        """
+        if self.miss_policy is MissPolicy.FORCED or mode not in PRECOMPUTE_MODES:
+            return {}
+        contains = contains or self.store.contains
+        return dict(self.compute_missing(prompt, contains, get_prefix or self.store.get))
+
+    def store_misses(
+        self, prompt: PreparedPrompt, mode: Mode, precomputed: Mapping[str, ChunkKV]
+    ) -> int:
+        """Stores what the request precomputed, or (`forced`) precomputes and stores the
+        prompt's missing objects; returns how many were stored."""
+        if self.miss_policy is MissPolicy.PRECOMPUTE and mode in PRECOMPUTE_MODES:
+            return sum(self.store.put(key, kv) for key, kv in precomputed.items())
+        return self.warm(prompt)
 
     @torch.inference_mode()
     def generate(
@@ -255,8 +251,9 @@ class Engine:
     ) -> GenerateOutput:
         """Prefills `segments` in `mode` and decodes up to `max_tokens` tokens.
 
-        Misses are computed in place, then (with `store_misses`) precomputed and stored after
-        the answer, off the time to first token.
+        Misses are computed in place (`MissPolicy.FORCED`; with `store_misses` they are then
+        precomputed and stored after the answer) or precomputed first and reused
+        (`MissPolicy.PRECOMPUTE`; with `store_misses` stored after the answer as they are).
 
         Raises:
             InvalidRequestError: empty segments, unknown mode, ratio outside [0, 1], and so on.
@@ -268,21 +265,18 @@ class Engine:
         with self._lock:
             start = time.perf_counter()
             prompt = self.prepare(segments, chat)
-            num_tokens = prompt.segments.num_tokens
-            if num_tokens + max_tokens > self.max_context_tokens:
-                raise PromptTooLongError(num_tokens + max_tokens, self.max_context_tokens)
-            planned, run = self.start_prefill(prompt, mode, blend)
-            cache = KVCache(self.model, num_tokens + max_tokens)
+            planned, run, precomputed = self._begin(prompt, mode, blend, max_tokens)
+            cache = KVCache(self.model, prompt.segments.num_tokens + max_tokens)
             cache.fill(run)
             sampler = Sampler(params)
             first = sampler.sample(run.last_logits)
-            ttft_s = time.perf_counter() - start
+            stats = prefill_stats(run.stats, planned, start)
             stop_ids = set(self.tokenizer.eos_token_ids)
             token_ids = list(generate_tokens(self.model, cache, first, sampler, stop_ids))
             total_s = time.perf_counter() - start
             if store_misses and mode is not Mode.FULL_PREFILL:
-                self.warm(prompt)
-        return self._output(token_ids, params, ttft_s, total_s, run.stats, planned, prompt, mode)
+                self.store_misses(prompt, mode, precomputed)
+        return self._output(token_ids, params, stats, total_s, mode)
 
     @torch.inference_mode()
     def prefill(
@@ -290,23 +284,32 @@ class Engine:
     ) -> Iterator[FusedLayer | PrefillResult]:
         """The in-process `Prefiller`: fused layers in order, then the first token and stats.
 
-        Holds the engine lock while it runs. After the result it stores the prompt's missing
-        chunks (for the next request), so iterate it to the end.
+        Holds the engine lock while it runs; `prefill_s` counts from the call, waiting for
+        the lock included (as the prefill worker counts it). After the result it stores the
+        prompt's missing chunks (for the next request), so iterate it to the end.
         """
+        start = time.perf_counter()
         blend = self._blend_config(blend, request.recompute_ratio)
-        max_tokens = request.sampling.max_tokens
         with self._lock:
-            start = time.perf_counter()
             prompt = self.prepare_tokens(request.segments)
-            num_tokens = prompt.segments.num_tokens
-            if num_tokens + max_tokens > self.max_context_tokens:
-                raise PromptTooLongError(num_tokens + max_tokens, self.max_context_tokens)
-            planned, run = self.start_prefill(prompt, request.mode, blend)
+            max_tokens = request.sampling.max_tokens
+            planned, run, precomputed = self._begin(prompt, request.mode, blend, max_tokens)
             yield from run
             first = Sampler(request.sampling).sample(run.last_logits)
             yield PrefillResult(first, prefill_stats(run.stats, planned, start))
             if request.mode is not Mode.FULL_PREFILL:
-                self.warm(prompt)
+                self.store_misses(prompt, request.mode, precomputed)
+
+    def _begin(
+        self, prompt: PreparedPrompt, mode: Mode, blend: BlendConfig, max_tokens: int
+    ) -> tuple[PlannedPrefill, BlendRun, dict[str, ChunkKV]]:
+        """Checks the length, precomputes misses (per the policy) and starts the run."""
+        num_tokens = prompt.segments.num_tokens
+        if num_tokens + max_tokens > self.max_context_tokens:
+            raise PromptTooLongError(num_tokens + max_tokens, self.max_context_tokens)
+        precomputed = self.precompute_misses(prompt, mode)
+        planned, run = self.start_prefill(prompt, mode, blend, precomputed=precomputed)
+        return planned, run, precomputed
 
     def start_prefill(
         self,
@@ -314,12 +317,13 @@ class Engine:
         mode: Mode,
         blend: BlendConfig,
         chunks: Mapping[str, ChunkLayers] | None = None,
+        precomputed: Mapping[str, ChunkKV] | None = None,
     ) -> tuple[PlannedPrefill, BlendRun]:
         """Plans a prefill and returns its run; iterate the run to compute fused layers.
 
         Not serialized: callers that share the engine across threads hold their own lock.
         """
-        planned = self.plan(prompt, mode, blend, chunks)
+        planned = self.plan(prompt, mode, blend, chunks, precomputed)
         run = BlendRun(
             self.model,
             planned.plan,
@@ -347,41 +351,27 @@ class Engine:
         self,
         token_ids: list[int],
         params: SamplingParams,
-        ttft_s: float,
+        stats: PrefillStats,
         total_s: float,
-        stats: BlendStats,
-        planned: PlannedPrefill,
-        prompt: PreparedPrompt,
         mode: Mode,
     ) -> GenerateOutput:
         finish = "length" if len(token_ids) >= params.max_tokens else "stop"
         return GenerateOutput(
             text=self.tokenizer.decode(token_ids),
             token_ids=token_ids,
-            ttft_s=ttft_s,
+            ttft_s=stats.prefill_s,
             total_s=total_s,
-            num_prompt_tokens=stats.num_tokens,
+            num_prompt_tokens=stats.num_prompt_tokens,
             num_cached_tokens=stats.num_cached_tokens,
             num_recomputed_tokens=stats.num_recomputed_tokens,
             num_computed_tokens=stats.num_computed_tokens,
-            num_chunks=len(prompt.chunk_keys),
-            num_chunk_hits=planned.num_chunk_hits,
+            num_chunks=stats.num_chunks,
+            num_chunk_hits=stats.num_chunk_hits,
             finish_reason=finish,
             mode=mode,
+            num_precomputed_tokens=stats.num_precomputed_tokens,
+            num_chunks_precomputed=stats.num_chunks_precomputed,
         )
-
-
-def prefill_stats(stats: BlendStats, planned: PlannedPrefill, start_s: float) -> PrefillStats:
-    """A finished run's counters as the prefill contract reports them."""
-    return PrefillStats(
-        num_prompt_tokens=stats.num_tokens,
-        num_cached_tokens=stats.num_cached_tokens,
-        num_recomputed_tokens=stats.num_recomputed_tokens,
-        num_computed_tokens=stats.num_computed_tokens,
-        num_chunks=planned.num_chunks,
-        num_chunk_hits=planned.num_chunk_hits,
-        prefill_s=time.perf_counter() - start_s,
-    )
 
 
 def _parse_mode(mode: Mode | str) -> Mode:

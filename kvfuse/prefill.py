@@ -41,9 +41,22 @@ class PrefillRequest:
 class PrefillStats:
     """What a prefill reused and computed, and why it fell back if it did.
 
+    Token counts partition the prompt (forced chunk starts aside): cached + precomputed +
+    computed = prompt tokens; recomputed rows are cached or precomputed rows that the blend
+    computed again. Tokens this request computed: precomputed + computed + recomputed.
+
     Attributes:
+        num_cached_tokens: rows whose KV came from the cache (hits, a reused prefix).
+        num_recomputed_tokens: reused rows selected for recompute.
+        num_computed_tokens: rows computed in place (query, forced misses, last token).
+        num_chunk_hits: chunks found in the cache; a precomputed miss is not a hit.
+        prefill_s: from when the prefiller took the request (waiting for its compute lock
+            included) to the first token.
         fallback: "" normally; otherwise why chunks were computed instead of fetched
             (e.g. "cache_unavailable", "cache_timeout"). The request still succeeds.
+        num_precomputed_tokens: rows of missing objects (prefix included) this request
+            precomputed standalone and reused (`MissPolicy.PRECOMPUTE`).
+        num_chunks_precomputed: missing chunks precomputed that way.
     """
 
     num_prompt_tokens: int
@@ -54,6 +67,8 @@ class PrefillStats:
     num_chunk_hits: int
     prefill_s: float
     fallback: str = ""
+    num_precomputed_tokens: int = 0
+    num_chunks_precomputed: int = 0
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kvfuse.blend import BlendConfig, FusedLayer, Mode
-from kvfuse.engine import Engine, PreparedPrompt, prefill_stats
+from kvfuse.engine import Engine
 from kvfuse.errors import CacheError, InvalidRequestError, KvfuseError, PromptTooLongError
 from kvfuse.model.sampling import Sampler
+from kvfuse.planner import PreparedPrompt, prefill_stats
 from kvfuse.prefill import PrefillRequest, PrefillResult
 from prefill_worker.background import BackgroundIterator
 from prefill_worker.metrics import PrefillMetrics

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvfuse.engine import Engine, PreparedPrompt
+from kvfuse.engine import Engine
 from kvfuse.errors import KvfuseError
 from kvfuse.kv import ChunkKV
+from kvfuse.planner import PreparedPrompt
 from prefill_worker.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)

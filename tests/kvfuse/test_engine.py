@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from kvfuse.engine import Engine
+from kvfuse.engine import Engine, MissPolicy
 from kvfuse.errors import InvalidRequestError, PromptTooLongError
 
 SYSTEM = "You are a helpful assistant. Answer the question using the documents."
@@ -118,3 +120,65 @@ def test_prefill_stream_matches_generate_and_stores_misses(engine: Engine) -> No
     again = list(engine.prefill(request))[-1]
     assert isinstance(again, PrefillResult) and again.stats.num_chunk_hits == 3
     assert again.first_token_id == full.token_ids[0]  # ratio 1 is exact
+
+
+@pytest.fixture
+def count_precomputes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts chunk precomputes (the model compute of misses) the engine runs."""
+    import kvfuse.engine
+
+    calls: list[int] = []
+    real = kvfuse.engine.precompute
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kvfuse.engine, "precompute", counting)
+    return calls
+
+
+def test_forced_misses_are_computed_twice(engine: Engine, count_precomputes: list[int]) -> None:
+    """The baseline: in place during the request, then again standalone by the store step."""
+    cold = engine.generate(segments(), max_tokens=4)
+    assert cold.num_chunks_precomputed == 0 and cold.num_precomputed_tokens == 0
+    assert len(count_precomputes) == 4  # prefix + 3 chunks, after the answer
+
+
+def test_precompute_computes_each_miss_once_and_reuses_it(
+    engine: Engine, count_precomputes: list[int]
+) -> None:
+    engine.miss_policy = MissPolicy.PRECOMPUTE
+    cold = engine.generate(segments(), max_tokens=4)
+    assert len(count_precomputes) == 4  # prefix + 3 chunks, before the blend; stored as is
+    assert cold.num_chunk_hits == 0 and cold.num_chunks_precomputed == 3
+    assert cold.num_cached_tokens == 0
+    assert cold.num_precomputed_tokens + cold.num_computed_tokens == cold.num_prompt_tokens
+    assert 0 < cold.num_recomputed_tokens < cold.num_precomputed_tokens
+    assert engine.store.stats().num_objects == 4
+    warm = engine.generate(segments(), max_tokens=4)
+    assert len(count_precomputes) == 4  # nothing computed standalone again
+    assert warm.num_chunk_hits == 3 and warm.num_chunks_precomputed == 0
+    assert warm.num_cached_tokens == cold.num_precomputed_tokens
+    assert warm.token_ids == cold.token_ids  # same KV either way: answers do not depend on hits
+
+
+def test_precompute_at_ratio_one_equals_full_prefill(engine: Engine) -> None:
+    full = engine.generate(segments(), mode="full_prefill", max_tokens=12)
+    engine.miss_policy = MissPolicy.PRECOMPUTE
+    cold = engine.generate(segments(), recompute_ratio=1.0, max_tokens=12)
+    assert cold.num_chunks_precomputed == 3 and cold.token_ids == full.token_ids
+
+
+def test_precompute_in_the_prefill_stream(engine: Engine, count_precomputes: list[int]) -> None:
+    from kvfuse.blend import Mode
+    from kvfuse.prefill import PrefillRequest, PrefillResult
+
+    engine.miss_policy = MissPolicy.PRECOMPUTE
+    request = PrefillRequest("r1", engine.prepare(segments()).segments, Mode.BLEND, 1.0)
+    cold = list(engine.prefill(request))[-1]
+    warm = list(engine.prefill(request))[-1]
+    assert isinstance(cold, PrefillResult) and isinstance(warm, PrefillResult)
+    assert cold.stats.num_chunks_precomputed == 3 and cold.stats.num_chunk_hits == 0
+    assert warm.stats.num_chunk_hits == 3 and warm.stats.num_precomputed_tokens == 0
+    assert len(count_precomputes) == 4 and cold.first_token_id == warm.first_token_id

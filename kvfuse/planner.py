@@ -1,0 +1,172 @@
+"""Prefill planning: which prompt rows are cached, exact or forced, and how misses are handled.
+
+A prompt's prefix and chunks are either found (in a store or streaming in from a cache), or
+missing. `MissPolicy` says what a request does with a missing chunk:
+
+- `forced`: its rows are computed in place with full attention (forced rows of the blend);
+  the write-behind then precomputes the chunk again, standalone, to store it.
+- `precompute`: the request first precomputes the chunk standalone after its chunk context —
+  exactly the object the write-behind would store — and uses it like a hit (it goes through
+  selective recompute); the write-behind only stores it. Each miss is computed once, and a
+  cold request answers like the warm one that follows it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from kvfuse.blend import BlendConfig, BlendStats, Mode, RowPlan
+from kvfuse.kv import ChunkKV, ChunkLayers, PlacedKV
+from kvfuse.prefill import PrefillStats
+from kvfuse.segments import PromptSegments
+
+
+class MissPolicy(str, Enum):
+    """What a request does with a chunk the cache does not hold (see the module docstring)."""
+
+    FORCED = "forced"
+    PRECOMPUTE = "precompute"
+
+
+# Modes whose misses `precompute` precomputes: prefix_cache reads only the prefix and the
+# first chunk, and computes a missing first chunk exactly in place anyway.
+PRECOMPUTE_MODES = frozenset({Mode.BLEND, Mode.FULL_REUSE})
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A tokenized prompt and the store keys of its prefix and chunks."""
+
+    segments: PromptSegments
+    prefix_key: str
+    chunk_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PlannedPrefill:
+    """A prefill ready to run: the row plan, its cached KV and the check schedule.
+
+    Attributes:
+        num_chunk_hits: chunks whose KV came from the cache (precomputed misses excluded).
+        num_chunks_precomputed: missing chunks this request precomputed and reuses.
+        num_precomputed_tokens: rows (prefix included) whose reused KV this request
+            precomputed; the plan counts them as cached rows.
+    """
+
+    plan: RowPlan
+    cached_kv: PlacedKV | None
+    schedule: dict[int, float]
+    num_chunk_hits: int
+    num_chunks: int
+    num_chunks_precomputed: int = 0
+    num_precomputed_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What planning needs besides the prompt.
+
+    Attributes:
+        lookup: cached objects by key (a store, or chunks still streaming in).
+        precomputed: objects this request precomputed; they win over `lookup`.
+        num_layers, inv_freq: the model's (check-layer schedule, RoPE correction).
+        exact_first_chunk: the first chunk's KV, stored after this very prefix, is exact.
+    """
+
+    lookup: Callable[[str], ChunkLayers | None]
+    precomputed: Mapping[str, ChunkKV]
+    num_layers: int
+    inv_freq: Tensor
+    exact_first_chunk: bool
+
+
+def plan_prefill(
+    prompt: PreparedPrompt, mode: Mode, blend: BlendConfig, inputs: PlanInputs
+) -> PlannedPrefill:
+    """Decides which rows are cached (and which of them exact) and which are forced."""
+    seg = prompt.segments
+    rows = _Rows(seg.num_tokens)
+    rows.forced[seg.num_tokens - len(seg.query_ids) :] = True
+    rows.forced[-1] = True
+    token_ids = torch.tensor(seg.token_ids)
+    if mode is Mode.FULL_PREFILL:
+        plan = RowPlan(token_ids, rows.cached, rows.exact, rows.forced)
+        return PlannedPrefill(plan, None, {}, 0, len(seg.chunk_ids))
+
+    def lookup(key: str) -> ChunkLayers | None:
+        kv = inputs.precomputed.get(key)
+        return kv if kv is not None else inputs.lookup(key)
+
+    prefix_kv = lookup(prompt.prefix_key) if seg.prefix_ids else None
+    if prefix_kv is not None:
+        span = slice(0, len(seg.prefix_ids))
+        rows.add(prefix_kv, span, True, prompt.prefix_key in inputs.precomputed)
+    spans = zip(prompt.chunk_keys, seg.chunk_ids, seg.chunk_offsets, strict=True)
+    for idx, (key, chunk_ids, offset) in enumerate(spans):
+        first_exact = idx == 0 and prefix_kv is not None and inputs.exact_first_chunk
+        if mode is Mode.PREFIX_CACHE and not first_exact:
+            break
+        if (kv := lookup(key)) is None:
+            continue
+        span = slice(offset, offset + len(chunk_ids))
+        rows.add(kv, span, mode is Mode.PREFIX_CACHE, key in inputs.precomputed)
+        if mode is Mode.BLEND:
+            rows.forced[offset : offset + blend.num_forced_chunk_start] = True
+        rows.num_chunks_precomputed += key in inputs.precomputed
+        rows.num_hits += key not in inputs.precomputed
+    rows.forced |= ~rows.cached  # cache misses are computed
+    schedule = {Mode.BLEND: blend.schedule(inputs.num_layers), Mode.FULL_REUSE: {0: 0.0}}
+    placed = PlacedKV(rows.pieces, rows.offsets, inputs.inv_freq) if rows.pieces else None
+    return PlannedPrefill(
+        RowPlan(token_ids, rows.cached, rows.exact, rows.forced),
+        placed,
+        schedule.get(mode, {}),
+        rows.num_hits,
+        len(seg.chunk_ids),
+        rows.num_chunks_precomputed,
+        int(rows.precomputed.sum()),
+    )
+
+
+class _Rows:
+    """The masks of a plan being built ([N] bool each) and the pieces placed so far."""
+
+    def __init__(self, num_tokens: int) -> None:
+        self.cached = torch.zeros(num_tokens, dtype=torch.bool)
+        self.exact, self.forced = self.cached.clone(), self.cached.clone()
+        self.precomputed = self.cached.clone()
+        self.pieces: list[ChunkLayers] = []
+        self.offsets: list[int] = []
+        self.num_hits = self.num_chunks_precomputed = 0
+
+    def add(self, kv: ChunkLayers, span: slice, exact: bool, precomputed: bool) -> None:
+        self.cached[span] = True
+        self.exact[span] = exact
+        self.precomputed[span] = precomputed
+        self.pieces.append(kv)
+        self.offsets.append(int(span.start))
+
+
+def prefill_stats(stats: BlendStats, planned: PlannedPrefill, start_s: float) -> PrefillStats:
+    """A finished run's counters as the prefill contract reports them.
+
+    The run counts precomputed rows as cached; here they are reported on their own, so
+    cached + precomputed + computed = prompt tokens (without forced chunk starts).
+    """
+    return PrefillStats(
+        num_prompt_tokens=stats.num_tokens,
+        num_cached_tokens=stats.num_cached_tokens - planned.num_precomputed_tokens,
+        num_recomputed_tokens=stats.num_recomputed_tokens,
+        num_computed_tokens=stats.num_computed_tokens,
+        num_chunks=planned.num_chunks,
+        num_chunk_hits=planned.num_chunk_hits,
+        prefill_s=time.perf_counter() - start_s,
+        num_precomputed_tokens=planned.num_precomputed_tokens,
+        num_chunks_precomputed=planned.num_chunks_precomputed,
+    )
