@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvfuse.errors import ConfigError
+from kvfuse.planner import MissPolicy
 from kvfuse.service.config import (
     ConfigLayers,
     Parser,
@@ -44,6 +45,13 @@ class PrefillConfig:
         cache_tls_ca: PEM roots that signed the cache servers' certificates; enables TLS to them.
         model, dtype, device, num_threads, chunk_context, tenant_salt: the engine.
         default_ratio: recompute ratio when a request sets none; None keeps the engine's.
+        miss_policy: `precompute` (default): a request precomputes its missing chunks
+            standalone, reuses them like hits and hands them to the write-behind, which only
+            stores them; `forced`: misses are computed in place and the write-behind computes
+            them again to store them (see `kvfuse.planner.MissPolicy`).
+        pipeline: overlap layer fetch, blend and sending layer by layer (default). False waits
+            until every hit has fully arrived, computes every layer, then sends them (the
+            benchmark's "pipeline off").
         write_behind_size: chunk objects queued for store; beyond it work is dropped (0: never
             store missing chunks).
         lookup_deadline_s: deadline of one Lookup batch.
@@ -71,6 +79,8 @@ class PrefillConfig:
     chunk_context: str = "prefix"
     tenant_salt: str = field(default="", repr=False)
     default_ratio: float | None = None
+    miss_policy: MissPolicy = MissPolicy.PRECOMPUTE
+    pipeline: bool = True
     write_behind_size: int = 64
     lookup_deadline_s: float = 1.0
     fetch_deadline_s: float = 10.0
@@ -103,6 +113,8 @@ class PrefillConfig:
             raise ConfigError("num_workers and local_store_bytes must be positive")
         if self.max_message_bytes < (4 << 20) + (64 << 10):
             raise ConfigError("max_message_bytes must hold a 4 MiB frame plus headers")
+        if not isinstance(self.miss_policy, MissPolicy) or not isinstance(self.pipeline, bool):
+            raise ConfigError("miss_policy must be a MissPolicy and pipeline a bool")
         check_tls_files(self.tls_cert, self.tls_key)
         for addr in self.cache_addrs:
             host, sep, port = addr.rpartition(":")
@@ -138,6 +150,18 @@ def _addrs(value: object) -> tuple[str, ...]:
     return tuple(str(a).strip() for a in items if str(a).strip())
 
 
+def _parse_bool(name: str, value: object) -> bool:
+    """True/False, or "on"/"off", "true"/"false", "yes"/"no", "1"/"0" (any case)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "on", "yes"):
+        return True
+    if text in ("0", "false", "off", "no"):
+        return False
+    raise ConfigError(f"{name} must be on or off, got {value!r}")
+
+
 _PARSERS: dict[str, Parser] = {
     "host": str,
     "port": parse_int,
@@ -155,6 +179,8 @@ _PARSERS: dict[str, Parser] = {
     "chunk_context": str,
     "tenant_salt": str,
     "default_ratio": optional(parse_float),
+    "miss_policy": MissPolicy,
+    "pipeline": lambda value: _parse_bool("pipeline", value),
     "write_behind_size": parse_int,
     "lookup_deadline_s": parse_float,
     "fetch_deadline_s": parse_float,

@@ -61,7 +61,7 @@ class PrefillMetrics:
         )
         self.recompute_ratio = Histogram(
             "kvfuse_prefill_recompute_ratio",
-            "Recomputed over cached tokens, per request that reused cached chunks.",
+            "Recomputed over reused (cached or precomputed) tokens, per blend request.",
             buckets=_RATIO_BUCKETS,
             registry=r,
         )
@@ -82,7 +82,17 @@ class PrefillMetrics:
             registry=r,
         )
         self.write_behind_stored = Counter(
-            "kvfuse_prefill_write_behind_stored", "Chunks precomputed and stored.", registry=r
+            "kvfuse_prefill_write_behind_stored", "Missing objects stored.", registry=r
+        )
+        self.misses_precomputed = Counter(
+            "kvfuse_prefill_misses_precomputed",
+            "Missing objects a request precomputed and reused (miss policy precompute).",
+            registry=r,
+        )
+        self.write_behind_computed = Counter(
+            "kvfuse_prefill_write_behind_computed",
+            "Objects the write-behind computed itself (miss policy forced).",
+            registry=r,
         )
         self.write_behind_errors = Counter(
             "kvfuse_prefill_write_behind_errors", "Chunk stores that failed.", registry=r

@@ -2,9 +2,14 @@
 
 One request, in order: validate; derive keys (`engine.prepare_tokens`); look the prefix and
 chunks up on their cache shards; start one background `GetLayers` stream per shard with hits;
-run the blend layer by layer on a compute thread while the caller reads finished layers (so
-fetch of layer l+1, compute of layer l and sending of layer l-1 overlap); sample the first
-token; queue the missing chunks for write-behind.
+take the compute lock; under `MissPolicy.PRECOMPUTE` precompute the missing chunks standalone
+while the hits keep streaming in; run the blend layer by layer on a compute thread while the
+caller reads finished layers (so fetch of layer l+1, compute of layer l and sending of layer
+l-1 overlap); sample the first token; queue the missing chunks for write-behind (objects the
+request precomputed go with the job, so it only stores them).
+
+With the pipeline off (`pipeline=False`) the request waits for every hit to arrive whole before
+it takes the compute lock, and sends its fused layers only once all are computed.
 
 Fail soft: a lookup that fails makes its keys misses (computed in place). A stream that fails
 part-way makes its incomplete chunks misses and restarts the blend without them; layers the
@@ -26,6 +31,7 @@ import torch
 from kvfuse.blend import BlendConfig, FusedLayer, Mode
 from kvfuse.engine import Engine
 from kvfuse.errors import CacheError, InvalidRequestError, KvfuseError, PromptTooLongError
+from kvfuse.kv import ChunkKV
 from kvfuse.model.sampling import Sampler
 from kvfuse.planner import PreparedPrompt, prefill_stats
 from kvfuse.prefill import PrefillRequest, PrefillResult
@@ -47,6 +53,7 @@ class _Fetched:
     fetches: list[LayerFetch] = field(default_factory=list)
     found: set[str] = field(default_factory=set)
     unknown: set[str] = field(default_factory=set)  # keys whose lookup failed
+    precomputed: dict[str, ChunkKV] = field(default_factory=dict)  # misses computed standalone
     fallback: str = ""
 
 
@@ -85,6 +92,9 @@ class RemotePrefiller:
         fetch_deadline_s: how long a request's layer streams may take in all.
         default_ratio: recompute ratio when a request sets none; None keeps the engine's.
         layers_ahead: fused layers computed ahead of the reader (bounds memory).
+        pipeline: False waits for every hit before computing and sends after computing.
+
+    The miss policy is the engine's (`engine.miss_policy`).
     """
 
     def __init__(
@@ -97,11 +107,12 @@ class RemotePrefiller:
         fetch_deadline_s: float,
         default_ratio: float | None = None,
         layers_ahead: int = 2,
+        pipeline: bool = True,
     ) -> None:
         self.engine, self.shards, self.writer, self.metrics = engine, shards, writer, metrics
         self.compute_lock = compute_lock
         self.fetch_deadline_s, self.default_ratio = fetch_deadline_s, default_ratio
-        self.layers_ahead = layers_ahead
+        self.layers_ahead, self.pipeline = layers_ahead, pipeline
         cfg = engine.model.cfg
         self.layout = Layout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
 
@@ -159,18 +170,44 @@ class RemotePrefiller:
         with torch.inference_mode():
             prompt = self.engine.prepare_tokens(request.segments)
             fetched = self._open(prompt, request.mode, cancel)
+            buffered: list[FusedLayer | PrefillResult] = []
             try:
+                if not self.pipeline:
+                    for fetch in fetched.fetches:  # a failed fetch: the blend falls back
+                        fetch.wait_complete()
                 if not self._acquire(cancel):
                     return
                 try:
-                    yield from self._blend(prompt, request, blend, fetched, cancel, start_s)
+                    self._precompute(prompt, request.mode, fetched)
+                    items = self._blend(prompt, request, blend, fetched, cancel, start_s)
+                    if self.pipeline:
+                        yield from items
+                    else:
+                        buffered = list(items)
                 finally:
                     self.compute_lock.release()
+                yield from buffered
                 if not cancel.event.is_set():
                     self._write_behind(prompt, request.mode, fetched)
             finally:
                 for fetch in fetched.fetches:
                     fetch.close()
+
+    def _precompute(self, prompt: PreparedPrompt, mode: Mode, fetched: _Fetched) -> None:
+        """Under `MissPolicy.PRECOMPUTE`: computes the objects not streaming in (misses, and
+        keys whose lookup failed) standalone, into `fetched.precomputed`. A fetched prefix is
+        the chunk context: waited for whole (or, if its stream fails, computed too)."""
+
+        def whole(key: str) -> ChunkKV | None:
+            for fetch in fetched.fetches:
+                if key in fetch.chunks:
+                    return fetch.materialize(key) if fetch.wait_complete([key]) else None
+            return None
+
+        fetched.precomputed = self.engine.precompute_misses(
+            prompt, mode, contains=fetched.chunks.__contains__, get_prefix=whole
+        )
+        self.metrics.misses_precomputed.inc(len(fetched.precomputed))
 
     def _acquire(self, cancel: _Cancel) -> bool:
         while not self.compute_lock.acquire(timeout=_LOCK_POLL_S):
@@ -238,7 +275,9 @@ class RemotePrefiller:
         once, then the result."""
         chunks, num_sent, counted = dict(fetched.chunks), 0, set[int]()
         while True:
-            planned, run = self.engine.start_prefill(prompt, request.mode, blend, chunks)
+            planned, run = self.engine.start_prefill(
+                prompt, request.mode, blend, chunks, fetched.precomputed
+            )
             try:
                 for layer in run:
                     if cancel.event.is_set():
@@ -257,10 +296,9 @@ class RemotePrefiller:
                 chunks = {k: c for k, c in chunks.items() if k not in lost}
         first = Sampler(request.sampling).sample(run.last_logits)
         stats = replace(prefill_stats(run.stats, planned, start_s), fallback=fetched.fallback)
-        if stats.num_cached_tokens and request.mode is Mode.BLEND:
-            self.metrics.recompute_ratio.observe(
-                stats.num_recomputed_tokens / stats.num_cached_tokens
-            )
+        num_reused = stats.num_cached_tokens + stats.num_precomputed_tokens
+        if num_reused and request.mode is Mode.BLEND:
+            self.metrics.recompute_ratio.observe(stats.num_recomputed_tokens / num_reused)
         yield PrefillResult(first, stats)
 
     def _lost_chunks(
@@ -282,7 +320,8 @@ class RemotePrefiller:
         fetched.fallback = fetched.fallback or reason
 
     def _write_behind(self, prompt: PreparedPrompt, mode: Mode, fetched: _Fetched) -> None:
-        """Queues the prompt's objects the lookup did not find (never blocks)."""
+        """Queues the prompt's objects the lookup did not find (never blocks), with those the
+        request precomputed (only stored then)."""
         if self.writer is None or mode is Mode.FULL_PREFILL:
             return
         keys = {*prompt.chunk_keys}
@@ -296,4 +335,5 @@ class RemotePrefiller:
         if prefix is not None:
             fetch = next(f for f in fetched.fetches if prompt.prefix_key in f.chunks)
             prefix_kv = fetch.materialize(prompt.prefix_key)
-        self.writer.submit(WriteJob(prompt, frozenset(missing), prefix_kv))
+        computed = {k: kv for k, kv in fetched.precomputed.items() if k in missing}
+        self.writer.submit(WriteJob(prompt, frozenset(missing), prefix_kv, computed))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import NamedTuple
 
 from torch import Tensor
@@ -120,6 +120,18 @@ class LayerFetch:
         k = torch.stack([k for k, _ in layers])
         v = torch.stack([v for _, v in layers])
         return ChunkKV(k, v, self.chunks[key].positions)
+
+    def wait_complete(self, keys: Collection[str] | None = None) -> bool:
+        """Blocks until every layer of `keys` (default: every chunk) has arrived: True; or
+        until the fetch fails, ends early, is cancelled or passes its deadline: False."""
+        wanted = list(self._slots) if keys is None else list(keys)
+        with self._cond:
+            while any(s is None for key in wanted for s in self._slots[key]):
+                remaining = self._deadline - time.monotonic()
+                if self._error is not None or self._finished or remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
 
     def wait(self, key: str, idx: int) -> tuple[Tensor, Tensor]:
         """K and V of one layer of one chunk, once arrived. Shape: [T, H_kv, D] each."""

@@ -28,6 +28,12 @@ _FLAGS = FlagTable(
         ("--num-threads", "torch intra-op threads (default: torch's choice)"),
         ("--chunk-context", "none, bos or prefix (default prefix)"),
         ("--default-ratio", "recompute ratio when a request sets none (default: engine's)"),
+        (
+            "--miss-policy",
+            "precompute (default: a missing chunk is precomputed once, reused and stored) or "
+            "forced (computed in place, then again by the write-behind)",
+        ),
+        ("--pipeline", "on (default) or off: overlap layer fetch, blend and send"),
         ("--write-behind-size", "missing chunks queued for store before dropping (default 64)"),
         ("--lookup-deadline-s", "cache lookup deadline (default 1)"),
         ("--fetch-deadline-s", "deadline of a request's layer streams (default 10)"),
@@ -43,6 +49,13 @@ _FLAGS = FlagTable(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The worker's flags; each overrides its env var KVFUSE_PREFILL_<NAME> and config file key."""
     _FLAGS.add_to(parser)
+    parser.add_argument(
+        "--no-pipeline",
+        dest="pipeline",
+        action="store_const",
+        const="off",
+        help="same as --pipeline off: fetch every hit, compute every layer, then send",
+    )
 
 
 def load_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> PrefillConfig:

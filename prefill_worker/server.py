@@ -42,7 +42,13 @@ def build_engine(config: PrefillConfig) -> Engine:
         torch.set_num_threads(config.num_threads)
     loaded = load_model(settings.model, settings.cache_dir, settings.torch_dtype, settings.device)
     store = ChunkStore(config.local_store_bytes)
-    return Engine(loaded, store, ChunkContext(config.chunk_context), tenant_salt=config.tenant_salt)
+    return Engine(
+        loaded,
+        store,
+        ChunkContext(config.chunk_context),
+        tenant_salt=config.tenant_salt,
+        miss_policy=config.miss_policy,
+    )
 
 
 def build_shards(config: PrefillConfig, engine: Engine) -> Shards:
@@ -69,7 +75,8 @@ class PrefillServer(GrpcService):
 
     Args:
         config: the process settings.
-        engine: a loaded engine to share (tests); None loads the configured model.
+        engine: a loaded engine to share (tests; its miss policy is used); None loads the
+            configured model.
         sources: chunk sources to use instead of the configured ones (tests).
     """
 
@@ -99,6 +106,7 @@ class PrefillServer(GrpcService):
             compute_lock,
             config.fetch_deadline_s,
             config.default_ratio,
+            pipeline=config.pipeline,
         )
         tokens = {config.auth_token: DEFAULT_TENANT} if config.auth_token else {}
         deny = self.metrics.requests.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc

@@ -105,6 +105,8 @@ def done_to_proto(result: PrefillResult, num_layers: int) -> prefill_pb2.Prefill
         num_chunk_hits=s.num_chunk_hits,
         prefill_s=s.prefill_s,
         fallback=s.fallback,
+        num_precomputed_tokens=s.num_precomputed_tokens,
+        num_chunks_precomputed=s.num_chunks_precomputed,
     )
     done = prefill_pb2.PrefillDone(
         first_token_id=result.first_token_id, stats=stats, num_layers=num_layers
@@ -123,6 +125,8 @@ def result_from_proto(done: prefill_pb2.PrefillDone) -> PrefillResult:
         num_chunk_hits=s.num_chunk_hits,
         prefill_s=s.prefill_s,
         fallback=s.fallback,
+        num_precomputed_tokens=s.num_precomputed_tokens,
+        num_chunks_precomputed=s.num_chunks_precomputed,
     )
     return PrefillResult(done.first_token_id, stats)
 

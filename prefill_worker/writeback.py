@@ -1,13 +1,14 @@
-"""Write-behind: precompute a request's missing chunks and store them, off the request path."""
+"""Write-behind: store a request's missing chunks (precomputing them if it did not), off the
+request path."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,11 +30,14 @@ class WriteJob:
         missing: the keys (prefix and/or chunks) to compute and store.
         prefix_kv: the prefix's KV when it was fetched whole (the chunk context under
             ChunkContext.PREFIX); None computes it.
+        computed: missing objects the request already computed (`MissPolicy.PRECOMPUTE`):
+            stored as they are, with no model compute.
     """
 
     prompt: PreparedPrompt
     missing: frozenset[str]
     prefix_kv: ChunkKV | None = None
+    computed: Mapping[str, ChunkKV] = field(default_factory=dict)
 
 
 class WriteBehind:
@@ -41,9 +45,10 @@ class WriteBehind:
 
     `submit` never blocks: when the queued objects would exceed `capacity`, the job is dropped
     and counted (kvfuse_prefill_write_behind_dropped_total). Keys already queued are not queued
-    twice. Each object is computed under `compute_lock` (shared with requests, so requests
-    wait for at most one chunk) and stored with `store(key, kv)`; a failed store is counted,
-    not retried. Thread-safe; `close` stops the thread after the job it is on.
+    twice. An object the job brings already computed is only stored; any other is computed
+    under `compute_lock` (shared with requests, so requests wait for at most one chunk). Each
+    is stored with `store(key, kv)`; a failed store is counted, not retried. Thread-safe;
+    `close` stops the thread after the job it is on.
     """
 
     def __init__(
@@ -81,7 +86,7 @@ class WriteBehind:
                 return False
             self._pending |= missing
             self._metrics.write_behind_depth.set(len(self._pending))
-        self._jobs.put(WriteJob(job.prompt, frozenset(missing), job.prefix_kv))
+        self._jobs.put(WriteJob(job.prompt, frozenset(missing), job.prefix_kv, job.computed))
         return True
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -109,22 +114,33 @@ class WriteBehind:
                 self._done(job.missing)
 
     def _write(self, job: WriteJob) -> None:
+        for key in job.missing & job.computed.keys():
+            if self._closing.is_set():
+                return
+            self._put(key, job.computed[key])
+        remaining = job.missing - job.computed.keys()
+        if not remaining:
+            return
         computed = self._engine.compute_missing(
             job.prompt,
-            contains=lambda key: key not in job.missing,
+            contains=lambda key: key not in remaining,
             get_prefix=lambda _key: job.prefix_kv,
         )
         while (item := self._next(computed)) is not None:
             key, kv = item
-            if key not in job.missing:
+            if key not in remaining:
                 continue  # the prefix, recomputed as chunk context, was stored already
-            try:
-                self._store(key, kv)
-                self._metrics.write_behind_stored.inc()
-            except KvfuseError as exc:
-                self._metrics.write_behind_errors.inc()
-                log.warning("storing chunk %s failed: %s", key[:12], exc)
-            self._done({key})
+            self._metrics.write_behind_computed.inc()
+            self._put(key, kv)
+
+    def _put(self, key: str, kv: ChunkKV) -> None:
+        try:
+            self._store(key, kv)
+            self._metrics.write_behind_stored.inc()
+        except KvfuseError as exc:
+            self._metrics.write_behind_errors.inc()
+            log.warning("storing chunk %s failed: %s", key[:12], exc)
+        self._done({key})
 
     def _next(self, computed: Iterator[tuple[str, ChunkKV]]) -> tuple[str, ChunkKV] | None:
         """The next computed object, computed under the shared compute lock."""

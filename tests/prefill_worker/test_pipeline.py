@@ -21,6 +21,7 @@ from prefill_helpers import (
 from kvfuse.blend import FusedLayer, Mode
 from kvfuse.engine import Engine
 from kvfuse.errors import InvalidRequestError, PromptTooLongError, ServiceUnavailableError
+from kvfuse.planner import MissPolicy
 from kvfuse.prefill import PrefillRequest, PrefillResult
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.pipeline import RemotePrefiller
@@ -36,13 +37,15 @@ def make_prefiller() -> Iterator[MakePrefiller]:
     writers: list[WriteBehind] = []
 
     def make(
-        engine: Engine, source: ChunkSource, fetch_deadline_s: float = 60.0
+        engine: Engine, source: ChunkSource, fetch_deadline_s: float = 60.0, pipeline: bool = True
     ) -> RemotePrefiller:
         metrics, lock = PrefillMetrics(), threading.Lock()
         writer = WriteBehind(engine, source.put, 64, lock, metrics)
         writers.append(writer)
         shards = Shards([source], ["test"])
-        return RemotePrefiller(engine, shards, writer, metrics, lock, fetch_deadline_s)
+        return RemotePrefiller(
+            engine, shards, writer, metrics, lock, fetch_deadline_s, pipeline=pipeline
+        )
 
     yield make
     for writer in writers:
@@ -292,3 +295,79 @@ def test_stored_objects_of_the_wrong_length_are_misses(
     prefiller = make_prefiller(warm_engine, TestSource(store))
     _, result = run(prefiller, request)
     assert result.stats.num_chunk_hits == 2 and result.stats.fallback == ""
+
+
+def test_precomputed_misses_are_reused_and_only_stored(
+    engine: Engine, make_prefiller: MakePrefiller
+) -> None:
+    """Miss policy precompute, cold (prefix and chunk 0 stored, chunks 1-2 missing), then the
+    same request again: every miss computed once, the write-behind computes nothing."""
+    engine.miss_policy = MissPolicy.PRECOMPUTE
+    request = make_request(engine)
+    prompt = engine.prepare_tokens(request.segments)
+    warm = dict(
+        engine.compute_missing(prompt, lambda k: k in prompt.chunk_keys[1:], lambda k: None)
+    )
+    for key, kv in warm.items():
+        engine.store.put(key, kv)
+    source = TestSource(engine.store)
+    prefiller = make_prefiller(engine, source)
+    cold_layers, cold = run(prefiller, request)
+    assert cold.stats.num_chunk_hits == 1 and cold.stats.num_chunks_precomputed == 2
+    num_missing = sum(len(ids) for ids in request.segments.chunk_ids[1:])
+    assert cold.stats.num_precomputed_tokens == num_missing
+    stats = cold.stats
+    assert (
+        stats.num_cached_tokens + num_missing + stats.num_computed_tokens == stats.num_prompt_tokens
+    )
+    assert prefiller.writer is not None and prefiller.writer.wait_idle(120)
+    assert source.num_puts == 2
+    assert counter(prefiller, "kvfuse_prefill_misses_precomputed_total") == 2
+    assert counter(prefiller, "kvfuse_prefill_write_behind_computed_total") == 0
+    again_layers, again = run(prefiller, request)
+    assert again.stats.num_chunk_hits == 3 and again.stats.num_chunks_precomputed == 0
+    assert_layers_equal(again_layers, cold_layers)  # the stored objects are the precomputed ones
+    assert again.first_token_id == cold.first_token_id
+    assert counter(prefiller, "kvfuse_prefill_write_behind_computed_total") == 0
+    assert source.num_puts == 2
+
+
+def test_precompute_at_ratio_one_equals_full_prefill(
+    engine: Engine, make_prefiller: MakePrefiller
+) -> None:
+    engine.miss_policy = MissPolicy.PRECOMPUTE
+    prefiller = make_prefiller(engine, TestSource(engine.store))
+    request = make_request(engine, ratio=1.0)
+    layers, result = run(prefiller, request)
+    assert result.stats.num_chunks_precomputed == 3
+    full_layers, full_result = full_prefill(engine, request)
+    assert_layers_equal(layers, full_layers, atol=1e-4)
+    assert result.first_token_id == full_result.first_token_id
+
+
+@pytest.mark.parametrize("source_kwargs", [{}, {"fail_at": 10}], ids=["healthy", "stream-fails"])
+def test_pipeline_off_outputs_equal_pipeline_on(
+    warm_engine: Engine, make_prefiller: MakePrefiller, source_kwargs: dict[str, int]
+) -> None:
+    request = make_request(warm_engine)
+    on = make_prefiller(warm_engine, TestSource(warm_engine.store, **source_kwargs))
+    on_layers, on_result = run(on, request)
+    source = TestSource(warm_engine.store, **source_kwargs)
+    off = make_prefiller(warm_engine, source, pipeline=False)
+    items, seen_at_layer0 = [], None
+    for item in off.prefill(request):
+        if isinstance(item, FusedLayer) and item.layer_idx == 0:
+            seen_at_layer0 = (
+                list(source.sent_layers),
+                counter(off, "kvfuse_prefill_layers_computed_total"),
+            )
+        items.append(item)
+    off_layers, off_result = split(items)
+    assert_layers_equal(off_layers, on_layers)
+    assert off_result.first_token_id == on_result.first_token_id
+    assert off_result.stats.fallback == on_result.stats.fallback
+    assert seen_at_layer0 is not None
+    sent_layers, num_computed = seen_at_layer0
+    assert num_computed == 30  # every layer computed before the first one was sent
+    if not source_kwargs:
+        assert sent_layers[-1] == 29  # and every layer fetched before the blend started

@@ -100,7 +100,7 @@ def _set(frame: prefill_pb2.LayerChunk, **fields: object) -> prefill_pb2.LayerCh
 
 
 def test_result_round_trip() -> None:
-    stats = PrefillStats(10, 6, 2, 4, 2, 1, 0.5, "cache_timeout")
+    stats = PrefillStats(10, 6, 2, 4, 2, 1, 0.5, "cache_timeout", 3, 1)
     done = wire.done_to_proto(PrefillResult(17, stats), num_layers=30).done
     assert done.num_layers == 30
     assert wire.result_from_proto(done) == PrefillResult(17, stats)
