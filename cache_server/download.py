@@ -7,9 +7,10 @@ from collections.abc import Iterator, Sequence
 from cache_server import wire
 from cache_server.objects import StoredObject
 from cache_server.records import RecordCodec
-from kvfuse.client.frames import crc32, fill_frame, frame_parts
+from kvfuse.client.frame_wire import FrameView, encode_frames
+from kvfuse.client.frames import MAX_FRAME_BYTES, frame_parts
+from kvfuse.crc import crc32
 from kvfuse.errors import InvalidRequestError
-from kvfuse.v1 import cache_pb2
 
 
 def layer_range(objects: Sequence[StoredObject], start: int, stop: int) -> range:
@@ -30,8 +31,13 @@ def iter_layer_frames(
     layers: range,
     codec: str | None,
     codecs: RecordCodec,
-) -> Iterator[cache_pb2.GetLayersResponse]:
+) -> Iterator[tuple[bytes, int]]:
     """Layer l of every object before layer l + 1 of any, each record split into frames.
+
+    Yields serialized GetLayersResponses (`frame_wire.encode_frames`: the record bytes are
+    copied once), each packing consecutive frames up to MAX_FRAME_BYTES of data, with the
+    number of record bytes it carries. The objects are in memory already, so packing delays
+    no layer.
 
     Args:
         objects: the found objects, in request order.
@@ -39,6 +45,21 @@ def iter_layer_frames(
         codec: re-encode records into this codec; None sends them as stored.
         codecs: does the transcoding (and times it).
     """
+    batch: list[FrameView] = []
+    num_bytes = 0
+    for frame in _frames(objects, layers, codec, codecs):
+        if batch and num_bytes + len(frame.data) > MAX_FRAME_BYTES:
+            yield encode_frames(batch), num_bytes
+            batch, num_bytes = [], 0
+        batch.append(frame)
+        num_bytes += len(frame.data)
+    if batch:
+        yield encode_frames(batch), num_bytes
+
+
+def _frames(
+    objects: Sequence[StoredObject], layers: range, codec: str | None, codecs: RecordCodec
+) -> Iterator[FrameView]:
     for layer_idx in layers:
         for obj in objects:
             record = obj.layers[layer_idx]
@@ -48,6 +69,4 @@ def iter_layer_frames(
             key = wire.chunk_key_of(obj.meta.key)
             crc = crc32(record) if crc is None else crc
             for offset, data in frame_parts(record):
-                response = cache_pb2.GetLayersResponse()
-                fill_frame(response.frame, key, layer_idx, len(record), crc, offset, data)
-                yield response
+                yield FrameView(key, layer_idx, len(record), crc, offset, data)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from dataclasses import asdict, dataclass
 
+from kvfuse.crc import crc32
 from kvfuse.errors import CorruptRecordError, InvalidObjectError
 
 # Storage keys are what the server stores under: "<tenant>/<64 hex chunk key>" or a bare key.
@@ -22,11 +22,6 @@ def check_key(key: str) -> str:
             f"malformed key {key!r}: expected [tenant/]<64 lowercase hex chars>"
         )
     return key
-
-
-def checksum(record: bytes) -> int:
-    """CRC32 of one layer record."""
-    return zlib.crc32(record) & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -135,7 +130,7 @@ class StoredObject:
     def verify_layer(self, idx: int) -> bytes:
         """The record of layer `idx` after checking its CRC32; CorruptRecordError if it fails."""
         record = self.layers[idx]
-        if checksum(record) != self.meta.layer_crc32[idx]:
+        if crc32(record) != self.meta.layer_crc32[idx]:
             raise CorruptRecordError(f"{self.meta.key}: layer {idx} failed its checksum")
         return record
 

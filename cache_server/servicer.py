@@ -78,7 +78,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     def GetLayers(
         self, request: cache_pb2.GetLayersRequest, context: grpc.ServicerContext
-    ) -> Iterator[cache_pb2.GetLayersResponse]:
+    ) -> Iterator[cache_pb2.GetLayersResponse | bytes]:
+        """Key headers as messages, then frames already serialized (see `frame_wire`)."""
         tenant = self._tenant(context)
         keys = dict.fromkeys(wire.check_keys(request.keys, self._config.max_batch_keys))
         codec = request.codec or None
@@ -95,8 +96,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         layers = download.layer_range(found, request.layer_start, request.layer_stop)
         for header in headers:
             yield cache_pb2.GetLayersResponse(header=header)
-        for response in download.iter_layer_frames(found, layers, codec, self._codecs):
-            self._metrics.sent_bytes.labels("GetLayers").inc(len(response.frame.data))
+        sent_bytes = self._metrics.sent_bytes.labels("GetLayers")
+        for response, num_bytes in download.iter_layer_frames(found, layers, codec, self._codecs):
+            sent_bytes.inc(num_bytes)
             yield response
 
     def Delete(

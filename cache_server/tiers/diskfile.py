@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache_server.objects import ObjectMeta, StoredObject, checksum
+from cache_server.objects import ObjectMeta, StoredObject
+from kvfuse.crc import crc32
 from kvfuse.errors import (
     CapacityError,
     CorruptRecordError,
@@ -104,7 +105,7 @@ def os_error(tier_name: str, exc: OSError) -> CapacityError | TierUnavailableErr
 def encode_header(meta: ObjectMeta) -> bytes:
     """The bytes that precede the layer records."""
     meta_bytes = meta.to_bytes()
-    return HEAD.pack(MAGIC, VERSION, 0, len(meta_bytes), checksum(meta_bytes)) + meta_bytes
+    return HEAD.pack(MAGIC, VERSION, 0, len(meta_bytes), crc32(meta_bytes)) + meta_bytes
 
 
 def read_header(path: Path) -> tuple[ObjectMeta, int, int]:
@@ -120,7 +121,7 @@ def read_header(path: Path) -> tuple[ObjectMeta, int, int]:
         if magic != MAGIC or version != VERSION or meta_len > MAX_META_BYTES:
             raise CorruptRecordError(f"{path.name}: not a version-{VERSION} kvfuse object file")
         meta_bytes = f.read(meta_len)
-        if len(meta_bytes) != meta_len or checksum(meta_bytes) != meta_crc:
+        if len(meta_bytes) != meta_len or crc32(meta_bytes) != meta_crc:
             raise CorruptRecordError(f"{path.name}: metadata failed its checksum")
         try:
             meta = ObjectMeta.from_bytes(meta_bytes)
@@ -179,7 +180,7 @@ def read_layer(
         record = os.pread(fd, nbytes, data_offset + sum(meta.layer_nbytes[:layer_idx]))
     finally:
         os.close(fd)
-    if len(record) != nbytes or checksum(record) != meta.layer_crc32[layer_idx]:
+    if len(record) != nbytes or crc32(record) != meta.layer_crc32[layer_idx]:
         raise CorruptRecordError(f"{meta.key}: layer {layer_idx} failed its checksum")
     return record
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from cache_server.objects import StoredObject, checksum
+from cache_server.objects import StoredObject
 from kvfuse.codecs import get_codec
+from kvfuse.crc import crc32
 
 
 def transcode(obj: StoredObject, codec: str) -> StoredObject:
@@ -26,6 +27,6 @@ def transcode(obj: StoredObject, codec: str) -> StoredObject:
         obj.meta,
         codec=codec,
         layer_nbytes=tuple(len(r) for r in layers),
-        layer_crc32=tuple(checksum(r) for r in layers),
+        layer_crc32=tuple(crc32(r) for r in layers),
     )
     return StoredObject(meta, tuple(layers))

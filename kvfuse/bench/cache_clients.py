@@ -109,7 +109,7 @@ class RedisBench:
         return sum(map(len, records))
 
     def get(self, key: str) -> int:
-        from kvfuse.client.wire import decode_record
+        from kvfuse.codecs import decode_owned
 
         if self._mode == "hash":
             found = self._redis.hgetall(key)
@@ -120,7 +120,7 @@ class RedisBench:
         if len(records) != self._num_layers:
             raise CacheError(f"redis: {key} missing or short")
         for record in records:
-            decode_record(record)
+            decode_owned(record)  # the same decode as the SDK's (redis-py's bytes are ours)
         return sum(map(len, records))
 
     def close(self) -> None:

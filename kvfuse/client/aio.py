@@ -95,12 +95,11 @@ class AsyncCacheClient(ClientBase):
         while True:
             started = False
             decoder = wire.LayerDecoder(wire.MAX_RECORD_BYTES)
-            call = self._stub.GetLayers(request, timeout=self._timeout_s, metadata=self._metadata)
+            call = self._get_layers(request, timeout=self._timeout_s, metadata=self._metadata)
             try:
                 async for response in call:
                     started = True
-                    item = decoder.feed(response)
-                    if item is not None:
+                    for item in decoder.feed(response):
                         yield item
                 return
             except grpc.RpcError as exc:

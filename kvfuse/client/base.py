@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from kvfuse.client.retry import RetryPolicy
+from kvfuse.client.wire import get_layers_method
 from kvfuse.service.auth import bearer_metadata
 from kvfuse.service.grpc_channel import open_channel
 from kvfuse.service.tls import Pem
@@ -44,6 +45,7 @@ class ClientBase:
             aio=self.aio,
         )
         self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._get_layers = get_layers_method(self._channel)  # responses stay bytes
         self._metadata = bearer_metadata(token)
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()

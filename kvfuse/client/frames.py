@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
+from kvfuse.client.frame_wire import FrameView
+from kvfuse.crc import crc32
 from kvfuse.errors import CorruptRecordError, InvalidObjectError
 from kvfuse.v1 import common_pb2
 
 MAX_FRAME_BYTES = 4 << 20  # data bytes in one LayerFrame (protocol limit)
-
-
-def crc32(record: bytes) -> int:
-    return zlib.crc32(record) & 0xFFFFFFFF
 
 
 def frame_parts(
@@ -62,10 +59,13 @@ def split_record(
         yield frame
 
 
+Frame = common_pb2.LayerFrame | FrameView
+
+
 class Record(NamedTuple):
     key: str
     layer_idx: int
-    data: bytes
+    data: bytes | memoryview  # a view into the received message when it came in one frame
 
 
 class _Head(NamedTuple):
@@ -75,7 +75,7 @@ class _Head(NamedTuple):
     record_crc32: int
 
 
-def _head(frame: common_pb2.LayerFrame) -> _Head:
+def _head(frame: Frame) -> _Head:
     return _Head(frame.key, frame.layer_idx, frame.record_nbytes, frame.record_crc32)
 
 
@@ -85,14 +85,22 @@ class RecordAssembler:
     The frames of one record must be contiguous, start at offset 0 and follow each other
     without gaps or overlaps, with the same key, layer, size and CRC32. Raises
     InvalidObjectError on any violation, CorruptRecordError when a complete record fails its
-    CRC32. Not thread-safe (one per stream).
+    CRC32 (unless `verify_crc32` is off: a reader that decodes every record with a codec, whose
+    payload carries its own CRC-32 over the same bytes, skips this second pass). Not
+    thread-safe (one per stream).
     """
 
-    def __init__(self, max_record_bytes: int, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        max_record_bytes: int,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        verify_crc32: bool = True,
+    ) -> None:
         self._max_record_bytes = max_record_bytes
         self._max_frame_bytes = max_frame_bytes
+        self._verify_crc32 = verify_crc32
         self._current: _Head | None = None
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
         self._num_received = 0
 
     @property
@@ -100,9 +108,9 @@ class RecordAssembler:
         """True while a record has started but not all of its bytes arrived."""
         return self._current is not None
 
-    def feed(self, frame: common_pb2.LayerFrame) -> Record | None:
+    def feed(self, frame: Frame) -> Record | None:
         """Takes one frame; returns the record it completes, else None."""
-        data = frame.data  # each read of a bytes field copies it: read once
+        data = frame.data  # each read of a protobuf bytes field copies it: read once
         if len(data) > self._max_frame_bytes:
             raise InvalidObjectError(
                 f"frame of {len(data)} bytes exceeds the {self._max_frame_bytes}-byte limit"
@@ -118,11 +126,11 @@ class RecordAssembler:
             return None
         data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         self._current, self._parts, self._num_received = None, [], 0
-        if crc32(data) != head.record_crc32:
+        if self._verify_crc32 and crc32(data) != head.record_crc32:
             raise CorruptRecordError(f"{head.key}: layer {head.layer_idx} failed its CRC32")
         return Record(head.key, head.layer_idx, data)
 
-    def _start(self, frame: common_pb2.LayerFrame, num_data_bytes: int) -> None:
+    def _start(self, frame: Frame, num_data_bytes: int) -> None:
         if frame.offset != 0:
             raise InvalidObjectError(
                 f"layer {frame.layer_idx}: first frame at offset {frame.offset}"
@@ -136,7 +144,7 @@ class RecordAssembler:
             raise InvalidObjectError(f"layer {frame.layer_idx}: frame size does not fit the record")
         self._current = _head(frame)
 
-    def _continue(self, frame: common_pb2.LayerFrame, num_data_bytes: int) -> None:
+    def _continue(self, frame: Frame, num_data_bytes: int) -> None:
         head = self._current
         assert head is not None
         if _head(frame) != head or frame.offset != self._num_received:

@@ -112,13 +112,11 @@ class CacheClient(ClientBase):
         while True:
             started = False
             decoder = wire.LayerDecoder(wire.MAX_RECORD_BYTES)
-            call = self._stub.GetLayers(request, timeout=self._timeout_s, metadata=self._metadata)
+            call = self._get_layers(request, timeout=self._timeout_s, metadata=self._metadata)
             try:
                 for response in call:
                     started = True
-                    item = decoder.feed(response)
-                    if item is not None:
-                        yield item
+                    yield from decoder.feed(response)
                 return
             except grpc.RpcError as exc:
                 time.sleep(retry_delay(delays, exc, retryable=not started))

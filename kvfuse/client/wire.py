@@ -5,16 +5,20 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grpc
 import torch
 
-from kvfuse.client.frames import crc32, fill_frame, frame_parts
+from kvfuse.client import frame_wire
+from kvfuse.client.frames import Record, fill_frame, frame_parts
+from kvfuse.codecs import decode_owned
+from kvfuse.crc import crc32
 from kvfuse.errors import (
     AuthError,
     CacheError,
     CapacityError,
+    CodecError,
     CorruptRecordError,
     InvalidObjectError,
     KvfuseError,
@@ -25,6 +29,7 @@ from kvfuse.v1 import cache_pb2, common_pb2
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 MAX_RECORD_BYTES = 2 << 30  # largest layer record a client accepts from a server
+GET_LAYERS_METHOD = "/kvfuse.v1.CacheService/GetLayers"
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _ERRORS: dict[grpc.StatusCode, type[CacheError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidObjectError,
@@ -155,13 +160,6 @@ def put_requests(
             yield request
 
 
-def decode_record(record: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of one layer record, each [T, H_kv, D] in the dtype they were stored from."""
-    from kvfuse.codecs import codec_of, get_codec
-
-    return get_codec(codec_of(record)).decode(record)
-
-
 def error_from_rpc(exc: grpc.RpcError) -> KvfuseError:
     """The kvfuse error for a failed call (its status code and the server's message)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
@@ -187,33 +185,57 @@ def get_layers_request(
 class LayerDecoder:
     """Turns a GetLayers response stream into headers and decoded LayerFrames, checking it.
 
-    `feed` returns a (key, found) pair for a header, a LayerFrame when a record completes,
-    else None. CorruptRecordError when a record fails its CRC32, CacheError when the stream
-    breaks the protocol. Not thread-safe (one per stream).
+    Takes each response as the serialized bytes (`frame_wire`: layer data is read in place,
+    not copied out of a message). `feed` returns what one response completes: a (key, found)
+    pair for a header, LayerFrames for the records it finishes. CorruptRecordError when a
+    record fails its checksum, CacheError when the stream breaks the protocol. Not thread-safe
+    (one per stream).
     """
 
     def __init__(self, max_record_bytes: int) -> None:
         from kvfuse.client.frames import RecordAssembler
 
-        self._assembler = RecordAssembler(max_record_bytes)
+        # Every record is decoded by its codec, which checks the payload's own CRC-32.
+        self._assembler = RecordAssembler(max_record_bytes, verify_crc32=False)
         self._found: set[str] = set()
         self._frames_started = False
 
-    def feed(self, response: cache_pb2.GetLayersResponse) -> tuple[str, bool] | LayerFrame | None:
-        if response.WhichOneof("kind") == "header":
-            if self._frames_started:
-                raise CacheError("protocol error: key header after layer frames")
-            if response.header.found:
-                self._found.add(response.header.key)
-            return response.header.key, response.header.found
-        self._frames_started = True
+    def feed(self, raw: bytes) -> list[tuple[str, bool] | LayerFrame]:
         try:
-            record = self._assembler.feed(response.frame)
+            frames = frame_wire.parse_frames(raw)
+            if frames is None:
+                return [self._header(raw)]
+            self._frames_started = True
+            records = [r for r in map(self._assembler.feed, frames) if r is not None]
         except InvalidObjectError as exc:
             raise CacheError(f"protocol error: {exc}") from exc
-        if record is None:
-            return None
+        return [self._decode(record) for record in records]
+
+    def _decode(self, record: Record) -> LayerFrame:
         if record.key not in self._found:
             raise CacheError(f"protocol error: layer frame for unannounced key {record.key}")
-        k, v = decode_record(record.data)
+        try:
+            k, v = decode_owned(record.data)  # the received message is ours alone: no copy
+        except CodecError as exc:
+            raise CorruptRecordError(f"{record.key}: layer {record.layer_idx}: {exc}") from exc
         return LayerFrame(record.key, record.layer_idx, k, v)
+
+    def _header(self, raw: bytes) -> tuple[str, bool]:
+        response = cache_pb2.GetLayersResponse.FromString(raw)
+        if response.WhichOneof("kind") != "header":
+            raise CacheError("protocol error: a response with neither header nor frames")
+        if self._frames_started:
+            raise CacheError("protocol error: key header after layer frames")
+        if response.header.found:
+            self._found.add(response.header.key)
+        return response.header.key, response.header.found
+
+
+def get_layers_method(channel: Any) -> Any:
+    """The GetLayers callable of `channel` (blocking or asyncio) yielding serialized responses."""
+    return channel.unary_stream(
+        GET_LAYERS_METHOD,
+        request_serializer=cache_pb2.GetLayersRequest.SerializeToString,
+        response_deserializer=None,  # bytes, for LayerDecoder
+        _registered_method=True,
+    )

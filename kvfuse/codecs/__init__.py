@@ -39,7 +39,7 @@ def get_codec(name: str) -> Codec:
         raise CodecError(f"unknown codec {name!r} (known: {', '.join(CODEC_NAMES)})") from None
 
 
-def codec_of(payload: bytes) -> str:
+def codec_of(payload: bytes | memoryview) -> str:
     """Name of the codec that wrote `payload`, read from its header (magic and version checked).
 
     Raises:
@@ -48,6 +48,11 @@ def codec_of(payload: bytes) -> str:
     return _NAMES_BY_ID[header.peek_codec_id(payload)]
 
 
-def decode(payload: bytes) -> tuple[Tensor, Tensor]:
+def decode(payload: bytes | memoryview) -> tuple[Tensor, Tensor]:
     """Decodes a payload with whichever codec wrote it. Shape: ([T, H_kv, D], [T, H_kv, D])."""
     return get_codec(codec_of(payload)).decode(payload)
+
+
+def decode_owned(payload: bytes | memoryview) -> tuple[Tensor, Tensor]:
+    """`decode` of a payload the caller owns alone (see `Codec.decode_owned`)."""
+    return get_codec(codec_of(payload)).decode_owned(payload)

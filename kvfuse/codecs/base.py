@@ -33,5 +33,14 @@ class Codec(ABC):
         """
 
     @abstractmethod
-    def decode(self, payload: bytes) -> tuple[Tensor, Tensor]:
-        """Inverse of `encode`: CPU tensors of the original dtype and shape [T, H_kv, D]."""
+    def decode(self, payload: bytes | memoryview) -> tuple[Tensor, Tensor]:
+        """Inverse of `encode`: fresh CPU tensors of the original dtype and shape [T, H_kv, D]."""
+
+    def decode_owned(self, payload: bytes | memoryview) -> tuple[Tensor, Tensor]:
+        """`decode` for a payload the caller owns alone and never reads or reuses again.
+
+        The tensors may share memory with the payload instead of copying it (the uncompressed
+        codecs do), which saves a copy of every received byte. Writing to them writes to the
+        payload's buffer, so never pass a buffer that is stored or shared.
+        """
+        return self.decode(payload)

@@ -103,7 +103,7 @@ class CacheGenCodec(Codec):
         body += [np.uint32(pad).tobytes(), bytes(pad)]
         return header.pack(Header(self.codec_id, k.dtype, *k.shape), body)
 
-    def decode(self, payload: bytes) -> tuple[Tensor, Tensor]:
+    def decode(self, payload: bytes | memoryview) -> tuple[Tensor, Tensor]:
         head = header.parse(payload, self.codec_id)
         reader = BodyReader(payload)
         k = _decode_tensor(reader, head.num_tokens, head.num_heads * head.head_dim)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -13,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from kvfuse.crc import crc32
 from kvfuse.errors import CodecError
 
 MAGIC = b"KVFC"
@@ -104,18 +104,18 @@ def pack(header: Header, body: Sequence[bytes]) -> bytes:
         header.head_dim,
         0,
     )[:_CRC_OFFSET]
-    crc = zlib.crc32(fields)
+    crc = crc32(fields)
     for part in body:
-        crc = zlib.crc32(part, crc)
+        crc = crc32(part, crc)
     return b"".join((fields, struct.pack("<I", crc), *body))
 
 
-def peek_codec_id(payload: bytes) -> CodecId:
+def peek_codec_id(payload: bytes | memoryview) -> CodecId:
     """The codec id of a payload after checking magic and version only (no CRC, no body)."""
     return _unpack(payload)[0]
 
 
-def parse(payload: bytes, codec_id: CodecId) -> Header:
+def parse(payload: bytes | memoryview, codec_id: CodecId) -> Header:
     """Validates the header of `payload` for codec `codec_id` and returns it.
 
     Checks, in order, before anything is allocated: length, magic, version, codec id, dtype
@@ -139,12 +139,12 @@ def parse(payload: bytes, codec_id: CodecId) -> Header:
             f"{len(payload)}-byte payload cannot hold 2x{header.num_elements} elements"
         )
     view = memoryview(payload)
-    if zlib.crc32(view[HEADER_SIZE:], zlib.crc32(view[:_CRC_OFFSET])) != crc:
+    if crc32(view[HEADER_SIZE:], crc32(view[:_CRC_OFFSET])) != crc:
         raise CodecError("payload checksum mismatch (corrupt header or body, or truncated)")
     return header
 
 
-def _unpack(payload: bytes) -> tuple[CodecId, tuple[int, int, int, int, int, int]]:
+def _unpack(payload: bytes | memoryview) -> tuple[CodecId, tuple[int, int, int, int, int, int]]:
     """Codec id and the remaining raw header fields, after length, magic and version checks."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
@@ -170,7 +170,7 @@ class BodyReader:
     Every read checks the requested size against the bytes left before allocating.
     """
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes | memoryview) -> None:
         self._view = memoryview(payload)
         self._pos = HEADER_SIZE
 
@@ -178,8 +178,11 @@ class BodyReader:
     def num_bytes_left(self) -> int:
         return len(self._view) - self._pos
 
-    def array(self, dtype: npt.DTypeLike, count: int) -> npt.NDArray[Any]:
+    def array(self, dtype: npt.DTypeLike, count: int, copy: bool = True) -> npt.NDArray[Any]:
         """The next `count` little-endian items of `dtype`, as a fresh writable array.
+
+        With `copy` False, a view of the payload instead when the machine is little-endian and
+        the items are aligned (read-only if the payload is; see `Codec.decode_owned`).
 
         Raises:
             CodecError: fewer than `count` items are left.
@@ -191,8 +194,10 @@ class BodyReader:
                 f"payload truncated: need {num_bytes} bytes at offset {self._pos}, "
                 f"{self.num_bytes_left} left"
             )
-        out = np.frombuffer(self._view, dt, count, self._pos).astype(dt.newbyteorder("="))
+        out = np.frombuffer(self._view, dt, count, self._pos)
         self._pos += num_bytes
+        if copy or not (out.dtype.isnative and out.flags.aligned):
+            return out.astype(dt.newbyteorder("="))
         return out
 
     def scalar(self, dtype: npt.DTypeLike) -> int:

@@ -52,7 +52,7 @@ class Int4Codec(Codec):
         parts = [pack_nibbles(qk), pack_nibbles(qv), lo_k, step_k, lo_v, step_v]
         return header.pack(head, [to_bytes(p) for p in parts])
 
-    def decode(self, payload: bytes) -> tuple[Tensor, Tensor]:
+    def decode(self, payload: bytes | memoryview) -> tuple[Tensor, Tensor]:
         head = header.parse(payload, self.codec_id)
         num_tokens, num_heads, head_dim = head.shape
         group_shape = (num_tokens, num_heads, num_groups(head_dim))

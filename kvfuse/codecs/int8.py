@@ -42,7 +42,7 @@ class Int8Codec(Codec):
         head = Header(self.codec_id, k.dtype, *k.shape)
         return header.pack(head, [to_bytes(qk), to_bytes(qv), to_bytes(sk), to_bytes(sv)])
 
-    def decode(self, payload: bytes) -> tuple[Tensor, Tensor]:
+    def decode(self, payload: bytes | memoryview) -> tuple[Tensor, Tensor]:
         head = header.parse(payload, self.codec_id)
         num_tokens, num_heads, _ = head.shape
         num_scales = num_tokens * num_heads

@@ -26,9 +26,13 @@ class RawCodec(Codec):
         head = Header(self.codec_id, k.dtype, *k.shape)
         return header.pack(head, [to_bytes(k), to_bytes(v)])
 
-    def decode(self, payload: bytes) -> tuple[Tensor, Tensor]:
+    def decode(self, payload: bytes | memoryview) -> tuple[Tensor, Tensor]:
         head = header.parse(payload, self.codec_id)
-        return _read_pair(payload, head, head.dtype)
+        return _read_pair(payload, head, head.dtype, copy=True)
+
+    def decode_owned(self, payload: bytes | memoryview) -> tuple[Tensor, Tensor]:
+        head = header.parse(payload, self.codec_id)
+        return _read_pair(payload, head, head.dtype, copy=False)
 
 
 class Fp16Codec(Codec):
@@ -52,18 +56,31 @@ class Fp16Codec(Codec):
         head = Header(self.codec_id, k.dtype, *k.shape)
         return header.pack(head, [to_bytes(k16), to_bytes(v16)])
 
-    def decode(self, payload: bytes) -> tuple[Tensor, Tensor]:
+    def decode(self, payload: bytes | memoryview) -> tuple[Tensor, Tensor]:
+        return self._decode(payload, copy=True)
+
+    def decode_owned(self, payload: bytes | memoryview) -> tuple[Tensor, Tensor]:
+        return self._decode(payload, copy=False)
+
+    def _decode(self, payload: bytes | memoryview, copy: bool) -> tuple[Tensor, Tensor]:
         head = header.parse(payload, self.codec_id)
-        k16, v16 = _read_pair(payload, head, torch.float16)
-        return k16.to(head.dtype), v16.to(head.dtype)
+        k16, v16 = _read_pair(payload, head, torch.float16, copy)
+        return k16.to(head.dtype), v16.to(head.dtype)  # no copy when stored from float16
 
 
-def _read_pair(payload: bytes, head: Header, stored: torch.dtype) -> tuple[Tensor, Tensor]:
-    """K and V stored back to back as `stored` items. Shape: ([T, H, D], [T, H, D])."""
+def _read_pair(
+    payload: bytes | memoryview, head: Header, stored: torch.dtype, copy: bool
+) -> tuple[Tensor, Tensor]:
+    """K and V stored back to back as `stored` items. Shape: ([T, H, D], [T, H, D]).
+
+    With `copy` False they share the payload's memory where it is aligned for `stored`.
+    """
     reader = BodyReader(payload)
     expected = 2 * head.num_elements * torch.finfo(stored).bits // 8
     if reader.num_bytes_left != expected:
         raise CodecError(f"body has {reader.num_bytes_left} bytes, header implies {expected}")
-    k = from_array(reader.array(numpy_dtype(stored), head.num_elements), stored, head.shape)
-    v = from_array(reader.array(numpy_dtype(stored), head.num_elements), stored, head.shape)
-    return k, v
+    pair = []
+    for _ in range(2):
+        items = reader.array(numpy_dtype(stored), head.num_elements, copy=copy)
+        pair.append(from_array(items, stored, head.shape))
+    return pair[0], pair[1]

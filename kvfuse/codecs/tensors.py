@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -56,11 +58,15 @@ def to_bytes(t: Tensor) -> bytes:
 def from_array(
     array: npt.NDArray[np.generic], dtype: torch.dtype, shape: tuple[int, ...]
 ) -> Tensor:
-    """A tensor of `dtype` and `shape` from a fresh array read by `to_bytes`' inverse.
+    """A tensor of `dtype` and `shape` from an array read by `to_bytes`' inverse.
 
-    `array` holds int16 words when `dtype` is bfloat16, else items of `dtype` itself.
+    `array` holds int16 words when `dtype` is bfloat16, else items of `dtype` itself. A
+    read-only array (a view of an owned payload, `Codec.decode_owned`) is shared, not copied.
     """
-    t = torch.from_numpy(array).reshape(shape)
+    with warnings.catch_warnings():
+        # torch has no read-only tensors and says so once; decode_owned documents the sharing.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        t = torch.from_numpy(array).reshape(shape)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 

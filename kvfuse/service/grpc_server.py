@@ -34,17 +34,19 @@ def address(host: str, port: int) -> str:
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler | None, wrap: Callable[[Behavior, bool], Behavior]
+    handler: grpc.RpcMethodHandler | None,
+    wrap: Callable[[Behavior, bool], Behavior],
+    response_serializer: Callable[[Any], bytes] | None = None,
 ) -> grpc.RpcMethodHandler | None:
     """The same handler with its behavior replaced by `wrap(behavior, response_streaming)`
-    (for interceptors); None stays None."""
+    (for interceptors) and, when given, its response serializer; None stays None."""
     if handler is None:
         return None
     factory, attr = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
     return factory(
         wrap(getattr(handler, attr), handler.response_streaming),
         request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+        response_serializer=response_serializer or handler.response_serializer,
     )
 
 

@@ -84,12 +84,20 @@ class KeyHeader(_message.Message):
     def __init__(self, key: _Optional[str] = ..., found: _Optional[bool] = ..., meta: _Optional[_Union[_common_pb2.ObjectMeta, _Mapping]] = ...) -> None: ...
 
 class GetLayersResponse(_message.Message):
-    __slots__ = ("header", "frame")
+    __slots__ = ("header", "frame", "frames")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     header: KeyHeader
     frame: _common_pb2.LayerFrame
-    def __init__(self, header: _Optional[_Union[KeyHeader, _Mapping]] = ..., frame: _Optional[_Union[_common_pb2.LayerFrame, _Mapping]] = ...) -> None: ...
+    frames: LayerFrames
+    def __init__(self, header: _Optional[_Union[KeyHeader, _Mapping]] = ..., frame: _Optional[_Union[_common_pb2.LayerFrame, _Mapping]] = ..., frames: _Optional[_Union[LayerFrames, _Mapping]] = ...) -> None: ...
+
+class LayerFrames(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[_common_pb2.LayerFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[_common_pb2.LayerFrame, _Mapping]]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("keys",)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from cache_server.objects import ObjectMeta, StoredObject, checksum
+from cache_server.objects import ObjectMeta, StoredObject
+from kvfuse.crc import crc32
 
 START_TIMEOUT_S = 10.0
 
@@ -134,7 +135,7 @@ def make_object(
         codec=codec,
         position_offset=0,
         layer_nbytes=tuple(len(r) for r in layers),
-        layer_crc32=tuple(checksum(r) for r in layers),
+        layer_crc32=tuple(crc32(r) for r in layers),
     )
     return StoredObject(meta, tuple(layers))
 

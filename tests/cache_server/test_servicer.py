@@ -15,8 +15,9 @@ import torch
 from cache_server.config import CacheServerConfig
 from cache_server.server import CacheServer
 from kvfuse.client import CacheClient
-from kvfuse.client.frames import crc32, split_record
+from kvfuse.client.frames import split_record
 from kvfuse.client.wire import encode_layers
+from kvfuse.crc import crc32
 from kvfuse.errors import CapacityError
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from cache_server.objects import ObjectMeta, StoredObject, checksum
+from cache_server.objects import ObjectMeta, StoredObject
 from cache_server.store import TieredStore
 from cache_server.tiers import diskfile
 from cache_server.tiers.disk import DiskTier
@@ -20,6 +20,7 @@ from cache_server.tiers.memory import MemoryTier, held_nbytes
 from cache_server.tiers.redis_tier import RedisTier
 from cache_server.tiers.transcode import transcode
 from kvfuse.codecs import get_codec
+from kvfuse.crc import crc32
 from kvfuse.errors import CapacityError, ConfigError, InvalidRequestError
 
 Make = Callable[..., StoredObject]
@@ -42,7 +43,7 @@ def kv_object(seed: int, codec: str = "raw") -> tuple[StoredObject, list[torch.T
         codec=codec,
         position_offset=0,
         layer_nbytes=tuple(len(r) for r in layers),
-        layer_crc32=tuple(checksum(r) for r in layers),
+        layer_crc32=tuple(crc32(r) for r in layers),
     )
     return StoredObject(meta, tuple(layers)), ks
 

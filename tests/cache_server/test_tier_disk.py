@@ -233,7 +233,8 @@ def test_concurrent_puts_of_one_key_commit_one_whole_object(tmp_path: Path, obje
 # middle of writing a file (to be SIGKILLed there).
 WRITER = r"""
 import os, sys, hashlib
-from cache_server.objects import ObjectMeta, StoredObject, checksum
+from cache_server.objects import ObjectMeta, StoredObject
+from kvfuse.crc import crc32
 from cache_server.tiers import diskfile
 from cache_server.tiers.disk import DiskTier
 
@@ -253,7 +254,7 @@ for seed in range(10_000):
     layers = [os.urandom(64 * 1024) for _ in range(4)]
     key = hashlib.sha256(f"{mode}{seed}".encode()).hexdigest()
     meta = ObjectMeta(key, 4, 8, 2, 4, "float16", "raw", 0,
-                      [len(r) for r in layers], [checksum(r) for r in layers])
+                      [len(r) for r in layers], [crc32(r) for r in layers])
     tier.put(StoredObject(meta, layers))
     print("committed", key, flush=True)
 """
