@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvfuse.blend import Mode
+from kvfuse.planner import MissPolicy
 from kvfuse.precompute import ChunkContext
 from kvfuse.segments import DEFAULT_SEPARATOR
 from kvfuse.service.config import ConfigLayers, Parser, check_port, optional, parse_bytes, require
@@ -41,6 +42,7 @@ _PARSERS: dict[str, Parser] = {
     "kv_cache_bytes": parse_bytes,
     "store_capacity_bytes": parse_bytes,
     "cache_dir": Path,
+    "miss_policy": MissPolicy,
 }
 
 
@@ -56,6 +58,9 @@ class DecodeConfig:
         host, port: HTTP listen address (port 0 picks a free port).
         model, device, dtype, num_threads, cache_dir: the model and torch (see kvfuse Settings).
         chunk_context, store_capacity_bytes: the in-process engine used for local prefill.
+        miss_policy: local prefill only: `precompute` (default) computes a missing chunk once,
+            standalone, reuses it and stores it; `forced` computes it in place and again to
+            store it (see `kvfuse.planner.MissPolicy`).
         prefill_url: the prefill worker's gRPC address; empty runs prefill in this process.
         prefill_timeout_s: deadline of one remote prefill.
         prefill_token: bearer token for the prefill worker; empty uses `auth_token`.
@@ -83,6 +88,7 @@ class DecodeConfig:
     cache_dir: Path = field(default_factory=lambda: Settings().cache_dir)
     chunk_context: str = ChunkContext.PREFIX.value
     store_capacity_bytes: int = 1 << 30
+    miss_policy: MissPolicy = MissPolicy.PRECOMPUTE
     prefill_url: str = ""
     prefill_timeout_s: float = 60.0
     prefill_token: str = field(default="", repr=False)
@@ -199,6 +205,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--default-mode", choices=[m.value for m in Mode], help="prefill mode (default blend)")
     add("--recompute-ratio", dest="default_recompute_ratio", type=float, help="default ratio")
     add("--chunk-context", choices=[c.value for c in ChunkContext], help="local prefill only")
+    add(
+        "--miss-policy",
+        choices=[p.value for p in MissPolicy],
+        help="local prefill only: precompute (default) or forced",
+    )
     add("--log-level", help="debug, info, warning, error (default info)")
 
 

@@ -97,12 +97,17 @@ class DecodeMetrics:
         )
         self.prompt_tokens = self._counter("prompt_tokens", "Prompt tokens prefilled.")
         self.generation_tokens = self._counter("generation_tokens", "Tokens generated.")
-        self.cached_tokens = self._counter("cached_tokens", "Prompt tokens whose KV was reused.")
+        self.cached_tokens = self._counter(
+            "cached_tokens", "Prompt tokens whose KV came from the cache."
+        )
+        self.precomputed_tokens = self._counter(
+            "precomputed_tokens", "Prompt tokens of missing chunks precomputed and reused."
+        )
         self.recomputed_tokens = self._counter(
             "recomputed_tokens", "Reused prompt tokens recomputed by the blend."
         )
         self.computed_tokens = self._counter(
-            "computed_tokens", "Prompt tokens computed without cached KV."
+            "computed_tokens", "Prompt tokens computed in place (query, forced misses)."
         )
         self.chunks = self._counter("chunks", "Chunks (documents) in prompts.")
         self.chunk_hits = self._counter("chunk_hits", "Chunks whose KV came from the cache.")
@@ -142,6 +147,7 @@ class DecodeMetrics:
         self.prompt_tokens.inc(stats.num_prompt_tokens)
         self.cached_tokens.inc(stats.num_cached_tokens)
         self.recomputed_tokens.inc(stats.num_recomputed_tokens)
+        self.precomputed_tokens.inc(stats.num_precomputed_tokens)
         self.computed_tokens.inc(stats.num_computed_tokens)
         self.chunks.inc(stats.num_chunks)
         self.chunk_hits.inc(stats.num_chunk_hits)

@@ -80,7 +80,9 @@ class DecodeService:
             )
         else:
             store = ChunkStore(config.store_capacity_bytes)
-            backend = local_backend(Engine(loaded, store, ChunkContext(config.chunk_context)))
+            context = ChunkContext(config.chunk_context)
+            engine = Engine(loaded, store, context, miss_policy=config.miss_policy)
+            backend = local_backend(engine)
         log.info("decode worker: model %s, prefill %s", config.model_name, backend.name)
         return cls(config, loaded, backend)
 

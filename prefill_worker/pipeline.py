@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
@@ -38,45 +38,12 @@ from kvfuse.prefill import PrefillRequest, PrefillResult
 from prefill_worker.background import BackgroundIterator
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.remote_chunks import LayerFetch, Layout, StreamedChunk, fallback_reason
+from prefill_worker.request_state import Cancel, Fetched
 from prefill_worker.sources import ChunkInfo, Shards
 from prefill_worker.writeback import WriteBehind, WriteJob
 
 MAX_REQUEST_ID_CHARS = 256
 _LOCK_POLL_S = 0.05  # how often a request waiting for the compute lock checks for cancel
-
-
-@dataclass
-class _Fetched:
-    """What the lookup found and which streams bring it in."""
-
-    chunks: dict[str, StreamedChunk] = field(default_factory=dict)
-    fetches: list[LayerFetch] = field(default_factory=list)
-    found: set[str] = field(default_factory=set)
-    unknown: set[str] = field(default_factory=set)  # keys whose lookup failed
-    precomputed: dict[str, ChunkKV] = field(default_factory=dict)  # misses computed standalone
-    fallback: str = ""
-
-
-class _Cancel:
-    """A request's cancel flag; cancelling also cancels its fetches. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._fetches: list[LayerFetch] = []
-        self.event = threading.Event()
-
-    def add(self, fetch: LayerFetch) -> None:
-        with self._lock:
-            self._fetches.append(fetch)
-            if self.event.is_set():
-                fetch.cancel()
-
-    def cancel(self) -> None:
-        with self._lock:
-            self.event.set()
-            fetches = list(self._fetches)
-        for fetch in fetches:
-            fetch.cancel()
 
 
 class RemotePrefiller:
@@ -138,7 +105,7 @@ class RemotePrefiller:
             InvalidRequestError: malformed request (PromptTooLongError: it does not fit).
         """
         blend = self.validate(request)
-        cancel = _Cancel()
+        cancel = Cancel()
         return BackgroundIterator(
             lambda: self._compute(request, blend, cancel), self.layers_ahead, cancel.cancel
         )
@@ -163,7 +130,7 @@ class RemotePrefiller:
         return self.engine.blend_config(self.default_ratio if ratio is None else ratio)
 
     def _compute(
-        self, request: PrefillRequest, blend: BlendConfig, cancel: _Cancel
+        self, request: PrefillRequest, blend: BlendConfig, cancel: Cancel
     ) -> Iterator[FusedLayer | PrefillResult]:
         """Runs on the compute thread: the whole request, cleanup included."""
         start_s = time.perf_counter()
@@ -193,7 +160,7 @@ class RemotePrefiller:
                 for fetch in fetched.fetches:
                     fetch.close()
 
-    def _precompute(self, prompt: PreparedPrompt, mode: Mode, fetched: _Fetched) -> None:
+    def _precompute(self, prompt: PreparedPrompt, mode: Mode, fetched: Fetched) -> None:
         """Under `MissPolicy.PRECOMPUTE`: computes the objects not streaming in (misses, and
         keys whose lookup failed) standalone, into `fetched.precomputed`. A fetched prefix is
         the chunk context: waited for whole (or, if its stream fails, computed too)."""
@@ -209,19 +176,19 @@ class RemotePrefiller:
         )
         self.metrics.misses_precomputed.inc(len(fetched.precomputed))
 
-    def _acquire(self, cancel: _Cancel) -> bool:
+    def _acquire(self, cancel: Cancel) -> bool:
         while not self.compute_lock.acquire(timeout=_LOCK_POLL_S):
             if cancel.event.is_set():
                 return False
         return True
 
-    def _open(self, prompt: PreparedPrompt, mode: Mode, cancel: _Cancel) -> _Fetched:
+    def _open(self, prompt: PreparedPrompt, mode: Mode, cancel: Cancel) -> Fetched:
         """Looks the prompt's objects up and starts streaming the ones its mode reads.
 
         Streams start before the compute lock is taken, so a queued request prefetches; the
         fetch deadline counts from here.
         """
-        fetched = _Fetched()
+        fetched = Fetched()
         if mode is Mode.FULL_PREFILL:
             return fetched
         seg = prompt.segments
@@ -246,7 +213,7 @@ class RemotePrefiller:
         return fetched
 
     def _fetch(
-        self, idx: int, infos: dict[str, ChunkInfo], fetched: _Fetched, cancel: _Cancel
+        self, idx: int, infos: dict[str, ChunkInfo], fetched: Fetched, cancel: Cancel
     ) -> None:
         """Starts one shard's layer stream (if it has anything to read)."""
         if not infos:
@@ -267,8 +234,8 @@ class RemotePrefiller:
         prompt: PreparedPrompt,
         request: PrefillRequest,
         blend: BlendConfig,
-        fetched: _Fetched,
-        cancel: _Cancel,
+        fetched: Fetched,
+        cancel: Cancel,
         start_s: float,
     ) -> Iterator[FusedLayer | PrefillResult]:
         """Runs the blend, restarting without chunks whose stream failed; yields each layer
@@ -302,7 +269,7 @@ class RemotePrefiller:
         yield PrefillResult(first, stats)
 
     def _lost_chunks(
-        self, fetched: _Fetched, chunks: dict[str, StreamedChunk], counted: set[int]
+        self, fetched: Fetched, chunks: dict[str, StreamedChunk], counted: set[int]
     ) -> set[str]:
         """Chunks in use whose fetch failed before they arrived whole; counts each failure."""
         lost: set[str] = set()
@@ -315,11 +282,11 @@ class RemotePrefiller:
             lost |= (fetch.chunks.keys() - fetch.complete_keys()) & chunks.keys()
         return lost
 
-    def _count_fallback(self, fetched: _Fetched, reason: str) -> None:
+    def _count_fallback(self, fetched: Fetched, reason: str) -> None:
         self.metrics.fallbacks.labels(reason).inc()
         fetched.fallback = fetched.fallback or reason
 
-    def _write_behind(self, prompt: PreparedPrompt, mode: Mode, fetched: _Fetched) -> None:
+    def _write_behind(self, prompt: PreparedPrompt, mode: Mode, fetched: Fetched) -> None:
         """Queues the prompt's objects the lookup did not find (never blocks), with those the
         request precomputed (only stored then)."""
         if self.writer is None or mode is Mode.FULL_PREFILL:

