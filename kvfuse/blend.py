@@ -25,10 +25,8 @@ import torch
 from torch import Tensor
 
 from kvfuse.errors import ConfigError
-from kvfuse.model.transformer import Block, Transformer
-
-# Row groups for position-bounded attention; more groups skip more masked-out keys.
-_NUM_ROW_GROUPS = 8
+from kvfuse.model.transformer import Transformer
+from kvfuse.row_attention import RowAttention
 
 
 class Mode(str, Enum):
@@ -129,8 +127,16 @@ class RowPlan:
 class LayerSource(Protocol):
     """Cached KV of the plan's cached rows, one layer per call, in layer order."""
 
-    def layer(self, idx: int) -> tuple[Tensor, Tensor]:
-        """Shape: ([N_cached, H_kv, D], [N_cached, H_kv, D]), keys at their new positions."""
+    @property
+    def num_tokens(self) -> int:
+        """How many rows it covers: exactly the plan's cached rows."""
+        ...
+
+    def layer_into(self, idx: int, k_out: Tensor, v_out: Tensor) -> None:
+        """Writes layer `idx`, keys at their new positions, into the plan's cached rows.
+
+        Leaves every other row as it is. Shape: k_out, v_out [H_kv, N, D].
+        """
         ...
 
 
@@ -209,13 +215,13 @@ class BlendRun:
         mask: MaskKind = MaskKind.EXACT,
         metric: Deviation = Deviation.V_L2,
     ) -> None:
-        if bool(plan.cached.any()) and cached_kv is None:
-            raise ConfigError("plan has cached rows but no cached KV source")
-        self.model, self.plan, self.cached_kv = model, plan, cached_kv
+        num_cached = int(plan.cached.sum())
+        if num_cached != (cached_kv.num_tokens if cached_kv is not None else 0):
+            raise ConfigError(f"plan has {num_cached} cached rows, its KV source does not")
+        self.model, self.plan = model, plan
+        self.cached_kv = cached_kv if num_cached else None
         self.schedule, self.mask_kind, self.metric = schedule, mask, metric
-        self.stats = BlendStats(
-            num_tokens=plan.num_tokens, num_cached_tokens=int(plan.cached.sum())
-        )
+        self.stats = BlendStats(num_tokens=plan.num_tokens, num_cached_tokens=num_cached)
         self._logits: Tensor | None = None
 
     @property
@@ -228,72 +234,57 @@ class BlendRun:
     def __iter__(self) -> Iterator[FusedLayer]:
         model, plan = self.model, self.plan
         device, num_tokens = model.device, plan.num_tokens
-        cos, sin = model.cos_sin(torch.arange(num_tokens, device=device))  # [N, D]
+        cos, sin = model.cos_sin(torch.arange(num_tokens, device=device))  # [N, D] fp32
+        cos, sin = cos.to(model.dtype), sin.to(model.dtype)  # what apply_rope casts them to
         rows = (~plan.exact).nonzero().squeeze(1).to(device)  # computed rows, ascending
-        cached_idx = plan.cached.nonzero().squeeze(1).to(device)
-        eligible = plan.eligible.to(device)
-        num_eligible = int(eligible.sum())
-        nothing_cached = cached_idx.numel() == 0
         h = model.embed(plan.token_ids.to(device)[rows])  # [S, hidden]
+        rows_cos, rows_sin, attend = cos[rows], sin[rows], self._row_attention(rows)
         for layer_idx, block in enumerate(model.blocks):
-            q, k, v = block.qkv(h, cos[rows], sin[rows])  # [H, S, D], [H_kv, S, D] ×2
-            if nothing_cached:
-                attn = block.attend(q, k, v, None, is_causal=True)
-                h = block.finish(h, attn)
-                yield FusedLayer(layer_idx, k, v)
-                continue
-            k_all, v_all = self._cached_layer(layer_idx, cached_idx, k)  # [H_kv, N, D] ×2
-            keep, is_check = None, layer_idx in self.schedule
-            by_attention = self.metric is Deviation.QUERY_ATTENTION
-            if is_check and not by_attention:
-                score = deviation(self.metric, (k, v), (k_all[:, rows], v_all[:, rows]))
-            k_all[:, rows], v_all[:, rows] = k, v
-            if is_check:
-                candidate = eligible[rows]
-                if by_attention:
-                    score = query_attention(q[:, ~candidate], k_all, rows[~candidate])[rows]
-                num_keep = math.floor(self.schedule[layer_idx] * num_eligible)
-                keep = select_rows(score, candidate, num_keep)
-                self.stats.num_selected_per_check.append(int(keep.numel()))
+            q, k, v = block.qkv(h, rows_cos, rows_sin)  # [H, S, D], [H_kv, S, D] ×2
+            k_all, v_all, keep = self._fuse(layer_idx, rows, q, k, v)  # [H_kv, N, D] ×2
             if keep is not None:
                 rows, h, q = rows[keep], h[keep], q[:, keep]
-            h = block.finish(h, self._attend(block, q, k_all, v_all, rows))
+                rows_cos, rows_sin, attend = cos[rows], sin[rows], self._row_attention(rows)
+            attn = block.self_attn
+            h = block.finish(h, attn.project(attend(attn, q, k_all, v_all)))
             yield FusedLayer(layer_idx, k_all, v_all)
         self._logits = model.logits(h[-1:])[0]
-        num_recomputed = int(eligible[rows].sum())
+        num_recomputed = int(plan.eligible.to(device)[rows].sum())
         self.stats.num_recomputed_tokens = num_recomputed
         self.stats.num_computed_tokens = int(rows.numel()) - num_recomputed
 
-    def _cached_layer(
-        self, layer_idx: int, cached_idx: Tensor, like: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Buffers holding the cached rows of one layer. Shape: [H_kv, N, D] ×2."""
-        num_kv_heads, _, head_dim = like.shape
-        shape = (num_kv_heads, self.plan.num_tokens, head_dim)
-        k_all = torch.empty(shape, dtype=like.dtype, device=like.device)
-        v_all = torch.empty(shape, dtype=like.dtype, device=like.device)
-        assert self.cached_kv is not None  # checked in __init__
-        k_cached, v_cached = self.cached_kv.layer(layer_idx)  # [N_cached, H_kv, D]
-        k_all[:, cached_idx] = k_cached.to(like).transpose(0, 1)
-        v_all[:, cached_idx] = v_cached.to(like).transpose(0, 1)
-        return k_all, v_all
+    def _row_attention(self, rows: Tensor) -> RowAttention:
+        bottom_right = self.mask_kind is MaskKind.BOTTOM_RIGHT
+        return RowAttention(rows, self.plan.num_tokens, self.model.dtype, bottom_right)
 
-    def _attend(self, block: Block, q: Tensor, k: Tensor, v: Tensor, rows: Tensor) -> Tensor:
-        """Attention of the computed rows over the fused keys, then the output projection.
+    def _fuse(
+        self, layer_idx: int, rows: Tensor, q: Tensor, k: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One layer's fused KV (cached rows, then the computed `rows` written over them).
 
-        Under the exact mask a row at position p needs only keys ≤ p, so rows are attended in
-        groups, each over the key prefix its last row can see: about half the work of one
-        masked call over all keys. Shape: q [H, S, D], k/v [H_kv, N, D] -> [S, hidden].
+        At a check layer also selects the rows that go on: indices into `rows`, else None.
+        Shape: q [H, S, D], k/v [H_kv, S, D] -> [H_kv, N, D] ×2, [S'].
         """
-        attn = block.self_attn
-        num_tokens, num_rows = k.shape[1], rows.numel()
-        key_pos = torch.arange(num_tokens, device=rows.device)
-        if self.mask_kind is MaskKind.BOTTOM_RIGHT:
-            limit = num_tokens - num_rows + torch.arange(num_rows, device=rows.device)
-            return attn.project(attn.attention(q, k, v, key_pos[None, :] <= limit[:, None], False))
-        outs = []
-        for group in torch.arange(num_rows, device=rows.device).chunk(_NUM_ROW_GROUPS):
-            end = int(rows[group[-1]]) + 1
-            mask = key_pos[None, :end] <= rows[group, None]  # [S_g, end]
-            outs.append(attn.attention(q[:, group], k[:, :end], v[:, :end], mask, False))
-        return attn.project(torch.cat(outs, dim=1))  # [H, S, D] -> [S, hidden]
+        if self.cached_kv is None:
+            return k, v, None  # nothing cached: the computed rows are the whole prompt
+        shape = (k.shape[0], self.plan.num_tokens, k.shape[2])
+        k_all = torch.empty(shape, dtype=k.dtype, device=k.device)
+        v_all = torch.empty(shape, dtype=v.dtype, device=v.device)
+        self.cached_kv.layer_into(layer_idx, k_all, v_all)
+        if layer_idx not in self.schedule:
+            k_all.index_copy_(1, rows, k)
+            v_all.index_copy_(1, rows, v)
+            return k_all, v_all, None
+        score = None
+        if self.metric is not Deviation.QUERY_ATTENTION:
+            cached = (k_all.index_select(1, rows), v_all.index_select(1, rows))
+            score = deviation(self.metric, (k, v), cached)
+        k_all.index_copy_(1, rows, k)
+        v_all.index_copy_(1, rows, v)
+        candidate = self.plan.eligible.to(rows.device)[rows]
+        if score is None:
+            score = query_attention(q[:, ~candidate], k_all, rows[~candidate])[rows]
+        num_eligible = int(self.plan.eligible.sum())
+        keep = select_rows(score, candidate, math.floor(self.schedule[layer_idx] * num_eligible))
+        self.stats.num_selected_per_check.append(int(keep.numel()))
+        return k_all, v_all, keep

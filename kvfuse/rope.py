@@ -59,12 +59,38 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
+def delta_tables(delta_positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+    """Half-width cos/sin tables of per-token position deltas, fp32, for `rotate_into`.
+
+    The two halves of a `cos_sin` row are equal, so half a row is enough. A chunk moved as a
+    whole has one delta for all its tokens; its table is then a single row that broadcasts.
+    Shape: [T] -> ([T', 1, D/2], [T', 1, D/2]) with T' = 1 when all deltas are equal.
+    """
+    same = delta_positions.numel() > 0 and bool((delta_positions == delta_positions[0]).all())
+    cos, sin = cos_sin(delta_positions[:1] if same else delta_positions, freqs)  # [T', D]
+    half = cos.shape[-1] // 2
+    return cos[:, None, :half], sin[:, None, :half]
+
+
+def rotate_into(k: Tensor, cos: Tensor, sin: Tensor, out: Tensor) -> None:
+    """Writes `k` rotated by `delta_tables` angles into `out` (any dtype and strides).
+
+    Computed in fp32 and bit for bit what `k32 * cos + rotate_half(k32) * sin` gives (a
+    negated product is exact), without building `rotate_half`'s copy.
+    Shape: k [T, H, D], cos/sin [T | 1, 1, D/2], out [T, H, D].
+    """
+    half = k.shape[-1] // 2
+    k32 = k.to(torch.float32)
+    first, second = k32[..., :half], k32[..., half:]  # [T, H, D/2] each
+    out[..., :half] = first * cos - second * sin
+    out[..., half:] = second * cos + first * sin
+
+
 def rotate_delta(k: Tensor, delta_positions: Tensor, freqs: Tensor) -> Tensor:
     """Moves post-RoPE keys by per-token position deltas (computed in fp32).
 
     Shape: k [T, H, D], delta_positions [T] -> [T, H, D] in k's dtype.
     """
-    cos, sin = cos_sin(delta_positions, freqs)  # [T, D]
-    k32 = k.to(torch.float32)
-    out = k32 * cos[:, None, :] + rotate_half(k32) * sin[:, None, :]
-    return out.to(k.dtype)
+    out = torch.empty_like(k)
+    rotate_into(k, *delta_tables(delta_positions, freqs), out)
+    return out

@@ -168,3 +168,27 @@ def test_rotate_delta_preserves_pair_norms() -> None:
         return x[..., :32].pow(2) + x[..., 32:].pow(2)
 
     torch.testing.assert_close(pair_norms(moved), pair_norms(k), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_delta_is_the_rotate_half_formula_bit_for_bit(dtype: torch.dtype) -> None:
+    """The split-halves rotation skips `rotate_half`'s copy but must round exactly alike."""
+    freqs = rope.inv_freq(LLAMA3_ROPE, 64)
+    k = random_keys(96, 64, seed=12).to(dtype)
+    _, delta = positions_and_deltas(96, 8000, seed=13)
+    cos, sin = rope.cos_sin(delta, freqs)  # [T, D]
+    k32 = k.float()
+    expected = (k32 * cos[:, None] + rope.rotate_half(k32) * sin[:, None]).to(dtype)
+    assert torch.equal(rope.rotate_delta(k, delta, freqs), expected)
+
+
+def test_one_delta_for_all_tokens_uses_one_table_row() -> None:
+    freqs = rope.inv_freq(SMOLLM_ROPE, 64)
+    k = random_keys(40, 64, seed=14)
+    same = torch.full((40,), 517)
+    cos, _ = rope.delta_tables(same, freqs)
+    assert cos.shape == (1, 1, 32)
+    per_token = rope.rotate_delta(k, same + torch.zeros(40, dtype=torch.long), freqs)
+    varied = torch.cat([same[:-1], torch.tensor([3])])
+    assert rope.delta_tables(varied, freqs)[0].shape == (40, 1, 32)
+    assert torch.equal(per_token[:-1], rope.rotate_delta(k, varied, freqs)[:-1])
