@@ -138,6 +138,7 @@ def summarize(records: list[Record], dataset: str, dtype: str) -> list[ModeResul
 
 
 def run(args: argparse.Namespace) -> int:
+    """Every (dtype, dataset) in turn; results are written after each, so a cut run keeps them."""
     results: list[ModeResult] = []
     raw: dict[str, list[dict[str, object]]] = {}
     for dtype in args.dtypes.split(","):
@@ -150,15 +151,22 @@ def run(args: argparse.Namespace) -> int:
                 records.extend(answer_all(engine, example, args))
             raw[f"{dataset}/{dtype}"] = [asdict(r) for r in records]
             results.extend(summarize(records, dataset, dtype))
+            write_results(args, results, raw)
         del engine
     rows = [asdict(r) for r in results]
     print_table(rows, list(rows[0]), title="blend benchmark (SmolLM2-135M, CPU)")
+    print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.png')}")
+    return 0
+
+
+def write_results(
+    args: argparse.Namespace, results: list[ModeResult], raw: dict[str, list[dict[str, object]]]
+) -> None:
+    """Writes the JSON (settings, summaries, records) and the plot of what is measured so far."""
     settings = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"
     }
-    write_json(
-        args.out / f"{args.name}.json", {"settings": settings, "results": rows, "records": raw}
-    )
+    rows = [asdict(r) for r in results]
+    payload = {"settings": settings, "results": rows, "records": raw}
+    write_json(args.out / f"{args.name}.json", payload)
     plot_blend(args.out / f"{args.name}.png", results)
-    print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.png')}")
-    return 0
