@@ -37,6 +37,9 @@ class CacheServerConfig:
     Attributes:
         host, port: gRPC listen address; port 0 picks a free port.
         metrics_port: Prometheus HTTP port on `host`; None disables, 0 picks a free port.
+        bulk_port: bulk-read socket on `host` (GetLayers without gRPC, see `bulk`); None
+            disables, 0 (the default) picks a free port. Clients learn it from Stats (a
+            Kubernetes Service must expose it under the same port number).
         memory_bytes, memory_codec: memory tier byte budget and codec.
         disk_dir, disk_bytes, disk_codec: local disk tier; None disables it.
         redis_url, redis_bytes, redis_codec: Redis tier; None disables it.
@@ -49,13 +52,14 @@ class CacheServerConfig:
         max_object_bytes: largest object (sum of its layer records) a Put may store.
         max_batch_keys: most keys in one Lookup/GetLayers/Delete.
         max_list_page: most entries in one List page.
-        num_workers: gRPC thread-pool size (concurrent RPCs).
+        num_workers: gRPC thread-pool size (concurrent RPCs); also the most bulk connections.
         grace_s: how long a graceful stop waits for in-flight RPCs.
     """
 
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = 9464
+    bulk_port: int | None = 0
     memory_bytes: int = 1 << 30
     memory_codec: str = "raw"
     disk_dir: Path | None = None
@@ -84,6 +88,7 @@ class CacheServerConfig:
         """Raises ConfigError on any invalid or contradictory value."""
         check_port("port", self.port)
         check_port("metrics_port", self.metrics_port)
+        check_port("bulk_port", self.bulk_port)
         for name in ("memory_bytes", "disk_bytes", "redis_bytes", "max_object_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
@@ -128,6 +133,7 @@ _PARSERS: dict[str, Parser] = {
     "host": str,
     "port": parse_int,
     "metrics_port": optional(parse_int),
+    "bulk_port": optional(parse_int),
     "memory_bytes": parse_bytes,
     "memory_codec": str,
     "disk_dir": optional(Path),

@@ -9,6 +9,7 @@ from typing import TextIO
 
 from cache_server.config import CacheServerConfig
 from kvfuse.service.config import FlagTable
+from kvfuse.service.malloc import tune_malloc
 from kvfuse.service.runner import configure_logging, run_until_signal
 
 _FLAGS = FlagTable(
@@ -16,6 +17,10 @@ _FLAGS = FlagTable(
         ("--host", "gRPC and metrics listen address (default 127.0.0.1)"),
         ("--port", "gRPC port (default 50051; 0 picks a free one)"),
         ("--metrics-port", "Prometheus port (default 9464; 0 picks a free one, 'off' disables)"),
+        (
+            "--bulk-port",
+            "bulk-read socket port (default 50052; 0 picks a free one, 'off' disables)",
+        ),
         ("--memory-bytes", "memory tier budget, e.g. 2GiB"),
         ("--memory-codec", "memory tier codec (raw, fp16, int8, int4, cachegen)"),
         ("--disk-dir", "enable the disk tier in this directory"),
@@ -61,9 +66,10 @@ def serve(config: CacheServerConfig, out: TextIO = sys.stdout) -> int:
     def details() -> str:
         tiers = "+".join(s.name for s in server.store.stats())
         metrics = "off" if server.metrics_port is None else f"port {server.metrics_port}"
+        bulk = "off" if server.bulk_port is None else f"port {server.bulk_port}"
         return (
             f"tls {'on' if config.tls_cert else 'off'}, auth {'on' if config.tokens else 'off'}, "
-            f"tiers {tiers}, metrics {metrics}"
+            f"tiers {tiers}, metrics {metrics}, bulk {bulk}"
         )
 
     return run_until_signal(server, "kvfuse cache server", details, out)
@@ -76,5 +82,6 @@ def run(args: argparse.Namespace) -> int:
     # Transcoding runs on the gRPC worker threads, many at once: torch's own intra-op pool on
     # top of that only oversubscribes the cores (re-encoding one chunk took 9× longer under load).
     torch.set_num_threads(1)
+    tune_malloc()  # layer records are large and short-lived: keep freed pages for reuse
     configure_logging()
     return serve(load_config(args))

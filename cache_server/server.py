@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 
+from cache_server.bulk import BulkServer
 from cache_server.config import CacheServerConfig
 from cache_server.interceptors import SERVICE_PREFIX, ObservingInterceptor
 from cache_server.metrics import CacheMetrics
 from cache_server.servicer import CacheServicer
 from cache_server.store import TieredStore
 from cache_server.tiers.base import Tier
+from kvfuse.errors import ConfigError
 from kvfuse.service.auth import Authenticator, AuthInterceptor
 from kvfuse.service.grpc_server import GrpcServer, GrpcService
+from kvfuse.service.tls import server_ssl_context
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -67,13 +70,41 @@ class CacheServer(GrpcService):
         )
         super().__init__(grpc_server, config.grace_s)
         tier_codecs = {t.name: t.codec for t in tiers}
-        servicer = CacheServicer(self.store, config, auth, self.metrics, tier_codecs)
-        cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, grpc_server.server)  # type: ignore[no-untyped-call]
+        self._servicer = CacheServicer(self.store, config, auth, self.metrics, tier_codecs)
+        cache_pb2_grpc.add_CacheServiceServicer_to_server(self._servicer, grpc_server.server)  # type: ignore[no-untyped-call]
+        self._bulk: BulkServer | None = None
+        self._auth = auth
+
+    @property
+    def bulk_port(self) -> int | None:
+        """The bound bulk-read port (after `start`); None when it is off."""
+        return None if self._bulk is None else self._bulk.port
 
     def start(self) -> CacheServer:
+        config = self.config
+        if config.bulk_port is not None:
+            try:
+                self._bulk = BulkServer(
+                    config.host,
+                    config.bulk_port,
+                    self.store,
+                    self._servicer.codecs,
+                    config.max_batch_keys,
+                    self._auth,
+                    self.metrics,
+                    server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca),
+                    max_connections=config.num_workers,
+                )
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on bulk port {config.bulk_port}: {exc}") from exc
+            self._servicer.bulk_port = self._bulk.port
         self.grpc.start()
+        if self._bulk is not None:
+            self._bulk.start()
         log.debug("cache server listening on %s", self.address)
         return self
 
     def close(self) -> None:
+        if self._bulk is not None:
+            self._bulk.stop()
         self.store.close()

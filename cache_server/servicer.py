@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from cache_server import download, status, wire
+from cache_server import status, wire
 from cache_server.config import CacheServerConfig
+from cache_server.download import iter_layer_messages, open_download
 from cache_server.metrics import CacheMetrics
-from cache_server.objects import StoredObject
 from cache_server.records import RecordCodec
 from cache_server.store import TieredStore
 from cache_server.upload import CommitLocks, Upload
@@ -37,9 +37,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self._config = config
         self._auth = auth
         self._metrics = metrics
-        self._codecs = RecordCodec(metrics)
+        self.codecs = RecordCodec(metrics)
         self._tier_codecs = tier_codecs
         self._commit_locks = CommitLocks()
+        self.bulk_port = 0  # set by the server once its bulk port is bound
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
         return self._auth.tenant_of(context.invocation_metadata())
@@ -58,7 +59,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     def Put(
         self, request_iterator: Iterator[cache_pb2.PutRequest], context: grpc.ServicerContext
     ) -> cache_pb2.PutResponse:
-        upload = Upload(self._tenant(context), self._codecs, self._config.max_object_bytes)
+        upload = Upload(self._tenant(context), self.codecs, self._config.max_object_bytes)
         for request in request_iterator:
             upload.add(request)
         obj = upload.finish()
@@ -81,25 +82,15 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     ) -> Iterator[cache_pb2.GetLayersResponse | bytes]:
         """Key headers as messages, then frames already serialized (see `frame_wire`)."""
         tenant = self._tenant(context)
-        keys = dict.fromkeys(wire.check_keys(request.keys, self._config.max_batch_keys))
-        codec = request.codec or None
-        if codec is not None:
-            self._codecs.codec(codec)  # CodecError for an unknown codec
-        found: list[StoredObject] = []
-        headers = []
-        for key in keys:
-            obj = self._store.get(wire.storage_key(tenant, key))
-            headers.append(cache_pb2.KeyHeader(key=key, found=obj is not None))
-            if obj is not None:
-                headers[-1].meta.CopyFrom(wire.meta_to_proto(obj.meta))
-                found.append(obj)
-        layers = download.layer_range(found, request.layer_start, request.layer_stop)
-        for header in headers:
+        download = open_download(
+            self._store, tenant, request, self._config.max_batch_keys, self.codecs
+        )
+        for header in download.headers:
             yield cache_pb2.GetLayersResponse(header=header)
         sent_bytes = self._metrics.sent_bytes.labels("GetLayers")
-        for response, num_bytes in download.iter_layer_frames(found, layers, codec, self._codecs):
+        for message, num_bytes in iter_layer_messages(download, self.codecs):
             sent_bytes.inc(num_bytes)
-            yield response
+            yield message
 
     def Delete(
         self, request: cache_pb2.DeleteRequest, context: grpc.ServicerContext
@@ -139,7 +130,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             wire.tier_stats_to_proto(s, self._tier_codecs.get(s.name, ""))
             for s in self._store.stats()
         ]
-        return cache_pb2.StatsResponse(tiers=tiers)
+        return cache_pb2.StatsResponse(tiers=tiers, bulk_port=self.bulk_port)
 
     def List(
         self, request: cache_pb2.ListRequest, context: grpc.ServicerContext

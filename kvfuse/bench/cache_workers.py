@@ -27,6 +27,7 @@ import torch
 
 from kvfuse.bench.cache_clients import BenchClient, Layers, fp16_nbytes, make_client
 from kvfuse.errors import CacheError, KvfuseError
+from kvfuse.service.malloc import tune_malloc
 
 START_LEAD_S = 0.5  # time between sending a cell's tasks and its common start
 
@@ -101,6 +102,7 @@ def _answer(results: TextIO, result: dict[str, Any]) -> None:
 
 def main() -> int:
     torch.set_num_threads(1)  # one client per process; intra-op threads would only contend
+    tune_malloc()  # as every kvfuse service process does; the same for every system's client
     for module in ("grpc", "redis", "kvfuse.client.sync"):  # imported now, not in a timed cell
         importlib.import_module(module)
     results = os.fdopen(os.dup(1), "w")  # results get the real stdout; prints go to stderr

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from kvfuse.client.bulk import BulkRoute
 from kvfuse.client.retry import RetryPolicy
 from kvfuse.client.wire import get_layers_method
 from kvfuse.service.auth import bearer_metadata
 from kvfuse.service.grpc_channel import open_channel
-from kvfuse.service.tls import Pem
+from kvfuse.service.tls import Pem, client_ssl_context
 from kvfuse.v1 import cache_pb2_grpc
 
 
@@ -34,6 +35,7 @@ class ClientBase:
         timeout_s: float = 10.0,
         retry: RetryPolicy | None = None,
         max_message_bytes: int = 16 << 20,
+        bulk: bool = True,
     ) -> None:
         self._channel = open_channel(
             target,
@@ -49,3 +51,9 @@ class ClientBase:
         self._metadata = bearer_metadata(token)
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
+        tls = (
+            None if self.aio else client_ssl_context(tls_root_cert, tls_client_cert, tls_client_key)
+        )
+        self._bulk = BulkRoute(
+            target, bulk and not self.aio, token, tls, tls_server_name, timeout_s
+        )

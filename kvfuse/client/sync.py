@@ -12,6 +12,7 @@ import torch
 
 from kvfuse.client import wire
 from kvfuse.client.base import ClientBase
+from kvfuse.client.bulk import BulkUnavailable
 from kvfuse.client.retry import retry_delay
 from kvfuse.v1 import cache_pb2
 
@@ -36,6 +37,8 @@ class CacheClient(ClientBase):
         timeout_s: deadline of each attempt (for get_layers: of the whole stream).
         retry: the retry policy.
         max_message_bytes: gRPC message limit (the server's must be at least as large).
+        bulk: read layers over the server's bulk port when Stats announces one (plain
+            sockets: about twice gRPC's throughput on large objects); gRPC otherwise.
     """
 
     def _call(
@@ -108,6 +111,13 @@ class CacheClient(ClientBase):
         self, keys: Sequence[str], layers: range | None, codec: str | None
     ) -> Iterator[tuple[str, bool] | wire.LayerFrame]:
         request = wire.get_layers_request(keys, layers, codec)
+        bulk = self._bulk.channel(self._bulk_port)
+        if bulk is not None:
+            try:
+                yield from bulk.get_layers(request)
+                return
+            except BulkUnavailable:  # raised before any item: gRPC takes the request
+                self._bulk.forget(bulk)
         delays = self._retry.delays()
         while True:
             started = False
@@ -122,6 +132,9 @@ class CacheClient(ClientBase):
                 time.sleep(retry_delay(delays, exc, retryable=not started))
             finally:
                 call.cancel()  # no-op when complete; frees the stream if the caller stopped early
+
+    def _bulk_port(self) -> int:
+        return int(self._must(self._stub.Stats, cache_pb2.StatsRequest).bulk_port)
 
     def delete(self, keys: str | Sequence[str]) -> int:
         """Removes keys from every tier; returns how many were stored."""
@@ -167,6 +180,7 @@ class CacheClient(ClientBase):
                 return
 
     def close(self) -> None:
+        self._bulk.close()
         self._channel.close()
 
     def __enter__(self) -> CacheClient:

@@ -164,8 +164,12 @@ def error_from_rpc(exc: grpc.RpcError) -> KvfuseError:
     """The kvfuse error for a failed call (its status code and the server's message)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    error_type = _ERRORS.get(code, CacheError)
-    return error_type(f"{code.name}: {details}")
+    return error_for_status(code, details)
+
+
+def error_for_status(code: grpc.StatusCode, details: str) -> KvfuseError:
+    """The kvfuse error for a status code and the server's message."""
+    return _ERRORS.get(code, CacheError)(f"{code.name}: {details}")
 
 
 def get_layers_request(

@@ -168,10 +168,12 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., up: _Optional[bool] = ..., codec: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., num_objects: _Optional[int] = ..., num_pinned: _Optional[int] = ..., num_evictions: _Optional[int] = ..., num_corrupt: _Optional[int] = ..., num_rejected: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers",)
+    __slots__ = ("tiers", "bulk_port")
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ...) -> None: ...
+    bulk_port: int
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., bulk_port: _Optional[int] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ("limit", "after")
@@ -188,3 +190,29 @@ class ListResponse(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     next_after: str
     def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., next_after: _Optional[str] = ...) -> None: ...
+
+class BulkRequest(_message.Message):
+    __slots__ = ("token", "get")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    GET_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    get: GetLayersRequest
+    def __init__(self, token: _Optional[str] = ..., get: _Optional[_Union[GetLayersRequest, _Mapping]] = ...) -> None: ...
+
+class BulkReply(_message.Message):
+    __slots__ = ("header", "frame", "status")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    header: KeyHeader
+    frame: _common_pb2.LayerFrame
+    status: BulkStatus
+    def __init__(self, header: _Optional[_Union[KeyHeader, _Mapping]] = ..., frame: _Optional[_Union[_common_pb2.LayerFrame, _Mapping]] = ..., status: _Optional[_Union[BulkStatus, _Mapping]] = ...) -> None: ...
+
+class BulkStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

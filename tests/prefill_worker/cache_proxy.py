@@ -49,11 +49,14 @@ class Proxy(cache_pb2_grpc.CacheServiceServicer):
         armed = os.path.exists(self._arm_file)
         try:
             for response in self._stub.GetLayers(request, metadata=self._auth(context)):
-                frame = response.frame if response.WhichOneof("kind") == "frame" else None
-                if armed and frame is not None and frame.layer_idx >= self._pause_at_layer:
-                    print(f"holding layer {frame.layer_idx}", flush=True)
-                    threading.Event().wait()  # until this process is killed
-                yield response
+                if response.WhichOneof("kind") != "frames":
+                    yield response
+                    continue
+                for frame in response.frames.frames:  # one by one, to hold at a layer
+                    if armed and frame.layer_idx >= self._pause_at_layer:
+                        print(f"holding layer {frame.layer_idx}", flush=True)
+                        threading.Event().wait()  # until this process is killed
+                    yield cache_pb2.GetLayersResponse(frame=frame)
         except grpc.RpcError as exc:
             context.abort(exc.code(), exc.details())
 

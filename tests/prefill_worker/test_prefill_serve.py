@@ -28,7 +28,7 @@ from prefill_helpers import (
 
 from kvfuse.blend import FusedLayer, Mode
 from kvfuse.client import CacheClient
-from kvfuse.engine import Engine
+from kvfuse.engine import Engine, MissPolicy
 from kvfuse.errors import AuthError
 from kvfuse.prefill import PrefillRequest, PrefillResult
 from prefill_worker.client import PrefillClient
@@ -67,8 +67,11 @@ class Stack:
 
     def start_cache(self) -> Child:
         port = str(self.cache_port)
-        return Child(
-            ["-m", "cache_server", "--port", port, "--metrics-port", "off", "--token", CACHE_TOKEN]
+        return Child(  # no bulk port: layers must pass through the proxy, which the tests break
+            [
+                *("-m", "cache_server", "--port", port, "--metrics-port", "off"),
+                *("--token", CACHE_TOKEN, "--bulk-port", "off"),
+            ]
         )
 
     def start_proxy(self) -> Child:
@@ -127,6 +130,7 @@ def test_cold_request_stores_chunks_and_warm_request_in_another_order_hits(
     stack: Stack, engine: Engine
 ) -> None:
     docs = tuple(f"{doc} (cold test)" for doc in DOCS)  # not stored by any other test
+    engine.miss_policy = MissPolicy.PRECOMPUTE  # the worker's default, for the reference
     cold = make_request(engine, docs)
     layers, result = prefill(stack, cold)
     ref_layers, ref_result = split(list(engine.prefill(cold)))  # also warms the engine's store
