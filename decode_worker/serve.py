@@ -8,6 +8,7 @@ import socket
 
 from decode_worker.config import DecodeConfig, add_arguments, from_args
 from kvfuse.errors import ConfigError
+from kvfuse.service.malloc import tune_malloc
 from kvfuse.service.runner import configure_logging
 
 __all__ = ["add_arguments", "run", "serve"]
@@ -56,5 +57,6 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         ConfigError (and other KvfuseErrors): bad settings, model not loadable, port taken.
     """
+    tune_malloc()  # received fused layers are large and short-lived: keep freed pages for reuse
     serve(from_args(args))
     return 0

@@ -161,18 +161,25 @@ class Engine:
     ) -> Iterator[tuple[str, ChunkKV]]:
         """Precomputes, in order, the prefix and chunks `contains` says are missing.
 
-        The prefix KV (from `get_prefix` or computed) is the chunk context under
-        ChunkContext.PREFIX. Yields (key, kv) for each computed object; stores nothing.
+        The prefix KV (from `get_prefix`, or computed when that returns None) is the chunk
+        context under ChunkContext.PREFIX. `get_prefix` is called only when the prefix is
+        missing or is that context for a missing chunk: it may block (a worker waits for a
+        streaming prefix to arrive whole), which a prompt with nothing to compute must not do.
+        Yields (key, kv) for each computed object; stores nothing.
         """
         seg = prompt.segments
-        prefix_kv = get_prefix(prompt.prefix_key) if seg.prefix_ids else None
-        if seg.prefix_ids and prefix_kv is None:
-            prefix_kv = precompute(self.model, [], None, seg.prefix_ids)
-            yield prompt.prefix_key, prefix_kv
+        spans = zip(prompt.chunk_keys, seg.chunk_ids, strict=True)
+        missing = [(key, chunk_ids) for key, chunk_ids in spans if not contains(key)]
+        needs_context = bool(missing) and self.chunk_context is ChunkContext.PREFIX
+        prefix_kv = None
+        if seg.prefix_ids and (needs_context or not contains(prompt.prefix_key)):
+            prefix_kv = get_prefix(prompt.prefix_key)
+            if prefix_kv is None:
+                prefix_kv = precompute(self.model, [], None, seg.prefix_ids)
+                yield prompt.prefix_key, prefix_kv
         context_ids, context_kv = self._context(seg, prefix_kv)
-        for key, chunk_ids in zip(prompt.chunk_keys, seg.chunk_ids, strict=True):
-            if not contains(key):
-                yield key, precompute(self.model, context_ids, context_kv, chunk_ids)
+        for key, chunk_ids in missing:
+            yield key, precompute(self.model, context_ids, context_kv, chunk_ids)
 
     def _context(
         self, seg: PromptSegments, prefix_kv: ChunkKV | None

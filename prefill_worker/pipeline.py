@@ -161,18 +161,23 @@ class RemotePrefiller:
                     fetch.close()
 
     def _precompute(self, prompt: PreparedPrompt, mode: Mode, fetched: Fetched) -> None:
-        """Under `MissPolicy.PRECOMPUTE`: computes the objects not streaming in (misses, and
-        keys whose lookup failed) standalone, into `fetched.precomputed`. A fetched prefix is
-        the chunk context: waited for whole (or, if its stream fails, computed too)."""
+        """Under `MissPolicy.PRECOMPUTE`: computes the misses standalone, into
+        `fetched.precomputed`. Keys whose lookup failed are no misses: computed in place (fail
+        soft, as after a failed stream). A fetched prefix is waited for whole only as the chunk
+        context of a miss (if its stream fails: computed too, the failure counted)."""
 
         def whole(key: str) -> ChunkKV | None:
             for fetch in fetched.fetches:
                 if key in fetch.chunks:
-                    return fetch.materialize(key) if fetch.wait_complete([key]) else None
+                    if fetch.wait_complete([key]):
+                        return fetch.materialize(key)
+                    self._count_failure(fetched, fetch)
+                    return None
             return None
 
+        known = fetched.chunks.keys() | fetched.unknown
         fetched.precomputed = self.engine.precompute_misses(
-            prompt, mode, contains=fetched.chunks.__contains__, get_prefix=whole
+            prompt, mode, contains=known.__contains__, get_prefix=whole
         )
         self.metrics.misses_precomputed.inc(len(fetched.precomputed))
 
@@ -240,7 +245,7 @@ class RemotePrefiller:
     ) -> Iterator[FusedLayer | PrefillResult]:
         """Runs the blend, restarting without chunks whose stream failed; yields each layer
         once, then the result."""
-        chunks, num_sent, counted = dict(fetched.chunks), 0, set[int]()
+        chunks, num_sent = dict(fetched.chunks), 0
         while True:
             planned, run = self.engine.start_prefill(
                 prompt, request.mode, blend, chunks, fetched.precomputed
@@ -257,7 +262,7 @@ class RemotePrefiller:
             except CacheError:
                 if cancel.event.is_set():
                     return
-                lost = self._lost_chunks(fetched, chunks, counted)
+                lost = self._lost_chunks(fetched, chunks)
                 if not lost:
                     raise
                 chunks = {k: c for k, c in chunks.items() if k not in lost}
@@ -268,19 +273,18 @@ class RemotePrefiller:
             self.metrics.recompute_ratio.observe(stats.num_recomputed_tokens / num_reused)
         yield PrefillResult(first, stats)
 
-    def _lost_chunks(
-        self, fetched: Fetched, chunks: dict[str, StreamedChunk], counted: set[int]
-    ) -> set[str]:
+    def _lost_chunks(self, fetched: Fetched, chunks: dict[str, StreamedChunk]) -> set[str]:
         """Chunks in use whose fetch failed before they arrived whole; counts each failure."""
         lost: set[str] = set()
         for fetch in fetched.fetches:
-            if not fetch.failed:
-                continue
-            if id(fetch) not in counted:
-                counted.add(id(fetch))
-                self._count_fallback(fetched, fetch.reason)
-            lost |= (fetch.chunks.keys() - fetch.complete_keys()) & chunks.keys()
+            if fetch.failed:
+                self._count_failure(fetched, fetch)
+                lost |= (fetch.chunks.keys() - fetch.complete_keys()) & chunks.keys()
         return lost
+
+    def _count_failure(self, fetched: Fetched, fetch: LayerFetch) -> None:
+        if reason := fetched.new_failure(fetch):
+            self._count_fallback(fetched, reason)
 
     def _count_fallback(self, fetched: Fetched, reason: str) -> None:
         self.metrics.fallbacks.labels(reason).inc()

@@ -123,12 +123,19 @@ class LayerFetch:
 
     def wait_complete(self, keys: Collection[str] | None = None) -> bool:
         """Blocks until every layer of `keys` (default: every chunk) has arrived: True; or
-        until the fetch fails, ends early, is cancelled or passes its deadline: False."""
+        until the fetch fails, ends early, is cancelled or passes its deadline: False (the
+        fetch then counts as failed, with its `reason`, as in `wait`)."""
         wanted = list(self._slots) if keys is None else list(keys)
         with self._cond:
             while any(s is None for key in wanted for s in self._slots[key]):
+                if self._error is not None:
+                    return False
+                if self._finished:
+                    self._fail(CacheError("the stream ended before every layer arrived"))
+                    return False
                 remaining = self._deadline - time.monotonic()
-                if self._error is not None or self._finished or remaining <= 0:
+                if remaining <= 0:
+                    self._fail(ServiceUnavailableError("DEADLINE_EXCEEDED: layer fetch too slow"))
                     return False
                 self._cond.wait(remaining)
             return True

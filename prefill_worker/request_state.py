@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from kvfuse.kv import ChunkKV
-from prefill_worker.remote_chunks import LayerFetch, StreamedChunk
+from prefill_worker.remote_chunks import CANCELLED, LayerFetch, StreamedChunk
 
 
 @dataclass
@@ -19,6 +19,15 @@ class Fetched:
     unknown: set[str] = field(default_factory=set)  # keys whose lookup failed
     precomputed: dict[str, ChunkKV] = field(default_factory=dict)  # misses computed standalone
     fallback: str = ""
+    _counted: set[int] = field(default_factory=set, init=False, repr=False)  # fetch ids
+
+    def new_failure(self, fetch: LayerFetch) -> str:
+        """Why `fetch` failed, the first time it is asked; "" after that, or if it did not fail
+        or was cancelled (the request is going away: nothing to count)."""
+        if not fetch.failed or fetch.reason == CANCELLED or id(fetch) in self._counted:
+            return ""
+        self._counted.add(id(fetch))
+        return fetch.reason
 
 
 class Cancel:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import TextIO
 
 from kvfuse.service.config import FlagTable
+from kvfuse.service.malloc import tune_malloc
 from kvfuse.service.runner import configure_logging, run_until_signal
 from prefill_worker.config import PrefillConfig
 
@@ -80,5 +81,6 @@ def serve(config: PrefillConfig, out: TextIO = sys.stdout) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """`kvfuse serve prefill` / `python -m prefill_worker`."""
+    tune_malloc()  # fetched layer records are large and short-lived: keep freed pages for reuse
     configure_logging()
     return serve(load_config(args))

@@ -6,6 +6,7 @@ Equivalence is bit for bit: the pipeline runs the engine's own blend on the same
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -21,6 +22,7 @@ from prefill_helpers import (
 from kvfuse.blend import FusedLayer, Mode
 from kvfuse.engine import Engine
 from kvfuse.errors import InvalidRequestError, PromptTooLongError, ServiceUnavailableError
+from kvfuse.kv import ChunkKV
 from kvfuse.planner import MissPolicy
 from kvfuse.prefill import PrefillRequest, PrefillResult
 from prefill_worker.metrics import PrefillMetrics
@@ -177,9 +179,13 @@ def test_stream_failure_mid_layers_keeps_sent_layers_and_recomputes_the_rest(
     assert result.stats.fallback == "cache_unavailable"
 
 
+@pytest.mark.parametrize("policy", list(MissPolicy))
 def test_lookup_failure_computes_everything_and_stores_nothing(
-    warm_engine: Engine, make_prefiller: MakePrefiller
+    warm_engine: Engine, make_prefiller: MakePrefiller, policy: MissPolicy
 ) -> None:
+    """Either miss policy: keys whose lookup failed are computed in place, never precomputed
+    (a full prefill)."""
+    warm_engine.miss_policy = policy
     source = TestSource(warm_engine.store, lookup_error=ServiceUnavailableError("UNAVAILABLE"))
     prefiller = make_prefiller(warm_engine, source)
     request = make_request(warm_engine)
@@ -187,6 +193,7 @@ def test_lookup_failure_computes_everything_and_stores_nothing(
     ref_layers, _ = full_prefill(warm_engine, request)
     assert_layers_equal(layers, ref_layers)
     assert result.stats.fallback == "cache_unavailable" and result.stats.num_chunk_hits == 0
+    assert result.stats.num_chunks_precomputed == 0
     assert prefiller.writer is not None and prefiller.writer.wait_idle(60)
     assert source.num_puts == 0  # unknown is not missing
 
@@ -343,6 +350,58 @@ def test_precompute_at_ratio_one_equals_full_prefill(
     full_layers, full_result = full_prefill(engine, request)
     assert_layers_equal(layers, full_layers, atol=1e-4)
     assert result.first_token_id == full_result.first_token_id
+
+
+def test_precompute_with_all_hits_streams_and_a_broken_stream_falls_back_at_once(
+    warm_engine: Engine, make_prefiller: MakePrefiller
+) -> None:
+    """Miss policy precompute, every object stored: nothing is missing, so nothing waits for
+    the prefix to arrive whole; layers 0-4 reach the reader while layer 5 is held, then the
+    stream breaks (UNAVAILABLE) and the rest is recomputed at once, long before the deadline."""
+    warm_engine.miss_policy = MissPolicy.PRECOMPUTE
+    deadline_s = 30.0
+    source = TestSource(warm_engine.store, hold_at=5)
+    prefiller = make_prefiller(warm_engine, source, fetch_deadline_s=deadline_s)
+    request = make_request(warm_engine)
+    start_s, items = time.monotonic(), []
+    try:
+        for item in prefiller.prefill(request):
+            if isinstance(item, FusedLayer) and item.layer_idx == 4:
+                assert source.held.wait(60) and source.sent_layers[-1] == 4
+                source.fail_at = 5  # the held stream breaks when released
+                source.release.set()
+            items.append(item)
+    finally:
+        source.release.set()
+    assert time.monotonic() - start_s < deadline_s / 2  # never waited for the deadline
+    layers, result = split(items)
+    assert result.stats.fallback == "cache_unavailable"
+    assert result.stats.num_chunks_precomputed == 0
+    blend_layers, _ = reference(warm_engine, request)
+    full_layers, full_result = full_prefill(warm_engine, request)
+    assert_layers_equal(layers[:5], blend_layers[:5])
+    assert_layers_equal(layers[5:], full_layers[5:])
+    assert result.first_token_id == full_result.first_token_id
+
+
+def test_precompute_counts_a_failed_prefix_stream_it_computes_instead(
+    engine: Engine, warm_objects: dict[str, ChunkKV], make_prefiller: MakePrefiller
+) -> None:
+    """Only the prefix stored, its stream breaks at layer 10 while the precompute waits for
+    it whole (the chunk context of the misses): it is computed too, and the fallback said."""
+    engine.miss_policy = MissPolicy.PRECOMPUTE
+    request = make_request(engine)
+    prefix_key = engine.prepare_tokens(request.segments).prefix_key
+    engine.store.put(prefix_key, warm_objects[prefix_key])
+    prefiller = make_prefiller(engine, TestSource(engine.store, fail_at=10))
+    layers, result = run(prefiller, request)
+    assert result.stats.fallback == "cache_unavailable"
+    assert result.stats.num_chunks_precomputed == 3 and result.stats.num_chunk_hits == 0
+    assert counter(prefiller, "kvfuse_prefill_fallbacks_total", reason="cache_unavailable") == 1
+    assert prefiller.writer is not None and prefiller.writer.wait_idle(120)
+    ref_layers, ref_result = reference(engine, request)
+    assert_layers_equal(layers, ref_layers)
+    assert result.first_token_id == ref_result.first_token_id
 
 
 @pytest.mark.parametrize("source_kwargs", [{}, {"fail_at": 10}], ids=["healthy", "stream-fails"])
