@@ -66,7 +66,8 @@ class BulkServer:
         self._store, self._codecs, self._max_batch_keys = store, codecs, max_batch_keys
         self._auth, self._metrics, self._tls = auth, metrics, tls
         self._max_connections, self._idle_timeout_s = max_connections, idle_timeout_s
-        self._listener = socket.create_server((host, port), reuse_port=False)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family)
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()

@@ -52,7 +52,8 @@ class CacheServerConfig:
         max_object_bytes: largest object (sum of its layer records) a Put may store.
         max_batch_keys: most keys in one Lookup/GetLayers/Delete.
         max_list_page: most entries in one List page.
-        num_workers: gRPC thread-pool size (concurrent RPCs); also the most bulk connections.
+        num_workers: gRPC thread-pool size (concurrent RPCs); the bulk port serves up to 4×
+            as many connections.
         grace_s: how long a graceful stop waits for in-flight RPCs.
     """
 

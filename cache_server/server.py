@@ -93,7 +93,8 @@ class CacheServer(GrpcService):
                     self._auth,
                     self.metrics,
                     server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca),
-                    max_connections=config.num_workers,
+                    # mostly idle, kept by clients between reads: cheap threads, so more of them
+                    max_connections=4 * config.num_workers,
                 )
             except OSError as exc:
                 raise ConfigError(f"cannot listen on bulk port {config.bulk_port}: {exc}") from exc
