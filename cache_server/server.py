@@ -81,29 +81,37 @@ class CacheServer(GrpcService):
         return None if self._bulk is None else self._bulk.port
 
     def start(self) -> CacheServer:
-        config = self.config
-        if config.bulk_port is not None:
-            try:
-                self._bulk = BulkServer(
-                    config.host,
-                    config.bulk_port,
-                    self.store,
-                    self._servicer.codecs,
-                    config.max_batch_keys,
-                    self._auth,
-                    self.metrics,
-                    server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca),
-                    # mostly idle, kept by clients between reads: cheap threads, so more of them
-                    max_connections=4 * config.num_workers,
-                )
-            except OSError as exc:
-                raise ConfigError(f"cannot listen on bulk port {config.bulk_port}: {exc}") from exc
-            self._servicer.bulk_port = self._bulk.port
-        self.grpc.start()
-        if self._bulk is not None:
-            self._bulk.start()
+        self.grpc.start()  # first: its port may be a fixed one that a bulk port 0 could take
+        try:
+            self._bulk = self._start_bulk()
+        except BaseException:
+            self.grpc.stop(0)
+            raise
         log.debug("cache server listening on %s", self.address)
         return self
+
+    def _start_bulk(self) -> BulkServer | None:
+        config = self.config
+        if config.bulk_port is None:
+            return None
+        try:
+            bulk = BulkServer(
+                config.host,
+                config.bulk_port,
+                self.store,
+                self._servicer.codecs,
+                config.max_batch_keys,
+                self._auth,
+                self.metrics,
+                server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca),
+                # mostly idle, kept by clients between reads: cheap threads, so more of them
+                max_connections=4 * config.num_workers,
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on bulk port {config.bulk_port}: {exc}") from exc
+        bulk.start()
+        self._servicer.bulk_port = bulk.port
+        return bulk
 
     def close(self) -> None:
         if self._bulk is not None:

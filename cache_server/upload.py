@@ -93,9 +93,10 @@ class Upload:
         frame.key = wire.chunk_key_of(meta.key)  # may be left empty by the client
         record = assembler.feed(frame)
         if record is not None:
-            self._codecs.check(meta, idx, record.data)
-            self._codecs.observe_ratio(meta, meta.codec, record.data)
-            self._layers.append(record.data)
+            data = bytes(record.data)  # already bytes (protobuf frames): no copy
+            self._codecs.check(meta, idx, data)
+            self._codecs.observe_ratio(meta, meta.codec, data)
+            self._layers.append(data)
 
 
 class CommitLocks:
