@@ -10,20 +10,15 @@ import grpc
 
 from cache_server import status
 from cache_server.metrics import CacheMetrics
-from kvfuse.client.frame_wire import serialize_response
 from kvfuse.errors import KvfuseError
 from kvfuse.service.grpc_server import Behavior, wrap_handler
 
 SERVICE_PREFIX = "/kvfuse.v1.CacheService/"
-_PRE_ENCODED = {"GetLayers": serialize_response}  # ops whose servicer may yield bytes
 
 
 class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Maps KvfuseErrors raised by CacheService methods to status codes (via `status`) and
-    records each RPC's duration and final code. Install it outermost. Thread-safe.
-
-    It also gives GetLayers a serializer that lets already serialized frames pass through.
-    """
+    records each RPC's duration and final code. Install it outermost. Thread-safe."""
 
     def __init__(self, metrics: CacheMetrics) -> None:
         self._metrics = metrics
@@ -35,9 +30,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if not details.method.startswith(SERVICE_PREFIX):
             return handler
         op = details.method[len(SERVICE_PREFIX) :]
-        return wrap_handler(
-            handler, lambda b, streaming: self._observe(op, b, streaming), _PRE_ENCODED.get(op)
-        )
+        return wrap_handler(handler, lambda b, streaming: self._observe(op, b, streaming))
 
     def _observe(self, op: str, behavior: Behavior, response_streaming: bool) -> Behavior:
         def unary(request: Any, context: grpc.ServicerContext) -> Any:

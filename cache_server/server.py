@@ -13,7 +13,7 @@ from cache_server.store import TieredStore
 from cache_server.tiers.base import Tier
 from kvfuse.errors import ConfigError
 from kvfuse.service.auth import Authenticator, AuthInterceptor
-from kvfuse.service.grpc_server import GrpcServer, GrpcService
+from kvfuse.service.grpc_server import GrpcServer, GrpcService, PreEncodedInterceptor
 from kvfuse.service.tls import server_ssl_context
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc
 
@@ -61,6 +61,7 @@ class CacheServer(GrpcService):
             interceptors=[
                 ObservingInterceptor(self.metrics),  # outermost: it sees auth failures too
                 AuthInterceptor(auth, SERVICE_PREFIX),
+                PreEncodedInterceptor([f"{SERVICE_PREFIX}GetLayers"]),  # frames come as bytes
             ],
             tls_cert=config.tls_cert,
             tls_key=config.tls_key,

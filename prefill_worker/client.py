@@ -6,15 +6,39 @@ from collections.abc import Generator
 from types import TracebackType
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from kvfuse.blend import FusedLayer
-from kvfuse.errors import CodecError, ServiceUnavailableError
+from kvfuse.errors import CodecError, InvalidObjectError, ServiceUnavailableError
 from kvfuse.prefill import PrefillRequest, PrefillResult
 from kvfuse.service.auth import bearer_metadata
 from kvfuse.service.grpc_channel import open_channel
 from kvfuse.service.tls import Pem
-from kvfuse.v1 import prefill_pb2_grpc
+from kvfuse.v1 import prefill_pb2
 from prefill_worker import status, wire
+
+PREFILL_METHOD = "/kvfuse.v1.PrefillService/Prefill"
+
+
+def _parse_chunk(raw: bytes) -> wire.LayerChunkView | None:
+    try:
+        return wire.parse_layer_chunk(raw)
+    except InvalidObjectError as exc:
+        raise CodecError(f"malformed prefill frame: {exc}") from exc
+
+
+def _result(raw: bytes, assembler: wire.LayerAssembler) -> PrefillResult:
+    """The result a non-layer response must be, after all the layers it counts."""
+    try:
+        response = prefill_pb2.PrefillResponse.FromString(raw)
+    except DecodeError as exc:
+        raise CodecError(f"malformed PrefillResponse: {exc}") from exc
+    if response.WhichOneof("kind") != "done":
+        raise CodecError("empty PrefillResponse")
+    done = response.done
+    if assembler.in_progress or assembler.num_layers != done.num_layers:
+        raise CodecError(f"result after {assembler.num_layers} of {done.num_layers} layers")
+    return wire.result_from_proto(done)
 
 
 class PrefillClient:
@@ -50,36 +74,33 @@ class PrefillClient:
         self._channel = open_channel(
             target, max_message_bytes=max_message_bytes, tls_root_cert=tls_root_cert
         )
-        self._stub = prefill_pb2_grpc.PrefillServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._prefill = self._channel.unary_stream(
+            PREFILL_METHOD,
+            request_serializer=prefill_pb2.PrefillRequest.SerializeToString,
+            response_deserializer=None,  # bytes: layer data is read in place (wire)
+            _registered_method=True,
+        )
         self._metadata = bearer_metadata(token)
         self._timeout_s = timeout_s
         self._max_layer_bytes = max_layer_bytes
 
     def prefill(self, request: PrefillRequest) -> Generator[FusedLayer | PrefillResult, None, None]:
         """The `Prefiller` protocol: fused layers in order, then exactly one result."""
-        call = self._stub.Prefill(
+        call = self._prefill(
             wire.request_to_proto(request), timeout=self._timeout_s, metadata=self._metadata
         )
         assembler = wire.LayerAssembler(self._max_layer_bytes)
         try:
-            for response in call:
-                kind = response.WhichOneof("kind")
-                if kind == "layer":
-                    layer = assembler.feed(response.layer)
-                    if layer is not None:
-                        yield layer
-                elif kind == "done":
-                    if assembler.in_progress or assembler.num_layers != response.done.num_layers:
-                        raise CodecError(
-                            f"result after {assembler.num_layers} of "
-                            f"{response.done.num_layers} layers"
-                        )
+            for raw in call:
+                chunk = _parse_chunk(raw)
+                if chunk is None:
+                    yield _result(raw, assembler)
                     for _extra in call:  # waits for the OK status so the call ends cleanly
                         raise CodecError("message after the result")
-                    yield wire.result_from_proto(response.done)
                     return
-                else:
-                    raise CodecError("empty PrefillResponse")
+                layer = assembler.feed(chunk)
+                if layer is not None:
+                    yield layer
             raise ServiceUnavailableError("the prefill stream ended without a result")
         except grpc.RpcError as exc:
             raise status.error_from_rpc(exc) from exc

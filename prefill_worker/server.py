@@ -15,7 +15,7 @@ from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import load_model
 from kvfuse.precompute import ChunkContext
 from kvfuse.service.auth import DEFAULT_TENANT, Authenticator, AuthInterceptor
-from kvfuse.service.grpc_server import GrpcServer, GrpcService
+from kvfuse.service.grpc_server import GrpcServer, GrpcService, PreEncodedInterceptor
 from kvfuse.settings import Settings
 from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
 from prefill_worker.config import PrefillConfig
@@ -117,7 +117,10 @@ class PrefillServer(GrpcService):
             num_workers=config.num_workers,
             max_message_bytes=config.max_message_bytes,
             thread_name_prefix="kvfuse-prefill",
-            interceptors=[AuthInterceptor(Authenticator(tokens), SERVICE_PREFIX, deny)],
+            interceptors=[
+                AuthInterceptor(Authenticator(tokens), SERVICE_PREFIX, deny),
+                PreEncodedInterceptor([f"{SERVICE_PREFIX}Prefill"]),  # layer frames are bytes
+            ],
             tls_cert=config.tls_cert,
             tls_key=config.tls_key,
             metrics_registry=self.metrics.registry,

@@ -30,7 +30,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.ServicerContext
-    ) -> Iterator[prefill_pb2.PrefillResponse]:
+    ) -> Iterator[prefill_pb2.PrefillResponse | bytes]:
         start_s, code, mode = time.perf_counter(), grpc.StatusCode.OK, "invalid"
         stream = None
         self._metrics.in_flight.inc()
@@ -41,9 +41,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             context.add_callback(stream.cancel)
             for item in stream:
                 if isinstance(item, FusedLayer):
-                    for frame in wire.layer_frames(item):
-                        self._metrics.sent_bytes.inc(len(frame.layer.data))
-                        yield frame
+                    for frame, num_bytes in wire.layer_frames(item):
+                        self._metrics.sent_bytes.inc(num_bytes)
+                        yield frame  # already serialized (PreEncodedInterceptor)
                 else:
                     yield wire.done_to_proto(item, self._prefiller.num_layers)
             if not context.is_active():

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from kvfuse import protowire
 from kvfuse.blend import FusedLayer, Mode
 from kvfuse.errors import CodecError, InvalidRequestError
 from kvfuse.model.sampling import SamplingParams
@@ -25,6 +28,11 @@ _MODES = {
     prefill_pb2.PREFILL_MODE_PREFIX_CACHE: Mode.PREFIX_CACHE,
 }
 _MODE_CODES = {mode: code for code, mode in _MODES.items() if code}
+_RESPONSE = prefill_pb2.PrefillResponse.DESCRIPTOR
+_ONEOF_NOS = {f.number for f in _RESPONSE.oneofs_by_name["kind"].fields}
+_LAYER_NO = _RESPONSE.fields_by_name["layer"].number
+_LAYER_TAG = protowire.len_tag(_LAYER_NO)
+_DATA_TAG = protowire.len_tag(prefill_pb2.LayerChunk.DESCRIPTOR.fields_by_name["data"].number)
 if sys.byteorder != "little":  # frames carry native bytes; every supported host is little-endian
     raise ImportError("the prefill wire format needs a little-endian host")
 
@@ -68,10 +76,25 @@ def request_from_proto(pb: prefill_pb2.PrefillRequest) -> PrefillRequest:
     return PrefillRequest(pb.request_id, segments, _MODES[pb.mode], ratio, sampling)
 
 
+class LayerChunkView(NamedTuple):
+    """A LayerChunk read in place (`parse_layer_chunk`): the message's field names, `data` a
+    memoryview into the received bytes."""
+
+    layer_idx: int
+    dtype: str
+    num_kv_heads: int
+    num_tokens: int
+    head_dim: int
+    record_nbytes: int
+    offset: int
+    data: memoryview
+
+
 def layer_frames(
     layer: FusedLayer, max_frame_bytes: int = MAX_FRAME_BYTES
-) -> Iterator[prefill_pb2.PrefillResponse]:
-    """The frames of one fused layer: K then V bytes, split at `max_frame_bytes`.
+) -> Iterator[tuple[bytes, int]]:
+    """The frames of one fused layer (K then V bytes, split at `max_frame_bytes`) as serialized
+    PrefillResponses (`kvfuse.protowire`: one copy of the data), each with its data size.
 
     Shape: layer.k, layer.v [H_kv, N, D], any device, float32/bfloat16/float16.
     """
@@ -80,18 +103,43 @@ def layer_frames(
     flat = torch.cat([k.reshape(-1), v.reshape(-1)]).cpu()  # [2 * H_kv * N * D], one copy
     record = flat.view(torch.uint8).numpy().data  # a memoryview of the bytes
     for offset in range(0, max(len(record), 1), max_frame_bytes):
-        yield prefill_pb2.PrefillResponse(
-            layer=prefill_pb2.LayerChunk(
-                layer_idx=layer.layer_idx,
-                dtype=DTYPE_NAMES[k.dtype],
-                num_kv_heads=num_kv_heads,
-                num_tokens=num_tokens,
-                head_dim=head_dim,
-                record_nbytes=len(record),
-                offset=offset,
-                data=bytes(record[offset : offset + max_frame_bytes]),
-            )
-        )
+        data = record[offset : offset + max_frame_bytes]
+        head = prefill_pb2.LayerChunk(
+            layer_idx=layer.layer_idx,
+            dtype=DTYPE_NAMES[k.dtype],
+            num_kv_heads=num_kv_heads,
+            num_tokens=num_tokens,
+            head_dim=head_dim,
+            record_nbytes=len(record),
+            offset=offset,
+        ).SerializeToString()
+        data_len = protowire.varint(len(data))
+        chunk_len = protowire.varint(len(head) + len(_DATA_TAG) + len(data_len) + len(data))
+        yield b"".join((_LAYER_TAG, chunk_len, head, _DATA_TAG, data_len, data)), len(data)
+
+
+def parse_layer_chunk(raw: bytes) -> LayerChunkView | None:
+    """The LayerChunk of a serialized PrefillResponse, read in place; None for any other
+    response (parse those with protobuf).
+
+    Raises:
+        InvalidObjectError: malformed bytes.
+    """
+    view = memoryview(raw)
+    found = protowire.last_of(view, _ONEOF_NOS)
+    if found is None or found[0] != _LAYER_NO:
+        return None
+    chunk = protowire.read_scalars(view, found[1], prefill_pb2.LayerChunk.DESCRIPTOR)
+    return LayerChunkView(
+        chunk.integer("layer_idx"),
+        chunk.text("dtype"),
+        chunk.integer("num_kv_heads"),
+        chunk.integer("num_tokens"),
+        chunk.integer("head_dim"),
+        chunk.integer("record_nbytes"),
+        chunk.integer("offset"),
+        chunk.data("data"),
+    )
 
 
 def done_to_proto(result: PrefillResult, num_layers: int) -> prefill_pb2.PrefillResponse:
@@ -143,10 +191,10 @@ class LayerAssembler:
         self.max_record_bytes = max_record_bytes
         self.num_layers = 0  # complete layers so far
         self._head: tuple[object, ...] | None = None
-        self._buffer = bytearray()
+        self._buffer = np.empty(0, np.uint8)
         self._num_received = 0
 
-    def feed(self, frame: prefill_pb2.LayerChunk) -> FusedLayer | None:
+    def feed(self, frame: LayerChunkView) -> FusedLayer | None:
         """Takes one frame; returns the layer it completes, else None."""
         head = (frame.layer_idx, frame.dtype, frame.num_kv_heads, frame.num_tokens,
                 frame.head_dim, frame.record_nbytes)  # fmt: skip
@@ -158,7 +206,7 @@ class LayerAssembler:
         end = frame.offset + len(frame.data)
         if frame.offset != self._num_received or end > frame.record_nbytes:
             raise CodecError(f"layer {frame.layer_idx}: frame out of order or overrun")
-        self._buffer[frame.offset : end] = frame.data
+        self._buffer[frame.offset : end] = np.frombuffer(frame.data, np.uint8)
         self._num_received = end
         if self._num_received < frame.record_nbytes:
             return None
@@ -168,7 +216,7 @@ class LayerAssembler:
     def in_progress(self) -> bool:
         return self._head is not None
 
-    def _start(self, frame: prefill_pb2.LayerChunk) -> None:
+    def _start(self, frame: LayerChunkView) -> None:
         if frame.layer_idx != self.num_layers:
             raise CodecError(f"expected layer {self.num_layers}, got layer {frame.layer_idx}")
         if frame.dtype not in DTYPES or frame.offset != 0:
@@ -180,13 +228,13 @@ class LayerAssembler:
                 f"layer {frame.layer_idx}: record of {frame.record_nbytes} bytes does not match "
                 f"its shape or exceeds {self.max_record_bytes} bytes"
             )
-        self._buffer = bytearray(size)
+        self._buffer = np.empty(size, np.uint8)  # every byte is written before it is read
         self._num_received = 0
 
-    def _finish(self, frame: prefill_pb2.LayerChunk) -> FusedLayer:
+    def _finish(self, frame: LayerChunkView) -> FusedLayer:
         shape = (frame.num_kv_heads, frame.num_tokens, frame.head_dim)
-        values = torch.frombuffer(self._buffer, dtype=torch.uint8).view(DTYPES[frame.dtype])
+        values = torch.from_numpy(self._buffer).view(DTYPES[frame.dtype])
         k, v = values.view(2, *shape).unbind(0)  # [H_kv, N, D] each
-        self._head, self._buffer = None, bytearray()
+        self._head, self._buffer = None, np.empty(0, np.uint8)
         self.num_layers += 1
         return FusedLayer(frame.layer_idx, k, v)

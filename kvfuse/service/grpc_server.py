@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent import futures
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +48,28 @@ def wrap_handler(
         request_deserializer=handler.request_deserializer,
         response_serializer=response_serializer or handler.response_serializer,
     )
+
+
+class PreEncodedInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Lets the named methods yield responses already serialized (`bytes`, see
+    `kvfuse.protowire`) beside messages: bytes pass through the serializer untouched.
+    Install it innermost. Thread-safe."""
+
+    def __init__(self, methods: Collection[str]) -> None:
+        self._methods = frozenset(methods)
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or details.method not in self._methods:
+            return handler
+        serialize = handler.response_serializer
+
+        def pass_bytes(response: Any) -> bytes:
+            return response if isinstance(response, bytes) else serialize(response)
+
+        return wrap_handler(handler, lambda behavior, _streaming: behavior, pass_bytes)
 
 
 class GrpcServer:

@@ -21,6 +21,8 @@ from kvfuse.segments import PromptSegments
 from kvfuse.v1 import prefill_pb2
 from prefill_worker import status, wire
 
+Chunk = wire.LayerChunkView
+
 SEGMENTS = PromptSegments((1, 2, 3), ((4, 5), (6,)), (7, 8))
 
 
@@ -50,7 +52,7 @@ def test_unset_fields_take_defaults_and_bad_ones_are_refused() -> None:
 def test_layer_frames_reassemble_bit_for_bit(dtype: torch.dtype) -> None:
     k = torch.randn(3, 50, 8).to(dtype)  # [H_kv, N, D]
     v = torch.randn(3, 50, 8).to(dtype)
-    frames = [f.layer for f in wire.layer_frames(FusedLayer(0, k, v), max_frame_bytes=1000)]
+    frames = _chunks(FusedLayer(0, k, v), max_frame_bytes=1000)
     assert len(frames) > 2 and all(len(f.data) <= 1000 for f in frames)
     assembler = wire.LayerAssembler(1 << 20)
     outs = [assembler.feed(f) for f in frames]
@@ -63,14 +65,34 @@ def test_layer_frames_reassemble_bit_for_bit(dtype: torch.dtype) -> None:
 
 def test_a_transposed_layer_is_sent_in_logical_order() -> None:
     k = torch.randn(40, 3, 8).transpose(0, 1)  # [H_kv, N, D], not contiguous
-    (frame,) = [f.layer for f in wire.layer_frames(FusedLayer(0, k, k))]
+    (frame,) = _chunks(FusedLayer(0, k, k))
     layer = wire.LayerAssembler(1 << 20).feed(frame)
     assert layer is not None and torch.equal(layer.k, k)
 
 
-def _frames(layer_idx: int = 0) -> list[prefill_pb2.LayerChunk]:
+def _chunks(layer: FusedLayer, max_frame_bytes: int = wire.MAX_FRAME_BYTES) -> list[Chunk]:
+    chunks = [wire.parse_layer_chunk(raw) for raw, _ in wire.layer_frames(layer, max_frame_bytes)]
+    assert all(c is not None for c in chunks)
+    return [c for c in chunks if c is not None]
+
+
+def test_layer_frames_are_the_protobuf_messages() -> None:
+    k = torch.randn(2, 5, 8)
+    for raw, num_bytes in wire.layer_frames(FusedLayer(3, k, k), max_frame_bytes=100):
+        parsed = prefill_pb2.PrefillResponse.FromString(raw)
+        chunk = wire.parse_layer_chunk(raw)
+        assert parsed.WhichOneof("kind") == "layer" and chunk is not None
+        assert len(parsed.layer.data) == num_bytes and parsed.layer.layer_idx == 3
+        fields = chunk._asdict()
+        fields["data"] = bytes(chunk.data)
+        assert prefill_pb2.LayerChunk(**fields) == parsed.layer
+    done = wire.done_to_proto(PrefillResult(1, PrefillStats(1, 0, 0, 1, 0, 0, 0.1, "")), 1)
+    assert wire.parse_layer_chunk(done.SerializeToString()) is None
+
+
+def _frames(layer_idx: int = 0) -> list[Chunk]:
     k = torch.randn(2, 4, 8)
-    return [f.layer for f in wire.layer_frames(FusedLayer(layer_idx, k, k), max_frame_bytes=64)]
+    return _chunks(FusedLayer(layer_idx, k, k), max_frame_bytes=64)
 
 
 @pytest.mark.parametrize(
@@ -91,12 +113,8 @@ def test_malformed_frames_are_refused(mutate: object, message: str) -> None:
             assembler.feed(frame)
 
 
-def _set(frame: prefill_pb2.LayerChunk, **fields: object) -> prefill_pb2.LayerChunk:
-    copy = prefill_pb2.LayerChunk()
-    copy.CopyFrom(frame)
-    for name, value in fields.items():
-        setattr(copy, name, value)
-    return copy
+def _set(frame: Chunk, **fields: object) -> Chunk:
+    return frame._replace(**fields)
 
 
 def test_result_round_trip() -> None:
