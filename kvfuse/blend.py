@@ -240,12 +240,19 @@ class BlendRun:
         h = model.embed(plan.token_ids.to(device)[rows])  # [S, hidden]
         rows_cos, rows_sin, attend = cos[rows], sin[rows], self._row_attention(rows)
         for layer_idx, block in enumerate(model.blocks):
-            q, k, v = block.qkv(h, rows_cos, rows_sin)  # [H, S, D], [H_kv, S, D] ×2
+            attn, x = block.self_attn, block.input_layernorm(h)  # x [S, hidden]
+            q: Tensor | None = None
+            if self._selects_without_q(layer_idx):
+                k, v = attn.kv(x, rows_cos, rows_sin)  # q only for the rows that go on
+            else:
+                q, k, v = attn.qkv(x, rows_cos, rows_sin)  # [H, S, D], [H_kv, S, D] ×2
             k_all, v_all, keep = self._fuse(layer_idx, rows, q, k, v)  # [H_kv, N, D] ×2
             if keep is not None:
-                rows, h, q = rows[keep], h[keep], q[:, keep]
+                rows, h, x = rows[keep], h[keep], x[keep]
+                q = q[:, keep] if q is not None else None
                 rows_cos, rows_sin, attend = cos[rows], sin[rows], self._row_attention(rows)
-            attn = block.self_attn
+            if q is None:
+                q = attn.q(x, rows_cos, rows_sin)  # [H, S', D]
             h = block.finish(h, attn.project(attend(attn, q, k_all, v_all)))
             yield FusedLayer(layer_idx, k_all, v_all)
         self._logits = model.logits(h[-1:])[0]
@@ -253,16 +260,25 @@ class BlendRun:
         self.stats.num_recomputed_tokens = num_recomputed
         self.stats.num_computed_tokens = int(rows.numel()) - num_recomputed
 
+    def _selects_without_q(self, layer_idx: int) -> bool:
+        """A check layer whose metric needs no q: q is then computed for the kept rows only."""
+        return (
+            layer_idx in self.schedule
+            and self.cached_kv is not None
+            and self.metric is not Deviation.QUERY_ATTENTION
+        )
+
     def _row_attention(self, rows: Tensor) -> RowAttention:
         bottom_right = self.mask_kind is MaskKind.BOTTOM_RIGHT
         return RowAttention(rows, self.plan.num_tokens, self.model.dtype, bottom_right)
 
     def _fuse(
-        self, layer_idx: int, rows: Tensor, q: Tensor, k: Tensor, v: Tensor
+        self, layer_idx: int, rows: Tensor, q: Tensor | None, k: Tensor, v: Tensor
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """One layer's fused KV (cached rows, then the computed `rows` written over them).
 
         At a check layer also selects the rows that go on: indices into `rows`, else None.
+        `q` is needed only for `Deviation.QUERY_ATTENTION`.
         Shape: q [H, S, D], k/v [H_kv, S, D] -> [H_kv, N, D] ×2, [S'].
         """
         if self.cached_kv is None:
@@ -283,6 +299,8 @@ class BlendRun:
         v_all.index_copy_(1, rows, v)
         candidate = self.plan.eligible.to(rows.device)[rows]
         if score is None:
+            if q is None:
+                raise RuntimeError("the q_attn deviation needs q at its check layers")
             score = query_attention(q[:, ~candidate], k_all, rows[~candidate])[rows]
         num_eligible = int(self.plan.eligible.sum())
         keep = select_rows(score, candidate, math.floor(self.schedule[layer_idx] * num_eligible))

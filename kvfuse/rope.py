@@ -55,8 +55,16 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotates `x` whose second-to-last dimension is tokens. Shape: [..., T, D] -> same."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    """Rotates `x` whose second-to-last dimension is tokens. Shape: [..., T, D] -> same.
+
+    Bit for bit `x * cos + rotate_half(x) * sin`, but the sign of rotate_half's first half is
+    moved onto the (small, [T, D]) sin table — a negated product is exact — so the big operand
+    needs one `roll` instead of a negation and a concatenation.
+    """
+    half = x.shape[-1] // 2
+    sin = sin.to(x.dtype)
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # [T, D]
+    return x * cos.to(x.dtype) + x.roll(half, dims=-1) * signed_sin
 
 
 def delta_tables(delta_positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:

@@ -24,8 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.eps)  # one fused kernel
         return self.weight * x32.to(x.dtype)
 
 
@@ -39,10 +38,11 @@ class Attention(nn.Module):
             cfg.num_kv_heads,
             cfg.head_dim,
         )
-        hidden, bias = cfg.hidden_size, cfg.qkv_bias
-        self.q_proj = nn.Linear(hidden, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        # q, k and v projections fused into one matmul: rows [W_q; W_k; W_v] (loader concatenates).
+        hidden = cfg.hidden_size
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -52,14 +52,40 @@ class Attention(nn.Module):
 
         Shape: x [S, hidden], cos/sin [S, D] -> q [H, S, D], k [H_kv, S, D], v [H_kv, S, D].
         """
-        num_rows = x.shape[0]
-        q = self.q_proj(x).view(num_rows, self.num_heads, self.head_dim)  # [S, H, D]
-        k = self.k_proj(x).view(num_rows, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_rows, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, S, D]
-        return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
+        out = self.qkv_proj(x)  # [S, (H + 2 H_kv) D]
+        q, k, v = out.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self._q_heads(q, cos, sin), *self._kv_heads(k, v, cos, sin)
+
+    def q(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The q part of `qkv` alone. Shape: x [S, hidden], cos/sin [S, D] -> [H, S, D]."""
+        return self._q_heads(self._project(x, 0, self.q_size), cos, sin)
+
+    def kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """The k and v parts of `qkv` alone. Shape: -> k [H_kv, S, D], v [H_kv, S, D]."""
+        out = self._project(x, self.q_size, self.q_size + 2 * self.kv_size)  # [S, 2 H_kv D]
+        k, v = out.chunk(2, dim=-1)  # [S, H_kv D] each
+        return self._kv_heads(k, v, cos, sin)
+
+    def _project(self, x: Tensor, lo: int, hi: int) -> Tensor:
+        """Output features lo..hi-1 of `qkv_proj`. Shape: [S, hidden] -> [S, hi - lo]."""
+        bias = self.qkv_proj.bias
+        weight = self.qkv_proj.weight[lo:hi]  # [hi - lo, hidden], contiguous rows
+        return F.linear(x, weight, bias[lo:hi] if bias is not None else None)
+
+    def _q_heads(self, q: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Shape: q [S, H D] -> [H, S, D] post-RoPE."""
+        q = q.view(q.shape[0], self.num_heads, self.head_dim)  # [S, H, D]
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return rope.apply_rope(q.transpose(0, 1), cos, sin)
+
+    def _kv_heads(self, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Shape: k/v [S, H_kv D] -> k post-RoPE [H_kv, S, D], v [H_kv, S, D]."""
+        k = k.view(k.shape[0], self.num_kv_heads, self.head_dim)  # [S, H_kv, D]
+        v = v.view(v.shape[0], self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return rope.apply_rope(k.transpose(0, 1), cos, sin), v.transpose(0, 1)
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
@@ -89,7 +115,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+
+    gate and up stay two matmuls: fused, the silu and product on the halves of one output
+    ran slower on a whole prompt (bf16, 2909 rows: 34 vs 29 ms per layer, one thread).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -128,7 +158,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Embeddings, blocks, final norm and LM head. Parameter names follow transformers."""
+    """Embeddings, blocks, final norm and LM head.
+
+    Parameter names follow transformers except the fused `qkv_proj` (q, k, v rows).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -182,6 +182,17 @@ def test_rotate_delta_is_the_rotate_half_formula_bit_for_bit(dtype: torch.dtype)
     assert torch.equal(rope.rotate_delta(k, delta, freqs), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_is_the_rotate_half_formula_bit_for_bit(dtype: torch.dtype) -> None:
+    """`apply_rope` moves rotate_half's sign onto sin but must round exactly alike."""
+    freqs = rope.inv_freq(SMOLLM_ROPE, 64)
+    x = random_keys(96, 64, seed=15).to(dtype).transpose(0, 1)  # [H, T, D], strided like q
+    cos, sin = rope.cos_sin(torch.arange(96), freqs)  # [T, D]
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    expected = x * cos + rope.rotate_half(x) * sin
+    assert torch.equal(rope.apply_rope(x, cos, sin), expected)
+
+
 def test_one_delta_for_all_tokens_uses_one_table_row() -> None:
     freqs = rope.inv_freq(SMOLLM_ROPE, 64)
     k = random_keys(40, 64, seed=14)

@@ -58,6 +58,21 @@ def test_weights_not_matching_the_config_are_a_load_error(tmp_path: Path) -> Non
         load_model(directory, tmp_path)
 
 
+def test_fused_projections_are_the_concatenated_parts(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """q/k/v (with Qwen2's biases) load as one matmul, parts in order."""
+    directory = tiny_model_dir("qwen2")
+    state = {}
+    for file in directory.glob("*.safetensors"):
+        state.update(load_file(str(file)))
+    block = load_model(directory, tmp_path).model.blocks[0]
+    qkv_proj = block.self_attn.qkv_proj
+    for kind in ("weight", "bias"):
+        parts = [state[f"model.layers.0.self_attn.{n}_proj.{kind}"] for n in ("q", "k", "v")]
+        assert torch.equal(getattr(qkv_proj, kind), torch.cat(parts))
+
+
 def test_unsupported_architecture(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         load_model(config_dir(tmp_path, {"model_type": "gpt2", "n_layer": 2}), tmp_path)

@@ -122,6 +122,22 @@ def test_smollm_prefill_matches_transformers(
     assert max_diff(last, expected[-1]) <= LOGITS_TOL
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_q_and_kv_alone_equal_the_fused_qkv(arch: str, tiny: Callable[[str], LoadedModel]) -> None:
+    """A blend check layer projects k/v for all rows and q for the kept rows only."""
+    model = tiny(arch).model
+    attn, num_rows = model.blocks[0].self_attn, 20
+    x = torch.randn(num_rows, model.cfg.hidden_size, generator=torch.Generator().manual_seed(4))
+    cos, sin = model.cos_sin(torch.arange(num_rows))
+    with torch.inference_mode():
+        q, k, v = attn.qkv(x, cos, sin)
+        k_alone, v_alone = attn.kv(x, cos, sin)
+        q_alone = attn.q(x[5:], cos[5:], sin[5:])
+    torch.testing.assert_close(k_alone, k, rtol=0, atol=1e-6)  # one GEMM vs a slice of it
+    torch.testing.assert_close(v_alone, v, rtol=0, atol=1e-6)
+    torch.testing.assert_close(q_alone, q[:, 5:], rtol=0, atol=1e-6)
+
+
 def test_full_prefill_yields_every_layer(tiny: Callable[[str], LoadedModel]) -> None:
     model = tiny("qwen3").model
     cfg, num_tokens = model.cfg, 12
