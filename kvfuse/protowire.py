@@ -37,6 +37,20 @@ def len_tag(number: int) -> bytes:
     return varint(number << 3 | _LEN)
 
 
+Part = bytes | memoryview
+
+
+def with_data(head: bytes, data_tag: bytes, data: Part) -> tuple[Part, ...]:
+    """A message as parts to join: its serialized small fields `head`, then its bytes field
+    `data` (tag `data_tag`), which is not copied until the join."""
+    return head, data_tag, varint(len(data)), data
+
+
+def len_field(tag: bytes, parts: tuple[Part, ...] | list[Part]) -> tuple[Part, ...]:
+    """`parts` (a serialized message) wrapped as the length-delimited field `tag`."""
+    return tag, varint(sum(map(len, parts))), *parts
+
+
 def fields(view: memoryview, start: int, stop: int) -> Iterator[tuple[int, int | Span]]:
     """(field number, value) of each varint or length-delimited field in view[start:stop]; a
     length-delimited value is its span. Fixed-width fields are skipped.

@@ -113,9 +113,8 @@ def layer_frames(
             record_nbytes=len(record),
             offset=offset,
         ).SerializeToString()
-        data_len = protowire.varint(len(data))
-        chunk_len = protowire.varint(len(head) + len(_DATA_TAG) + len(data_len) + len(data))
-        yield b"".join((_LAYER_TAG, chunk_len, head, _DATA_TAG, data_len, data)), len(data)
+        chunk = protowire.with_data(head, _DATA_TAG, data)
+        yield b"".join(protowire.len_field(_LAYER_TAG, chunk)), len(data)
 
 
 def parse_layer_chunk(raw: bytes) -> LayerChunkView | None:

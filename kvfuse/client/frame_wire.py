@@ -44,7 +44,7 @@ class FrameView(NamedTuple):
 def encode_frames(frames: Sequence[FrameView]) -> bytes:
     """The serialized GetLayersResponse carrying `frames` in order, as `frames` (one copy of
     their data; parses equal to protobuf's own serialization)."""
-    parts: list[bytes | memoryview] = []
+    parts: list[protowire.Part] = []
     for frame in frames:
         head = common_pb2.LayerFrame(
             key=frame.key,
@@ -53,11 +53,8 @@ def encode_frames(frames: Sequence[FrameView]) -> bytes:
             record_crc32=frame.record_crc32,
             offset=frame.offset,
         ).SerializeToString()
-        data_len = protowire.varint(len(frame.data))
-        frame_len = len(head) + len(_DATA_TAG) + len(data_len) + len(frame.data)
-        parts += (_ITEM_TAG, protowire.varint(frame_len), head, _DATA_TAG, data_len, frame.data)
-    body_len = protowire.varint(sum(map(len, parts)))
-    return b"".join((_FRAMES_TAG, body_len, *parts))
+        parts += protowire.len_field(_ITEM_TAG, protowire.with_data(head, _DATA_TAG, frame.data))
+    return b"".join(protowire.len_field(_FRAMES_TAG, parts))
 
 
 def parse_frames(raw: bytes) -> list[FrameView] | None:

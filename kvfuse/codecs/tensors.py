@@ -12,6 +12,13 @@ from torch import Tensor
 from kvfuse.codecs.header import DTYPE_CODES, check_dims
 from kvfuse.errors import CodecError
 
+# torch has no read-only tensors and warns when it wraps a read-only array (a view of a payload
+# passed to `Codec.decode_owned`, which documents the sharing). Filtered for this module only,
+# once: `warnings.catch_warnings` per call would race with other threads' warning filters.
+warnings.filterwarnings(
+    "ignore", "The given NumPy array is not writable", UserWarning, module=__name__
+)
+
 # Largest finite fp16 value; quantization parameters stored as fp16 must stay below it.
 FP16_MAX = 65504.0
 
@@ -63,10 +70,7 @@ def from_array(
     `array` holds int16 words when `dtype` is bfloat16, else items of `dtype` itself. A
     read-only array (a view of an owned payload, `Codec.decode_owned`) is shared, not copied.
     """
-    with warnings.catch_warnings():
-        # torch has no read-only tensors and says so once; decode_owned documents the sharing.
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        t = torch.from_numpy(array).reshape(shape)
+    t = torch.from_numpy(array).reshape(shape)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 

@@ -43,16 +43,16 @@ def layers_of(
     ]
 
 
-def start(**fields: object) -> CacheServer:
+def serving(**fields: object) -> CacheServer:
+    """A server to use in `with` (it starts on entry, stops on exit)."""
     values = {"port": 0, "metrics_port": None, "grace_s": 0, "auth_tokens": TOKENS, **fields}
-    return CacheServer(CacheServerConfig.from_mapping(values)).start()
+    return CacheServer(CacheServerConfig.from_mapping(values))
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[CacheServer]:
-    srv = start()
-    yield srv
-    srv.stop()
+    with serving() as srv:
+        yield srv
 
 
 def frames(client: CacheClient, keys: list[str], **kwargs: object) -> list[tuple]:
@@ -131,63 +131,48 @@ def test_malformed_socket_input_is_answered_and_the_server_keeps_serving(
 
 
 def test_a_connection_the_server_closed_is_replaced() -> None:
-    srv = start(auth_tokens={})
-    try:
-        with CacheClient(srv.address) as client:
-            client.put(key_of("k"), layers_of(1))
-            assert client.get(key_of("k")) is not None
-            channel = client._bulk._channel
-            assert channel is not None
-            kept = channel._idle.get_nowait()
-            kept.shutdown(socket.SHUT_RDWR)  # as after the server's idle timeout
-            channel._idle.put(kept)
-            assert client.get(key_of("k")) is not None
-            assert client._bulk._channel is channel
-    finally:
-        srv.stop()
+    with serving(auth_tokens={}) as srv, CacheClient(srv.address) as client:
+        client.put(key_of("k"), layers_of(1))
+        assert client.get(key_of("k")) is not None
+        channel = client._bulk._channel
+        assert channel is not None
+        kept = channel._idle.get_nowait()
+        kept.shutdown(socket.SHUT_RDWR)  # as after the server's idle timeout
+        channel._idle.put(kept)
+        assert client.get(key_of("k")) is not None
+        assert client._bulk._channel is channel
 
 
 def test_without_a_bulk_port_the_client_reads_over_grpc() -> None:
-    srv = start(bulk_port="off", auth_tokens={})
-    try:
+    with serving(bulk_port="off", auth_tokens={}) as srv:
         assert srv.bulk_port is None
         with CacheClient(srv.address) as client:
             client.put(key_of("g"), layers_of(2))
             assert client.get(key_of("g")) is not None
             assert client._bulk._channel is None
-    finally:
-        srv.stop()
 
 
 def test_a_dead_bulk_port_falls_back_to_grpc() -> None:
-    srv = start(auth_tokens={})
-    try:
-        with CacheClient(srv.address) as client:
-            client.put(key_of("d"), layers_of(4))
-            assert client.get(key_of("d")) is not None
-            assert srv._bulk is not None
-            srv._bulk.stop()  # the port goes away; gRPC stays
-            assert client.get(key_of("d")) is not None
-            assert client._bulk._channel is None  # forgotten until the retry interval passes
-    finally:
-        srv.stop()
+    with serving(auth_tokens={}) as srv, CacheClient(srv.address) as client:
+        client.put(key_of("d"), layers_of(4))
+        assert client.get(key_of("d")) is not None
+        assert srv._bulk is not None
+        srv._bulk.stop()  # the port goes away; gRPC stays
+        assert client.get(key_of("d")) is not None
+        assert client._bulk._channel is None  # forgotten until the retry interval passes
 
 
 def test_a_server_gone_mid_stream_is_service_unavailable() -> None:
-    srv = start(auth_tokens={})
-    try:
-        with CacheClient(srv.address) as client:
-            keys = [key_of(f"m{i}") for i in range(3)]
-            for idx, key in enumerate(keys):  # 36 MB: more than the socket buffers hold
-                client.put(key, layers_of(idx, num_layers=24, num_tokens=512))
-            stream = client.get_layers(keys)
-            next(stream)
-            assert srv._bulk is not None
-            srv._bulk.stop()  # closes the open connection part-way through the reply
-            with pytest.raises(ServiceUnavailableError):
-                list(stream)
-    finally:
-        srv.stop()
+    with serving(auth_tokens={}) as srv, CacheClient(srv.address) as client:
+        keys = [key_of(f"m{i}") for i in range(3)]
+        for idx, key in enumerate(keys):  # 36 MB: more than the socket buffers hold
+            client.put(key, layers_of(idx, num_layers=24, num_tokens=512))
+        stream = client.get_layers(keys)
+        next(stream)
+        assert srv._bulk is not None
+        srv._bulk.stop()  # closes the open connection part-way through the reply
+        with pytest.raises(ServiceUnavailableError):
+            list(stream)
 
 
 def test_corrupt_record_is_detected_on_the_client() -> None:
@@ -204,8 +189,7 @@ def test_corrupt_record_is_detected_on_the_client() -> None:
 def test_tls_and_mtls_bulk_reads(tls_files: tuple[Path, Path]) -> None:
     cert, key = tls_files
     for client_ca in (None, cert):
-        srv = start(auth_tokens={}, tls_cert=cert, tls_key=key, tls_client_ca=client_ca)
-        try:
+        with serving(auth_tokens={}, tls_cert=cert, tls_key=key, tls_client_ca=client_ca) as srv:
             mtls = {"tls_client_cert": cert, "tls_client_key": key} if client_ca else {}
             with CacheClient(srv.address, tls_root_cert=cert, **mtls) as client:
                 client.put(key_of("tls"), layers_of(6))
@@ -216,5 +200,3 @@ def test_tls_and_mtls_bulk_reads(tls_files: tuple[Path, Path]) -> None:
                 with pytest.raises((ConnectionError, OSError, ValueError)):
                     if recv_message(s, cache_pb2.BulkReply) is None:
                         raise ConnectionError("closed")
-        finally:
-            srv.stop()
