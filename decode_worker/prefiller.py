@@ -24,6 +24,7 @@ class PrefillBackend:
     ready: Callable[[], bool]
     close: Callable[[], None]
     name: str
+    remote: bool = False
 
 
 def local_backend(engine: Engine) -> PrefillBackend:
@@ -48,7 +49,7 @@ def remote_backend(target: str, token: str, timeout_s: float) -> PrefillBackend:
         client.close()
         probe.close()
 
-    return PrefillBackend(client, probe.ready, close, f"remote {target}")
+    return PrefillBackend(client, probe.ready, close, f"remote {target}", remote=True)
 
 
 class HealthProbe:

@@ -42,6 +42,7 @@ from kvfuse.errors import (
 from kvfuse.model.tokenizer import Tokenizer
 from kvfuse.model.transformer import Transformer
 from kvfuse.prefill import Prefiller, PrefillResult
+from kvfuse.service.threads import compute_thread, io_thread
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,11 @@ class Scheduler:
         prefiller: Prefiller,
         limits: SchedulerLimits,
         metrics: DecodeMetrics,
+        remote_prefill: bool = False,
+        num_threads: int = 0,
     ) -> None:
         self.model, self.tokenizer, self.prefiller = model, tokenizer, prefiller
+        self.remote_prefill, self.num_threads = remote_prefill, num_threads
         self.limits, self.metrics = limits, metrics
         self._stop_token_ids = frozenset(tokenizer.eos_token_ids)
         self._cond = threading.Condition()
@@ -152,6 +156,7 @@ class Scheduler:
         return self._budget.usage
 
     def _loop(self) -> None:
+        compute_thread(self.num_threads)
         while True:
             with self._cond:
                 batch = self._schedule()
@@ -214,6 +219,10 @@ class Scheduler:
     def _run_prefill(self, seq: Sequence) -> None:
         """A prefill thread: stream the fused layers in, send the first token, hand over."""
         stream: Iterator[FusedLayer | PrefillResult] | None = None
+        if self.remote_prefill:
+            io_thread()  # only moves bytes: must not stall the compute (kvfuse/service/threads.py)
+        else:
+            compute_thread(self.num_threads)
         try:
             stream = self.prefiller.prefill(seq.request.prefill_request())
             seq.cache = KVCache(self.model, seq.request.num_kv_tokens)

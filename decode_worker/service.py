@@ -19,6 +19,7 @@ from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.model.loader import LoadedModel, load_model
 from kvfuse.precompute import ChunkContext
+from kvfuse.service.threads import on_temporary_thread
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,13 @@ class DecodeService:
             config.max_batch, kv_budget_tokens, config.max_concurrent_prefills, config.max_waiting
         )
         self.scheduler = Scheduler(
-            loaded.model, loaded.tokenizer, backend.prefiller, limits, self.metrics
+            loaded.model,
+            loaded.tokenizer,
+            backend.prefiller,
+            limits,
+            self.metrics,
+            backend.remote,
+            config.num_threads,
         )
         self.metrics.bind(self.scheduler)
         defaults = PromptDefaults(
@@ -71,8 +78,10 @@ class DecodeService:
         settings = config.engine_settings()
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
-        loaded = load_model(
-            settings.model, settings.cache_dir, settings.torch_dtype, settings.device
+        loaded = on_temporary_thread(  # its torch team must not outlive it: service/threads.py
+            lambda: load_model(
+                settings.model, settings.cache_dir, settings.torch_dtype, settings.device
+            )
         )
         if config.prefill_url:
             backend = remote_backend(

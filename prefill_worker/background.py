@@ -19,7 +19,8 @@ class BackgroundIterator(Generic[T]):
     handles (e.g. serializes and sends) item i. An exception in the producer is raised to the
     reader after the items before it. `cancel` (any thread, idempotent) ends the iteration at
     once, calls `on_cancel` (to wake a producer blocked on I/O) and closes the producer's
-    iterator at its next item, which runs its cleanup on the producer thread.
+    iterator at its next item, which runs its cleanup on the producer thread. `start` starts
+    the producer thread (e.g. `ThreadStarter.start`, to keep it at full priority).
     """
 
     def __init__(
@@ -28,6 +29,7 @@ class BackgroundIterator(Generic[T]):
         depth: int,
         on_cancel: Callable[[], None] = lambda: None,
         name: str = "background",
+        start: Callable[[threading.Thread], None] = threading.Thread.start,
     ) -> None:
         if depth < 1:
             raise ConfigError("depth must be >= 1")
@@ -37,7 +39,7 @@ class BackgroundIterator(Generic[T]):
         self._done = self._cancelled = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
+        start(self._thread)
 
     def __iter__(self) -> BackgroundIterator[T]:
         return self

@@ -35,6 +35,7 @@ from kvfuse.kv import ChunkKV
 from kvfuse.model.sampling import Sampler
 from kvfuse.planner import PreparedPrompt, prefill_stats
 from kvfuse.prefill import PrefillRequest, PrefillResult
+from kvfuse.service.threads import ThreadStarter, compute_thread
 from prefill_worker.background import BackgroundIterator
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.remote_chunks import LayerFetch, Layout, StreamedChunk, fallback_reason
@@ -60,6 +61,7 @@ class RemotePrefiller:
         default_ratio: recompute ratio when a request sets none; None keeps the engine's.
         layers_ahead: fused layers computed ahead of the reader (bounds memory).
         pipeline: False waits for every hit before computing and sends after computing.
+        num_threads: torch threads of each request's compute thread; 0 keeps torch's default.
 
     The miss policy is the engine's (`engine.miss_policy`).
     """
@@ -75,13 +77,17 @@ class RemotePrefiller:
         default_ratio: float | None = None,
         layers_ahead: int = 2,
         pipeline: bool = True,
+        num_threads: int = 0,
     ) -> None:
         self.engine, self.shards, self.writer, self.metrics = engine, shards, writer, metrics
         self.compute_lock = compute_lock
         self.fetch_deadline_s, self.default_ratio = fetch_deadline_s, default_ratio
-        self.layers_ahead, self.pipeline = layers_ahead, pipeline
+        self.layers_ahead, self.pipeline, self.num_threads = layers_ahead, pipeline, num_threads
         cfg = engine.model.cfg
         self.layout = Layout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        # The RPC threads asking for compute threads are I/O threads (lowered priority);
+        # compute threads start from this one, at the priority the server started with.
+        self._starter = ThreadStarter("prefill-compute-starter")
 
     @property
     def num_layers(self) -> int:
@@ -107,7 +113,10 @@ class RemotePrefiller:
         blend = self.validate(request)
         cancel = Cancel()
         return BackgroundIterator(
-            lambda: self._compute(request, blend, cancel), self.layers_ahead, cancel.cancel
+            lambda: self._compute(request, blend, cancel),
+            self.layers_ahead,
+            cancel.cancel,
+            start=self._starter.start,
         )
 
     def validate(self, request: PrefillRequest) -> BlendConfig:
@@ -134,6 +143,7 @@ class RemotePrefiller:
     ) -> Iterator[FusedLayer | PrefillResult]:
         """Runs on the compute thread: the whole request, cleanup included."""
         start_s = time.perf_counter()
+        compute_thread(self.num_threads)
         with torch.inference_mode():
             prompt = self.engine.prepare_tokens(request.segments)
             fetched = self._open(prompt, request.mode, cancel)

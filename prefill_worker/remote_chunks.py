@@ -12,6 +12,7 @@ from torch import Tensor
 
 from kvfuse.errors import CacheError, InvalidObjectError, KvfuseError, ServiceUnavailableError
 from kvfuse.kv import ChunkKV
+from kvfuse.service.threads import io_thread
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.sources import ChunkInfo, ChunkSource, LayerItem, positions_of
 
@@ -182,6 +183,7 @@ class LayerFetch:
         self._cond.notify_all()
 
     def _run(self) -> None:
+        io_thread()  # only moves bytes: must not stall the compute (kvfuse/service/threads.py)
         stream = self._source.get_layers(list(self.chunks))
         last_s = time.monotonic()
         try:

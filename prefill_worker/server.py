@@ -16,6 +16,7 @@ from kvfuse.model.loader import load_model
 from kvfuse.precompute import ChunkContext
 from kvfuse.service.auth import DEFAULT_TENANT, Authenticator, AuthInterceptor
 from kvfuse.service.grpc_server import GrpcServer, GrpcService, PreEncodedInterceptor
+from kvfuse.service.threads import on_temporary_thread
 from kvfuse.settings import Settings
 from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
 from prefill_worker.config import PrefillConfig
@@ -87,7 +88,9 @@ class PrefillServer(GrpcService):
         sources: Sequence[ChunkSource] | None = None,
     ) -> None:
         self.config = config
-        self.engine = engine if engine is not None else build_engine(config)
+        if engine is None:  # loaded on a thread of its own: see kvfuse/service/threads.py
+            engine = on_temporary_thread(lambda: build_engine(config))
+        self.engine = engine
         self.shards = (
             build_shards(config, self.engine)
             if sources is None
@@ -107,6 +110,7 @@ class PrefillServer(GrpcService):
             config.fetch_deadline_s,
             config.default_ratio,
             pipeline=config.pipeline,
+            num_threads=config.num_threads,
         )
         tokens = {config.auth_token: DEFAULT_TENANT} if config.auth_token else {}
         deny = self.metrics.requests.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc

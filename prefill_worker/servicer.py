@@ -10,6 +10,7 @@ import grpc
 
 from kvfuse.blend import FusedLayer
 from kvfuse.errors import KvfuseError
+from kvfuse.service.threads import io_thread
 from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
 from prefill_worker import status, wire
 from prefill_worker.metrics import PrefillMetrics
@@ -33,6 +34,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     ) -> Iterator[prefill_pb2.PrefillResponse | bytes]:
         start_s, code, mode = time.perf_counter(), grpc.StatusCode.OK, "invalid"
         stream = None
+        io_thread()  # only moves bytes: must not stall the compute (kvfuse/service/threads.py)
         self._metrics.in_flight.inc()
         try:
             req = wire.request_from_proto(request)

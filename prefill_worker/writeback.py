@@ -16,6 +16,7 @@ from kvfuse.engine import Engine
 from kvfuse.errors import KvfuseError
 from kvfuse.kv import ChunkKV
 from kvfuse.planner import PreparedPrompt
+from kvfuse.service.threads import io_thread
 from prefill_worker.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class WriteBehind:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
+        io_thread()  # mostly stores; a chunk it computes must not slow a request's compute
         while (job := self._jobs.get()) is not None and not self._closing.is_set():
             try:
                 self._write(job)
