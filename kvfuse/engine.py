@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from kvfuse import keys
 from kvfuse.blend import BlendConfig, BlendRun, FusedLayer, Mode
 from kvfuse.chunk_store import ChunkStore
-from kvfuse.decode import KVCache, generate_tokens
+from kvfuse.decode import KVCache, decode_step, generate_tokens
 from kvfuse.errors import ConfigError, InvalidRequestError, PromptTooLongError
 from kvfuse.kv import ChunkKV, ChunkLayers
 from kvfuse.model.loader import LoadedModel, load_model
@@ -284,6 +285,37 @@ class Engine:
             if store_misses and mode is not Mode.FULL_PREFILL:
                 self.store_misses(prompt, mode, precomputed)
         return self._output(token_ids, params, stats, total_s, mode)
+
+    @torch.inference_mode()
+    def score(
+        self,
+        segments: Sequence[str],
+        continuation: Sequence[int],
+        mode: Mode | str = Mode.BLEND,
+        recompute_ratio: float | None = None,
+        *,
+        chat: bool = True,
+        blend: BlendConfig | None = None,
+    ) -> Tensor:
+        """Next-token log-probabilities along `continuation` after the prompt prefilled in
+        `mode` (teacher forcing): row i is the distribution after continuation[:i]. Misses are
+        computed, never stored. Shape: -> [len(continuation), vocab] fp32.
+
+        Raises:
+            InvalidRequestError: as `generate`, or an empty continuation.
+        """
+        if not continuation:
+            raise InvalidRequestError("score needs a non-empty continuation")
+        mode = _parse_mode(mode)
+        blend = self._blend_config(blend, recompute_ratio)
+        with self._lock:
+            prompt = self.prepare(segments, chat)
+            _, run, _ = self._begin(prompt, mode, blend, len(continuation))
+            cache = KVCache(self.model, prompt.segments.num_tokens + len(continuation))
+            cache.fill(run)
+            logits = [run.last_logits]
+            logits += [decode_step(self.model, cache, t) for t in continuation[:-1]]
+        return torch.log_softmax(torch.stack(logits).float(), dim=-1)
 
     @torch.inference_mode()
     def prefill(

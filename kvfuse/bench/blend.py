@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.progress import track
+from torch import Tensor
 
 from kvfuse.bench.datasets import RagExample, load_musique, make_factqa
 from kvfuse.bench.metrics import contains_answer, f1_score
@@ -81,20 +82,38 @@ class Record:
     f1: float
     accuracy: float
     f1_vs_full: float
+    kl_vs_full: float | None  # None when full prefill's answer is empty
+    top1_vs_full: float | None
 
 
 def answer_all(engine: Engine, example: RagExample, args: argparse.Namespace) -> list[Record]:
-    """One question in every mode, chunks precomputed first; returns one record per mode."""
+    """One question in every mode, chunks precomputed first; returns one record per mode.
+
+    Besides the generated answers, every mode is scored along full prefill's answer (teacher
+    forced): greedy answers of a small model flip on tiny KV changes, so a handful of questions
+    cannot resolve answer F1 between settings, while the distance between next-token
+    distributions can.
+    """
     segments = [example.system, *example.documents, example.question]
     golds = list(example.answers)
     engine.store.clear()
     engine.warm(engine.prepare(segments))
     records: list[Record] = []
+    full_ids: list[int] = []
+    full_logprobs = None
     for mode, ratio in _modes(args):
         cfg = blend_config(args, ratio if ratio is not None else 0.15)
         out = engine.generate(
             segments, mode=mode, max_tokens=args.max_tokens, store_misses=False, blend=cfg
         )
+        if not records and out.token_ids:
+            full_ids = list(out.token_ids)
+            full_logprobs = engine.score(segments, full_ids, mode, blend=cfg)
+        kl: float | None = None
+        top1: float | None = None
+        if full_logprobs is not None:
+            logprobs = engine.score(segments, full_ids, mode, blend=cfg) if records else None
+            kl, top1 = _distance(full_logprobs, full_logprobs if logprobs is None else logprobs)
         full_text = records[0].answer if records else out.text
         records.append(
             Record(
@@ -108,9 +127,23 @@ def answer_all(engine: Engine, example: RagExample, args: argparse.Namespace) ->
                 f1_score(out.text, golds),
                 float(contains_answer(out.text, golds)),
                 f1_score(out.text, [full_text]),
+                kl,
+                top1,
             )
         )
     return records
+
+
+def _distance(reference: Tensor, logprobs: Tensor) -> tuple[float, float]:
+    """Mean KL(reference ‖ logprobs) per position and top-1 agreement. Shape: [T, V] ×2."""
+    kl = (reference.exp() * (reference - logprobs)).sum(dim=-1).mean()
+    top1 = (reference.argmax(dim=-1) == logprobs.argmax(dim=-1)).float().mean()
+    return float(kl), float(top1)
+
+
+def _mean_of_measured(values: list[float | None]) -> float | None:
+    measured = [v for v in values if v is not None]
+    return statistics.fmean(measured) if measured else None
 
 
 def summarize(records: list[Record], dataset: str, dtype: str) -> list[ModeResult]:
@@ -132,6 +165,8 @@ def summarize(records: list[Record], dataset: str, dtype: str) -> list[ModeResul
                 accuracy=statistics.fmean(r.accuracy for r in rows),
                 f1_vs_full=statistics.fmean(r.f1_vs_full for r in rows),
                 num_questions=len(rows),
+                kl_vs_full=_mean_of_measured([r.kl_vs_full for r in rows]),
+                top1_vs_full=_mean_of_measured([r.top1_vs_full for r in rows]),
             )
         )
     return results

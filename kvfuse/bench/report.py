@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ class ModeResult:
         accuracy: Fraction of answers containing a gold answer; None where not measured.
         f1_vs_full: Mean F1 of this mode's answer against full prefill's answer.
         num_questions: How many questions the means and medians are over.
+        kl_vs_full: Mean KL(full prefill ‖ this mode) of the next-token distributions along
+            full prefill's answer (teacher forced), nats per token; None if not measured.
+        top1_vs_full: Fraction of those positions where this mode's most likely next token
+            is full prefill's.
     """
 
     dataset: str
@@ -46,6 +51,8 @@ class ModeResult:
     accuracy: float | None
     f1_vs_full: float
     num_questions: int
+    kl_vs_full: float | None = None
+    top1_vs_full: float | None = None
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
@@ -90,9 +97,10 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
 def plot_blend(path: str | Path, results: Sequence[ModeResult]) -> None:
     """Plots quality and TTFT against the blend recompute ratio, one row per (dataset, dtype).
 
-    Left panel: F1 (solid) and accuracy (dotted, where present) of blend at each ratio; right
-    panel: median TTFT. Baselines (full prefill, full reuse, prefix caching) are horizontal
-    dashed lines in the same colours on both panels. Results of any other mode are not drawn.
+    Left panel: F1 (solid) and accuracy (dotted, where present) of blend at each ratio; middle
+    panel: KL from full prefill's next-token distributions; right panel: median TTFT.
+    Baselines (full prefill, full reuse, prefix caching) are horizontal dashed lines in the
+    same colours on every panel. Results of any other mode are not drawn.
 
     Args:
         path: Output PNG; parent directories are created.
@@ -107,12 +115,13 @@ def plot_blend(path: str | Path, results: Sequence[ModeResult]) -> None:
     from matplotlib.figure import Figure
 
     groups = list(dict.fromkeys((r.dataset, r.dtype) for r in results))
-    fig = Figure(figsize=(12, 4.2 * len(groups)))
+    fig = Figure(figsize=(18, 4.2 * len(groups)))
     FigureCanvasAgg(fig)  # Agg canvas without pyplot: no global backend state, no GUI.
-    axes = fig.subplots(len(groups), 2, squeeze=False)
-    for (dataset, dtype), (ax_quality, ax_ttft) in zip(groups, axes, strict=True):
+    axes = fig.subplots(len(groups), 3, squeeze=False)
+    for (dataset, dtype), (ax_quality, ax_kl, ax_ttft) in zip(groups, axes, strict=True):
         group = [r for r in results if r.dataset == dataset and r.dtype == dtype]
         _plot_quality(ax_quality, group, f"{dataset} ({dtype}): answer quality")
+        _plot_divergence(ax_kl, group, f"{dataset} ({dtype}): distance from full prefill")
         _plot_ttft(ax_ttft, group, f"{dataset} ({dtype}): time to first token")
     fig.tight_layout()
     path = Path(path)
@@ -150,6 +159,26 @@ def _plot_quality(ax: Any, group: Sequence[ModeResult], title: str) -> None:
             ax.axhline(base.accuracy, color=color, linestyle=":", label=f"{name} accuracy")
     ax.set(title=title, xlabel="recompute ratio (fraction of chunk tokens)", ylabel="score (0-1)")
     ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+
+
+def _plot_divergence(ax: Any, group: Sequence[ModeResult], title: str) -> None:
+    """KL from full prefill of blend vs ratio, baselines as dashed lines."""
+    points = _blend_points(group)
+    ratios = [r.ratio for r in points]
+    kl = [math.nan if r.kl_vs_full is None else r.kl_vs_full for r in points]
+    ax.plot(ratios, kl, "o-", color="tab:blue", label="blend")
+    for base in _baselines(group):
+        if base.kl_vs_full is not None:
+            color, name = _BASELINE_STYLE[base.mode]
+            ax.axhline(base.kl_vs_full, color=color, linestyle="--", label=name)
+    ax.set(
+        title=title,
+        xlabel="recompute ratio (fraction of chunk tokens)",
+        ylabel="KL(full ‖ mode), nats/token (teacher forced)",
+    )
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")
 

@@ -25,6 +25,8 @@ def fake_records(example: RagExample, args: argparse.Namespace) -> list[bench_bl
             0.5,
             1.0,
             1.0,
+            0.0 if ratio is None else 0.2,
+            1.0 if ratio is None else 0.9,
         )
         for mode, ratio in bench_blend._modes(args)
     ]
@@ -70,4 +72,6 @@ def test_an_interrupted_run_keeps_what_it_measured(
     assert list(written["records"]) == ["factqa/float32"]
     blend = [r for r in written["results"] if r["mode"] == "blend"]
     assert blend[0]["ttft_ratio_vs_full"] == pytest.approx(4.0)
+    assert blend[0]["kl_vs_full"] == pytest.approx(0.2)
+    assert blend[0]["top1_vs_full"] == pytest.approx(0.9)
     assert (tmp_path / "cut.png").exists()

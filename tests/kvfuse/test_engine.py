@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from kvfuse.engine import Engine, MissPolicy
 from kvfuse.errors import InvalidRequestError, PromptTooLongError
@@ -40,6 +41,22 @@ def test_blend_at_ratio_one_and_prefix_cache_produce_full_prefill_tokens(engine:
     assert blend.num_chunk_hits == 3 and prefix.num_chunk_hits == 1
     assert blend.token_ids == full.token_ids
     assert prefix.token_ids == full.token_ids
+
+
+def test_score_follows_the_prefill_mode(engine: Engine) -> None:
+    full = engine.generate(segments(), mode="full_prefill", max_tokens=8)
+    ids = full.token_ids
+    full_lp = engine.score(segments(), ids, mode="full_prefill")
+    assert full_lp.shape == (len(ids), engine.model.cfg.vocab_size)
+    assert full_lp.argmax(dim=-1).tolist() == ids  # teacher forcing on its own greedy answer
+    assert torch.allclose(full_lp.exp().sum(dim=-1), torch.ones(len(ids)), atol=1e-4)
+    engine.generate(segments(), mode="full_reuse", max_tokens=1)  # stores the chunks
+    exact = engine.score(segments(), ids, mode="blend", recompute_ratio=1.0)
+    reused = engine.score(segments(), ids, mode="full_reuse")
+    assert (exact - full_lp).abs().max() < 1e-3  # r = 1 is full prefill (fp32)
+    assert (reused - full_lp).abs().max() > 1e-2  # stale KV moves the distribution
+    with pytest.raises(InvalidRequestError, match="continuation"):
+        engine.score(segments(), [], mode="full_prefill")
 
 
 def test_full_prefill_does_not_touch_the_store(engine: Engine) -> None:
