@@ -86,7 +86,12 @@ class Scheduler:
         self._ready: list[Sequence] = []
         self._running: list[Sequence] = []  # touched by the decode thread only
         self._stopped = False
-        self._pool = ThreadPoolExecutor(limits.max_concurrent_prefills, "prefill")
+        # One torch team per compute thread (kvfuse/service/threads.py). With local prefill
+        # one prefill thread computes (the engine runs one prompt at a time anyway) and decode
+        # steps run single-threaded; with a remote one the prefill threads only receive.
+        num_prefill_threads = limits.max_concurrent_prefills if remote_prefill else 1
+        self._decode_threads = num_threads if remote_prefill else 1
+        self._pool = ThreadPoolExecutor(num_prefill_threads, "prefill")
         self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
 
     def start(self) -> None:
@@ -156,7 +161,7 @@ class Scheduler:
         return self._budget.usage
 
     def _loop(self) -> None:
-        compute_thread(self.num_threads)
+        compute_thread(self._decode_threads)
         while True:
             with self._cond:
                 batch = self._schedule()
