@@ -87,15 +87,6 @@ class PlacedKV:
         self._tables = [
             None if self.is_identity else rope.delta_tables(d, self.inv_freq) for d in deltas
         ]
-        # Chunks placed back to back (the usual prompt) are rotated as one block per layer: a
-        # few large operations instead of a few small ones per chunk, same values bit for bit.
-        self._block = _one_block(self.offsets, [c.num_tokens for c in self.chunks])
-        self._block_tables: tuple[Tensor, Tensor] | None = None
-        if self._block is not None and not self.is_identity:
-            lengths = [c.num_tokens for c in self.chunks]
-            cos, sin = zip(*(t for t in self._tables if t is not None), strict=True)
-            self._block_tables = (_per_token(cos, lengths), _per_token(sin, lengths))
-        self._staging: Tensor | None = None  # fp32 keys of the block, reused across layers
 
     @property
     def num_tokens(self) -> int:
@@ -123,9 +114,6 @@ class PlacedKV:
         Values are `layer`'s bit for bit, converted to the buffers' dtype; rows no chunk covers
         are left as they are. Shape: k_out, v_out [H_kv, N, D] with N ≥ every chunk's end.
         """
-        if self._block is not None and self._block_tables is not None:
-            self._block_layer_into(idx, k_out, v_out, *self._block)
-            return
         for chunk, offset, table in zip(self.chunks, self.offsets, self._tables, strict=True):
             k, v = chunk.layer(idx)  # [T, H_kv, D]
             span = slice(offset, offset + k.shape[0])
@@ -135,38 +123,3 @@ class PlacedKV:
             else:
                 rope.rotate_into(k, *table, k_dst)
             v_out[:, span].transpose(0, 1).copy_(v)
-
-    def _block_layer_into(
-        self, idx: int, k_out: Tensor, v_out: Tensor, start: int, end: int
-    ) -> None:
-        """`layer_into` for chunks covering rows start..end-1 back to back."""
-        assert self._block_tables is not None
-        if self._staging is None:
-            shape = (end - start, k_out.shape[0], k_out.shape[2])
-            self._staging = torch.empty(shape, dtype=torch.float32, device=k_out.device)
-        v_dst = v_out[:, start:end].transpose(0, 1)  # [T_all, H_kv, D] view
-        row = 0
-        for chunk in self.chunks:
-            k, v = chunk.layer(idx)  # [T, H_kv, D]
-            self._staging[row : row + k.shape[0]].copy_(k)
-            v_dst[row : row + k.shape[0]].copy_(v)
-            row += k.shape[0]
-        k_dst = k_out[:, start:end].transpose(0, 1)
-        rope.rotate_into(self._staging, *self._block_tables, k_dst)
-
-
-def _one_block(offsets: Sequence[int], lengths: Sequence[int]) -> tuple[int, int] | None:
-    """(start, end) when the chunks follow each other without gaps, in order; else None."""
-    if not offsets:
-        return None
-    end = offsets[0]
-    for offset, length in zip(offsets, lengths, strict=True):
-        if offset != end:
-            return None
-        end += length
-    return offsets[0], end
-
-
-def _per_token(tables: Sequence[Tensor], lengths: Sequence[int]) -> Tensor:
-    """Per-chunk rotation tables ([T | 1, 1, D/2]) as one table with a row per token."""
-    return torch.cat([t.expand(n, -1, -1) for t, n in zip(tables, lengths, strict=True)])
