@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,12 @@ class ModeResult:
     top1_vs_full: float | None = None
 
 
+def report_console() -> Console:
+    """A console as wide as the terminal, or 160 columns when output goes to a file or pipe
+    (rich would otherwise cut every column of a wide table to fit 80)."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
     """Prints rows as a rich table; floats get 4 significant digits, None prints as "-".
 
@@ -70,7 +77,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> N
         )
     for row in rows:
         table.add_row(*(_cell(row.get(column)) for column in columns))
-    Console().print(table)
+    report_console().print(table)
 
 
 def _cell(value: Any) -> str:

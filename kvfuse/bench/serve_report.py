@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
+from kvfuse.bench.report import report_console
 from kvfuse.bench.serve_plan import STEADY
 
 FULL = "full_prefill"
@@ -183,7 +182,7 @@ def print_results(
     checks: Sequence[dict[str, Any]],
 ) -> None:
     """The three tables: systems × concurrency, KV source × pipeline, targets."""
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = report_console()
     console.print(_table(rows, TABLE_COLUMNS, "RAG serving over HTTP: TTFT and throughput"))
     if kv_rows:
         console.print(_table(kv_rows, KV_COLUMNS, "blend TTFT by where chunk KV lives"))
