@@ -56,7 +56,8 @@ class DecodeConfig:
 
     Attributes:
         host, port: HTTP listen address (port 0 picks a free port).
-        model, device, dtype, num_threads, cache_dir: the model and torch (see kvfuse Settings).
+        model, device, dtype, cache_dir: the model and torch (see kvfuse Settings).
+        num_threads: torch threads of a local prefill (decode steps run on one thread).
         chunk_context, store_capacity_bytes: the in-process engine used for local prefill.
         miss_policy: local prefill only: `precompute` (default) computes a missing chunk once,
             standalone, reuses it and stores it; `forced` computes it in place and again to
@@ -192,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model", help="GGUF file or safetensors dir (default: bundled SmolLM2)")
     add("--device", help="torch device (default cpu)")
     add("--dtype", choices=sorted(DTYPES), help="weights and KV dtype (default float32)")
-    add("--num-threads", type=int, help="torch threads (default: torch's)")
+    add("--num-threads", type=int, help="torch threads of a local prefill (default: torch's)")
     add("--prefill-url", help="prefill worker gRPC address; empty = prefill in this process")
     add("--prefill-token", help="bearer token for the prefill worker (default: --token)")
     add("--token", dest="auth_token", help="bearer token clients must send (KVFUSE_AUTH_TOKEN)")
