@@ -100,20 +100,19 @@ def answer_all(engine: Engine, example: RagExample, args: argparse.Namespace) ->
     engine.warm(engine.prepare(segments))
     records: list[Record] = []
     full_ids: list[int] = []
-    full_logprobs = None
+    reference: Tensor | None = None  # full prefill's log-probs along its own answer
     for mode, ratio in _modes(args):
         cfg = blend_config(args, ratio if ratio is not None else 0.15)
         out = engine.generate(
             segments, mode=mode, max_tokens=args.max_tokens, store_misses=False, blend=cfg
         )
-        if not records and out.token_ids:
+        if not records and out.token_ids:  # full prefill runs first
             full_ids = list(out.token_ids)
-            full_logprobs = engine.score(segments, full_ids, mode, blend=cfg)
-        kl: float | None = None
-        top1: float | None = None
-        if full_logprobs is not None:
-            logprobs = engine.score(segments, full_ids, mode, blend=cfg) if records else None
-            kl, top1 = _distance(full_logprobs, full_logprobs if logprobs is None else logprobs)
+            reference = engine.score(segments, full_ids, mode, blend=cfg)
+        kl = top1 = None
+        if reference is not None:
+            logprobs = engine.score(segments, full_ids, mode, blend=cfg) if records else reference
+            kl, top1 = _distance(reference, logprobs)
         full_text = records[0].answer if records else out.text
         records.append(
             Record(
