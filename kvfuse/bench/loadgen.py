@@ -51,6 +51,15 @@ class RequestResult:
     def ok(self) -> bool:
         return not self.error and self.ttft_s is not None
 
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first: (latency − TTFT) / (tokens − 1), tokens from
+        `usage.completion_tokens` (vLLM's definition); None when fewer than 2 tokens."""
+        tokens = self.usage.get("completion_tokens")
+        if not self.ok or not isinstance(tokens, int) or tokens < 2 or self.ttft_s is None:
+            return None
+        return (self.latency_s - self.ttft_s) / (tokens - 1)
+
 
 @dataclass(frozen=True)
 class PhaseResult:
@@ -61,15 +70,18 @@ class PhaseResult:
     wall_s: float
 
     def summary(self) -> dict[str, Any]:
-        """TTFT p50/p90 (s), mean latency, throughput (req/s), errors and kvfuse reuse stats."""
+        """TTFT p50/p90 (s), time per output token p50 (s), mean latency, throughput (req/s),
+        errors and kvfuse reuse stats."""
         ok = [r for r in self.results if r.ok]
         ttfts = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
+        tpots = sorted(t for r in ok if (t := r.tpot_s) is not None)
         stats: dict[str, Any] = {
             "concurrency": self.concurrency,
             "num_requests": len(self.results),
             "num_errors": len(self.results) - len(ok),
             "ttft_p50_s": percentile(ttfts, 50),
             "ttft_p90_s": percentile(ttfts, 90),
+            "tpot_p50_s": percentile(tpots, 50),
             "latency_mean_s": sum(r.latency_s for r in ok) / len(ok) if ok else None,
             "throughput_rps": len(ok) / self.wall_s if self.wall_s > 0 else None,
             "prompt_tokens_mean": _mean_usage(ok, "prompt_tokens"),

@@ -36,6 +36,7 @@ TABLE_COLUMNS = (
     ("concurrency", "C"),
     ("ttft_p50_ms", "TTFT p50 ms"),
     ("ttft_p90_ms", "TTFT p90 ms"),
+    ("tpot_p50_ms", "TPOT p50 ms"),
     ("throughput_rps", "req/s"),
     ("chunk_hit_rate", "chunk hits"),
     ("prompt_tokens_mean", "prompt tok"),
@@ -84,11 +85,11 @@ def _get(row: dict[str, Any] | None, key: str) -> Any:
 
 
 def add_milliseconds(rows: list[dict[str, Any]]) -> None:
-    """Adds, in place, `ttft_p50_ms` and `ttft_p90_ms` from the seconds columns."""
+    """Adds, in place, `ttft_p50_ms`, `ttft_p90_ms` and `tpot_p50_ms` from the seconds columns."""
     for row in rows:
-        for q in ("p50", "p90"):
-            seconds = row.get(f"ttft_{q}_s")
-            row[f"ttft_{q}_ms"] = None if seconds is None else seconds * 1000
+        for name in ("ttft_p50", "ttft_p90", "tpot_p50"):
+            seconds = row.get(f"{name}_s")
+            row[f"{name}_ms"] = None if seconds is None else seconds * 1000
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:

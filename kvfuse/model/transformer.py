@@ -15,6 +15,20 @@ from kvfuse import rope
 from kvfuse.model.config import ModelConfig
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` with a faster one-row path: a decode step projects one row per sequence,
+    and on CPU a bf16 one-row matmul runs about 1.5× slower than `torch.mv` with the same
+    result (SmolLM2 shapes, one thread: 142 vs 299 µs for q/k/v, 5.1 vs 8.6 ms for the LM
+    head; in fp32 they are equal)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] != 1 or x.dim() != 2 or x.dtype != torch.bfloat16 or x.is_cuda:
+            return super().forward(x)
+        if self.bias is None:
+            return torch.mv(self.weight, x[0])[None]  # [1, out_features]
+        return torch.addmv(self.bias, self.weight, x[0])[None]
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, scaled in the input dtype."""
 
@@ -43,8 +57,8 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         # q, k and v projections fused into one matmul: rows [W_q; W_k; W_v] (loader concatenates).
         hidden = cfg.hidden_size
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, hidden, bias=False)
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -124,9 +138,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -170,7 +184,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # A plain attribute, not a buffer: `.to(bfloat16)` must never round the frequencies.

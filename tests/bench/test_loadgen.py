@@ -173,18 +173,21 @@ def test_closed_loop_keeps_order_and_bounds_concurrency(server: FakeServer) -> N
 
 def test_summary_percentiles_errors_and_hit_rate() -> None:
     def ok(ttft_s: float, hits: int) -> RequestResult:
-        return RequestResult(
-            ttft_s, ttft_s + 1, usage={"kvfuse": {"chunks": 6, "chunk_hits": hits}}
-        )
+        usage = {"completion_tokens": 5, "kvfuse": {"chunks": 6, "chunk_hits": hits}}
+        return RequestResult(ttft_s, ttft_s + 1 + hits / 3, usage=usage)
 
     results = (ok(0.1, 6), ok(0.2, 3), ok(0.3, 0), ok(0.4, 3), RequestResult(None, 0.5, error="x"))
     summary = PhaseResult(concurrency=2, results=results, wall_s=2.0).summary()
     assert summary["ttft_p50_s"] == pytest.approx(0.25)
     assert summary["ttft_p90_s"] == pytest.approx(0.37)
     assert summary["throughput_rps"] == pytest.approx(2.0)  # 4 successful in 2 s
+    # (latency − TTFT) / 4 tokens after the first: 0.25, 0.5, 0.5, 0.75 s
+    assert summary["tpot_p50_s"] == pytest.approx(0.5)
     assert summary["chunk_hit_rate"] == pytest.approx(0.5)
     assert summary["num_errors"] == 1 and summary["first_error"] == "x"
     assert percentile([], 50) is None and percentile([3.0], 90) == 3.0
+    assert RequestResult(0.1, 2.0, usage={"completion_tokens": 1}).tpot_s is None
+    assert RequestResult(0.1, 2.0).tpot_s is None
 
 
 async def _lines(*lines: str) -> AsyncIterator[str]:

@@ -12,7 +12,7 @@ from torch import Tensor
 from kvfuse.blend import BlendRun, RowPlan
 from kvfuse.decode import KVCache, decode_step
 from kvfuse.model.loader import LoadedModel, load_model
-from kvfuse.model.transformer import Transformer
+from kvfuse.model.transformer import Linear, Transformer
 
 LOGITS_TOL = 1e-4  # max |Δlogit| between two fp32 implementations of the same math
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -198,3 +198,16 @@ def test_decode_step_refuses_a_full_cache(tiny: Callable[[str], LoadedModel]) ->
     decode_step(model, cache, 6)
     with pytest.raises(RuntimeError, match="full"):
         decode_step(model, cache, 7)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_one_row_equals_the_matmul(bias: bool, dtype: torch.dtype) -> None:
+    """The one-row path (`torch.mv` in bf16) gives the matmul's values, row by row."""
+    torch.manual_seed(0)
+    layer = Linear(96, 160, bias=bias).to(dtype)
+    rows = torch.randn(5, 96, dtype=dtype)
+    with torch.inference_mode():
+        batch = layer(rows)
+        for idx in range(rows.shape[0]):
+            torch.testing.assert_close(layer(rows[idx : idx + 1]), batch[idx : idx + 1])
