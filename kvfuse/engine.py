@@ -22,7 +22,7 @@ from torch import Tensor
 from kvfuse import keys
 from kvfuse.blend import BlendConfig, BlendRun, FusedLayer, Mode
 from kvfuse.chunk_store import ChunkStore
-from kvfuse.decode import KVCache, decode_step, generate_tokens
+from kvfuse.decode import KVCache, generate_tokens, score_continuation
 from kvfuse.errors import ConfigError, InvalidRequestError, PromptTooLongError
 from kvfuse.kv import ChunkKV, ChunkLayers
 from kvfuse.model.loader import LoadedModel, load_model
@@ -311,11 +311,7 @@ class Engine:
         with self._lock:
             prompt = self.prepare(segments, chat)
             _, run, _ = self._begin(prompt, mode, blend, len(continuation))
-            cache = KVCache(self.model, prompt.segments.num_tokens + len(continuation))
-            cache.fill(run)
-            logits = [run.last_logits]
-            logits += [decode_step(self.model, cache, t) for t in continuation[:-1]]
-        return torch.log_softmax(torch.stack(logits).float(), dim=-1)
+            return score_continuation(self.model, run, list(continuation))
 
     @torch.inference_mode()
     def prefill(

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from kvfuse.bench.datasets import RagExample, load_musique, make_factqa
 from kvfuse.bench.metrics import contains_answer, f1_score
+from kvfuse.bench.oracle import oracle_answer
 from kvfuse.bench.report import ModeResult, plot_blend, print_table, write_json
 from kvfuse.blend import BlendConfig, Deviation, MaskKind
 from kvfuse.engine import Engine
@@ -40,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--musique-path", type=Path, default=DEFAULT_MUSIQUE)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default="blend", help="result file stem")
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also an oracle row per ratio: rows chosen by their true deviation (see oracle.py)",
+    )
 
 
 def _examples(name: str, args: argparse.Namespace) -> list[RagExample]:
@@ -114,6 +120,7 @@ def answer_all(engine: Engine, example: RagExample, args: argparse.Namespace) ->
             logprobs = engine.score(segments, full_ids, mode, blend=cfg) if records else reference
             kl, top1 = _distance(reference, logprobs)
         full_text = records[0].answer if records else out.text
+        quality = _quality(out.text, golds, full_text)
         records.append(
             Record(
                 example.example_id,
@@ -123,14 +130,50 @@ def answer_all(engine: Engine, example: RagExample, args: argparse.Namespace) ->
                 out.text,
                 out.num_prompt_tokens,
                 out.num_recomputed_tokens,
-                f1_score(out.text, golds),
-                float(contains_answer(out.text, golds)),
-                f1_score(out.text, [full_text]),
+                *quality,
                 kl,
                 top1,
             )
         )
+    if args.oracle and reference is not None:
+        records += _oracle_records(engine, example, args, records[0], full_ids, reference)
     return records
+
+
+def _oracle_records(
+    engine: Engine,
+    example: RagExample,
+    args: argparse.Namespace,
+    full: Record,
+    full_ids: list[int],
+    reference: Tensor,
+) -> list[Record]:
+    """One `oracle` record per blend ratio (kvfuse.bench.oracle), scored like the modes."""
+    prompt = engine.prepare([example.system, *example.documents, example.question])
+    records = []
+    for _, ratio in (m for m in _modes(args) if m[0] == "blend"):
+        assert ratio is not None
+        answer = oracle_answer(engine, prompt, blend_config(args, ratio), args.max_tokens, full_ids)
+        text = engine.tokenizer.decode(answer.token_ids)
+        records.append(
+            Record(
+                example.example_id,
+                "oracle",
+                ratio,
+                answer.ttft_s,
+                text,
+                full.num_prompt_tokens,
+                answer.num_recomputed_tokens,
+                *_quality(text, list(example.answers), full.answer),
+                *_distance(reference, answer.logprobs),
+            )
+        )
+    return records
+
+
+def _quality(text: str, golds: list[str], full_text: str) -> tuple[float, float, float]:
+    """F1 and accuracy against the gold answers, F1 against full prefill's answer."""
+    return f1_score(text, golds), float(contains_answer(text, golds)), f1_score(text, [full_text])
 
 
 def _distance(reference: Tensor, logprobs: Tensor) -> tuple[float, float]:

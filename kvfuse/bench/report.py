@@ -105,7 +105,8 @@ def plot_blend(path: str | Path, results: Sequence[ModeResult]) -> None:
     """Plots quality and TTFT against the blend recompute ratio, one row per (dataset, dtype).
 
     Left panel: F1 (solid) and accuracy (dotted, where present) of blend at each ratio; middle
-    panel: KL from full prefill's next-token distributions; right panel: median TTFT.
+    panel: KL from full prefill's next-token distributions (blend, and the oracle selection of
+    `kvfuse.bench.oracle` where measured); right panel: median TTFT.
     Baselines (full prefill, full reuse, prefix caching) are horizontal dashed lines in the
     same colours on every panel. Results of any other mode are not drawn.
 
@@ -136,10 +137,10 @@ def plot_blend(path: str | Path, results: Sequence[ModeResult]) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _blend_points(group: Sequence[ModeResult]) -> list[ModeResult]:
-    """Blend results sorted by recompute ratio."""
+def _blend_points(group: Sequence[ModeResult], mode: str = "blend") -> list[ModeResult]:
+    """Results of `mode` (blend, or the oracle selection) sorted by recompute ratio."""
     return sorted(
-        (r for r in group if r.mode == "blend" and r.ratio is not None),
+        (r for r in group if r.mode == mode and r.ratio is not None),
         key=lambda r: r.ratio or 0.0,
     )
 
@@ -171,11 +172,13 @@ def _plot_quality(ax: Any, group: Sequence[ModeResult], title: str) -> None:
 
 
 def _plot_divergence(ax: Any, group: Sequence[ModeResult], title: str) -> None:
-    """KL from full prefill of blend vs ratio, baselines as dashed lines."""
-    points = _blend_points(group)
-    ratios = [r.ratio for r in points]
-    kl = [math.nan if r.kl_vs_full is None else r.kl_vs_full for r in points]
-    ax.plot(ratios, kl, "o-", color="tab:blue", label="blend")
+    """KL from full prefill of blend (and of the oracle selection, if measured) vs ratio,
+    baselines as dashed lines."""
+    for mode, style, label in (("blend", "o-", "blend"), ("oracle", "^-.", "oracle selection")):
+        points = _blend_points(group, mode)
+        kl = [math.nan if r.kl_vs_full is None else r.kl_vs_full for r in points]
+        if points:
+            ax.plot([r.ratio for r in points], kl, style, color="tab:blue", label=label)
     for base in _baselines(group):
         if base.kl_vs_full is not None:
             color, name = _BASELINE_STYLE[base.mode]

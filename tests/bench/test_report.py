@@ -34,6 +34,7 @@ def _fake_results() -> list[ModeResult]:
         result("prefix_cache", None, 0.9, 0.6),
         result("blend", 0.15, 0.35, 0.55),
         result("blend", 0.05, 0.25, 0.45),
+        result("oracle", 0.15, 0.4, 0.58),
     ]
 
 
