@@ -1,13 +1,14 @@
-"""The oracle row of `kvfuse bench blend`: how close could any choice of recomputed rows get?
+"""The oracle row of `kvfuse bench blend`: how close could a better choice of recomputed rows get?
 
 CacheBlend chooses the rows to recompute by their KV deviation at the check layer, the only
 deviation it can see without computing more. The oracle chooses the same number of rows by
 their true deviation over every layer — full prefill's K and V against the reused ones, each
 layer's squared error scaled by its mean over the eligible rows, summed — and recomputes them
 from the check layer on, like the blend. It needs a full prefill to choose, so it is not a mode
-but a bound on deviation-based selection: if even the oracle leaves most of full reuse's KL
-from full prefill, no better selection metric at that ratio can close it. Its TTFT counts the
-recompute only (layer 0, the check layer, the chosen rows), not the choosing.
+but a selection with hindsight no real selector has: if even it leaves most of full reuse's KL
+from full prefill at some ratio, a better deviation metric alone will not close the gap there
+(it is a yardstick, not a proven optimum: which rows minimise the final error is a harder
+question). Its TTFT counts the recompute only (layer 0, the check layer, the chosen rows).
 """
 
 from __future__ import annotations
