@@ -57,7 +57,7 @@ class DecodeConfig:
     Attributes:
         host, port: HTTP listen address (port 0 picks a free port).
         model, device, dtype, cache_dir: the model and torch (see kvfuse Settings).
-        num_threads: torch threads of a local prefill (decode steps run on one thread).
+        num_threads: torch threads of a local prefill (decode steps: see `Scheduler`).
         chunk_context, store_capacity_bytes: the in-process engine used for local prefill.
         miss_policy: local prefill only: `precompute` (default) computes a missing chunk once,
             standalone, reuses it and stores it; `forced` computes it in place and again to

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,18 @@ class PrefillBackend:
     close: Callable[[], None]
     name: str
     remote: bool = False
+    shares_cores: bool = True  # the prefill computes on this machine's cores
+
+
+def is_loopback(target: str) -> bool:
+    """Whether a "host:port" gRPC target names this machine (localhost or a loopback IP)."""
+    host = target.removeprefix("dns:").lstrip("/").rpartition(":")[0].strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def local_backend(engine: Engine) -> PrefillBackend:
@@ -49,7 +62,8 @@ def remote_backend(target: str, token: str, timeout_s: float) -> PrefillBackend:
         client.close()
         probe.close()
 
-    return PrefillBackend(client, probe.ready, close, f"remote {target}", remote=True)
+    name, local = f"remote {target}", is_loopback(target)
+    return PrefillBackend(client, probe.ready, close, name, remote=True, shares_cores=local)
 
 
 class HealthProbe:

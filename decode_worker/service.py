@@ -59,6 +59,7 @@ class DecodeService:
             self.metrics,
             backend.remote,
             config.num_threads,
+            backend.shares_cores,
         )
         self.metrics.bind(self.scheduler)
         defaults = PromptDefaults(

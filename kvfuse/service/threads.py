@@ -48,6 +48,11 @@ def compute_thread(num_threads: int = 0) -> None:
     _set_torch_threads(num_threads or _DEFAULT_NUM_THREADS)
 
 
+def torch_default_threads() -> int:
+    """torch's thread count before any thread here changed it (normally one per core)."""
+    return _DEFAULT_NUM_THREADS
+
+
 def _set_torch_threads(num_threads: int) -> None:
     torch.get_num_threads()  # the first-use step (see above), so the count set next holds
     torch.set_num_threads(num_threads)

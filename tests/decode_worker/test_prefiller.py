@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from decode_worker.app import create_app
 from decode_worker.config import DecodeConfig
-from decode_worker.prefiller import HealthProbe, remote_backend
+from decode_worker.prefiller import HealthProbe, is_loopback, remote_backend
 from decode_worker.service import DecodeService
 from kvfuse.engine import Engine
 from kvfuse.model.loader import LoadedModel
@@ -130,3 +130,20 @@ def test_a_wrong_prefill_token_is_a_503_not_a_401(
     assert (
         response.status_code == 503 and "refused our token" in response.json()["error"]["message"]
     )
+
+
+@pytest.mark.parametrize(
+    ("target", "loopback"),
+    [
+        ("127.0.0.1:50052", True),
+        ("127.3.2.1:1", True),
+        ("localhost:50052", True),
+        ("[::1]:50052", True),
+        ("dns:///localhost:50052", True),
+        ("10.0.0.7:50052", False),
+        ("prefill.kvfuse.svc.cluster.local:50052", False),
+        ("[2001:db8::1]:50052", False),
+    ],
+)
+def test_is_loopback(target: str, loopback: bool) -> None:
+    assert is_loopback(target) is loopback

@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import torch
 from decode_helpers import DOCS, QUESTION, SYSTEM, poll
 
 from decode_worker.metrics import DecodeMetrics
@@ -21,6 +22,7 @@ from kvfuse.errors import PromptTooLongError, ServiceUnavailableError
 from kvfuse.model.sampling import SamplingParams
 from kvfuse.prefill import PrefillRequest, PrefillResult
 from kvfuse.segments import build_prompt
+from kvfuse.service.threads import torch_default_threads
 
 WAIT_S = 120.0
 LIMITS = SchedulerLimits(
@@ -261,3 +263,37 @@ def test_stop_fails_unfinished_requests(engine: Engine, make: Any) -> None:
         assert isinstance(sink.final()[1].error, ServiceUnavailableError)
     with pytest.raises(ServiceUnavailableError, match="shutting down"):
         scheduler.submit(request(engine), Collector())
+
+
+@pytest.mark.parametrize(
+    ("remote", "shares_cores", "prefilling", "alone"),
+    [
+        (False, True, False, False),  # local prefill: a second team would slow its own
+        (True, True, True, False),  # a prefill worker on this machine computes for us
+        (True, True, False, True),
+        (True, False, True, True),  # the prefill worker has its own cores
+    ],
+)
+def test_decode_team_yields_cores_only_to_a_prefill_on_them(
+    engine: Engine, remote: bool, shares_cores: bool, prefilling: bool, alone: bool
+) -> None:
+    scheduler = Scheduler(
+        engine.model,
+        engine.tokenizer,
+        engine,
+        LIMITS,
+        DecodeMetrics("test"),
+        remote_prefill=remote,
+        prefill_shares_cores=shares_cores,
+    )
+    result: list[tuple[int, int]] = []
+
+    def on_decode_thread() -> None:  # a thread of its own: the team size is per thread
+        scheduler._size_team(prefilling)
+        result.append((scheduler._decode_threads, torch.get_num_threads()))
+
+    thread = threading.Thread(target=on_decode_thread)
+    thread.start()
+    thread.join()
+    wanted = torch_default_threads() if alone else 1
+    assert result == [(wanted, wanted)]
