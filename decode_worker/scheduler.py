@@ -79,7 +79,6 @@ class Scheduler:
         self.model, self.tokenizer, self.prefiller = model, tokenizer, prefiller
         self.remote_prefill, self.num_threads = remote_prefill, num_threads
         self.prefill_shares_cores = prefill_shares_cores
-        self._decode_threads = 0  # the decode thread's torch team size; 0: not sized yet
         self.limits, self.metrics = limits, metrics
         self._stop_token_ids = frozenset(tokenizer.eos_token_ids)
         self._cond = threading.Condition()
@@ -162,14 +161,31 @@ class Scheduler:
     def kv_usage(self) -> float:
         return self._budget.usage
 
+    @property
+    def decode_threads(self) -> int:
+        """The decode thread's torch team: every core when the prefill runs on other
+        machines, else one.
+
+        A decode step is small operators, between which a second team thread spins and takes
+        a core from a prefill on the same cores (bf16, 8 requests at concurrency 4 through the
+        stack, full prefill: TTFT p50 22.6 s, 0.10 req/s with two threads; 14.4 s, 0.23 req/s
+        with one), and a prefill worker on this machine may compute at any time (for other
+        decode workers, or the write-behind's precomputes: with two decode threads whenever
+        none of our requests was prefilling, prefix-reuse TPOT rose from 58 to 147 ms). With
+        local prefill a second team in this process would also slow the prefill's own
+        (kvfuse/service/threads.py). Alone, two threads make a step 1.5× faster (bf16, 3,800
+        tokens of context, 2 cores: 61 → 41 ms).
+        """
+        alone = self.remote_prefill and not self.prefill_shares_cores
+        return torch_default_threads() if alone else 1
+
     def _loop(self) -> None:
+        compute_thread(self.decode_threads)
         while True:
             with self._cond:
                 batch = self._schedule()
-                prefilling = bool(self._prefilling)
             if batch is None:
                 return
-            self._size_team(prefilling)
             try:
                 self._step(batch)
             except Exception as exc:  # a bug must fail its requests, not hang them
@@ -209,23 +225,6 @@ class Scheduler:
             seq.status = SequenceStatus.PREFILLING
             self._prefilling.add(seq)
             self._pool.submit(self._run_prefill, seq)
-
-    def _size_team(self, prefilling: bool) -> None:
-        """Sizes the decode thread's torch team before a step.
-
-        A decode step is small operators, between which a second team thread spins and takes a
-        core from a prefill on the same cores (bf16, 8 requests at concurrency 4 through the
-        stack, full prefill: TTFT p50 22.6 s, 0.10 req/s with two threads; 14.4 s, 0.23 req/s
-        with one). Alone, two threads make a step 1.5× faster (bf16, 3,800 tokens of context,
-        2 cores: 61 → 41 ms). So: one thread with local prefill (a second team in this process
-        also slows the prefill's own, see kvfuse/service/threads.py) and while a prefill worker
-        on this machine computes for us; every core otherwise.
-        """
-        alone = self.remote_prefill and not (self.prefill_shares_cores and prefilling)
-        wanted = torch_default_threads() if alone else 1
-        if wanted != self._decode_threads:
-            compute_thread(wanted)
-            self._decode_threads = wanted
 
     def _step(self, batch: list[Sequence]) -> None:
         start_s = time.perf_counter()
