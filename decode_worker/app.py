@@ -27,6 +27,7 @@ from decode_worker.schemas import (
     CompletionRequest,
     StreamOptions,
     TokenizeRequest,
+    WarmRequest,
 )
 from decode_worker.sequence import GenerationRequest
 from decode_worker.service import DecodeService
@@ -42,6 +43,7 @@ _OPS = {
     "/tokenize": "tokenize",
     "/health": "health",
     "/metrics": "metrics",
+    "/kvfuse/warm": "warm",
 }
 
 
@@ -117,6 +119,28 @@ def create_app(service: DecodeService) -> FastAPI:
             "count": len(token_ids),
             "max_model_len": service.max_model_len,
             "tokens": token_ids,
+        }
+
+    @app.post("/kvfuse/warm", dependencies=auth)
+    def warm(body: WarmRequest, request: Request) -> dict[str, Any]:  # sync: it computes
+        service.check_model(body.model)
+        segments = service.prompts.warm(body)
+        result = service.warm(segments, request.state.request_id)
+        if result.num_failed:
+            raise ServiceUnavailableError(
+                f"{result.num_failed} of {result.num_objects} objects could not be stored "
+                f"({result.num_stored} stored, {result.num_present} already present); warm "
+                "again to retry them"
+            )
+        return {
+            "object": "kvfuse.warm",
+            "model": service.model_name,
+            "documents": len(body.documents),
+            "objects": result.num_objects,
+            "present": result.num_present,
+            "stored": result.num_stored,
+            "computed_tokens": result.num_computed_tokens,
+            "warm_s": round(result.warm_s, 4),
         }
 
     @app.post("/v1/completions", dependencies=auth)

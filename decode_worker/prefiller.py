@@ -1,4 +1,5 @@
-"""The decode worker's Prefiller: the in-process engine, or a remote prefill worker over gRPC."""
+"""The decode worker's Prefiller (and ChunkWarmer): the in-process engine, or a remote prefill
+worker over gRPC."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvfuse.engine import Engine
 from kvfuse.errors import ConfigError
-from kvfuse.prefill import Prefiller
+from kvfuse.prefill import ChunkWarmer, Prefiller
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PrefillBackend:
-    """A Prefiller with its readiness probe (for /health) and its cleanup."""
+    """A Prefiller and ChunkWarmer with its readiness probe (for /health) and its cleanup."""
 
     prefiller: Prefiller
+    warmer: ChunkWarmer
     ready: Callable[[], bool]
     close: Callable[[], None]
     name: str
@@ -42,7 +44,7 @@ def is_loopback(target: str) -> bool:
 
 def local_backend(engine: Engine) -> PrefillBackend:
     """Prefill in this process (`Engine.prefill`, one prompt at a time); always ready."""
-    return PrefillBackend(engine, lambda: True, lambda: None, "local")
+    return PrefillBackend(engine, engine, lambda: True, lambda: None, "local")
 
 
 def remote_backend(target: str, token: str, timeout_s: float) -> PrefillBackend:
@@ -63,7 +65,7 @@ def remote_backend(target: str, token: str, timeout_s: float) -> PrefillBackend:
         probe.close()
 
     name, local = f"remote {target}", is_loopback(target)
-    return PrefillBackend(client, probe.ready, close, name, remote=True, shares_cores=local)
+    return PrefillBackend(client, client, probe.ready, close, name, remote=True, shares_cores=local)
 
 
 class HealthProbe:

@@ -17,6 +17,7 @@ from decode_worker.schemas import (
     KvfuseOptions,
     SamplingBody,
     TokenizeRequest,
+    WarmRequest,
 )
 from decode_worker.sequence import GenerationRequest
 from kvfuse.blend import Mode
@@ -30,6 +31,7 @@ MAX_STOP_CHARS = 256
 # Stands in for the last user message while the chat template renders earlier turns.
 _BODY_MARKER = "\x00kvfuse-decode-body\x00"
 _SYSTEM_ROLES = ("system", "developer")
+_WARM_QUERY = "?"  # stands in for the question: the prefix and chunks do not depend on it
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,15 @@ class PromptBuilder:
         if body.messages is not None:
             return self.chat_segments(body.messages, body.kvfuse)
         return self.completion_segments(body.prompt, body.kvfuse)
+
+    def warm(self, body: WarmRequest) -> PromptSegments:
+        """The prefix and chunks the requests carrying `body.documents` will have (no query).
+
+        Raises InvalidRequestError for an empty document.
+        """
+        texts = [body.system, *body.documents, _WARM_QUERY]
+        seg = build_prompt(self.tokenizer, texts, chat=body.chat)
+        return PromptSegments(seg.prefix_ids, seg.chunk_ids, ())
 
     def completion_segments(
         self, prompt: str | list[str] | list[int] | None, options: KvfuseOptions | None

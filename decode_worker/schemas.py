@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvfuse.blend import Mode
+from kvfuse.prefill import MAX_WARM_CHUNKS
 
 MAX_SEED = 2**63 - 1
 
@@ -105,3 +106,17 @@ class TokenizeRequest(_Body):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     kvfuse: KvfuseOptions | None = None
+
+
+class WarmRequest(_Body):
+    """`POST /kvfuse/warm`: store documents' KV before the questions about them arrive.
+
+    The documents are framed as the requests that will carry them: with `chat`, documents in
+    the user message of a chat whose system message is `system` (several system messages are
+    joined by a blank line); without, `/v1/completions` segments [system, document…, query].
+    """
+
+    model: str | None = None
+    documents: list[str] = Field(min_length=1, max_length=MAX_WARM_CHUNKS)
+    system: str = ""
+    chat: bool = True

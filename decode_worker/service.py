@@ -19,7 +19,9 @@ from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.model.loader import LoadedModel, load_model
 from kvfuse.precompute import ChunkContext
-from kvfuse.service.threads import on_temporary_thread
+from kvfuse.prefill import WarmResult
+from kvfuse.segments import PromptSegments
+from kvfuse.service.threads import io_thread, on_temporary_thread
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,17 @@ class DecodeService:
     def ready(self) -> bool:
         """Whether requests can be served: the decode thread runs and the prefiller answers."""
         return self.scheduler.is_alive and self.backend.ready()
+
+    def warm(self, segments: PromptSegments, request_id: str) -> WarmResult:
+        """Stores the segments' prefix and chunks through the prefill backend; blocks until
+        done. A local engine computes on a thread of its own at I/O priority, so requests
+        keep the cores (kvfuse/service/threads.py)."""
+
+        def run() -> WarmResult:
+            io_thread()
+            return self.backend.warmer.warm_chunks(segments, request_id)
+
+        return on_temporary_thread(run)
 
     def check_model(self, name: str | None) -> None:
         """Raises ModelNotFoundError unless `name` is the served model (None means it)."""

@@ -37,7 +37,7 @@ from kvfuse.planner import (
     prefill_stats,
 )
 from kvfuse.precompute import ChunkContext, precompute
-from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats
+from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats, WarmResult, warm_segments
 from kvfuse.segments import PromptSegments, build_prompt
 from kvfuse.settings import Settings
 
@@ -153,6 +153,41 @@ class Engine:
         """Precomputes and stores the prefix and every chunk not in the store; returns how many."""
         computed = self.compute_missing(prompt, self.store.contains, self.store.get)
         return sum(self.store.put(key, kv) for key, kv in computed)
+
+    def warm_chunks(self, segments: PromptSegments, request_id: str = "") -> WarmResult:
+        """The in-process `ChunkWarmer`: stores the prompt's missing prefix and chunks, taking
+        the engine lock per object (requests run between them). `request_id` is unused.
+
+        Raises:
+            InvalidRequestError: no chunk, an empty chunk, a token id outside the vocabulary.
+            PromptTooLongError: prefix + a chunk exceed the model's context.
+        """
+        start = time.perf_counter()
+        prompt = self.prepare_tokens(
+            warm_segments(segments, self.model.cfg.vocab_size, self.max_context_tokens)
+        )
+        objects = dict.fromkeys(prompt.chunk_keys)
+        if prompt.segments.prefix_ids:
+            objects = {prompt.prefix_key: None, **objects}
+        present = {key for key in objects if self.store.contains(key)}
+        computed = self.compute_missing(prompt, present.__contains__, self.store.get)
+        stored = failed = num_tokens = 0
+        while True:
+            with self._lock, torch.inference_mode():
+                item = next(computed, None)
+            if item is None:
+                break
+            key, kv = item
+            num_tokens += kv.num_tokens
+            if key in present:  # the prefix, recomputed as the chunks' context
+                continue
+            if self.store.put(key, kv):
+                stored += 1
+            else:
+                failed += 1
+        return WarmResult(
+            len(objects), len(present), stored, failed, num_tokens, time.perf_counter() - start
+        )
 
     def compute_missing(
         self,

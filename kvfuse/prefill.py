@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvfuse.blend import FusedLayer, Mode
+from kvfuse.errors import InvalidRequestError, PromptTooLongError
 from kvfuse.model.sampling import SamplingParams
 from kvfuse.segments import PromptSegments
 
@@ -89,3 +90,64 @@ class Prefiller(Protocol):
     """
 
     def prefill(self, request: PrefillRequest) -> Iterator[FusedLayer | PrefillResult]: ...
+
+
+@dataclass(frozen=True)
+class WarmResult:
+    """What storing a set of chunks ahead of the requests that will read them did.
+
+    Objects are the prompt's prefix (when it has one) and its chunks, each counted once:
+    num_objects = num_present + num_stored + num_failed.
+
+    Attributes:
+        num_present: already stored; nothing computed.
+        num_stored: computed (after the chunk context) and stored now.
+        num_failed: computed but not stored (the cache refused or was unreachable); warming
+            again retries exactly these.
+        num_computed_tokens: tokens of the objects computed.
+        warm_s: wall time of the whole call.
+    """
+
+    num_objects: int
+    num_present: int
+    num_stored: int
+    num_failed: int
+    num_computed_tokens: int
+    warm_s: float
+
+
+class ChunkWarmer(Protocol):
+    """Precomputes and stores a prompt's chunks so the requests that later carry them hit.
+
+    The prompt's query segment is ignored (it is never stored). Only missing objects are
+    computed: warming twice costs one lookup the second time. Thread-safe; requests keep
+    running meanwhile (the model is taken one object at a time). Errors raise kvfuse.errors
+    types (InvalidRequestError for an empty chunk or one longer than the context,
+    ServiceUnavailableError when the warmer cannot be reached).
+    """
+
+    def warm_chunks(self, segments: PromptSegments, request_id: str = "") -> WarmResult: ...
+
+
+MAX_WARM_CHUNKS = 256  # chunks in one warm call (each computed in turn: seconds apiece on a CPU)
+
+
+def warm_segments(segments: PromptSegments, vocab_size: int, max_context: int) -> PromptSegments:
+    """What a `ChunkWarmer` stores of `segments`: the prefix and the distinct chunks in order,
+    the query dropped.
+
+    Raises:
+        InvalidRequestError: no chunk, too many, an empty one, a token id outside the vocabulary.
+        PromptTooLongError: the prefix and the longest chunk do not fit the context.
+    """
+    chunks = tuple(dict.fromkeys(segments.chunk_ids))
+    if not chunks or len(chunks) > MAX_WARM_CHUNKS:
+        raise InvalidRequestError(f"warm 1 to {MAX_WARM_CHUNKS} chunks (got {len(chunks)})")
+    if not all(chunks):
+        raise InvalidRequestError(f"chunk {chunks.index(())} is empty")
+    if any(not 0 <= t < vocab_size for ids in (segments.prefix_ids, *chunks) for t in ids):
+        raise InvalidRequestError(f"token ids must be in [0, {vocab_size})")
+    longest = len(segments.prefix_ids) + max(map(len, chunks))
+    if longest > max_context:
+        raise PromptTooLongError(longest, max_context)
+    return PromptSegments(segments.prefix_ids, chunks, ())

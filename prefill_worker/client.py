@@ -10,7 +10,8 @@ from google.protobuf.message import DecodeError
 
 from kvfuse.blend import FusedLayer
 from kvfuse.errors import CodecError, InvalidObjectError, ServiceUnavailableError
-from kvfuse.prefill import PrefillRequest, PrefillResult
+from kvfuse.prefill import PrefillRequest, PrefillResult, WarmResult
+from kvfuse.segments import PromptSegments
 from kvfuse.service.auth import bearer_metadata
 from kvfuse.service.grpc_channel import open_channel
 from kvfuse.service.tls import Pem
@@ -18,6 +19,7 @@ from kvfuse.v1 import prefill_pb2
 from prefill_worker import status, wire
 
 PREFILL_METHOD = "/kvfuse.v1.PrefillService/Prefill"
+WARM_METHOD = "/kvfuse.v1.PrefillService/Warm"
 
 
 def _parse_chunk(raw: bytes) -> wire.LayerChunkView | None:
@@ -42,7 +44,7 @@ def _result(raw: bytes, assembler: wire.LayerAssembler) -> PrefillResult:
 
 
 class PrefillClient:
-    """Calls `PrefillService.Prefill` over one gRPC channel. Thread-safe; close it when done.
+    """Calls `PrefillService` over one gRPC channel. Thread-safe; close it when done.
 
     `prefill` yields each fused layer (k, v [H_kv, N, D] on the CPU) as soon as its frames have
     arrived, then the `PrefillResult`. Closing the iterator early cancels the call, and the
@@ -54,7 +56,8 @@ class PrefillClient:
     Args:
         target: "host:port" of the worker.
         token: bearer token (sent as `authorization: Bearer <token>`).
-        timeout_s: deadline of a whole prefill stream; None waits as long as it takes.
+        timeout_s: deadline of a whole prefill stream (a warm call gets it per object it
+            stores); None waits as long as it takes.
         max_message_bytes: gRPC message limit.
         max_layer_bytes: largest fused layer (K + V) accepted.
         tls_root_cert: PEM (bytes or a path) of the CA that signed the worker's certificate;
@@ -78,6 +81,12 @@ class PrefillClient:
             PREFILL_METHOD,
             request_serializer=prefill_pb2.PrefillRequest.SerializeToString,
             response_deserializer=None,  # bytes: layer data is read in place (wire)
+            _registered_method=True,
+        )
+        self._warm = self._channel.unary_unary(
+            WARM_METHOD,
+            request_serializer=prefill_pb2.WarmRequest.SerializeToString,
+            response_deserializer=prefill_pb2.WarmResponse.FromString,
             _registered_method=True,
         )
         self._metadata = bearer_metadata(token)
@@ -106,6 +115,22 @@ class PrefillClient:
             raise status.error_from_rpc(exc) from exc
         finally:
             call.cancel()  # no-op after a complete stream; stops the worker otherwise
+
+    def warm_chunks(self, segments: PromptSegments, request_id: str = "") -> WarmResult:
+        """The `ChunkWarmer` protocol: the worker stores the prompt's missing prefix and chunks
+        on its cache servers. Errors as `prefill`'s."""
+        timeout_s = self._timeout_s
+        if timeout_s is not None:
+            timeout_s *= 1 + len(segments.chunk_ids)
+        try:
+            response = self._warm(
+                wire.warm_request_to_proto(request_id, segments),
+                timeout=timeout_s,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            raise status.error_from_rpc(exc) from exc
+        return wire.warm_result_from_proto(response)
 
     def close(self) -> None:
         self._channel.close()

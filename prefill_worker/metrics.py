@@ -12,7 +12,8 @@ class PrefillMetrics:
     """The worker's metrics on a private registry (several workers can share one process).
 
     Labels are bounded: `code` is a gRPC status name, `mode` a prefill mode, `reason` a
-    fallback reason (cache_unavailable, cache_timeout, cache_error, cache_stream_failed).
+    fallback reason (cache_unavailable, cache_timeout, cache_error, cache_stream_failed),
+    `result` a warm outcome (present, stored, failed).
     Thread-safe (prometheus-client is).
     """
 
@@ -96,4 +97,10 @@ class PrefillMetrics:
         )
         self.write_behind_errors = Counter(
             "kvfuse_prefill_write_behind_errors", "Chunk stores that failed.", registry=r
+        )
+        self.warm_objects = Counter(
+            "kvfuse_prefill_warm_objects",
+            "Objects (prefixes, chunks) of Warm calls, by what the call did with them.",
+            ["result"],
+            registry=r,
         )

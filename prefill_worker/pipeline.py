@@ -41,9 +41,9 @@ from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.remote_chunks import LayerFetch, Layout, StreamedChunk, fallback_reason
 from prefill_worker.request_state import Cancel, Fetched
 from prefill_worker.sources import ChunkInfo, Shards
+from prefill_worker.wire import check_request_id
 from prefill_worker.writeback import WriteBehind, WriteJob
 
-MAX_REQUEST_ID_CHARS = 256
 _LOCK_POLL_S = 0.05  # how often a request waiting for the compute lock checks for cancel
 
 
@@ -122,8 +122,7 @@ class RemotePrefiller:
     def validate(self, request: PrefillRequest) -> BlendConfig:
         """Checks what the model bounds (vocabulary, context) and returns the blend settings."""
         seg, cfg = request.segments, self.engine.model.cfg
-        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidRequestError(f"request_id longer than {MAX_REQUEST_ID_CHARS} characters")
+        check_request_id(request.request_id)
         if not seg.query_ids:
             raise InvalidRequestError("the query segment is empty")
         for idx, chunk in enumerate(seg.chunk_ids):

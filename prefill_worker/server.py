@@ -24,6 +24,7 @@ from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.pipeline import RemotePrefiller
 from prefill_worker.servicer import PrefillServicer
 from prefill_worker.sources import ChunkSource, LocalSource, RemoteSource, Shards
+from prefill_worker.warm import Warmer
 from prefill_worker.writeback import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,8 @@ class PrefillServer(GrpcService):
             metrics_port=config.metrics_port,
         )
         super().__init__(grpc_server, config.grace_s)
-        servicer = PrefillServicer(self.prefiller, self.metrics)
+        self.warmer = Warmer(self.engine, self.shards, compute_lock, self.metrics)
+        servicer = PrefillServicer(self.prefiller, self.warmer, self.metrics)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, grpc_server.server)  # type: ignore[no-untyped-call]
 
     def _store(self, key: str, kv: ChunkKV) -> bool:

@@ -15,19 +15,21 @@ from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
 from prefill_worker import status, wire
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.pipeline import RemotePrefiller
+from prefill_worker.warm import Warmer
 
 log = logging.getLogger(__name__)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
-    """Serves `Prefill`: layers are serialized on the RPC thread while the next one computes.
+    """Serves `Prefill` (layers are serialized on the RPC thread while the next one computes)
+    and `Warm` (computed on the RPC thread, at I/O priority: requests come first).
 
     A cancelled call (client closed its iterator, deadline) cancels the request's compute and
     fetches through `context.add_callback`. Thread-safe.
     """
 
-    def __init__(self, prefiller: RemotePrefiller, metrics: PrefillMetrics) -> None:
-        self._prefiller, self._metrics = prefiller, metrics
+    def __init__(self, prefiller: RemotePrefiller, warmer: Warmer, metrics: PrefillMetrics) -> None:
+        self._prefiller, self._warmer, self._metrics = prefiller, warmer, metrics
 
     def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.ServicerContext
@@ -67,3 +69,20 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             self._metrics.in_flight.dec()
             self._metrics.requests.labels(code.name).inc()
             self._metrics.request_seconds.labels(mode).observe(time.perf_counter() - start_s)
+
+    def Warm(
+        self, request: prefill_pb2.WarmRequest, context: grpc.ServicerContext
+    ) -> prefill_pb2.WarmResponse:
+        io_thread()  # background work: a request's compute thread keeps the cores first
+        try:
+            wire.check_request_id(request.request_id)
+            result = self._warmer.warm_chunks(wire.warm_segments_from_proto(request))
+        except KvfuseError as exc:
+            log.info("warm %s failed: %s", request.request_id, exc)
+            status.abort(context, exc)
+        log.info(
+            "warm %s: %d objects, %d present, %d stored, %d failed in %.2f s",
+            request.request_id, result.num_objects, result.num_present, result.num_stored,
+            result.num_failed, result.warm_s,
+        )  # fmt: skip
+        return wire.warm_result_to_proto(result)

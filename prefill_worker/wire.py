@@ -13,11 +13,12 @@ from kvfuse import protowire
 from kvfuse.blend import FusedLayer, Mode
 from kvfuse.errors import CodecError, InvalidRequestError
 from kvfuse.model.sampling import SamplingParams
-from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats
+from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats, WarmResult
 from kvfuse.segments import PromptSegments
 from kvfuse.v1 import prefill_pb2
 
 MAX_FRAME_BYTES = 4 << 20  # data bytes in one LayerChunk (protocol limit)
+MAX_REQUEST_ID_CHARS = 256
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MODES = {
@@ -74,6 +75,49 @@ def request_from_proto(pb: prefill_pb2.PrefillRequest) -> PrefillRequest:
     )
     ratio = pb.recompute_ratio if pb.HasField("recompute_ratio") else None
     return PrefillRequest(pb.request_id, segments, _MODES[pb.mode], ratio, sampling)
+
+
+def check_request_id(request_id: str) -> None:
+    """Raises InvalidRequestError for a request id longer than the protocol allows."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequestError(f"request_id longer than {MAX_REQUEST_ID_CHARS} characters")
+
+
+def warm_request_to_proto(request_id: str, seg: PromptSegments) -> prefill_pb2.WarmRequest:
+    return prefill_pb2.WarmRequest(
+        request_id=request_id,
+        prefix_ids=seg.prefix_ids,
+        chunks=[prefill_pb2.TokenSegment(token_ids=ids) for ids in seg.chunk_ids],
+    )
+
+
+def warm_segments_from_proto(pb: prefill_pb2.WarmRequest) -> PromptSegments:
+    return PromptSegments(tuple(pb.prefix_ids), tuple(tuple(c.token_ids) for c in pb.chunks), ())
+
+
+def warm_result_to_proto(result: WarmResult) -> prefill_pb2.WarmResponse:
+    return prefill_pb2.WarmResponse(
+        num_objects=result.num_objects,
+        num_present=result.num_present,
+        num_stored=result.num_stored,
+        num_failed=result.num_failed,
+        num_computed_tokens=result.num_computed_tokens,
+        warm_s=result.warm_s,
+    )
+
+
+def warm_result_from_proto(pb: prefill_pb2.WarmResponse) -> WarmResult:
+    """Raises CodecError when the counts do not add up (a broken or hostile server)."""
+    if pb.num_present + pb.num_stored + pb.num_failed != pb.num_objects:
+        raise CodecError("WarmResponse counts do not add up to num_objects")
+    return WarmResult(
+        pb.num_objects,
+        pb.num_present,
+        pb.num_stored,
+        pb.num_failed,
+        pb.num_computed_tokens,
+        pb.warm_s,
+    )
 
 
 class LayerChunkView(NamedTuple):

@@ -117,3 +117,29 @@ class PrefillResponse(_message.Message):
     layer: LayerChunk
     done: PrefillDone
     def __init__(self, layer: _Optional[_Union[LayerChunk, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ...) -> None: ...
+
+class WarmRequest(_message.Message):
+    __slots__ = ("request_id", "prefix_ids", "chunks")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prefix_ids: _containers.RepeatedScalarFieldContainer[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[TokenSegment]
+    def __init__(self, request_id: _Optional[str] = ..., prefix_ids: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Iterable[_Union[TokenSegment, _Mapping]]] = ...) -> None: ...
+
+class WarmResponse(_message.Message):
+    __slots__ = ("num_objects", "num_present", "num_stored", "num_failed", "num_computed_tokens", "warm_s")
+    NUM_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    NUM_STORED_FIELD_NUMBER: _ClassVar[int]
+    NUM_FAILED_FIELD_NUMBER: _ClassVar[int]
+    NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WARM_S_FIELD_NUMBER: _ClassVar[int]
+    num_objects: int
+    num_present: int
+    num_stored: int
+    num_failed: int
+    num_computed_tokens: int
+    warm_s: float
+    def __init__(self, num_objects: _Optional[int] = ..., num_present: _Optional[int] = ..., num_stored: _Optional[int] = ..., num_failed: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., warm_s: _Optional[float] = ...) -> None: ...

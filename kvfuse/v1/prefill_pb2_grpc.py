@@ -43,6 +43,11 @@ class PrefillServiceStub:
                 request_serializer=kvfuse_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=kvfuse_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.Warm = channel.unary_unary(
+                '/kvfuse.v1.PrefillService/Warm',
+                request_serializer=kvfuse_dot_v1_dot_prefill__pb2.WarmRequest.SerializeToString,
+                response_deserializer=kvfuse_dot_v1_dot_prefill__pb2.WarmResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -60,6 +65,18 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Warm(self, request, context):
+        """Precomputes the missing prefix and chunks of a prompt and stores them on the cache
+        servers before it answers, so the prompts that later carry those chunks hit. Only missing
+        objects are computed: warming again costs a lookup. Errors: INVALID_ARGUMENT (no chunk,
+        more than 256, an empty one, a token id outside the vocabulary, prefix + chunk longer than
+        the context), UNAUTHENTICATED, UNAVAILABLE. Objects the cache failed to store are counted
+        in num_failed, not an error: warm again to retry exactly those.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -67,6 +84,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=kvfuse_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=kvfuse_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
+            ),
+            'Warm': grpc.unary_unary_rpc_method_handler(
+                    servicer.Warm,
+                    request_deserializer=kvfuse_dot_v1_dot_prefill__pb2.WarmRequest.FromString,
+                    response_serializer=kvfuse_dot_v1_dot_prefill__pb2.WarmResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,6 +122,33 @@ class PrefillService:
             '/kvfuse.v1.PrefillService/Prefill',
             kvfuse_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             kvfuse_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Warm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvfuse.v1.PrefillService/Warm',
+            kvfuse_dot_v1_dot_prefill__pb2.WarmRequest.SerializeToString,
+            kvfuse_dot_v1_dot_prefill__pb2.WarmResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -103,7 +103,8 @@ BAD_AUTH = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}]
 
 @pytest.mark.parametrize("headers", BAD_AUTH)
 def test_missing_or_wrong_token_is_401(server: DecodeProcess, headers: dict[str, str]) -> None:
-    for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/tokenize")):
+    paths = ("/v1/completions", "/tokenize", "/kvfuse/warm")
+    for method, path in (("GET", "/v1/models"), *(("POST", path) for path in paths)):
         response = httpx.request(method, f"{server.url}{path}", headers=headers, json={})
         assert response.status_code == 401, path
         error = response.json()["error"]
@@ -152,6 +153,27 @@ def test_documents_in_another_order_hit_the_cache(client: openai.OpenAI) -> None
     assert again.usage is not None
     assert usage["cached_tokens"] + usage["computed_tokens"] == again.usage.prompt_tokens
     assert 0 < usage["recomputed_tokens"] < usage["cached_tokens"]
+
+
+def test_warmed_documents_hit_on_their_first_request(
+    client: openai.OpenAI, http: httpx.Client
+) -> None:
+    docs = ("Orla Venn keeps bees in Marrowby.", "The Sallow ferry runs at dawn.", "Pim is six.")
+    warm = http.post("/kvfuse/warm", json={"model": MODEL, "system": SYSTEM, "documents": docs})
+    assert warm.status_code == 200, warm.text
+    body = warm.json()
+    assert (body["documents"], body["objects"], body["present"] + body["stored"]) == (3, 4, 4)
+    assert body["stored"] >= 3 and body["computed_tokens"] > 0  # the prefix may be stored
+    again = http.post("/kvfuse/warm", json={"system": SYSTEM, "documents": docs[::-1]}).json()
+    assert (again["present"], again["stored"], again["computed_tokens"]) == (4, 0, 0)
+    answer = chat(client, rag_messages(docs[1:] + docs[:1], "Who keeps bees?"), max_tokens=2)
+    usage = kvfuse_usage(answer)
+    assert usage["chunk_hits"] == 3 and usage["chunks_precomputed"] == 0
+    raw = {"system": "Notes:", "documents": docs[:2], "chat": False}
+    assert http.post("/kvfuse/warm", json=raw).json()["stored"] >= 2  # another framing
+    prompt = SEP.join(["Notes:", docs[1], docs[0], "Q: who keeps bees? A:"])
+    completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    assert kvfuse_usage(completion)["chunk_hits"] == 2
 
 
 def test_explicit_segments_match_the_separator(client: openai.OpenAI) -> None:
@@ -220,6 +242,11 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("/kvfuse/warm", {"documents": []}, 400, "documents"),
+    ("/kvfuse/warm", {"documents": ["a", " "]}, 400, "empty"),
+    ("/kvfuse/warm", {"documents": ["a"] * 257}, 400, "documents"),
+    ("/kvfuse/warm", {"documents": ["word " * 9000]}, 400, "8192"),
+    ("/kvfuse/warm", {"model": "nope", "documents": ["a"]}, 404, "nope"),
 ]  # fmt: skip
 
 

@@ -19,9 +19,12 @@ from decode_worker.config import DecodeConfig
 from decode_worker.prefiller import HealthProbe, is_loopback, remote_backend
 from decode_worker.service import DecodeService
 from kvfuse.engine import Engine
+from kvfuse.errors import ServiceUnavailableError
+from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import LoadedModel
 from prefill_worker.config import PrefillConfig
 from prefill_worker.server import PrefillServer
+from prefill_worker.sources import LocalSource
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 10}
 
@@ -130,6 +133,40 @@ def test_a_wrong_prefill_token_is_a_503_not_a_401(
     assert (
         response.status_code == 503 and "refused our token" in response.json()["error"]["message"]
     )
+
+
+def warm(url: str, docs: tuple[str, ...] = DOCS) -> httpx.Response:
+    body = {"system": SYSTEM, "documents": list(docs)}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    return httpx.post(f"{url}/kvfuse/warm", json=body, headers=headers, timeout=120)
+
+
+def test_warm_stores_through_the_prefill_worker(remote_url: str, engine: Engine) -> None:
+    response = warm(remote_url)
+    assert response.status_code == 200, response.text
+    assert (response.json()["objects"], response.json()["stored"]) == (4, 4)
+    assert engine.store.stats().num_objects == 4  # the prefill worker's chunk source
+    blend = chat(remote_url, "blend")
+    assert blend.usage.model_extra["kvfuse"]["chunk_hits"] == 3
+
+
+class RefusingSource(LocalSource):
+    def put(self, key: str, kv: ChunkKV) -> bool:
+        raise ServiceUnavailableError("UNAVAILABLE: the cache is down")
+
+
+def test_warm_that_cannot_store_is_a_503(engine: Engine, smollm: LoadedModel) -> None:
+    config = PrefillConfig(host="127.0.0.1", port=0, metrics_port=None)
+    prefill = PrefillServer(config, engine=engine, sources=[RefusingSource(engine.store)])
+    decode_config = DecodeConfig(host="127.0.0.1", prefill_url=prefill.start().address)
+    backend = remote_backend(prefill.address, "", 30.0)
+    try:
+        with ThreadServer(create_app(DecodeService(decode_config, smollm, backend))) as url:
+            response = warm(url, DOCS[:2])
+    finally:
+        prefill.stop(grace_s=0)
+    assert response.status_code == 503
+    assert "3 of 3 objects could not be stored" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import torch
 
 from kvfuse.engine import Engine, MissPolicy
 from kvfuse.errors import InvalidRequestError, PromptTooLongError
+from kvfuse.segments import PromptSegments
 
 SYSTEM = "You are a helpful assistant. Answer the question using the documents."
 DOCS = (
@@ -199,3 +200,49 @@ def test_precompute_in_the_prefill_stream(engine: Engine, count_precomputes: lis
     assert cold.stats.num_chunks_precomputed == 3 and cold.stats.num_chunk_hits == 0
     assert warm.stats.num_chunk_hits == 3 and warm.stats.num_precomputed_tokens == 0
     assert len(count_precomputes) == 4 and cold.first_token_id == warm.first_token_id
+
+
+def test_warmed_chunks_are_what_a_request_stores_and_hit_in_any_order(engine: Engine) -> None:
+    prompt = engine.prepare(segments())
+    first = engine.warm_chunks(prompt.segments)
+    assert (first.num_objects, first.num_present, first.num_stored) == (4, 0, 4)
+    assert first.num_failed == 0
+    assert first.num_computed_tokens == prompt.segments.num_tokens - len(prompt.segments.query_ids)
+    warmed = {key: engine.store.get(key) for key in (prompt.prefix_key, *prompt.chunk_keys)}
+    engine.store.clear()
+    engine.generate(segments(), mode="blend", max_tokens=1)  # stores the misses itself
+    for key, kv in warmed.items():
+        stored = engine.store.get(key)
+        assert kv is not None and stored is not None
+        assert torch.equal(kv.k, stored.k) and torch.equal(kv.v, stored.v)
+    again = engine.warm_chunks(engine.prepare(segments(DOCS[::-1], "Where is Tesk?")).segments)
+    assert (again.num_present, again.num_stored, again.num_computed_tokens) == (4, 0, 0)
+    out = engine.generate(segments(DOCS[::-1], "What does Edwin Palk do?"), max_tokens=4)
+    assert out.num_chunk_hits == 3
+
+
+def test_warm_counts_each_distinct_chunk_once(engine: Engine) -> None:
+    seg = engine.prepare(segments((DOCS[0], DOCS[1], DOCS[0]))).segments
+    result = engine.warm_chunks(seg)
+    assert (result.num_objects, result.num_stored) == (3, 3)  # prefix + two distinct chunks
+
+
+@pytest.mark.parametrize(
+    ("chunks", "match"),
+    [
+        ((), "warm 1 to 256 chunks"),
+        (((1, 2), ()), "chunk 1 is empty"),
+        (((1, 10**7),), "token ids must be in"),
+    ],
+)
+def test_warm_refuses_what_it_cannot_store(
+    engine: Engine, chunks: tuple[tuple[int, ...], ...], match: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=match):
+        engine.warm_chunks(PromptSegments((1,), chunks, ()))
+
+
+def test_warm_refuses_a_chunk_longer_than_the_context(engine: Engine) -> None:
+    limit = engine.max_context_tokens
+    with pytest.raises(PromptTooLongError, match=str(limit)):
+        engine.warm_chunks(PromptSegments((1, 2), ((3,) * (limit - 1),), ()))

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import pytest
-from prefill_helpers import DOCS, QUESTION, SYSTEM
+from prefill_helpers import DOCS, QUESTION, SYSTEM, MakeServer
 
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import LoadedModel
+from prefill_worker.config import PrefillConfig
+from prefill_worker.server import PrefillServer
+from prefill_worker.sources import ChunkSource
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +31,21 @@ def warm_engine(engine: Engine, warm_objects: dict[str, ChunkKV]) -> Engine:
     for key, kv in warm_objects.items():
         engine.store.put(key, kv)
     return engine
+
+
+@pytest.fixture
+def make_server() -> Iterator[MakeServer]:
+    """Starts PrefillServers on free ports (no metrics HTTP port clash); stops them after."""
+    started: list[PrefillServer] = []
+
+    def make(
+        engine: Engine, sources: Sequence[ChunkSource] | None = None, **config: Any
+    ) -> PrefillServer:
+        settings = PrefillConfig(port=0, metrics_port=0, **config)
+        server = PrefillServer(settings, engine=engine, sources=sources).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop(grace_s=0)

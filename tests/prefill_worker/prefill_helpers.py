@@ -10,8 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,11 @@ from kvfuse.errors import ServiceUnavailableError
 from kvfuse.kv import ChunkKV
 from kvfuse.prefill import PrefillRequest, PrefillResult
 from prefill_worker.sources import ChunkInfo, LayerItem, LocalSource
+
+if TYPE_CHECKING:
+    from prefill_worker.server import PrefillServer
+
+MakeServer = Callable[..., "PrefillServer"]
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0  # a worker process loads torch and the model first
@@ -79,6 +85,11 @@ def poll(condition: object, timeout_s: float = 60.0, what: str = "condition") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)  # polling an observable state, not waiting on timing
+
+
+def sample(server: PrefillServer, name: str, **labels: str) -> float:
+    """A metric sample of the server's registry (0 when absent)."""
+    return server.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
 def free_port() -> int:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prefill_helpers import TestSource, assert_layers_equal, make_request, poll, split
+from prefill_helpers import (
+    MakeServer,
+    TestSource,
+    assert_layers_equal,
+    make_request,
+    poll,
+    sample,
+    split,
+)
 
 from kvfuse.engine import Engine
 from kvfuse.errors import (
@@ -23,33 +29,8 @@ from kvfuse.errors import (
 )
 from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
 from prefill_worker.client import PrefillClient
-from prefill_worker.config import PrefillConfig
-from prefill_worker.server import PrefillServer
-from prefill_worker.sources import ChunkSource
 
 TOKEN = "s3cret-token"
-MakeServer = Callable[..., PrefillServer]
-
-
-@pytest.fixture
-def make_server() -> Iterator[MakeServer]:
-    started: list[PrefillServer] = []
-
-    def make(
-        engine: Engine, sources: Sequence[ChunkSource] | None = None, **config: Any
-    ) -> PrefillServer:
-        settings = PrefillConfig(port=0, metrics_port=0, **config)
-        server = PrefillServer(settings, engine=engine, sources=sources).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop(grace_s=0)
-
-
-def sample(server: PrefillServer, name: str, **labels: str) -> float:
-    return server.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
 def test_streamed_layers_equal_engine_prefill(warm_engine: Engine, make_server: MakeServer) -> None:

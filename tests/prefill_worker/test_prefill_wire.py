@@ -16,7 +16,7 @@ from kvfuse.errors import (
     ServiceUnavailableError,
 )
 from kvfuse.model.sampling import SamplingParams
-from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats
+from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats, WarmResult
 from kvfuse.segments import PromptSegments
 from kvfuse.v1 import prefill_pb2
 from prefill_worker import status, wire
@@ -133,6 +133,16 @@ class _RpcError(grpc.RpcError):  # type: ignore[misc]
 
     def details(self) -> str:
         return self._details
+
+
+def test_warm_messages_round_trip_and_bad_counts_are_refused() -> None:
+    pb = wire.warm_request_to_proto("ingest", SEGMENTS)
+    assert pb.request_id == "ingest"
+    assert wire.warm_segments_from_proto(pb) == PromptSegments((1, 2, 3), ((4, 5), (6,)), ())
+    result = WarmResult(4, 1, 2, 1, 300, 0.5)
+    assert wire.warm_result_from_proto(wire.warm_result_to_proto(result)) == result
+    with pytest.raises(CodecError, match="add up"):
+        wire.warm_result_from_proto(prefill_pb2.WarmResponse(num_objects=3, num_stored=1))
 
 
 @pytest.mark.parametrize(
