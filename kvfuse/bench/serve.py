@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from kvfuse.bench import serve_report
+from kvfuse.bench.datasets import RAG_SYSTEM
 from kvfuse.bench.loadgen import run_phase
 from kvfuse.bench.report import write_json
 from kvfuse.bench.serve_plan import (
     DEFAULT_MUSIQUE,
     DEFAULT_SYSTEMS,
     FULL,
+    INGEST,
     KVFUSE_MODES,
     QUICK,
     STEADY,
@@ -46,12 +48,14 @@ from kvfuse.bench.vllm_cpu import (
     prepare_model_dir,
 )
 from kvfuse.bench.workload import RagRequest
-from kvfuse.errors import KvfuseError
+from kvfuse.errors import KvfuseError, ServiceUnavailableError
 from kvfuse.service.config import parse_bytes
 from kvfuse.settings import Settings
 from kvfuse.stack import KvfuseStack, Topology
 
 _WRITE_BEHIND_TIMEOUT_S = 120.0
+_WARM_BATCH = 32  # documents per POST /kvfuse/warm
+_WARM_TIMEOUT_S = 1800.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"requests per steady phase (default {FULL.num_steady}, {QUICK.num_steady} quick)",
     )
     add("--ratio", type=float, default=0.15, help="blend recompute ratio")
+    add("--warm-top", type=int, default=200, help=f"passages {INGEST} stores first, by popularity")
     add("--max-tokens", type=int, default=16)
     add("--num-docs", type=int, default=6, help="passages per request")
     add("--zipf-s", type=float, default=1.1, help="Zipf exponent of passage popularity")
@@ -184,11 +189,37 @@ def run_system(
             return measure(Server(vllm.url, vllm.model_name, None, None), plan, main_phases(plan))
         finally:
             vllm.stop()
-    ratio = plan.ratio if system == "blend" else None
+    mode = "blend" if system == INGEST else system
+    ratio = plan.ratio if mode == "blend" else None
     topology = Topology(args.topology)
     where = log_dir / f"{system}-{dtype}"
     with kvfuse_server(args, dtype, topology, where, ()) as (url, model, _):
-        return measure(Server(url, model, system, ratio), plan, main_phases(plan))
+        if system == INGEST:
+            ingest(url, model, plan.ingest)
+        return measure(Server(url, model, mode, ratio), plan, main_phases(plan))
+
+
+def ingest(url: str, model: str, documents: Sequence[str]) -> None:
+    """Stores `documents` through `POST /kvfuse/warm`, framed as the workload's chats.
+
+    Raises ServiceUnavailableError when the endpoint refuses or fails.
+    """
+    import httpx
+
+    start, stored = time.perf_counter(), 0
+    for first in range(0, len(documents), _WARM_BATCH):
+        body = {"system": RAG_SYSTEM, "documents": list(documents[first : first + _WARM_BATCH])}
+        if model:
+            body["model"] = model
+        try:
+            response = httpx.post(f"{url}/kvfuse/warm", json=body, timeout=_WARM_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailableError(f"warm failed: {exc!r}") from exc
+        if response.status_code != 200:
+            raise ServiceUnavailableError(f"warm: HTTP {response.status_code}: {response.text}")
+        stored += response.json()["stored"]
+    elapsed = time.perf_counter() - start
+    print(f"  ingest: {len(documents)} passages, {stored} objects stored in {elapsed:.1f} s")
 
 
 def run_kv_sources(

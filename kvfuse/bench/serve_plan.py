@@ -8,12 +8,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvfuse.bench.workload import RagRequest, load_pool, make_workload, reuse_fraction
+from kvfuse.bench.workload import (
+    RagRequest,
+    load_pool,
+    make_workload,
+    popularity_order,
+    reuse_fraction,
+)
 from kvfuse.errors import ConfigError
 
 DEFAULT_MUSIQUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "musique_s.json"
 KVFUSE_MODES = ("full_prefill", "prefix_cache", "full_reuse", "blend")
-DEFAULT_SYSTEMS = "full_prefill,prefix_cache,blend,vllm"
+# blend on a stack whose most popular passages were stored first (POST /kvfuse/warm), as a RAG
+# deployment stores its documents at ingest
+INGEST = "blend_ingest"
+DEFAULT_SYSTEMS = f"full_prefill,prefix_cache,blend,{INGEST},vllm"
 HOT = "hot"
 STEADY = "steady"
 
@@ -43,6 +52,7 @@ class Plan:
     steady: tuple[tuple[RagRequest, ...], ...]  # one slice per concurrency
     ratio: float
     max_tokens: int
+    ingest: tuple[str, ...] = ()  # documents the `blend_ingest` stack stores before its phases
 
 
 def csv(text: str) -> tuple[str, ...]:
@@ -54,18 +64,21 @@ def make_plan(args: argparse.Namespace) -> Plan:
     """Resolves --quick defaults and draws the workload. Raises ConfigError on bad options."""
     base = QUICK if args.quick else FULL
     systems = csv(args.systems)
-    unknown = set(systems) - {*KVFUSE_MODES, "vllm"}
+    unknown = set(systems) - {*KVFUSE_MODES, INGEST, "vllm"}
     if unknown or not systems:
         raise ConfigError(f"unknown systems: {sorted(unknown)}")
     concurrency = tuple(int(c) for c in csv(args.concurrency or base.concurrency))
     num_cold = base.num_cold if args.num_cold is None else int(args.num_cold)
     num_steady = base.num_steady if args.num_steady is None else int(args.num_steady)
-    if min(concurrency, default=0) < 1 or num_cold < 0 or num_steady < 1:
-        raise ConfigError("need concurrency >= 1, --num-cold >= 0 and --num-steady >= 1")
+    if min(concurrency, default=0) < 1 or num_cold < 0 or num_steady < 1 or args.warm_top < 0:
+        raise ConfigError(
+            "need concurrency >= 1, --num-cold >= 0, --num-steady >= 1 and --warm-top >= 0"
+        )
     passages, questions = load_pool(args.musique_path)
     total = num_cold + num_steady * len(concurrency)
     requests = make_workload(passages, questions, total, args.num_docs, args.zipf_s, args.seed)
     cold, rest = requests[:num_cold], requests[num_cold:]
+    popular = popularity_order(len(passages), args.seed)
     steady = [rest[i * num_steady : (i + 1) * num_steady] for i in range(len(concurrency))]
     return Plan(
         systems=systems,
@@ -75,6 +88,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         steady=tuple(tuple(s) for s in steady),
         ratio=args.ratio,
         max_tokens=args.max_tokens,
+        ingest=tuple(passages[i].document for i in popular[: args.warm_top]),
     )
 
 

@@ -26,6 +26,7 @@ _STYLE = {
     "prefix_cache": "tab:gray",
     "full_reuse": "tab:red",
     "blend": "tab:blue",
+    "blend_ingest": "tab:purple",
     "vllm": "tab:orange",
 }
 # (row key, column header) of the main table

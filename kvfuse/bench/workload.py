@@ -143,6 +143,13 @@ def zipf_weights(num_items: int, s: float) -> list[float]:
     return [w / total for w in raw]
 
 
+def popularity_order(num_passages: int, seed: int = 0) -> list[int]:
+    """Passage indices from most to least popular: the ranks `make_workload` draws by."""
+    by_rank = list(range(num_passages))
+    random.Random(f"kvfuse-serve-popularity-{seed}").shuffle(by_rank)
+    return by_rank
+
+
 def make_workload(
     passages: Sequence[Passage],
     questions: Sequence[str],
@@ -164,9 +171,7 @@ def make_workload(
     """
     if num_requests < 0 or not 1 <= num_docs <= len(passages) or not questions:
         raise ConfigError(f"need 1 <= num_docs <= {len(passages)} and num_requests >= 0")
-    rng = random.Random(f"kvfuse-serve-popularity-{seed}")
-    by_rank = list(range(len(passages)))
-    rng.shuffle(by_rank)
+    by_rank = popularity_order(len(passages), seed)
     cumulative = list(accumulate(zipf_weights(len(passages), zipf_s)))
     requests = []
     for index in range(num_requests):

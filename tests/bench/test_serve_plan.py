@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,17 @@ def test_plan_slices_are_disjoint_and_quick_is_small(musique: Path) -> None:
         serve_plan.make_plan(_args("--systems", "blend,sglang", "--musique-path", str(musique)))
     with pytest.raises(ConfigError):
         serve_plan.make_plan(_args("--concurrency", "0", "--musique-path", str(musique)))
+
+
+def test_ingest_holds_the_passages_the_workload_draws_most(musique: Path) -> None:
+    args = _args("--musique-path", str(musique), "--warm-top", "5", "--num-cold", "200")
+    plan = serve_plan.make_plan(args)
+    assert len(plan.ingest) == 5 and len(set(plan.ingest)) == 5
+    counts = Counter(doc for r in plan.cold for doc in r.documents)
+    most_drawn = {doc for doc, _ in counts.most_common(5)}
+    assert len(most_drawn & set(plan.ingest)) >= 4
+    assert (
+        serve_plan.make_plan(_args("--musique-path", str(musique), "--warm-top", "0")).ingest == ()
+    )
+    with pytest.raises(ConfigError, match="warm-top"):
+        serve_plan.make_plan(_args("--musique-path", str(musique), "--warm-top", "-1"))
