@@ -2,7 +2,8 @@
 
 Starts a cache server, a prefill worker and a decode worker as separate processes, then talks to
 the decode worker with the OpenAI Python client the way an application behind the vLLM router
-would: documents inside the user message, separated by `<|kvfuse_sep|>`.
+would: documents inside the user message, separated by `<|kvfuse_sep|>`. Last, a new document
+set is stored at ingest (`POST /kvfuse/warm`) and its first question hits.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kvfuse.segments import DEFAULT_SEPARATOR
 
 # Two fact-QA examples whose documents are merged: both questions are answerable from one set.
 _SEEDS = (7, 11)
+_INGEST_SEED = 15  # a third example, its documents stored before its question
 _NUM_DOCS = 6
 _MAX_TOKENS = 24
 
@@ -68,6 +70,24 @@ def demo_requests() -> list[DemoRequest]:
             mode="full_prefill",
         ),
     ]
+
+
+def ingest_request() -> DemoRequest:
+    """A question over documents the demo stores through `/kvfuse/warm` before asking it."""
+    example = make_factqa(1, num_docs=_NUM_DOCS, seed=_INGEST_SEED)[0]
+    return DemoRequest(
+        "ingested", example.system, example.documents, example.question, example.answers[0]
+    )
+
+
+def warm(url: str, model: str, request: DemoRequest) -> dict[str, Any]:
+    """Stores the request's documents, framed as its chat; returns the response body."""
+    import httpx
+
+    body = {"model": model, "system": request.system, "documents": list(request.documents)}
+    response = httpx.post(f"{url}/kvfuse/warm", json=body, timeout=600)
+    response.raise_for_status()
+    return dict(response.json())
 
 
 def _merge(first: RagExample, second: RagExample) -> tuple[str, ...]:
@@ -122,9 +142,18 @@ def run_demo(dtype: str = "float32", console: Console | None = None) -> int:
             if idx == 0 and stack.cache_addr:
                 with console.status("prefill worker storing the documents' KV (write-behind)…"):
                     _wait_for_objects(stack.cache_addr, 1 + _NUM_DOCS)
+        ingested = ingest_request()
+        with console.status("ingest: storing a new document set (POST /kvfuse/warm)…"):
+            warmed = warm(stack.url, stack.model_name, ingested)
+        with console.status(f"{ingested.label}: {ingested.question}"):
+            answers.append(ask(client, stack.model_name, ingested))
     finally:
         stack.stop()
     _print(console, answers)
+    console.print(
+        f"ingest stored {warmed['stored']} objects ({warmed['computed_tokens']} tokens) in "
+        f"{warmed['warm_s']:.1f} s before the first question over those documents"
+    )
     return 0
 
 
