@@ -23,7 +23,7 @@ from kvfuse import keys
 from kvfuse.blend import BlendConfig, BlendRun, FusedLayer, Mode
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.decode import KVCache, generate_tokens, score_continuation
-from kvfuse.errors import ConfigError, InvalidRequestError, PromptTooLongError
+from kvfuse.errors import CacheError, ConfigError, InvalidRequestError, PromptTooLongError
 from kvfuse.kv import ChunkKV, ChunkLayers
 from kvfuse.model.loader import LoadedModel, load_model
 from kvfuse.model.sampling import Sampler, SamplingParams
@@ -37,9 +37,10 @@ from kvfuse.planner import (
     prefill_stats,
 )
 from kvfuse.precompute import ChunkContext, precompute
-from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats, WarmResult, warm_segments
+from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats, WarmResult
 from kvfuse.segments import PromptSegments, build_prompt
 from kvfuse.settings import Settings
+from kvfuse.warm import store_computed, warm_objects, warm_segments
 
 # PreparedPrompt, PlannedPrefill and prefill_stats moved to kvfuse.planner; still importable here.
 __all__ = [
@@ -163,31 +164,21 @@ class Engine:
             PromptTooLongError: prefix + a chunk exceed the model's context.
         """
         start = time.perf_counter()
+        cfg = self.model.cfg
         prompt = self.prepare_tokens(
-            warm_segments(segments, self.model.cfg.vocab_size, self.max_context_tokens)
+            warm_segments(segments, cfg.vocab_size, self.max_context_tokens)
         )
-        objects = dict.fromkeys(prompt.chunk_keys)
-        if prompt.segments.prefix_ids:
-            objects = {prompt.prefix_key: None, **objects}
+        objects = warm_objects(prompt)
         present = {key for key in objects if self.store.contains(key)}
         computed = self.compute_missing(prompt, present.__contains__, self.store.get)
-        stored = failed = num_tokens = 0
-        while True:
-            with self._lock, torch.inference_mode():
-                item = next(computed, None)
-            if item is None:
-                break
-            key, kv = item
-            num_tokens += kv.num_tokens
-            if key in present:  # the prefix, recomputed as the chunks' context
-                continue
-            if self.store.put(key, kv):
-                stored += 1
-            else:
-                failed += 1
-        return WarmResult(
-            len(objects), len(present), stored, failed, num_tokens, time.perf_counter() - start
-        )
+        stored, failed, num_tokens = store_computed(computed, present, self._lock, self._put)
+        elapsed = time.perf_counter() - start
+        return WarmResult(len(objects), len(present), stored, failed, num_tokens, elapsed)
+
+    def _put(self, key: str, kv: ChunkKV) -> bool:
+        if not self.store.put(key, kv):
+            raise CacheError(f"{key[:12]}: larger than the whole in-process store")
+        return True
 
     def compute_missing(
         self,

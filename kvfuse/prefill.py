@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvfuse.blend import FusedLayer, Mode
-from kvfuse.errors import InvalidRequestError, PromptTooLongError
 from kvfuse.model.sampling import SamplingParams
 from kvfuse.segments import PromptSegments
 
@@ -127,27 +126,3 @@ class ChunkWarmer(Protocol):
     """
 
     def warm_chunks(self, segments: PromptSegments, request_id: str = "") -> WarmResult: ...
-
-
-MAX_WARM_CHUNKS = 256  # chunks in one warm call (each computed in turn: seconds apiece on a CPU)
-
-
-def warm_segments(segments: PromptSegments, vocab_size: int, max_context: int) -> PromptSegments:
-    """What a `ChunkWarmer` stores of `segments`: the prefix and the distinct chunks in order,
-    the query dropped.
-
-    Raises:
-        InvalidRequestError: no chunk, too many, an empty one, a token id outside the vocabulary.
-        PromptTooLongError: the prefix and the longest chunk do not fit the context.
-    """
-    chunks = tuple(dict.fromkeys(segments.chunk_ids))
-    if not chunks or len(chunks) > MAX_WARM_CHUNKS:
-        raise InvalidRequestError(f"warm 1 to {MAX_WARM_CHUNKS} chunks (got {len(chunks)})")
-    if not all(chunks):
-        raise InvalidRequestError(f"chunk {chunks.index(())} is empty")
-    if any(not 0 <= t < vocab_size for ids in (segments.prefix_ids, *chunks) for t in ids):
-        raise InvalidRequestError(f"token ids must be in [0, {vocab_size})")
-    longest = len(segments.prefix_ids) + max(map(len, chunks))
-    if longest > max_context:
-        raise PromptTooLongError(longest, max_context)
-    return PromptSegments(segments.prefix_ids, chunks, ())

@@ -10,12 +10,12 @@ import logging
 import threading
 import time
 
-import torch
-
 from kvfuse.engine import Engine
 from kvfuse.errors import KvfuseError
-from kvfuse.prefill import WarmResult, warm_segments
+from kvfuse.kv import ChunkKV
+from kvfuse.prefill import WarmResult
 from kvfuse.segments import PromptSegments
+from kvfuse.warm import store_computed, warm_objects, warm_segments
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.sources import Shards
 
@@ -50,33 +50,23 @@ class Warmer:
         engine = self.engine
         segments = warm_segments(segments, engine.model.cfg.vocab_size, engine.max_context_tokens)
         prompt = engine.prepare_tokens(segments)
-        objects = list(dict.fromkeys(prompt.chunk_keys))
-        if segments.prefix_ids:
-            objects.insert(0, prompt.prefix_key)
+        objects = warm_objects(prompt)
         present = self._lookup(objects)
         computed = engine.compute_missing(prompt, present.__contains__, lambda _key: None)
-        stored = failed = num_tokens = 0
-        while True:
-            with self.compute_lock, torch.inference_mode():
-                item = next(computed, None)
-            if item is None:
-                break
-            key, kv = item
-            num_tokens += kv.num_tokens
-            if key in present:  # the stored prefix, recomputed as the chunks' context
-                continue
-            try:
-                if self.shards.sources[self.shards.owner(key)].put(key, kv):
-                    stored += 1
-                else:  # stored meanwhile (a request's write-behind)
-                    present.add(key)
-            except KvfuseError as exc:
-                failed += 1
-                log.warning("warm: storing %s failed: %s", key[:12], exc)
+        stored, failed, num_tokens = store_computed(
+            computed, present, self.compute_lock, self._store
+        )
         for result, count in (("present", len(present)), ("stored", stored), ("failed", failed)):
             self.metrics.warm_objects.labels(result).inc(count)
         elapsed = time.perf_counter() - start
         return WarmResult(len(objects), len(present), stored, failed, num_tokens, elapsed)
+
+    def _store(self, key: str, kv: ChunkKV) -> bool:
+        try:
+            return self.shards.sources[self.shards.owner(key)].put(key, kv)
+        except KvfuseError as exc:
+            log.warning("warm: storing %s failed: %s", key[:12], exc)
+            raise
 
     def _lookup(self, keys: list[str]) -> set[str]:
         """The keys some shard holds; a shard that fails to answer holds none of its keys."""
