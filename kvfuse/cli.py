@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_commands(services, _SERVICES)
 
+    from kvfuse.client import warm as warm_client
+
+    warm = sub.add_parser("warm", help="store documents' KV through a decode worker, at ingest")
+    warm_client.add_arguments(warm)
+    warm.set_defaults(func=warm_client.run)
+
     cache = sub.add_parser("cache", help="inspect a running cache server: stats, ls, rm")
     from kvfuse.client import admin as cache_admin
 

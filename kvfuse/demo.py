@@ -19,6 +19,7 @@ from rich.table import Table
 
 from kvfuse.bench.datasets import RagExample, make_factqa
 from kvfuse.bench.metrics import contains_answer
+from kvfuse.client.warm import warm_documents
 from kvfuse.segments import DEFAULT_SEPARATOR
 
 # Two fact-QA examples whose documents are merged: both questions are answerable from one set.
@@ -80,16 +81,6 @@ def ingest_request() -> DemoRequest:
     )
 
 
-def warm(url: str, model: str, request: DemoRequest) -> dict[str, Any]:
-    """Stores the request's documents, framed as its chat; returns the response body."""
-    import httpx
-
-    body = {"model": model, "system": request.system, "documents": list(request.documents)}
-    response = httpx.post(f"{url}/kvfuse/warm", json=body, timeout=600)
-    response.raise_for_status()
-    return dict(response.json())
-
-
 def _merge(first: RagExample, second: RagExample) -> tuple[str, ...]:
     """`first`'s documents with one distractor replaced by the document answering `second`."""
     answer_doc = next(d for d in second.documents if second.answers[0] in d)
@@ -144,15 +135,15 @@ def run_demo(dtype: str = "float32", console: Console | None = None) -> int:
                     _wait_for_objects(stack.cache_addr, 1 + _NUM_DOCS)
         ingested = ingest_request()
         with console.status("ingest: storing a new document set (POST /kvfuse/warm)…"):
-            warmed = warm(stack.url, stack.model_name, ingested)
+            warmed = warm_documents(stack.url, ingested.documents, ingested.system)
         with console.status(f"{ingested.label}: {ingested.question}"):
             answers.append(ask(client, stack.model_name, ingested))
     finally:
         stack.stop()
     _print(console, answers)
     console.print(
-        f"ingest stored {warmed['stored']} objects ({warmed['computed_tokens']} tokens) in "
-        f"{warmed['warm_s']:.1f} s before the first question over those documents"
+        f"ingest stored {warmed.stored} objects ({warmed.computed_tokens} tokens) in "
+        f"{warmed.wall_s:.1f} s before the first question over those documents"
     )
     return 0
 

@@ -48,14 +48,13 @@ from kvfuse.bench.vllm_cpu import (
     prepare_model_dir,
 )
 from kvfuse.bench.workload import RagRequest
-from kvfuse.errors import KvfuseError, ServiceUnavailableError
+from kvfuse.client.warm import warm_documents
+from kvfuse.errors import KvfuseError
 from kvfuse.service.config import parse_bytes
 from kvfuse.settings import Settings
 from kvfuse.stack import KvfuseStack, Topology
 
 _WRITE_BEHIND_TIMEOUT_S = 120.0
-_WARM_BATCH = 32  # documents per POST /kvfuse/warm
-_WARM_TIMEOUT_S = 1800.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,24 +201,10 @@ def run_system(
 def ingest(url: str, model: str, documents: Sequence[str]) -> None:
     """Stores `documents` through `POST /kvfuse/warm`, framed as the workload's chats.
 
-    Raises ServiceUnavailableError when the endpoint refuses or fails.
+    Raises a KvfuseError when the endpoint refuses or fails.
     """
-    import httpx
-
-    start, stored = time.perf_counter(), 0
-    for first in range(0, len(documents), _WARM_BATCH):
-        body = {"system": RAG_SYSTEM, "documents": list(documents[first : first + _WARM_BATCH])}
-        if model:
-            body["model"] = model
-        try:
-            response = httpx.post(f"{url}/kvfuse/warm", json=body, timeout=_WARM_TIMEOUT_S)
-        except httpx.HTTPError as exc:
-            raise ServiceUnavailableError(f"warm failed: {exc!r}") from exc
-        if response.status_code != 200:
-            raise ServiceUnavailableError(f"warm: HTTP {response.status_code}: {response.text}")
-        stored += response.json()["stored"]
-    elapsed = time.perf_counter() - start
-    print(f"  ingest: {len(documents)} passages, {stored} objects stored in {elapsed:.1f} s")
+    totals = warm_documents(url, documents, RAG_SYSTEM, model=model or None)
+    print(f"  ingest: {len(documents)} passages, {totals.stored} stored in {totals.wall_s:.1f} s")
 
 
 def run_kv_sources(

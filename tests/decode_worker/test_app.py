@@ -28,6 +28,10 @@ from decode_helpers import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvfuse import cli
+from kvfuse.client.warm import warm_documents
+from kvfuse.errors import AuthError, InvalidRequestError, ServiceUnavailableError
+
 MODEL = "SmolLM2-135M-Instruct"
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 12}
 
@@ -174,6 +178,28 @@ def test_warmed_documents_hit_on_their_first_request(
     prompt = SEP.join(["Notes:", docs[1], docs[0], "Q: who keeps bees? A:"])
     completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
     assert kvfuse_usage(completion)["chunk_hits"] == 2
+
+
+def test_warm_client_and_command_line(
+    server: DecodeProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = ("Quill Arden sails to Fenmoor.", "Fenmoor has a salt market.", "Tarn is a dog.")
+    totals = warm_documents(server.url, docs, SYSTEM, token=TOKEN, batch=2)  # two calls
+    assert (totals.documents, totals.objects, totals.present + totals.stored) == (3, 5, 5)
+    assert totals.stored >= 3 and totals.computed_tokens > 0
+    files = [tmp_path / f"doc{i}.txt" for i in range(2)]
+    for path, doc in zip(files, ("Ulla Brink fixes clocks.", "Brink Lane is short."), strict=True):
+        path.write_text(doc)
+    args = ["warm", "--url", server.url, "--token", TOKEN, "--system", SYSTEM, *map(str, files)]
+    assert cli.main(args) == 0
+    assert "2 documents: 2 objects stored, 1 already present" in capsys.readouterr().out
+    with pytest.raises(AuthError):
+        warm_documents(server.url, docs, SYSTEM, token="wrong")
+    with pytest.raises(InvalidRequestError, match="empty"):
+        warm_documents(server.url, ["fine", " "], SYSTEM, token=TOKEN)
+    with pytest.raises(ServiceUnavailableError):
+        warm_documents("http://127.0.0.1:1", docs, SYSTEM, timeout_s=5)
+    assert cli.main(["warm", "--url", server.url, str(tmp_path / "missing.txt")]) == 2
 
 
 def test_explicit_segments_match_the_separator(client: openai.OpenAI) -> None:
