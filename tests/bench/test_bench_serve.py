@@ -25,6 +25,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/kvfuse/warm":
+            self.server.warmed.append(body)  # type: ignore[attr-defined]
+            num = len(body["documents"])
+            answer = {"objects": num + 1, "present": 1, "stored": num, "computed_tokens": 7 * num}
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         self.server.bodies.append(body)  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -46,6 +57,7 @@ class _Handler(BaseHTTPRequestHandler):
 def endpoint() -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.bodies = []  # type: ignore[attr-defined]
+    server.warmed = []  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server
@@ -105,3 +117,28 @@ def test_run_against_an_endpoint_writes_rows_ratios_and_plot(
         return sorted(json.dumps(b["kvfuse"]["segments"]) for b in bodies)
 
     assert requests(bodies[:7]) == requests(blend)  # every system gets the very same requests
+
+
+def test_blend_ingest_stores_the_popular_passages_first(
+    endpoint: ThreadingHTTPServer, musique: Path, tmp_path: Path
+) -> None:
+    url = f"http://127.0.0.1:{endpoint.server_address[1]}"
+    args = _args(
+        "--endpoint", url, "--systems", "blend_ingest", "--dtypes", "float32",
+        "--concurrency", "1", "--num-cold", "1", "--num-steady", "2", "--warm-top", "40",
+        "--musique-path", str(musique), "--out", str(tmp_path), "--num-docs", "3",
+    )  # fmt: skip
+    assert serve.run(args) == 0
+    warmed = endpoint.warmed  # type: ignore[attr-defined]
+    assert [len(w["documents"]) for w in warmed] == [32, 8]  # batches of warm_documents
+    plan = serve.make_plan(args)
+    assert [d for w in warmed for d in w["documents"]] == list(plan.ingest)
+    assert all(w["system"] == warmed[0]["system"] and w["chat"] for w in warmed)
+    rows = json.loads((tmp_path / "serve.json").read_text())["rows"]
+    assert [(r["system"], r["phase"]) for r in rows] == [
+        ("blend_ingest", "cold"),
+        ("blend_ingest", "steady"),
+    ]
+    bodies = endpoint.bodies  # type: ignore[attr-defined]
+    assert {b["kvfuse"]["mode"] for b in bodies} == {"blend"}
+    assert bodies[0]["messages"][0]["content"] == warmed[0]["system"]  # the chats' framing
