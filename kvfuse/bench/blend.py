@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradual-ratios", default="", help="per check layer, × final ratio")
     parser.add_argument("--deviation", default="v_l2", choices=[d.value for d in Deviation])
     parser.add_argument("--mask", default="exact", choices=[m.value for m in MaskKind])
+    parser.add_argument(
+        "--forced-chunk-start",
+        type=int,
+        default=0,
+        help="first tokens of every cached chunk always recomputed (on top of the ratio)",
+    )
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--musique-path", type=Path, default=DEFAULT_MUSIQUE)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -65,6 +71,7 @@ def blend_config(args: argparse.Namespace, ratio: float) -> BlendConfig:
         ratios=ratios,
         deviation=Deviation(args.deviation),
         mask=MaskKind(args.mask),
+        num_forced_chunk_start=args.forced_chunk_start,
     )
 
 

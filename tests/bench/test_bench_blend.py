@@ -75,3 +75,13 @@ def test_an_interrupted_run_keeps_what_it_measured(
     assert blend[0]["kl_vs_full"] == pytest.approx(0.2)
     assert blend[0]["top1_vs_full"] == pytest.approx(0.9)
     assert (tmp_path / "cut.png").exists()
+
+
+def test_blend_config_takes_the_selection_options() -> None:
+    parser = argparse.ArgumentParser()
+    bench_blend.add_arguments(parser)
+    argv = ["--check-layers", "1,2", "--gradual-ratios", "2,1", "--forced-chunk-start", "8"]
+    config = bench_blend.blend_config(parser.parse_args(argv), 0.15)
+    assert config.check_layers == (1, 2) and config.ratios == (0.3, 0.15)
+    assert config.num_forced_chunk_start == 8 and config.recompute_ratio == 0.15
+    assert bench_blend.blend_config(parser.parse_args([]), 0.3).num_forced_chunk_start == 0
