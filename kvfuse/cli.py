@@ -1,4 +1,4 @@
-"""The `kvfuse` command line: generate, demo, benchmarks, services and cache admin."""
+"""The `kvfuse` command line: generate, demo, benchmarks, services, warm and cache admin."""
 
 from __future__ import annotations
 
