@@ -142,8 +142,8 @@ def run_demo(dtype: str = "float32", console: Console | None = None) -> int:
         stack.stop()
     _print(console, answers)
     console.print(
-        f"ingest stored {warmed.stored} objects ({warmed.computed_tokens} tokens) in "
-        f"{warmed.wall_s:.1f} s before the first question over those documents"
+        f"ingest stored {warmed.num_stored} objects ({warmed.num_computed_tokens} tokens) in "
+        f"{warmed.warm_s:.1f} s before the first question over those documents"
     )
     return 0
 

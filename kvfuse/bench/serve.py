@@ -204,7 +204,9 @@ def ingest(url: str, model: str, documents: Sequence[str]) -> None:
     Raises a KvfuseError when the endpoint refuses or fails.
     """
     totals = warm_documents(url, documents, RAG_SYSTEM, model=model or None)
-    print(f"  ingest: {len(documents)} passages, {totals.stored} stored in {totals.wall_s:.1f} s")
+    print(
+        f"  ingest: {len(documents)} passages, {totals.num_stored} stored in {totals.warm_s:.1f} s"
+    )
 
 
 def run_kv_sources(

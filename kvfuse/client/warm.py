@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +20,10 @@ from kvfuse.errors import (
     KvfuseError,
     ServiceUnavailableError,
 )
+from kvfuse.prefill import WarmResult
 
 BATCH = 32  # documents per request: each answers within minutes on a CPU
 TIMEOUT_S = 1800.0
-
-
-@dataclass(frozen=True)
-class WarmTotals:
-    """What the calls of one `warm_documents` stored, summed over its batches."""
-
-    documents: int
-    objects: int
-    present: int
-    stored: int
-    computed_tokens: int
-    wall_s: float
 
 
 def warm_documents(
@@ -48,10 +36,10 @@ def warm_documents(
     token: str | None = None,
     batch: int = BATCH,
     timeout_s: float = TIMEOUT_S,
-) -> WarmTotals:
+) -> WarmResult:
     """Stores `documents` as the chats (`chat`) or completions after `system` will carry them,
-    `batch` documents per call. The prefix counts once per call, so batches add it to
-    `present` after the first.
+    `batch` documents per call; the answers summed (the prefix counts once per call, so
+    batches after the first add it to `num_present`; `num_failed` is 0: a failed store raises).
 
     Raises:
         InvalidRequestError: the worker refused the documents (400/404/422).
@@ -59,7 +47,8 @@ def warm_documents(
         ServiceUnavailableError: unreachable, or objects it could not store (503; warm again).
     """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    totals: dict[str, Any] = dict.fromkeys(("objects", "present", "stored", "computed_tokens"), 0)
+    fields = ("objects", "present", "stored", "computed_tokens")
+    totals = dict.fromkeys(fields, 0)
     start = time.perf_counter()
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s) as client:
         for first in range(0, len(documents), batch):
@@ -73,7 +62,8 @@ def warm_documents(
             answer = _post(client, body)
             for key in totals:
                 totals[key] += answer[key]
-    return WarmTotals(len(documents), wall_s=time.perf_counter() - start, **totals)
+    objects, present, stored, tokens = (totals[key] for key in fields)
+    return WarmResult(objects, present, stored, 0, tokens, time.perf_counter() - start)
 
 
 def _post(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         batch=max(1, args.batch),
     )
     print(
-        f"{totals.documents} documents: {totals.stored} objects stored, {totals.present} "
-        f"already present, {totals.computed_tokens} tokens computed in {totals.wall_s:.1f} s"
+        f"{len(texts)} documents: {totals.num_stored} objects stored, {totals.num_present} "
+        f"already present, {totals.num_computed_tokens} tokens computed in {totals.warm_s:.1f} s"
     )
     return 0

@@ -185,8 +185,8 @@ def test_warm_client_and_command_line(
 ) -> None:
     docs = ("Quill Arden sails to Fenmoor.", "Fenmoor has a salt market.", "Tarn is a dog.")
     totals = warm_documents(server.url, docs, SYSTEM, token=TOKEN, batch=2)  # two calls
-    assert (totals.documents, totals.objects, totals.present + totals.stored) == (3, 5, 5)
-    assert totals.stored >= 3 and totals.computed_tokens > 0
+    assert (totals.num_objects, totals.num_present + totals.num_stored) == (5, 5)
+    assert totals.num_stored >= 3 and totals.num_computed_tokens > 0 and totals.num_failed == 0
     files = [tmp_path / f"doc{i}.txt" for i in range(2)]
     for path, doc in zip(files, ("Ulla Brink fixes clocks.", "Brink Lane is short."), strict=True):
         path.write_text(doc)
