@@ -5,7 +5,7 @@ arrival order when a batch slot, a prefill slot and KV room are free (PREFILLING
 its prefill stream to a prefill thread, which copies each fused layer into the sequence's KV
 cache as it arrives and sends the first token to the client at once; the sequence then joins
 the decode batch (RUNNING), where every step appends one token to every running sequence
-(`kvfuse.batch_decode.decode_batch`), so a short request never waits behind a long one. A
+(`kvfuse.decode.batch.decode_batch`), so a short request never waits behind a long one. A
 finished, failed or aborted sequence frees its KV room.
 """
 
@@ -30,9 +30,9 @@ from decode_worker.sequence import (
     SequenceOutput,
     SequenceStatus,
 )
-from kvfuse.batch_decode import decode_batch
 from kvfuse.blend import FusedLayer
-from kvfuse.decode import KVCache
+from kvfuse.decode.batch import decode_batch
+from kvfuse.decode.step import KVCache
 from kvfuse.errors import (
     AuthError,
     KvfuseError,

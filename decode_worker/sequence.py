@@ -12,7 +12,7 @@ import torch
 
 from decode_worker.detokenizer import TextStream
 from kvfuse.blend import Mode
-from kvfuse.decode import KVCache
+from kvfuse.decode.step import KVCache
 from kvfuse.model.sampling import Sampler, SamplingParams
 from kvfuse.prefill import PrefillRequest, PrefillStats
 from kvfuse.segments import PromptSegments

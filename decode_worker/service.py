@@ -15,10 +15,10 @@ from decode_worker.prefiller import PrefillBackend, local_backend, remote_backen
 from decode_worker.prompts import PromptBuilder, PromptDefaults
 from decode_worker.scheduler import Scheduler, SchedulerLimits
 from kvfuse.blend import Mode
+from kvfuse.blend.precompute import ChunkContext
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.model.loader import LoadedModel, load_model
-from kvfuse.precompute import ChunkContext
 from kvfuse.prefill import WarmResult
 from kvfuse.segments import PromptSegments
 from kvfuse.service.threads import io_thread, on_temporary_thread

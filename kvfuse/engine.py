@@ -21,28 +21,26 @@ from torch import Tensor
 
 from kvfuse import keys
 from kvfuse.blend import BlendConfig, BlendRun, FusedLayer, Mode
-from kvfuse.chunk_store import ChunkStore
-from kvfuse.decode import KVCache, generate_tokens, score_continuation
-from kvfuse.errors import CacheError, ConfigError, InvalidRequestError, PromptTooLongError
-from kvfuse.kv import ChunkKV, ChunkLayers
-from kvfuse.model.loader import LoadedModel, load_model
-from kvfuse.model.sampling import Sampler, SamplingParams
-from kvfuse.planner import (
+from kvfuse.blend.plan import (
     PRECOMPUTE_MODES,
     MissPolicy,
     PlanInputs,
     PlannedPrefill,
     PreparedPrompt,
     plan_prefill,
-    prefill_stats,
 )
-from kvfuse.precompute import ChunkContext, precompute
-from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats, WarmResult
+from kvfuse.blend.precompute import ChunkContext, precompute
+from kvfuse.chunk_store import ChunkStore
+from kvfuse.decode.step import KVCache, generate_tokens, score_continuation
+from kvfuse.errors import CacheError, ConfigError, InvalidRequestError, PromptTooLongError
+from kvfuse.kv import ChunkKV, ChunkLayers
+from kvfuse.model.loader import LoadedModel, load_model
+from kvfuse.model.sampling import Sampler, SamplingParams
+from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats, WarmResult, prefill_stats
 from kvfuse.segments import PromptSegments, build_prompt
 from kvfuse.settings import Settings
 from kvfuse.warm import store_computed, warm_objects, warm_segments
 
-# PreparedPrompt, PlannedPrefill and prefill_stats moved to kvfuse.planner; still importable here.
 __all__ = [
     "Engine",
     "GenerateOutput",
@@ -77,7 +75,7 @@ class Engine:
     """Model + tokenizer + chunk store. `generate` is serialized by a lock.
 
     `miss_policy` says how a request handles chunks missing from the store (see
-    `kvfuse.planner.MissPolicy`); either way they are stored after the first token.
+    `kvfuse.blend.plan.MissPolicy`); either way they are stored after the first token.
     """
 
     def __init__(
@@ -225,7 +223,7 @@ class Engine:
         chunks: Mapping[str, ChunkLayers] | None = None,
         precomputed: Mapping[str, ChunkKV] | None = None,
     ) -> PlannedPrefill:
-        """Decides which rows are cached, exact, forced (see `kvfuse.planner.plan_prefill`).
+        """Decides which rows are cached, exact, forced (see `kvfuse.blend.plan.plan_prefill`).
 
         Args:
             chunks: the cached objects available, by key (prefix and chunks); None looks them

@@ -9,11 +9,14 @@ while layer l+1 is still being computed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvfuse.blend import FusedLayer, Mode
+from kvfuse.blend.config import Mode
+from kvfuse.blend.plan import PlannedPrefill
+from kvfuse.blend.run import BlendStats, FusedLayer
 from kvfuse.model.sampling import SamplingParams
 from kvfuse.segments import PromptSegments
 
@@ -126,3 +129,22 @@ class ChunkWarmer(Protocol):
     """
 
     def warm_chunks(self, segments: PromptSegments, request_id: str = "") -> WarmResult: ...
+
+
+def prefill_stats(stats: BlendStats, planned: PlannedPrefill, start_s: float) -> PrefillStats:
+    """A finished run's counters as the prefill contract reports them.
+
+    The run counts precomputed rows as cached; here they are reported on their own, so
+    cached + precomputed + computed = prompt tokens (without forced chunk starts).
+    """
+    return PrefillStats(
+        num_prompt_tokens=stats.num_tokens,
+        num_cached_tokens=stats.num_cached_tokens - planned.num_precomputed_tokens,
+        num_recomputed_tokens=stats.num_recomputed_tokens,
+        num_computed_tokens=stats.num_computed_tokens,
+        num_chunks=planned.num_chunks,
+        num_chunk_hits=planned.num_chunk_hits,
+        prefill_s=time.perf_counter() - start_s,
+        num_precomputed_tokens=planned.num_precomputed_tokens,
+        num_chunks_precomputed=planned.num_chunks_precomputed,
+    )

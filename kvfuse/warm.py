@@ -8,9 +8,9 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from kvfuse.blend.plan import PreparedPrompt
 from kvfuse.errors import InvalidRequestError, KvfuseError, PromptTooLongError
 from kvfuse.kv import ChunkKV
-from kvfuse.planner import PreparedPrompt
 from kvfuse.segments import PromptSegments
 
 MAX_WARM_CHUNKS = 256  # chunks in one warm call (each computed in turn: seconds apiece on a CPU)

@@ -29,12 +29,12 @@ from dataclasses import replace
 import torch
 
 from kvfuse.blend import BlendConfig, FusedLayer, Mode
+from kvfuse.blend.plan import PreparedPrompt
 from kvfuse.engine import Engine
 from kvfuse.errors import CacheError, InvalidRequestError, KvfuseError, PromptTooLongError
 from kvfuse.kv import ChunkKV
 from kvfuse.model.sampling import Sampler
-from kvfuse.planner import PreparedPrompt, prefill_stats
-from kvfuse.prefill import PrefillRequest, PrefillResult
+from kvfuse.prefill import PrefillRequest, PrefillResult, prefill_stats
 from kvfuse.service.threads import ThreadStarter, compute_thread
 from prefill_worker.background import BackgroundIterator
 from prefill_worker.metrics import PrefillMetrics

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 import grpc
 import torch
 
+from kvfuse.blend.precompute import ChunkContext
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import load_model
-from kvfuse.precompute import ChunkContext
 from kvfuse.service.auth import DEFAULT_TENANT, Authenticator, AuthInterceptor
 from kvfuse.service.grpc_server import GrpcServer, GrpcService, PreEncodedInterceptor
 from kvfuse.service.threads import on_temporary_thread

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvfuse.blend.plan import PreparedPrompt
 from kvfuse.engine import Engine
 from kvfuse.errors import KvfuseError
 from kvfuse.kv import ChunkKV
-from kvfuse.planner import PreparedPrompt
 from kvfuse.service.threads import io_thread
 from prefill_worker.metrics import PrefillMetrics
 

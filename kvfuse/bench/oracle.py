@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvfuse.blend import BlendConfig, BlendRun, Mode, RowPlan
-from kvfuse.decode import KVCache, generate_tokens, score_continuation
+from kvfuse.blend import BlendConfig, BlendRun, Mode
+from kvfuse.blend.plan import PreparedPrompt, RowPlan
+from kvfuse.decode.step import KVCache, generate_tokens, score_continuation
 from kvfuse.engine import Engine
 from kvfuse.model.sampling import Sampler, SamplingParams
-from kvfuse.planner import PreparedPrompt
 
 
 @dataclass(frozen=True)

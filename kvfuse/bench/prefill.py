@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from kvfuse.blend import BlendRun, RowPlan
+from kvfuse.blend import BlendRun
+from kvfuse.blend.plan import RowPlan
 from kvfuse.model.loader import convert_gguf, default_model_path, load_model
 from kvfuse.settings import DTYPES, Settings
 

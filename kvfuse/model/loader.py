@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvfuse import rope
 from kvfuse.errors import ModelLoadError
+from kvfuse.model import rope
 from kvfuse.model.config import ModelConfig
 from kvfuse.model.tokenizer import Tokenizer
 from kvfuse.model.transformer import Transformer

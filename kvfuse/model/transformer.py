@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvfuse import rope
+from kvfuse.model import rope
 from kvfuse.model.config import ModelConfig
 
 

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from kvfuse.blend.plan import PreparedPrompt
 from kvfuse.errors import ServiceUnavailableError
 from kvfuse.kv import ChunkKV
-from kvfuse.planner import PreparedPrompt
 from kvfuse.segments import PromptSegments
 from kvfuse.warm import store_computed, warm_objects
 

@@ -20,10 +20,10 @@ from prefill_helpers import (
 )
 
 from kvfuse.blend import FusedLayer, Mode
+from kvfuse.blend.plan import MissPolicy
 from kvfuse.engine import Engine
 from kvfuse.errors import InvalidRequestError, PromptTooLongError, ServiceUnavailableError
 from kvfuse.kv import ChunkKV
-from kvfuse.planner import MissPolicy
 from kvfuse.prefill import PrefillRequest, PrefillResult
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.pipeline import RemotePrefiller

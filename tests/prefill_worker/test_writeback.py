@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvfuse.blend.plan import PreparedPrompt
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.errors import CapacityError
 from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import load_model
-from kvfuse.planner import PreparedPrompt
 from kvfuse.segments import PromptSegments
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.writeback import WriteBehind, WriteJob

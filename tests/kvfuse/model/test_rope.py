@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from kvfuse import rope
+from kvfuse.model import rope
 from kvfuse.model.config import RopeConfig
 
 LLAMA3 = {

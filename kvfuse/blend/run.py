@@ -18,110 +18,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
+from kvfuse.blend.attention import RowAttention
+from kvfuse.blend.config import Deviation, MaskKind
+from kvfuse.blend.plan import RowPlan
+from kvfuse.blend.select import deviation, query_attention, select_rows
 from kvfuse.errors import ConfigError
 from kvfuse.model.transformer import Transformer
-from kvfuse.row_attention import RowAttention
-
-
-class Mode(str, Enum):
-    FULL_PREFILL = "full_prefill"
-    PREFIX_CACHE = "prefix_cache"
-    FULL_REUSE = "full_reuse"
-    BLEND = "blend"
-
-
-class Deviation(str, Enum):
-    """How far a token's fresh KV is from its cached KV at a check layer."""
-
-    V_L2 = "v_l2"
-    K_L2 = "k_l2"
-    K_L1 = "k_l1"
-    # Not a deviation: the attention the forced rows (the query) pay each token at the check
-    # layer, so the recompute budget goes to the tokens the question reads.
-    QUERY_ATTENTION = "q_attn"
-
-
-class MaskKind(str, Enum):
-    EXACT = "exact"
-    BOTTOM_RIGHT = "bottom_right"
-
-
-@dataclass(frozen=True)
-class BlendConfig:
-    """Selective-recompute settings.
-
-    Attributes:
-        recompute_ratio: fraction r of eligible (cached chunk) tokens recomputed.
-        check_layers: layers that select rows, ascending; earlier layers compute all rows.
-        ratios: gradual filtering — one ratio per check layer, non-increasing; empty means
-            `recompute_ratio` at every check layer.
-        deviation: the selection metric.
-        mask: exact causal by position, or the bottom-right-aligned variant.
-        num_forced_chunk_start: the first tokens of every cached chunk are always recomputed
-            (they were computed without the preceding chunks; cf. EPIC's chunk-start repair).
-    """
-
-    recompute_ratio: float = 0.15
-    check_layers: tuple[int, ...] = (1,)
-    ratios: tuple[float, ...] = ()
-    deviation: Deviation = Deviation.V_L2
-    mask: MaskKind = MaskKind.EXACT
-    num_forced_chunk_start: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_forced_chunk_start < 0:
-            raise ConfigError("num_forced_chunk_start must be ≥ 0")
-        if not 0.0 <= self.recompute_ratio <= 1.0 or math.isnan(self.recompute_ratio):
-            raise ConfigError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        layers = self.check_layers
-        if not layers or any(c < 0 for c in layers) or list(layers) != sorted(set(layers)):
-            raise ConfigError(f"check_layers must be ascending, unique, ≥ 0: {layers}")
-        if self.ratios:
-            if len(self.ratios) != len(layers):
-                raise ConfigError("ratios needs one value per check layer")
-            if any(not 0.0 <= r <= 1.0 for r in self.ratios):
-                raise ConfigError(f"ratios must be in [0, 1]: {self.ratios}")
-            if list(self.ratios) != sorted(self.ratios, reverse=True):
-                raise ConfigError(f"ratios must be non-increasing: {self.ratios}")
-
-    def schedule(self, num_layers: int) -> dict[int, float]:
-        """Check layer -> ratio for a model with `num_layers` layers."""
-        if self.check_layers[-1] >= num_layers:
-            raise ConfigError(f"check layer {self.check_layers[-1]} ≥ num_layers {num_layers}")
-        ratios = self.ratios or (self.recompute_ratio,) * len(self.check_layers)
-        return dict(zip(self.check_layers, ratios, strict=True))
-
-
-@dataclass(frozen=True)
-class RowPlan:
-    """Which prompt rows have cached KV and which must be computed. All masks: [N] bool.
-
-    Attributes:
-        token_ids: the prompt. Shape: [N] int64.
-        cached: rows whose KV comes from the `LayerSource`, in row order.
-        exact: cached rows whose KV is exact (a reused prefix): never recomputed.
-        forced: rows always computed (query, cache misses, the last token).
-    """
-
-    token_ids: Tensor
-    cached: Tensor
-    exact: Tensor
-    forced: Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.token_ids.shape[0])
-
-    @property
-    def eligible(self) -> Tensor:
-        """Cached rows that compete for recompute."""
-        return self.cached & ~self.exact & ~self.forced
 
 
 class LayerSource(Protocol):
@@ -157,45 +64,6 @@ class BlendStats:
     num_recomputed_tokens: int = 0
     num_computed_tokens: int = 0
     num_selected_per_check: list[int] = field(default_factory=list)
-
-
-def select_rows(deviation: Tensor, candidate: Tensor, num_keep: int) -> Tensor:
-    """Keeps every non-candidate row and the `num_keep` candidates deviating most.
-
-    Ties break by lower index. Shape: deviation [S] fp32, candidate [S] bool -> sorted [S'].
-    """
-    score = torch.where(candidate, deviation, torch.full_like(deviation, -math.inf))
-    order = torch.sort(score, descending=True, stable=True).indices
-    keep = ~candidate
-    keep[order[: min(num_keep, int(candidate.sum()))]] = True
-    return keep.nonzero().squeeze(1)
-
-
-def deviation(
-    kind: Deviation, fresh: tuple[Tensor, Tensor], cached: tuple[Tensor, Tensor]
-) -> Tensor:
-    """Per-row distance of fresh from cached KV over heads × head dim, fp32.
-
-    Shape: fresh/cached ([H_kv, S, D], [H_kv, S, D]) -> [S].
-    """
-    index = 1 if kind is Deviation.V_L2 else 0
-    diff = fresh[index].float() - cached[index].float()
-    if kind is Deviation.K_L1:
-        return diff.abs().sum(dim=(0, 2))
-    return diff.pow(2).sum(dim=(0, 2))
-
-
-def query_attention(q: Tensor, k: Tensor, q_positions: Tensor) -> Tensor:
-    """Attention mass each key receives from the given query rows, summed over rows and heads.
-
-    Shape: q [H, F, D], k [H_kv, N, D], q_positions [F] -> [N] fp32.
-    """
-    group = q.shape[0] // k.shape[0]
-    keys = k.float().repeat_interleave(group, dim=0)  # [H, N, D]
-    logits = q.float() @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])  # [H, F, N]
-    visible = torch.arange(k.shape[1], device=k.device)[None, :] <= q_positions[:, None]
-    logits = logits.masked_fill(~visible, -math.inf)
-    return torch.softmax(logits, dim=-1).sum(dim=(0, 1))
 
 
 class BlendRun:

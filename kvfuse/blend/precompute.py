@@ -7,8 +7,10 @@ from enum import Enum
 
 import torch
 
-from kvfuse.blend import BlendRun, RowPlan
-from kvfuse.kv import ChunkKV, PlacedKV
+from kvfuse.blend.place import PlacedKV
+from kvfuse.blend.plan import RowPlan
+from kvfuse.blend.run import BlendRun
+from kvfuse.kv import ChunkKV
 from kvfuse.model.transformer import Transformer
 
 

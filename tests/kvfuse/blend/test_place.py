@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from kvfuse import rope
-from kvfuse.kv import ChunkKV, PlacedKV
+from kvfuse.blend.place import PlacedKV
+from kvfuse.kv import ChunkKV
+from kvfuse.model import rope
 from kvfuse.model.config import RopeConfig
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 2, 3, 16

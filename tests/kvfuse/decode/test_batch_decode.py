@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvfuse.batch_decode import decode_batch
-from kvfuse.decode import KVCache, decode_step
+from kvfuse.decode.batch import decode_batch
+from kvfuse.decode.step import KVCache, decode_step
 from kvfuse.engine import Engine
 from kvfuse.errors import InvalidRequestError
 from kvfuse.model.loader import LoadedModel, load_model

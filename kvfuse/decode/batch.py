@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kvfuse.decode import KVCache
+from kvfuse.decode.step import KVCache
 from kvfuse.errors import InvalidRequestError
 from kvfuse.model.transformer import Transformer
 

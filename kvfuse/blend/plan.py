@@ -13,7 +13,6 @@ missing. `MissPolicy` says what a request does with a missing chunk:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -21,9 +20,9 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from kvfuse.blend import BlendConfig, BlendStats, Mode, RowPlan
-from kvfuse.kv import ChunkKV, ChunkLayers, PlacedKV
-from kvfuse.prefill import PrefillStats
+from kvfuse.blend.config import BlendConfig, Mode
+from kvfuse.blend.place import PlacedKV
+from kvfuse.kv import ChunkKV, ChunkLayers
 from kvfuse.segments import PromptSegments
 
 
@@ -37,6 +36,32 @@ class MissPolicy(str, Enum):
 # Modes whose misses `precompute` precomputes: prefix_cache reads only the prefix and the
 # first chunk, and computes a missing first chunk exactly in place anyway.
 PRECOMPUTE_MODES = frozenset({Mode.BLEND, Mode.FULL_REUSE})
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Which prompt rows have cached KV and which must be computed. All masks: [N] bool.
+
+    Attributes:
+        token_ids: the prompt. Shape: [N] int64.
+        cached: rows whose KV comes from the `LayerSource`, in row order.
+        exact: cached rows whose KV is exact (a reused prefix): never recomputed.
+        forced: rows always computed (query, cache misses, the last token).
+    """
+
+    token_ids: Tensor
+    cached: Tensor
+    exact: Tensor
+    forced: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def eligible(self) -> Tensor:
+        """Cached rows that compete for recompute."""
+        return self.cached & ~self.exact & ~self.forced
 
 
 @dataclass(frozen=True)
@@ -151,22 +176,3 @@ class _Rows:
         self.precomputed[span] = precomputed
         self.pieces.append(kv)
         self.offsets.append(int(span.start))
-
-
-def prefill_stats(stats: BlendStats, planned: PlannedPrefill, start_s: float) -> PrefillStats:
-    """A finished run's counters as the prefill contract reports them.
-
-    The run counts precomputed rows as cached; here they are reported on their own, so
-    cached + precomputed + computed = prompt tokens (without forced chunk starts).
-    """
-    return PrefillStats(
-        num_prompt_tokens=stats.num_tokens,
-        num_cached_tokens=stats.num_cached_tokens - planned.num_precomputed_tokens,
-        num_recomputed_tokens=stats.num_recomputed_tokens,
-        num_computed_tokens=stats.num_computed_tokens,
-        num_chunks=planned.num_chunks,
-        num_chunk_hits=planned.num_chunk_hits,
-        prefill_s=time.perf_counter() - start_s,
-        num_precomputed_tokens=planned.num_precomputed_tokens,
-        num_chunks_precomputed=planned.num_chunks_precomputed,
-    )

@@ -15,8 +15,8 @@ from kvfuse.blend import (
     FusedLayer,
     MaskKind,
     Mode,
-    select_rows,
 )
+from kvfuse.blend.select import select_rows
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine, PreparedPrompt
 from kvfuse.errors import ConfigError
@@ -182,7 +182,7 @@ def test_moved_chunks_need_the_rope_fix(tiny_engine: Engine) -> None:
     for key in prompt.chunk_keys:
         obj = tiny_engine.store.get(key)
         assert obj is not None
-        from kvfuse.rope import rotate_delta
+        from kvfuse.model.rope import rotate_delta
 
         shift = torch.full_like(obj.positions, 37)
         moved_k = torch.stack(

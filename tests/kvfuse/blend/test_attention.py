@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from kvfuse.blend.attention import RowAttention
 from kvfuse.model.config import ModelConfig, RopeConfig
 from kvfuse.model.transformer import Attention
-from kvfuse.row_attention import RowAttention
 
 NUM_TOKENS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 700, 6, 2, 16
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from kvfuse.blend import BlendRun, RowPlan
-from kvfuse.decode import KVCache, decode_step
+from kvfuse.blend import BlendRun
+from kvfuse.blend.plan import RowPlan
+from kvfuse.decode.step import KVCache, decode_step
 from kvfuse.model.loader import LoadedModel, load_model
 from kvfuse.model.transformer import Linear, Transformer
 

@@ -1,0 +1,78 @@
+"""Blend settings: the prompt modes, the selection metric, the mask, `BlendConfig`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from kvfuse.errors import ConfigError
+
+
+class Mode(str, Enum):
+    FULL_PREFILL = "full_prefill"
+    PREFIX_CACHE = "prefix_cache"
+    FULL_REUSE = "full_reuse"
+    BLEND = "blend"
+
+
+class Deviation(str, Enum):
+    """How far a token's fresh KV is from its cached KV at a check layer."""
+
+    V_L2 = "v_l2"
+    K_L2 = "k_l2"
+    K_L1 = "k_l1"
+    # Not a deviation: the attention the forced rows (the query) pay each token at the check
+    # layer, so the recompute budget goes to the tokens the question reads.
+    QUERY_ATTENTION = "q_attn"
+
+
+class MaskKind(str, Enum):
+    EXACT = "exact"
+    BOTTOM_RIGHT = "bottom_right"
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """Selective-recompute settings.
+
+    Attributes:
+        recompute_ratio: fraction r of eligible (cached chunk) tokens recomputed.
+        check_layers: layers that select rows, ascending; earlier layers compute all rows.
+        ratios: gradual filtering — one ratio per check layer, non-increasing; empty means
+            `recompute_ratio` at every check layer.
+        deviation: the selection metric.
+        mask: exact causal by position, or the bottom-right-aligned variant.
+        num_forced_chunk_start: the first tokens of every cached chunk are always recomputed
+            (they were computed without the preceding chunks; cf. EPIC's chunk-start repair).
+    """
+
+    recompute_ratio: float = 0.15
+    check_layers: tuple[int, ...] = (1,)
+    ratios: tuple[float, ...] = ()
+    deviation: Deviation = Deviation.V_L2
+    mask: MaskKind = MaskKind.EXACT
+    num_forced_chunk_start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_forced_chunk_start < 0:
+            raise ConfigError("num_forced_chunk_start must be ≥ 0")
+        if not 0.0 <= self.recompute_ratio <= 1.0 or math.isnan(self.recompute_ratio):
+            raise ConfigError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
+        layers = self.check_layers
+        if not layers or any(c < 0 for c in layers) or list(layers) != sorted(set(layers)):
+            raise ConfigError(f"check_layers must be ascending, unique, ≥ 0: {layers}")
+        if self.ratios:
+            if len(self.ratios) != len(layers):
+                raise ConfigError("ratios needs one value per check layer")
+            if any(not 0.0 <= r <= 1.0 for r in self.ratios):
+                raise ConfigError(f"ratios must be in [0, 1]: {self.ratios}")
+            if list(self.ratios) != sorted(self.ratios, reverse=True):
+                raise ConfigError(f"ratios must be non-increasing: {self.ratios}")
+
+    def schedule(self, num_layers: int) -> dict[int, float]:
+        """Check layer -> ratio for a model with `num_layers` layers."""
+        if self.check_layers[-1] >= num_layers:
+            raise ConfigError(f"check layer {self.check_layers[-1]} ≥ num_layers {num_layers}")
+        ratios = self.ratios or (self.recompute_ratio,) * len(self.check_layers)
+        return dict(zip(self.check_layers, ratios, strict=True))

@@ -1,0 +1,50 @@
+"""Row selection at a check layer: deviation of fresh from cached KV, the query's attention,
+and keeping the top rows."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from kvfuse.blend.config import Deviation
+
+
+def select_rows(deviation: Tensor, candidate: Tensor, num_keep: int) -> Tensor:
+    """Keeps every non-candidate row and the `num_keep` candidates deviating most.
+
+    Ties break by lower index. Shape: deviation [S] fp32, candidate [S] bool -> sorted [S'].
+    """
+    score = torch.where(candidate, deviation, torch.full_like(deviation, -math.inf))
+    order = torch.sort(score, descending=True, stable=True).indices
+    keep = ~candidate
+    keep[order[: min(num_keep, int(candidate.sum()))]] = True
+    return keep.nonzero().squeeze(1)
+
+
+def deviation(
+    kind: Deviation, fresh: tuple[Tensor, Tensor], cached: tuple[Tensor, Tensor]
+) -> Tensor:
+    """Per-row distance of fresh from cached KV over heads × head dim, fp32.
+
+    Shape: fresh/cached ([H_kv, S, D], [H_kv, S, D]) -> [S].
+    """
+    index = 1 if kind is Deviation.V_L2 else 0
+    diff = fresh[index].float() - cached[index].float()
+    if kind is Deviation.K_L1:
+        return diff.abs().sum(dim=(0, 2))
+    return diff.pow(2).sum(dim=(0, 2))
+
+
+def query_attention(q: Tensor, k: Tensor, q_positions: Tensor) -> Tensor:
+    """Attention mass each key receives from the given query rows, summed over rows and heads.
+
+    Shape: q [H, F, D], k [H_kv, N, D], q_positions [F] -> [N] fp32.
+    """
+    group = q.shape[0] // k.shape[0]
+    keys = k.float().repeat_interleave(group, dim=0)  # [H, N, D]
+    logits = q.float() @ keys.transpose(1, 2) / math.sqrt(q.shape[-1])  # [H, F, N]
+    visible = torch.arange(k.shape[1], device=k.device)[None, :] <= q_positions[:, None]
+    logits = logits.masked_fill(~visible, -math.inf)
+    return torch.softmax(logits, dim=-1).sum(dim=(0, 1))

@@ -1,0 +1,1 @@
+"""Decoding after a prefill: per-sequence KV caches, single and batched decode steps, scoring."""
