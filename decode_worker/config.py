@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from kvfuse.blend import Mode
-from kvfuse.blend.plan import MissPolicy
 from kvfuse.blend.precompute import ChunkContext
+from kvfuse.prefill.types import MissPolicy
 from kvfuse.segments import DEFAULT_SEPARATOR
 from kvfuse.service.config import ConfigLayers, Parser, check_port, optional, parse_bytes, require
 from kvfuse.settings import DTYPES, Settings
@@ -61,7 +61,7 @@ class DecodeConfig:
         chunk_context, store_capacity_bytes: the in-process engine used for local prefill.
         miss_policy: local prefill only: `precompute` (default) computes a missing chunk once,
             standalone, reuses it and stores it; `forced` computes it in place and again to
-            store it (see `kvfuse.blend.plan.MissPolicy`).
+            store it (see `kvfuse.prefill.types.MissPolicy`).
         prefill_url: the prefill worker's gRPC address; empty runs prefill in this process.
         prefill_timeout_s: deadline of one remote prefill.
         prefill_token: bearer token for the prefill worker; empty uses `auth_token`.

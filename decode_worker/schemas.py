@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvfuse.blend import Mode
-from kvfuse.warm import MAX_WARM_CHUNKS
+from kvfuse.prefill.warm import MAX_WARM_CHUNKS
 
 MAX_SEED = 2**63 - 1
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from kvfuse.blend import BlendConfig, Deviation, MaskKind, Mode
-from kvfuse.blend.plan import MissPolicy
 from kvfuse.blend.precompute import ChunkContext
 from kvfuse.engine import Engine, GenerateOutput
+from kvfuse.prefill.types import MissPolicy
 
 __all__ = [
     "BlendConfig",

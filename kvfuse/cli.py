@@ -41,10 +41,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         chat=not args.raw,
     )
     print(out.text)
+    st = out.stats
     print(
-        f"[{out.mode.value}] ttft={out.ttft_s * 1000:.0f} ms  prompt={out.num_prompt_tokens} "
-        f"cached={out.num_cached_tokens} recomputed={out.num_recomputed_tokens} "
-        f"computed={out.num_computed_tokens} chunk_hits={out.num_chunk_hits}/{out.num_chunks}",
+        f"[{out.mode.value}] ttft={out.ttft_s * 1000:.0f} ms  prompt={st.num_prompt_tokens} "
+        f"cached={st.num_cached_tokens} recomputed={st.num_recomputed_tokens} "
+        f"computed={st.num_computed_tokens} chunk_hits={st.num_chunk_hits}/{st.num_chunks}",
         file=sys.stderr,
     )
     return 0

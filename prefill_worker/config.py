@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kvfuse.blend.plan import MissPolicy
 from kvfuse.errors import ConfigError
+from kvfuse.prefill.types import MissPolicy
 from kvfuse.service.config import (
     ConfigLayers,
     Parser,
@@ -48,7 +48,7 @@ class PrefillConfig:
         miss_policy: `precompute` (default): a request precomputes its missing chunks
             standalone, reuses them like hits and hands them to the write-behind, which only
             stores them; `forced`: misses are computed in place and the write-behind computes
-            them again to store them (see `kvfuse.blend.plan.MissPolicy`).
+            them again to store them (see `kvfuse.prefill.types.MissPolicy`).
         pipeline: overlap layer fetch, blend and sending layer by layer (default). False waits
             until every hit has fully arrived, computes every layer, then sends them (the
             benchmark's "pipeline off").

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kvfuse.prefill.observer import PrefillObserver, WriteEvent
+from kvfuse.prefill.types import WarmResult
+
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 
 
-class PrefillMetrics:
+class PrefillMetrics(PrefillObserver):
     """The worker's metrics on a private registry (several workers can share one process).
 
     Labels are bounded: `code` is a gRPC status name, `mode` a prefill mode, `reason` a
@@ -72,7 +75,7 @@ class PrefillMetrics:
             ["reason"],
             registry=r,
         )
-        self.write_behind_depth = Gauge(
+        self.write_behind_queue_depth = Gauge(
             "kvfuse_prefill_write_behind_queue_depth",
             "Missing chunks waiting to be precomputed and stored.",
             registry=r,
@@ -104,3 +107,50 @@ class PrefillMetrics:
             ["result"],
             registry=r,
         )
+        self._write_events = {
+            WriteEvent.STORED: self.write_behind_stored,
+            WriteEvent.COMPUTED: self.write_behind_computed,
+            WriteEvent.FAILED: self.write_behind_errors,
+            WriteEvent.DROPPED: self.write_behind_dropped,
+        }
+
+    # The PrefillObserver hooks, each onto its metric.
+
+    def looked_up(self, num_keys: int, num_found: int) -> None:
+        self.chunk_lookups.inc(num_keys)
+        self.chunk_hits.inc(num_found)
+
+    def fell_back(self, reason: str) -> None:
+        self.fallbacks.labels(reason).inc()
+
+    def precomputed(self, num_objects: int) -> None:
+        self.misses_precomputed.inc(num_objects)
+
+    def layer_computed(self) -> None:
+        self.layers_computed.inc()
+
+    def blended(self, recompute_ratio: float) -> None:
+        self.recompute_ratio.observe(recompute_ratio)
+
+    def layer_fetched(self, num_bytes: int) -> None:
+        self.fetched_bytes.inc(num_bytes)
+
+    def layer_loaded(self, seconds: float) -> None:
+        self.layer_load_seconds.observe(seconds)
+
+    def layer_waited(self, seconds: float) -> None:
+        self.layer_wait_seconds.observe(seconds)
+
+    def write_behind(self, event: WriteEvent, num_objects: int = 1) -> None:
+        self._write_events[event].inc(num_objects)
+
+    def write_behind_depth(self, num_objects: int) -> None:
+        self.write_behind_queue_depth.set(num_objects)
+
+    def warmed(self, result: WarmResult) -> None:
+        for outcome, count in (
+            ("present", result.num_present),
+            ("stored", result.num_stored),
+            ("failed", result.num_failed),
+        ):
+            self.warm_objects.labels(outcome).inc(count)

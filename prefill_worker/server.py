@@ -1,4 +1,5 @@
-"""The prefill-worker process: engine, chunk sources, write-behind, gRPC server, metrics."""
+"""The prefill-worker process: the prefill pipeline over cache shards, its write-behind and
+warmer, served over gRPC with metrics."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import torch
 
 from kvfuse.blend.precompute import ChunkContext
 from kvfuse.chunk_store import ChunkStore
-from kvfuse.engine import Engine
-from kvfuse.kv import ChunkKV
+from kvfuse.keys import KeySpace
 from kvfuse.model.loader import load_model
+from kvfuse.prefill.compute import PrefillCompute
+from kvfuse.prefill.pipeline import PipelineOptions, PrefillPipeline
+from kvfuse.prefill.sources import CacheServerSource, ChunkSource, Shards, StoreSource
+from kvfuse.prefill.warm import Warmer
+from kvfuse.prefill.writeback import WriteBehind
 from kvfuse.service.auth import DEFAULT_TENANT, Authenticator, AuthInterceptor
 from kvfuse.service.grpc_server import GrpcServer, GrpcService, PreEncodedInterceptor
 from kvfuse.service.threads import on_temporary_thread
@@ -21,44 +26,30 @@ from kvfuse.settings import Settings
 from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
 from prefill_worker.config import PrefillConfig
 from prefill_worker.metrics import PrefillMetrics
-from prefill_worker.pipeline import RemotePrefiller
 from prefill_worker.servicer import PrefillServicer
-from prefill_worker.sources import ChunkSource, LocalSource, RemoteSource, Shards
-from prefill_worker.warm import Warmer
-from prefill_worker.writeback import WriteBehind
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
 SERVICE_PREFIX = f"/{SERVICE_NAME}/"
 
 
-def build_engine(config: PrefillConfig) -> Engine:
-    """Loads the model once; the engine's own store is the local source (no cache servers)."""
-    settings = Settings.from_env(
-        model=config.model,
-        device=config.device,
-        dtype=config.dtype,
-        store_capacity_bytes=config.local_store_bytes,
-    )
+def build_compute(config: PrefillConfig) -> PrefillCompute:
+    """Loads the model once and wraps it with the configured key space."""
+    settings = Settings.from_env(model=config.model, device=config.device, dtype=config.dtype)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     loaded = load_model(settings.model, settings.cache_dir, settings.torch_dtype, settings.device)
-    store = ChunkStore(config.local_store_bytes)
-    return Engine(
-        loaded,
-        store,
-        ChunkContext(config.chunk_context),
-        tenant_salt=config.tenant_salt,
-        miss_policy=config.miss_policy,
-    )
+    fingerprints = (loaded.fingerprint, loaded.tokenizer.fingerprint)
+    keys = KeySpace(*fingerprints, ChunkContext(config.chunk_context), config.tenant_salt)
+    return PrefillCompute(loaded.model, keys, bos_token_id=loaded.tokenizer.bos_token_id)
 
 
-def build_shards(config: PrefillConfig, engine: Engine) -> Shards:
-    """One RemoteSource per configured cache server, else the engine's in-process store."""
+def build_shards(config: PrefillConfig) -> Shards:
+    """One CacheServerSource per configured cache server, else an in-process store."""
     if not config.cache_addrs:
-        return Shards([LocalSource(engine.store)], ["local"])
+        return Shards([StoreSource(ChunkStore(config.local_store_bytes))], ["local"])
     sources: list[ChunkSource] = [
-        RemoteSource(
+        CacheServerSource(
             addr,
             config.effective_cache_token,
             config.lookup_deadline_s,
@@ -77,7 +68,7 @@ class PrefillServer(GrpcService):
 
     Args:
         config: the process settings.
-        engine: a loaded engine to share (tests; its miss policy is used); None loads the
+        compute: a loaded model with its key space to share (tests); None loads the
             configured model.
         sources: chunk sources to use instead of the configured ones (tests).
     """
@@ -85,33 +76,32 @@ class PrefillServer(GrpcService):
     def __init__(
         self,
         config: PrefillConfig,
-        engine: Engine | None = None,
+        compute: PrefillCompute | None = None,
         sources: Sequence[ChunkSource] | None = None,
     ) -> None:
         self.config = config
-        if engine is None:  # loaded on a thread of its own: see kvfuse/service/threads.py
-            engine = on_temporary_thread(lambda: build_engine(config))
-        self.engine = engine
+        if compute is None:  # loaded on a thread of its own: see kvfuse/service/threads.py
+            compute = on_temporary_thread(lambda: build_compute(config))
+        self.compute = compute
         self.shards = (
-            build_shards(config, self.engine)
+            build_shards(config)
             if sources is None
             else Shards(sources, [f"source-{i}" for i in range(len(sources))])
         )
         self.metrics = PrefillMetrics()
         compute_lock = threading.Lock()
         self.writer = WriteBehind(
-            self.engine, self._store, config.write_behind_size, compute_lock, self.metrics
+            compute, self.shards.put, config.write_behind_size, compute_lock, self.metrics
         )
-        self.prefiller = RemotePrefiller(
-            self.engine,
-            self.shards,
-            self.writer,
-            self.metrics,
-            compute_lock,
-            config.fetch_deadline_s,
-            config.default_ratio,
-            pipeline=config.pipeline,
+        options = PipelineOptions(
+            miss_policy=config.miss_policy,
+            fetch_deadline_s=config.fetch_deadline_s,
+            default_ratio=config.default_ratio,
+            wait_for_hits=not config.pipeline,
             num_threads=config.num_threads,
+        )
+        self.pipeline = PrefillPipeline(
+            compute, self.shards, self.writer, compute_lock, options, self.metrics
         )
         tokens = {config.auth_token: DEFAULT_TENANT} if config.auth_token else {}
         deny = self.metrics.requests.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc
@@ -132,12 +122,9 @@ class PrefillServer(GrpcService):
             metrics_port=config.metrics_port,
         )
         super().__init__(grpc_server, config.grace_s)
-        self.warmer = Warmer(self.engine, self.shards, compute_lock, self.metrics)
-        servicer = PrefillServicer(self.prefiller, self.warmer, self.metrics)
+        self.warmer = Warmer(compute, self.shards, compute_lock, self.metrics)
+        servicer = PrefillServicer(self.pipeline, self.warmer, self.metrics)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, grpc_server.server)  # type: ignore[no-untyped-call]
-
-    def _store(self, key: str, kv: ChunkKV) -> bool:
-        return self.shards.sources[self.shards.owner(key)].put(key, kv)
 
     def start(self) -> PrefillServer:
         self.grpc.start()
@@ -147,7 +134,4 @@ class PrefillServer(GrpcService):
     def close(self) -> None:
         """Stops the write-behind and closes the chunk sources."""
         self.writer.close()
-        for source in self.shards.sources:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
+        self.shards.close()

@@ -10,12 +10,12 @@ import grpc
 
 from kvfuse.blend import FusedLayer
 from kvfuse.errors import KvfuseError
+from kvfuse.prefill.pipeline import PrefillPipeline
+from kvfuse.prefill.warm import Warmer
 from kvfuse.service.threads import io_thread
 from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
 from prefill_worker import status, wire
 from prefill_worker.metrics import PrefillMetrics
-from prefill_worker.pipeline import RemotePrefiller
-from prefill_worker.warm import Warmer
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     fetches through `context.add_callback`. Thread-safe.
     """
 
-    def __init__(self, prefiller: RemotePrefiller, warmer: Warmer, metrics: PrefillMetrics) -> None:
+    def __init__(self, prefiller: PrefillPipeline, warmer: Warmer, metrics: PrefillMetrics) -> None:
         self._prefiller, self._warmer, self._metrics = prefiller, warmer, metrics
 
     def Prefill(
@@ -41,7 +41,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         try:
             req = wire.request_from_proto(request)
             mode = req.mode.value
-            stream = self._prefiller.start(req)
+            stream = self._prefiller.stream(req)
             context.add_callback(stream.cancel)
             for item in stream:
                 if isinstance(item, FusedLayer):
@@ -49,7 +49,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                         self._metrics.sent_bytes.inc(num_bytes)
                         yield frame  # already serialized (PreEncodedInterceptor)
                 else:
-                    yield wire.done_to_proto(item, self._prefiller.num_layers)
+                    yield wire.done_to_proto(item, self._prefiller.layout.num_layers)
             if not context.is_active():
                 code = grpc.StatusCode.CANCELLED
         except KvfuseError as exc:

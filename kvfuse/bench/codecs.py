@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from kvfuse.bench.datasets import RagExample, make_factqa
 from kvfuse.bench.metrics import contains_answer
 from kvfuse.bench.report import print_table, write_json
-from kvfuse.blend import BlendConfig, BlendRun, Mode
+from kvfuse.blend import BlendConfig, Mode
 from kvfuse.codecs import CODEC_NAMES, Codec, get_codec
-from kvfuse.engine import Engine, PreparedPrompt
+from kvfuse.engine import Engine
+from kvfuse.keys import PreparedPrompt
 from kvfuse.kv import ChunkKV
 
 EXACT = "exact"  # the KV as computed: the reference of the answer-impact table
@@ -171,10 +172,7 @@ def last_logits(
     engine: Engine, prompt: PreparedPrompt, mode: Mode, cfg: BlendConfig
 ) -> torch.Tensor:
     """The prefill's next-token logits from whatever `engine.store` holds. Shape: [vocab]."""
-    planned = engine.plan(prompt, mode, cfg)
-    run = BlendRun(
-        engine.model, planned.plan, planned.cached_kv, planned.schedule, cfg.mask, cfg.deviation
-    )
+    _, run = engine.compute.start(prompt, mode, cfg, engine.store.get)
     for _ in run:
         pass
     return run.last_logits.float()

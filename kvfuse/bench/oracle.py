@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from kvfuse.blend import BlendConfig, BlendRun, Mode
-from kvfuse.blend.plan import PreparedPrompt, RowPlan
+from kvfuse.blend.plan import PlannedPrefill, RowPlan
 from kvfuse.decode.step import KVCache, generate_tokens, score_continuation
 from kvfuse.engine import Engine
+from kvfuse.keys import PreparedPrompt
 from kvfuse.model.sampling import Sampler, SamplingParams
 
 
@@ -47,9 +48,9 @@ def true_deviation(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig) -
 
     Chunks must be in the engine's store. Shape: -> [N] fp32 (0 on rows the blend computes).
     """
-    eligible = engine.plan(prompt, Mode.BLEND, blend).plan.eligible
-    _, full = engine.start_prefill(prompt, Mode.FULL_PREFILL, blend)
-    _, reused = engine.start_prefill(prompt, Mode.FULL_REUSE, blend)
+    eligible = _plan(engine, prompt, blend).plan.eligible
+    _, full = engine.compute.start(prompt, Mode.FULL_PREFILL, blend, engine.store.get)
+    _, reused = engine.compute.start(prompt, Mode.FULL_REUSE, blend, engine.store.get)
     total = torch.zeros(prompt.segments.num_tokens)
     for exact, approx in zip(full, reused, strict=True):
         for a, b in ((exact.k, approx.k), (exact.v, approx.v)):
@@ -58,10 +59,15 @@ def true_deviation(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig) -
     return total.masked_fill(~eligible, 0.0)
 
 
+def _plan(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig) -> PlannedPrefill:
+    """The blend's plan over the engine's store."""
+    return engine.compute.plan(prompt, Mode.BLEND, blend, engine.store.get)
+
+
 def choose_rows(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig) -> RowPlan:
     """The blend's row plan with the top ⌊r·E⌋ eligible rows by `true_deviation` forced (so
     they count as computed rows in the run's stats, not as recomputed ones)."""
-    plan = engine.plan(prompt, Mode.BLEND, blend).plan
+    plan = _plan(engine, prompt, blend).plan
     num_chosen = math.floor(blend.recompute_ratio * int(plan.eligible.sum()))
     score = true_deviation(engine, prompt, blend).masked_fill(~plan.eligible, -math.inf)
     forced = plan.forced.clone()
@@ -71,7 +77,7 @@ def choose_rows(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig) -> R
 
 def _run(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig, chosen: RowPlan) -> BlendRun:
     """A run of `chosen`: ratio 0 at the check layer, so only its forced rows run from there."""
-    cached_kv = engine.plan(prompt, Mode.BLEND, blend).cached_kv  # fresh: a run consumes it
+    cached_kv = _plan(engine, prompt, blend).cached_kv  # fresh: a run consumes it
     schedule = {blend.check_layers[0]: 0.0}
     return BlendRun(engine.model, chosen, cached_kv, schedule, blend.mask, blend.deviation)
 
@@ -99,8 +105,9 @@ def oracle_answer(
     ttft_s = time.perf_counter() - start
     stop_ids = set(engine.tokenizer.eos_token_ids)
     token_ids = list(generate_tokens(model, cache, first, sampler, stop_ids))
-    logprobs = score_continuation(model, _run(engine, prompt, blend, chosen), reference)
-    num_chosen = int(chosen.forced.sum()) - int(
-        engine.plan(prompt, Mode.BLEND, blend).plan.forced.sum()
-    )
+    scored = _run(engine, prompt, blend, chosen)
+    scored_cache = KVCache(model, prompt.segments.num_tokens + len(reference))
+    scored_cache.fill(scored)
+    logprobs = score_continuation(model, scored_cache, scored.last_logits, reference)
+    num_chosen = int(chosen.forced.sum()) - int(_plan(engine, prompt, blend).plan.forced.sum())
     return OracleAnswer(ttft_s, token_ids, num_chosen, logprobs)

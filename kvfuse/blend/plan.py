@@ -1,21 +1,11 @@
-"""Prefill planning: which prompt rows are cached, exact or forced, and how misses are handled.
-
-A prompt's prefix and chunks are either found (in a store or streaming in from a cache), or
-missing. `MissPolicy` says what a request does with a missing chunk:
-
-- `forced`: its rows are computed in place with full attention (forced rows of the blend);
-  the write-behind then precomputes the chunk again, standalone, to store it.
-- `precompute`: the request first precomputes the chunk standalone after its chunk context —
-  exactly the object the write-behind would store — and uses it like a hit (it goes through
-  selective recompute); the write-behind only stores it. Each miss is computed once, and a
-  cold request answers like the warm one that follows it.
-"""
+"""Prefill planning: which prompt rows are cached (and which of those exact) and which are forced,
+from the objects a request found or precomputed."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -23,19 +13,9 @@ from torch import Tensor
 from kvfuse.blend.config import BlendConfig, Mode
 from kvfuse.blend.place import PlacedKV
 from kvfuse.kv import ChunkKV, ChunkLayers
-from kvfuse.segments import PromptSegments
 
-
-class MissPolicy(str, Enum):
-    """What a request does with a chunk the cache does not hold (see the module docstring)."""
-
-    FORCED = "forced"
-    PRECOMPUTE = "precompute"
-
-
-# Modes whose misses `precompute` precomputes: prefix_cache reads only the prefix and the
-# first chunk, and computes a missing first chunk exactly in place anyway.
-PRECOMPUTE_MODES = frozenset({Mode.BLEND, Mode.FULL_REUSE})
+if TYPE_CHECKING:  # keys imports the chunk context from this package
+    from kvfuse.keys import PreparedPrompt
 
 
 @dataclass(frozen=True)
@@ -62,15 +42,6 @@ class RowPlan:
     def eligible(self) -> Tensor:
         """Cached rows that compete for recompute."""
         return self.cached & ~self.exact & ~self.forced
-
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A tokenized prompt and the store keys of its prefix and chunks."""
-
-    segments: PromptSegments
-    prefix_key: str
-    chunk_keys: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 
-from kvfuse.blend import BlendRun, FusedLayer
+from kvfuse.blend.run import FusedLayer
 from kvfuse.model.sampling import Sampler
 from kvfuse.model.transformer import Transformer
 
@@ -55,12 +55,13 @@ def decode_step(model: Transformer, cache: KVCache, token_id: int) -> Tensor:
 
 
 @torch.inference_mode()
-def score_continuation(model: Transformer, run: BlendRun, continuation: list[int]) -> Tensor:
-    """Runs a prefill, then feeds `continuation` (teacher forcing): row i is the next-token
-    log-distribution after continuation[:i]. Shape: -> [len(continuation), vocab] fp32."""
-    cache = KVCache(model, run.plan.num_tokens + len(continuation))
-    cache.fill(run)
-    logits = [run.last_logits] + [decode_step(model, cache, t) for t in continuation[:-1]]
+def score_continuation(
+    model: Transformer, cache: KVCache, last_logits: Tensor, continuation: list[int]
+) -> Tensor:
+    """Feeds `continuation` after a prefilled `cache` whose last prompt token gave
+    `last_logits` (teacher forcing): row i is the next-token log-distribution after
+    continuation[:i]. Shape: last_logits [vocab] -> [len(continuation), vocab] fp32."""
+    logits = [last_logits] + [decode_step(model, cache, t) for t in continuation[:-1]]
     return torch.log_softmax(torch.stack(logits).float(), dim=-1)
 
 

@@ -23,7 +23,7 @@ SEGMENTS = [
 def test_oracle_forces_the_rows_of_largest_true_deviation(engine: Engine) -> None:
     prompt = engine.prepare(SEGMENTS)
     engine.warm(prompt)
-    blend = engine.blend_config(0.25)
+    blend = engine.compute.blend_config(0.25)
     plan = engine.plan(prompt, Mode.BLEND, blend).plan
     deviation = true_deviation(engine, prompt, blend)
     assert bool((deviation[~plan.eligible] == 0).all()) and bool((deviation >= 0).all())
@@ -41,11 +41,11 @@ def test_oracle_at_ratio_zero_is_blend_at_zero_and_at_one_is_full_prefill(engine
     engine.warm(prompt)
     full = engine.generate(SEGMENTS, mode="full_prefill", max_tokens=8, store_misses=False)
     reference = engine.score(SEGMENTS, full.token_ids, mode="full_prefill")
-    at_zero = oracle_answer(engine, prompt, engine.blend_config(0.0), 8, full.token_ids)
+    at_zero = oracle_answer(engine, prompt, engine.compute.blend_config(0.0), 8, full.token_ids)
     blend_zero = engine.score(SEGMENTS, full.token_ids, mode="blend", recompute_ratio=0.0)
     assert torch.equal(at_zero.logprobs, blend_zero)  # same rows, same computation
 
-    at_one = oracle_answer(engine, prompt, engine.blend_config(1.0), 8, full.token_ids)
+    at_one = oracle_answer(engine, prompt, engine.compute.blend_config(1.0), 8, full.token_ids)
     assert at_one.token_ids == full.token_ids
     assert (at_one.logprobs - reference).abs().max() < 1e-3  # fp32: every row recomputed
     assert at_one.num_recomputed_tokens > at_zero.num_recomputed_tokens and at_one.ttft_s > 0

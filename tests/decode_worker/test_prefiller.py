@@ -22,9 +22,9 @@ from kvfuse.engine import Engine
 from kvfuse.errors import ServiceUnavailableError
 from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import LoadedModel
+from kvfuse.prefill.sources import StoreSource
 from prefill_worker.config import PrefillConfig
 from prefill_worker.server import PrefillServer
-from prefill_worker.sources import LocalSource
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 10}
 
@@ -56,8 +56,14 @@ def test_health_probe_follows_the_serving_status(
 
 @pytest.fixture
 def prefill_server(engine: Engine) -> Iterator[PrefillServer]:
-    config = PrefillConfig(host="127.0.0.1", port=0, metrics_port=None, auth_token=TOKEN)
-    server = PrefillServer(config, engine=engine).start()
+    config = PrefillConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=None,
+        auth_token=TOKEN,
+        miss_policy=engine.miss_policy,
+    )
+    server = PrefillServer(config, engine.compute, [StoreSource(engine.store)]).start()
     yield server
     server.stop(grace_s=0)
 
@@ -150,14 +156,16 @@ def test_warm_stores_through_the_prefill_worker(remote_url: str, engine: Engine)
     assert blend.usage.model_extra["kvfuse"]["chunk_hits"] == 3
 
 
-class RefusingSource(LocalSource):
+class RefusingSource(StoreSource):
     def put(self, key: str, kv: ChunkKV) -> bool:
         raise ServiceUnavailableError("UNAVAILABLE: the cache is down")
 
 
 def test_warm_that_cannot_store_is_a_503(engine: Engine, smollm: LoadedModel) -> None:
-    config = PrefillConfig(host="127.0.0.1", port=0, metrics_port=None)
-    prefill = PrefillServer(config, engine=engine, sources=[RefusingSource(engine.store)])
+    config = PrefillConfig(
+        host="127.0.0.1", port=0, metrics_port=None, miss_policy=engine.miss_policy
+    )
+    prefill = PrefillServer(config, engine.compute, [RefusingSource(engine.store)])
     decode_config = DecodeConfig(host="127.0.0.1", prefill_url=prefill.start().address)
     backend = remote_backend(prefill.address, "", 30.0)
     try:

@@ -44,7 +44,7 @@ def test_chat_separator_gives_the_engines_segments_and_keys(
     gen = chat(builder, messages=rag_messages())
     want = engine.prepare([SYSTEM, *DOCS, QUESTION])
     assert gen.segments == want.segments
-    assert engine.prepare_tokens(gen.segments).chunk_keys == want.chunk_keys
+    assert engine.compute.prepare(gen.segments).chunk_keys == want.chunk_keys
     assert gen.mode is Mode.BLEND and gen.recompute_ratio == 0.3
     assert gen.sampling.temperature == 1.0 and gen.sampling.max_tokens == 64
 

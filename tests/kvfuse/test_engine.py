@@ -7,8 +7,11 @@ from typing import Any
 import pytest
 import torch
 
-from kvfuse.engine import Engine, MissPolicy
+from kvfuse.chunk_store import ChunkStore
+from kvfuse.engine import Engine
 from kvfuse.errors import InvalidRequestError, PromptTooLongError
+from kvfuse.model.loader import LoadedModel
+from kvfuse.prefill import MissPolicy
 from kvfuse.segments import PromptSegments
 
 SYSTEM = "You are a helpful assistant. Answer the question using the documents."
@@ -26,11 +29,14 @@ def segments(docs: tuple[str, ...] = DOCS, question: str = QUESTION) -> list[str
 
 def test_second_call_reuses_documents_in_another_order(engine: Engine) -> None:
     cold = engine.generate(segments(), mode="blend", max_tokens=8)
-    assert cold.num_chunk_hits == 0 and cold.num_chunks == 3
+    assert cold.stats.num_chunk_hits == 0 and cold.stats.num_chunks == 3
     warm = engine.generate(segments(DOCS[::-1], "What does Edwin Palk do?"), max_tokens=8)
-    assert warm.num_chunk_hits == 3
-    assert warm.num_cached_tokens + warm.num_computed_tokens == warm.num_prompt_tokens
-    assert 0 < warm.num_recomputed_tokens < warm.num_cached_tokens
+    assert warm.stats.num_chunk_hits == 3
+    assert (
+        warm.stats.num_cached_tokens + warm.stats.num_computed_tokens
+        == warm.stats.num_prompt_tokens
+    )
+    assert 0 < warm.stats.num_recomputed_tokens < warm.stats.num_cached_tokens
     assert warm.ttft_s > 0 and warm.text
 
 
@@ -39,7 +45,7 @@ def test_blend_at_ratio_one_and_prefix_cache_produce_full_prefill_tokens(engine:
     engine.generate(segments(), mode="full_reuse", max_tokens=1)  # stores the chunks
     blend = engine.generate(segments(), mode="blend", recompute_ratio=1.0, max_tokens=12)
     prefix = engine.generate(segments(), mode="prefix_cache", max_tokens=12)
-    assert blend.num_chunk_hits == 3 and prefix.num_chunk_hits == 1
+    assert blend.stats.num_chunk_hits == 3 and prefix.stats.num_chunk_hits == 1
     assert blend.token_ids == full.token_ids
     assert prefix.token_ids == full.token_ids
 
@@ -77,13 +83,11 @@ def test_raw_segments_without_chat_template(engine: Engine) -> None:
     out = engine.generate(
         ["Facts:\n", *DOCS, "\nQ: Where was Marla born?\nA:"], chat=False, max_tokens=4
     )
-    assert out.num_chunks == 3 and out.token_ids
+    assert out.stats.num_chunks == 3 and out.token_ids
 
 
-def test_tenants_do_not_share_chunks(engine: Engine) -> None:
-    other = Engine.__new__(Engine)
-    other.__dict__.update(engine.__dict__)
-    other.tenant_salt = "tenant-b"
+def test_tenants_do_not_share_chunks(engine: Engine, smollm: LoadedModel) -> None:
+    other = Engine(smollm, ChunkStore(1 << 20), tenant_salt="tenant-b")
     a, b = engine.prepare(segments()), other.prepare(segments())
     assert set(a.chunk_keys).isdisjoint(b.chunk_keys) and a.prefix_key != b.prefix_key
 
@@ -143,23 +147,23 @@ def test_prefill_stream_matches_generate_and_stores_misses(engine: Engine) -> No
 @pytest.fixture
 def count_precomputes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts chunk precomputes (the model compute of misses) the engine runs."""
-    import kvfuse.engine
+    import kvfuse.prefill.compute
 
     calls: list[int] = []
-    real = kvfuse.engine.precompute
+    real = kvfuse.prefill.compute.precompute
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kvfuse.engine, "precompute", counting)
+    monkeypatch.setattr(kvfuse.prefill.compute, "precompute", counting)
     return calls
 
 
 def test_forced_misses_are_computed_twice(engine: Engine, count_precomputes: list[int]) -> None:
     """The baseline: in place during the request, then again standalone by the store step."""
     cold = engine.generate(segments(), max_tokens=4)
-    assert cold.num_chunks_precomputed == 0 and cold.num_precomputed_tokens == 0
+    assert cold.stats.num_chunks_precomputed == 0 and cold.stats.num_precomputed_tokens == 0
     assert len(count_precomputes) == 4  # prefix + 3 chunks, after the answer
 
 
@@ -169,15 +173,18 @@ def test_precompute_computes_each_miss_once_and_reuses_it(
     engine.miss_policy = MissPolicy.PRECOMPUTE
     cold = engine.generate(segments(), max_tokens=4)
     assert len(count_precomputes) == 4  # prefix + 3 chunks, before the blend; stored as is
-    assert cold.num_chunk_hits == 0 and cold.num_chunks_precomputed == 3
-    assert cold.num_cached_tokens == 0
-    assert cold.num_precomputed_tokens + cold.num_computed_tokens == cold.num_prompt_tokens
-    assert 0 < cold.num_recomputed_tokens < cold.num_precomputed_tokens
+    assert cold.stats.num_chunk_hits == 0 and cold.stats.num_chunks_precomputed == 3
+    assert cold.stats.num_cached_tokens == 0
+    assert (
+        cold.stats.num_precomputed_tokens + cold.stats.num_computed_tokens
+        == cold.stats.num_prompt_tokens
+    )
+    assert 0 < cold.stats.num_recomputed_tokens < cold.stats.num_precomputed_tokens
     assert engine.store.stats().num_objects == 4
     warm = engine.generate(segments(), max_tokens=4)
     assert len(count_precomputes) == 4  # nothing computed standalone again
-    assert warm.num_chunk_hits == 3 and warm.num_chunks_precomputed == 0
-    assert warm.num_cached_tokens == cold.num_precomputed_tokens
+    assert warm.stats.num_chunk_hits == 3 and warm.stats.num_chunks_precomputed == 0
+    assert warm.stats.num_cached_tokens == cold.stats.num_precomputed_tokens
     assert warm.token_ids == cold.token_ids  # same KV either way: answers do not depend on hits
 
 
@@ -185,7 +192,7 @@ def test_precompute_at_ratio_one_equals_full_prefill(engine: Engine) -> None:
     full = engine.generate(segments(), mode="full_prefill", max_tokens=12)
     engine.miss_policy = MissPolicy.PRECOMPUTE
     cold = engine.generate(segments(), recompute_ratio=1.0, max_tokens=12)
-    assert cold.num_chunks_precomputed == 3 and cold.token_ids == full.token_ids
+    assert cold.stats.num_chunks_precomputed == 3 and cold.token_ids == full.token_ids
 
 
 def test_precompute_in_the_prefill_stream(engine: Engine, count_precomputes: list[int]) -> None:
@@ -218,7 +225,7 @@ def test_warmed_chunks_are_what_a_request_stores_and_hit_in_any_order(engine: En
     again = engine.warm_chunks(engine.prepare(segments(DOCS[::-1], "Where is Tesk?")).segments)
     assert (again.num_present, again.num_stored, again.num_computed_tokens) == (4, 0, 0)
     out = engine.generate(segments(DOCS[::-1], "What does Edwin Palk do?"), max_tokens=4)
-    assert out.num_chunk_hits == 3
+    assert out.stats.num_chunk_hits == 3
 
 
 def test_warm_counts_each_distinct_chunk_once(engine: Engine) -> None:

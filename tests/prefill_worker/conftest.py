@@ -12,9 +12,9 @@ from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import LoadedModel
+from kvfuse.prefill.sources import ChunkSource, StoreSource
 from prefill_worker.config import PrefillConfig
 from prefill_worker.server import PrefillServer
-from prefill_worker.sources import ChunkSource
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def warm_objects(smollm: LoadedModel) -> dict[str, ChunkKV]:
     """The test prompt's prefix and DOCS precomputed once (immutable, shared by tests)."""
     engine = Engine(smollm, ChunkStore(1 << 30))
     prompt = engine.prepare([SYSTEM, *DOCS, QUESTION])
-    return dict(engine.compute_missing(prompt, lambda _key: False, lambda _key: None))
+    return dict(engine.compute.missing(prompt, lambda _key: False, lambda _key: None))
 
 
 @pytest.fixture
@@ -41,8 +41,11 @@ def make_server() -> Iterator[MakeServer]:
     def make(
         engine: Engine, sources: Sequence[ChunkSource] | None = None, **config: Any
     ) -> PrefillServer:
+        config = {"miss_policy": engine.miss_policy, **config}
         settings = PrefillConfig(port=0, metrics_port=0, **config)
-        server = PrefillServer(settings, engine=engine, sources=sources).start()
+        if sources is None and not settings.cache_addrs:  # the engine's store, as in process
+            sources = [StoreSource(engine.store)]
+        server = PrefillServer(settings, compute=engine.compute, sources=sources).start()
         started.append(server)
         return server
 

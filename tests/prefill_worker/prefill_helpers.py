@@ -21,8 +21,8 @@ from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.errors import ServiceUnavailableError
 from kvfuse.kv import ChunkKV
-from kvfuse.prefill import PrefillRequest, PrefillResult
-from prefill_worker.sources import ChunkInfo, LayerItem, LocalSource
+from kvfuse.prefill import ChunkInfo, LayerItem, PrefillRequest, PrefillResult
+from kvfuse.prefill.sources import StoreSource
 
 if TYPE_CHECKING:
     from prefill_worker.server import PrefillServer
@@ -119,7 +119,7 @@ class TestSource:
         bad_at: int | None = None,
         lookup_error: Exception | None = None,
     ) -> None:
-        self.inner = LocalSource(store)
+        self.inner = StoreSource(store)
         self.hold_at, self.fail_at, self.bad_at = hold_at, fail_at, bad_at
         self.lookup_error = lookup_error
         self.release = threading.Event()

@@ -9,7 +9,7 @@ import pytest
 from prefill_helpers import poll
 
 from kvfuse.errors import KvfuseError
-from prefill_worker.background import BackgroundIterator
+from kvfuse.prefill.background import BackgroundIterator
 
 
 def test_yields_everything_in_order() -> None:

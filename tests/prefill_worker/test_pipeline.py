@@ -20,17 +20,17 @@ from prefill_helpers import (
 )
 
 from kvfuse.blend import FusedLayer, Mode
-from kvfuse.blend.plan import MissPolicy
 from kvfuse.engine import Engine
 from kvfuse.errors import InvalidRequestError, PromptTooLongError, ServiceUnavailableError
 from kvfuse.kv import ChunkKV
 from kvfuse.prefill import PrefillRequest, PrefillResult
+from kvfuse.prefill.pipeline import PipelineOptions, PrefillPipeline
+from kvfuse.prefill.sources import ChunkSource, Shards
+from kvfuse.prefill.types import MissPolicy
+from kvfuse.prefill.writeback import WriteBehind
 from prefill_worker.metrics import PrefillMetrics
-from prefill_worker.pipeline import RemotePrefiller
-from prefill_worker.sources import ChunkSource, Shards
-from prefill_worker.writeback import WriteBehind
 
-MakePrefiller = Callable[..., RemotePrefiller]
+MakePrefiller = Callable[..., PrefillPipeline]
 
 
 @pytest.fixture
@@ -40,14 +40,13 @@ def make_prefiller() -> Iterator[MakePrefiller]:
 
     def make(
         engine: Engine, source: ChunkSource, fetch_deadline_s: float = 60.0, pipeline: bool = True
-    ) -> RemotePrefiller:
+    ) -> PrefillPipeline:
         metrics, lock = PrefillMetrics(), threading.Lock()
-        writer = WriteBehind(engine, source.put, 64, lock, metrics)
+        writer = WriteBehind(engine.compute, source.put, 64, lock, metrics)
         writers.append(writer)
         shards = Shards([source], ["test"])
-        return RemotePrefiller(
-            engine, shards, writer, metrics, lock, fetch_deadline_s, pipeline=pipeline
-        )
+        options = PipelineOptions(engine.miss_policy, fetch_deadline_s, wait_for_hits=not pipeline)
+        return PrefillPipeline(engine.compute, shards, writer, lock, options, metrics)
 
     yield make
     for writer in writers:
@@ -55,7 +54,7 @@ def make_prefiller() -> Iterator[MakePrefiller]:
 
 
 def run(
-    prefiller: RemotePrefiller, request: PrefillRequest
+    prefiller: PrefillPipeline, request: PrefillRequest
 ) -> tuple[list[FusedLayer], PrefillResult]:
     return split(list(prefiller.prefill(request)))
 
@@ -69,8 +68,8 @@ def full_prefill(engine: Engine, request: PrefillRequest) -> tuple[list[FusedLay
     return reference(engine, PrefillRequest("full", request.segments, Mode.FULL_PREFILL))
 
 
-def counter(prefiller: RemotePrefiller, name: str, **labels: str) -> float:
-    value = prefiller.metrics.registry.get_sample_value(name, labels or None)
+def counter(prefiller: PrefillPipeline, name: str, **labels: str) -> float:
+    value = prefiller.observer.registry.get_sample_value(name, labels or None)  # type: ignore[attr-defined]
     return 0.0 if value is None else value
 
 
@@ -227,7 +226,7 @@ def test_closing_the_iterator_stops_the_compute(
 ) -> None:
     source = TestSource(warm_engine.store, hold_at=3)
     prefiller = make_prefiller(warm_engine, source)
-    stream = prefiller.start(make_request(warm_engine))
+    stream = prefiller.stream(make_request(warm_engine))
     received = [next(stream) for _ in range(3)]  # layers 0-2; layer 3 is held at the source
     assert [layer.layer_idx for layer in received] == [0, 1, 2]  # type: ignore[union-attr]
     source.held.wait(60)
@@ -265,28 +264,29 @@ def test_bad_requests_are_refused_before_any_work(
     request = make_request(engine)
     bad = replace(request, segments=replace(request.segments, **change))  # type: ignore[arg-type]
     with pytest.raises(error, match=message):
-        prefiller.start(bad)
+        prefiller.stream(bad)
     with pytest.raises(InvalidRequestError, match="recompute_ratio"):
-        prefiller.start(replace(request, recompute_ratio=1.5))
+        prefiller.stream(replace(request, recompute_ratio=1.5))
     with pytest.raises(InvalidRequestError, match="request_id"):
-        prefiller.start(replace(request, request_id="x" * 300))
+        prefiller.stream(replace(request, request_id="x" * 300))
 
 
 def test_a_failed_shard_loses_only_its_own_chunks(warm_engine: Engine) -> None:
     request = make_request(warm_engine)
-    prompt = warm_engine.prepare_tokens(request.segments)
+    prompt = warm_engine.compute.prepare(request.segments)
     healthy, failing = TestSource(warm_engine.store), TestSource(warm_engine.store, fail_at=10)
     metrics, lock = PrefillMetrics(), threading.Lock()
     shards = Shards([healthy, failing], ["shard-a", "shard-b"])
     kept = [k for k in prompt.chunk_keys if shards.owner(k) == 0]
     assert 0 < len(kept) < 3 and shards.owner(prompt.prefix_key) == 1  # both shards in play
-    prefiller = RemotePrefiller(warm_engine, shards, None, metrics, lock, 60.0)
+    options = PipelineOptions(warm_engine.miss_policy)
+    prefiller = PrefillPipeline(warm_engine.compute, shards, None, lock, options, metrics)
     layers, result = run(prefiller, request)
     assert result.stats.fallback == "cache_unavailable"
     assert result.stats.num_chunk_hits == len(kept)  # the restart still reuses shard a's
     chunks = {key: warm_engine.store.get(key) for key in kept}
-    blend = warm_engine.blend_config()
-    _, rerun = warm_engine.start_prefill(prompt, Mode.BLEND, blend, chunks)  # type: ignore[arg-type]
+    blend = warm_engine.compute.blend_config()
+    _, rerun = warm_engine.compute.start(prompt, Mode.BLEND, blend, chunks.get)
     assert_layers_equal(layers[10:], list(rerun)[10:])
 
 
@@ -294,7 +294,7 @@ def test_stored_objects_of_the_wrong_length_are_misses(
     warm_engine: Engine, make_prefiller: MakePrefiller
 ) -> None:
     request = make_request(warm_engine)
-    prompt = warm_engine.prepare_tokens(request.segments)
+    prompt = warm_engine.compute.prepare(request.segments)
     store = warm_engine.store
     wrong = store.get(prompt.chunk_keys[1])
     assert wrong is not None
@@ -311,9 +311,9 @@ def test_precomputed_misses_are_reused_and_only_stored(
     same request again: every miss computed once, the write-behind computes nothing."""
     engine.miss_policy = MissPolicy.PRECOMPUTE
     request = make_request(engine)
-    prompt = engine.prepare_tokens(request.segments)
+    prompt = engine.compute.prepare(request.segments)
     warm = dict(
-        engine.compute_missing(prompt, lambda k: k in prompt.chunk_keys[1:], lambda k: None)
+        engine.compute.missing(prompt, lambda k: k in prompt.chunk_keys[1:], lambda k: None)
     )
     for key, kv in warm.items():
         engine.store.put(key, kv)
@@ -391,7 +391,7 @@ def test_precompute_counts_a_failed_prefix_stream_it_computes_instead(
     it whole (the chunk context of the misses): it is computed too, and the fallback said."""
     engine.miss_policy = MissPolicy.PRECOMPUTE
     request = make_request(engine)
-    prefix_key = engine.prepare_tokens(request.segments).prefix_key
+    prefix_key = engine.compute.prepare(request.segments).prefix_key
     engine.store.put(prefix_key, warm_objects[prefix_key])
     prefiller = make_prefiller(engine, TestSource(engine.store, fail_at=10))
     layers, result = run(prefiller, request)

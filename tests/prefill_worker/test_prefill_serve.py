@@ -28,9 +28,9 @@ from prefill_helpers import (
 
 from kvfuse.blend import FusedLayer, Mode
 from kvfuse.client import CacheClient
-from kvfuse.engine import Engine, MissPolicy
+from kvfuse.engine import Engine
 from kvfuse.errors import AuthError
-from kvfuse.prefill import PrefillRequest, PrefillResult
+from kvfuse.prefill import MissPolicy, PrefillRequest, PrefillResult
 from prefill_worker.client import PrefillClient
 
 WORKER_TOKEN, CACHE_TOKEN = "worker-token", "cache-token"
@@ -115,7 +115,7 @@ def prefill(stack: Stack, request: PrefillRequest) -> tuple[list[FusedLayer], Pr
 def ensure_stored(stack: Stack, engine: Engine, docs: Sequence[str] = DOCS) -> None:
     """Sends the prompt once if needed and waits for the write-behind to store it."""
     request = make_request(engine, docs)
-    prompt = engine.prepare_tokens(request.segments)
+    prompt = engine.compute.prepare(request.segments)
     keys = [prompt.prefix_key, *prompt.chunk_keys]
     if not stack.stored(keys):
         prefill(stack, request)
@@ -137,7 +137,7 @@ def test_cold_request_stores_chunks_and_warm_request_in_another_order_hits(
     assert result.stats.num_chunk_hits == 0 and result.stats.fallback == ""
     assert_layers_equal(layers, ref_layers, atol=ATOL)
     assert result.first_token_id == ref_result.first_token_id
-    prompt = engine.prepare_tokens(cold.segments)
+    prompt = engine.compute.prepare(cold.segments)
     poll(lambda: stack.stored([prompt.prefix_key, *prompt.chunk_keys]), what="write-behind")
 
     warm = make_request(engine, docs[::-1], "What does Edwin Palk do?")

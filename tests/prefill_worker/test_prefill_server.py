@@ -100,8 +100,8 @@ def test_closing_the_client_iterator_stops_the_server(
         assert [next(stream).layer_idx for _ in range(3)] == [0, 1, 2]  # type: ignore[union-attr]
         stream.close()  # cancels the RPC
     poll(lambda: sample(server, "kvfuse_prefill_requests_total", code="CANCELLED") == 1)
-    poll(lambda: server.prefiller.compute_lock.acquire(blocking=False), what="compute to stop")
-    server.prefiller.compute_lock.release()
+    poll(lambda: server.pipeline.compute_lock.acquire(blocking=False), what="compute to stop")
+    server.pipeline.compute_lock.release()
     assert sample(server, "kvfuse_prefill_layers_computed_total") == 3  # of 30
     assert sample(server, "kvfuse_prefill_requests_in_flight") == 0
     source.release.set()

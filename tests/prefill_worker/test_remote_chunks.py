@@ -11,8 +11,8 @@ from prefill_helpers import TestSource, poll
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.errors import ServiceUnavailableError
 from kvfuse.kv import ChunkKV
+from kvfuse.prefill.fetch import LayerFetch, Layout
 from prefill_worker.metrics import PrefillMetrics
-from prefill_worker.remote_chunks import LayerFetch, Layout
 
 LAYOUT = Layout(num_layers=4, num_kv_heads=2, head_dim=8)
 KEYS = ("a" * 64, "b" * 64)

@@ -8,14 +8,15 @@ import torch
 
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.kv import ChunkKV
-from prefill_worker.sources import ChunkInfo, LocalSource, Shards, positions_of
+from kvfuse.prefill import ChunkInfo
+from kvfuse.prefill.sources import Shards, StoreSource, positions_of
 
 KEYS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(400)]
 
 
 def test_local_source_streams_by_layer_and_puts_once() -> None:
     store = ChunkStore(1 << 20)
-    source = LocalSource(store)
+    source = StoreSource(store)
     kv = ChunkKV(torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8), torch.arange(7, 11))
     assert source.put(KEYS[0], kv) and not source.put(KEYS[0], kv)
     source.put(KEYS[1], ChunkKV(kv.k[:, :2], kv.v[:, :2], torch.arange(2)))
@@ -30,8 +31,8 @@ def test_local_source_streams_by_layer_and_puts_once() -> None:
 
 def test_rendezvous_spreads_keys_and_moves_only_a_removed_servers_keys() -> None:
     names = ["a:1", "b:2", "c:3"]
-    three = Shards([LocalSource(ChunkStore(1))] * 3, names)
-    two = Shards([LocalSource(ChunkStore(1))] * 2, names[:2])
+    three = Shards([StoreSource(ChunkStore(1))] * 3, names)
+    two = Shards([StoreSource(ChunkStore(1))] * 2, names[:2])
     owners = [three.owner(k) for k in KEYS]
     assert all(owners.count(i) > len(KEYS) // 6 for i in range(3))  # roughly even
     for key, owner in zip(KEYS, owners, strict=True):

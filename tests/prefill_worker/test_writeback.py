@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvfuse.blend.plan import PreparedPrompt
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.errors import CapacityError
+from kvfuse.keys import PreparedPrompt
 from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import load_model
+from kvfuse.prefill.writeback import WriteBehind, WriteJob
 from kvfuse.segments import PromptSegments
 from prefill_worker.metrics import PrefillMetrics
-from prefill_worker.writeback import WriteBehind, WriteJob
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def tiny_engine(tiny_model_dir: Callable[[str], Path], cache_dir: Path) -> Engin
 
 def prompt(engine: Engine, first: int = 10) -> PreparedPrompt:
     chunks = tuple(tuple(range(first + 10 * i, first + 10 * i + 6)) for i in range(3))
-    return engine.prepare_tokens(PromptSegments((1, 2, 3), chunks, (4, 5)))
+    return engine.compute.prepare(PromptSegments((1, 2, 3), chunks, (4, 5)))
 
 
 class Recorder:
@@ -51,12 +51,12 @@ def value(metrics: PrefillMetrics, name: str) -> float:
 def test_stores_exactly_the_missing_objects(tiny_engine: Engine) -> None:
     p = prompt(tiny_engine)
     store, metrics = Recorder(), PrefillMetrics()
-    writer = WriteBehind(tiny_engine, store, 8, threading.Lock(), metrics)
+    writer = WriteBehind(tiny_engine.compute, store, 8, threading.Lock(), metrics)
     missing = frozenset({p.prefix_key, p.chunk_keys[1]})
     assert writer.submit(WriteJob(p, missing))
     assert writer.wait_idle(60)
     assert set(store.stored) == missing
-    expected = dict(tiny_engine.compute_missing(p, lambda k: k not in missing, lambda k: None))
+    expected = dict(tiny_engine.compute.missing(p, lambda k: k not in missing, lambda k: None))
     for key in missing:
         assert torch.equal(store.stored[key].k, expected[key].k)
     assert value(metrics, "kvfuse_prefill_write_behind_stored_total") == 2
@@ -66,10 +66,10 @@ def test_stores_exactly_the_missing_objects(tiny_engine: Engine) -> None:
 
 def test_drops_and_counts_work_beyond_its_capacity(tiny_engine: Engine) -> None:
     p, metrics = prompt(tiny_engine), PrefillMetrics()
-    writer = WriteBehind(tiny_engine, Recorder(), 3, threading.Lock(), metrics)
+    writer = WriteBehind(tiny_engine.compute, Recorder(), 3, threading.Lock(), metrics)
     assert not writer.submit(WriteJob(p, frozenset([p.prefix_key, *p.chunk_keys])))
     assert value(metrics, "kvfuse_prefill_write_behind_dropped_total") == 4
-    off = WriteBehind(tiny_engine, Recorder(), 0, threading.Lock(), metrics)
+    off = WriteBehind(tiny_engine.compute, Recorder(), 0, threading.Lock(), metrics)
     assert not off.submit(WriteJob(p, frozenset(p.chunk_keys[:1])))
     writer.close()
     off.close()
@@ -77,7 +77,7 @@ def test_drops_and_counts_work_beyond_its_capacity(tiny_engine: Engine) -> None:
 
 def test_queued_keys_are_not_queued_twice(tiny_engine: Engine) -> None:
     p, lock, store = prompt(tiny_engine), threading.Lock(), Recorder()
-    writer = WriteBehind(tiny_engine, store, 8, lock, PrefillMetrics())
+    writer = WriteBehind(tiny_engine.compute, store, 8, lock, PrefillMetrics())
     with lock:  # a request is computing: the writer cannot start
         assert writer.submit(WriteJob(p, frozenset(p.chunk_keys)))
         assert writer.submit(WriteJob(p, frozenset(p.chunk_keys[:2])))
@@ -89,7 +89,9 @@ def test_queued_keys_are_not_queued_twice(tiny_engine: Engine) -> None:
 
 def test_a_failed_store_is_counted_and_the_queue_keeps_draining(tiny_engine: Engine) -> None:
     metrics = PrefillMetrics()
-    writer = WriteBehind(tiny_engine, Recorder(CapacityError("full")), 8, threading.Lock(), metrics)
+    writer = WriteBehind(
+        tiny_engine.compute, Recorder(CapacityError("full")), 8, threading.Lock(), metrics
+    )
     p = prompt(tiny_engine)
     assert writer.submit(WriteJob(p, frozenset(p.chunk_keys)))
     assert writer.wait_idle(60)

@@ -18,8 +18,9 @@ from kvfuse.blend import (
 )
 from kvfuse.blend.select import select_rows
 from kvfuse.chunk_store import ChunkStore
-from kvfuse.engine import Engine, PreparedPrompt
+from kvfuse.engine import Engine
 from kvfuse.errors import ConfigError
+from kvfuse.keys import PreparedPrompt
 from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import load_model
 from kvfuse.segments import PromptSegments
@@ -57,17 +58,7 @@ def make_prompt(
 
 
 def _keyed(engine: Engine, seg: PromptSegments) -> PreparedPrompt:
-    # Reuse the engine's key derivation on a prompt built from raw ids.
-    probe = engine.prepare(["x", "y", "z"], chat=False)
-    from kvfuse import keys
-
-    root_ctx = probe.prefix_key  # any stable string; only consistency matters here
-    prefix_key = keys.prefix_key(root_ctx, seg.prefix_ids)
-    chunk_keys = tuple(
-        keys.chunk_key(engine.fingerprint, "tok", f"prefix:{prefix_key}", "", c)
-        for c in seg.chunk_ids
-    )
-    return PreparedPrompt(seg, prefix_key, chunk_keys)
+    return engine.compute.prepare(seg)
 
 
 def run(

@@ -1,4 +1,5 @@
-"""The prefill contract between a decode worker and whoever computes its prompt KV.
+"""The prefill contract between a decode worker and whoever computes its prompt KV, and the
+records that cross it.
 
 A decode worker sends a `PrefillRequest` (token segments, mode, ratio, sampling params for the
 first token) to a `Prefiller` — the prefill worker over gRPC, or the engine in-process — and
@@ -9,16 +10,64 @@ while layer l+1 is still being computed.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from enum import Enum
+from typing import NamedTuple, Protocol
+
+from torch import Tensor
 
 from kvfuse.blend.config import Mode
-from kvfuse.blend.plan import PlannedPrefill
-from kvfuse.blend.run import BlendStats, FusedLayer
+from kvfuse.blend.run import FusedLayer
+from kvfuse.errors import InvalidRequestError
 from kvfuse.model.sampling import SamplingParams
 from kvfuse.segments import PromptSegments
+
+MAX_REQUEST_ID_CHARS = 256  # longer ids are refused: they end up in logs and metrics exemplars
+
+
+def check_request_id(request_id: str) -> None:
+    """Raises InvalidRequestError for a request id longer than the protocol allows."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequestError(f"request_id longer than {MAX_REQUEST_ID_CHARS} characters")
+
+
+class MissPolicy(str, Enum):
+    """What a request does with a prefix or chunk the cache does not hold.
+
+    - `forced`: its rows are computed in place with full attention (forced rows of the blend);
+      the write-behind then precomputes the chunk again, standalone, to store it.
+    - `precompute`: the request first precomputes the chunk standalone after its chunk
+      context — exactly the object the write-behind would store — and uses it like a hit (it
+      goes through selective recompute); the write-behind only stores it. Each miss is
+      computed once, and a cold request answers like the warm one that follows it.
+    """
+
+    FORCED = "forced"
+    PRECOMPUTE = "precompute"
+
+
+# Modes whose misses `precompute` precomputes: prefix_cache reads only the prefix and the
+# first chunk, and computes a missing first chunk exactly in place anyway.
+PRECOMPUTE_MODES = frozenset({Mode.BLEND, Mode.FULL_REUSE})
+
+
+class ChunkInfo(NamedTuple):
+    """A stored object's layout: each layer's K/V is [num_tokens, H_kv, D] at positions
+    position_offset .. position_offset + num_tokens - 1."""
+
+    num_tokens: int
+    num_layers: int
+    position_offset: int
+
+
+class LayerItem(NamedTuple):
+    """One layer of one stored object. Shape of k and v: [T, H_kv, D]."""
+
+    key: str
+    layer_idx: int
+    k: Tensor
+    v: Tensor
 
 
 @dataclass(frozen=True)
@@ -129,22 +178,3 @@ class ChunkWarmer(Protocol):
     """
 
     def warm_chunks(self, segments: PromptSegments, request_id: str = "") -> WarmResult: ...
-
-
-def prefill_stats(stats: BlendStats, planned: PlannedPrefill, start_s: float) -> PrefillStats:
-    """A finished run's counters as the prefill contract reports them.
-
-    The run counts precomputed rows as cached; here they are reported on their own, so
-    cached + precomputed + computed = prompt tokens (without forced chunk starts).
-    """
-    return PrefillStats(
-        num_prompt_tokens=stats.num_tokens,
-        num_cached_tokens=stats.num_cached_tokens - planned.num_precomputed_tokens,
-        num_recomputed_tokens=stats.num_recomputed_tokens,
-        num_computed_tokens=stats.num_computed_tokens,
-        num_chunks=planned.num_chunks,
-        num_chunk_hits=planned.num_chunk_hits,
-        prefill_s=time.perf_counter() - start_s,
-        num_precomputed_tokens=planned.num_precomputed_tokens,
-        num_chunks_precomputed=planned.num_chunks_precomputed,
-    )

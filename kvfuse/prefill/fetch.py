@@ -12,9 +12,10 @@ from torch import Tensor
 
 from kvfuse.errors import CacheError, InvalidObjectError, KvfuseError, ServiceUnavailableError
 from kvfuse.kv import ChunkKV
+from kvfuse.prefill.observer import PrefillObserver
+from kvfuse.prefill.sources import ChunkSource, positions_of
+from kvfuse.prefill.types import ChunkInfo, LayerItem
 from kvfuse.service.threads import io_thread
-from prefill_worker.metrics import PrefillMetrics
-from prefill_worker.sources import ChunkInfo, ChunkSource, LayerItem, positions_of
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,9 @@ class LayerFetch:
         infos: Mapping[str, ChunkInfo],
         layout: Layout,
         deadline_s: float,
-        metrics: PrefillMetrics,
+        observer: PrefillObserver,
     ) -> None:
-        self._source, self._layout, self._metrics = source, layout, metrics
+        self._source, self._layout, self._observer = source, layout, observer
         self.chunks = {key: StreamedChunk(self, key, info) for key, info in infos.items()}
         self._slots: dict[str, list[tuple[Tensor, Tensor] | None]] = {
             key: [None] * layout.num_layers for key in infos
@@ -173,7 +174,7 @@ class LayerFetch:
                 self._fail(ServiceUnavailableError("fetch closed"), CANCELLED)
             waits = [w for w, n in zip(self._wait_s, self._num_arrived, strict=True) if n]
         for wait_s in waits:
-            self._metrics.layer_wait_seconds.observe(wait_s)
+            self._observer.layer_waited(wait_s)
 
     def _fail(self, error: KvfuseError, reason: str | None = None) -> None:
         """Records the first failure and wakes every waiter. Caller holds the condition."""
@@ -192,7 +193,7 @@ class LayerFetch:
                     break
                 if self._accept(item):  # layer complete for every chunk
                     now = time.monotonic()
-                    self._metrics.layer_load_seconds.observe(now - last_s)
+                    self._observer.layer_loaded(now - last_s)
                     last_s = now
         except KvfuseError as exc:
             with self._cond:
@@ -213,7 +214,7 @@ class LayerFetch:
         """Stores one arrived layer; True when it completed that layer for every chunk."""
         self._check(item)
         nbytes = item.k.numel() * item.k.element_size() * 2
-        self._metrics.fetched_bytes.inc(nbytes)
+        self._observer.layer_fetched(nbytes)
         with self._cond:
             self._slots[item.key][item.layer_idx] = (item.k, item.v)
             self._num_arrived[item.layer_idx] += 1

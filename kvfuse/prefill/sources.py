@@ -1,43 +1,26 @@
-"""Where chunk KV comes from and goes to: cache servers (sharded) or the worker's own store."""
+"""Where chunk KV comes from and goes to: cache servers (sharded) or an in-process store."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from kvfuse.chunk_store import ChunkStore
-from kvfuse.errors import ConfigError
+from kvfuse.errors import CapacityError, ConfigError
 from kvfuse.kv import ChunkKV
+from kvfuse.prefill.types import ChunkInfo, LayerItem
 
 if TYPE_CHECKING:
     from kvfuse.client import CacheClient
 
 
-class ChunkInfo(NamedTuple):
-    """A stored chunk's layout: each layer's K/V is [num_tokens, H_kv, D] at positions
-    position_offset .. position_offset + num_tokens - 1."""
-
-    num_tokens: int
-    num_layers: int
-    position_offset: int
-
-
-class LayerItem(NamedTuple):
-    """One layer of one chunk. Shape of k and v: [T, H_kv, D]."""
-
-    key: str
-    layer_idx: int
-    k: Tensor
-    v: Tensor
-
-
 class ChunkSource(Protocol):
-    """A chunk store the prefill worker reads layer by layer and writes whole objects to.
+    """A chunk store the prefill pipeline reads layer by layer and writes whole objects to.
 
     Implementations are thread-safe. Errors raise kvfuse.errors.CacheError types (a missing
     key is a miss, never an error); `get_layers` may also fail part-way through.
@@ -59,8 +42,9 @@ class ChunkSource(Protocol):
         ...
 
 
-class LocalSource:
-    """The worker's in-process `ChunkStore` as a source (one-process mode, tests)."""
+class StoreSource:
+    """An in-process `ChunkStore` as a source (the embedded engine, a worker without cache
+    servers). Its objects are complete: the pipeline reads them in place (`get`), unstreamed."""
 
     def __init__(self, store: ChunkStore) -> None:
         self.store = store
@@ -73,6 +57,10 @@ class LocalSource:
                 found[key] = ChunkInfo(kv.num_tokens, kv.num_layers, int(kv.positions[0]))
         return found
 
+    def get(self, key: str) -> ChunkKV | None:
+        """The whole object, or None."""
+        return self.store.get(key)
+
     def get_layers(self, keys: Sequence[str]) -> Iterator[LayerItem]:
         objects = [(key, kv) for key in keys if (kv := self.store.get(key)) is not None]
         num_layers = max((kv.num_layers for _, kv in objects), default=0)
@@ -81,12 +69,15 @@ class LocalSource:
                 yield LayerItem(key, layer_idx, *kv.layer(layer_idx))
 
     def put(self, key: str, kv: ChunkKV) -> bool:
+        """Raises CapacityError for an object larger than the whole store."""
         if self.store.contains(key):
             return False
-        return self.store.put(key, kv)
+        if not self.store.put(key, kv):
+            raise CapacityError(f"{key[:12]}: larger than the whole in-process store")
+        return True
 
 
-class RemoteSource:
+class CacheServerSource:
     """One cache server through the client SDK.
 
     Three clients share nothing but the address so each call kind has its own deadline: a
@@ -162,6 +153,17 @@ class Shards:
             return 0
         scores = [hashlib.sha256(salt + b"\0" + key.encode()).digest() for salt in self._salts]
         return max(range(len(scores)), key=scores.__getitem__)
+
+    def put(self, key: str, kv: ChunkKV) -> bool:
+        """Stores a whole object on the source that owns it; False if it was already there."""
+        return self.sources[self.owner(key)].put(key, kv)
+
+    def close(self) -> None:
+        """Closes the sources that hold connections."""
+        for source in self.sources:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
 
     def split(self, keys: Sequence[str]) -> dict[int, list[str]]:
         """Keys grouped by owning source, in their original order."""

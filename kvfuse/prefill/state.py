@@ -5,21 +5,40 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from kvfuse.kv import ChunkKV
-from prefill_worker.remote_chunks import CANCELLED, LayerFetch, StreamedChunk
+from kvfuse.kv import ChunkKV, ChunkLayers
+from kvfuse.prefill.fetch import CANCELLED, LayerFetch
 
 
 @dataclass
 class Fetched:
-    """What the lookup found and which streams bring it in."""
+    """What the lookup found and which streams bring it in.
 
-    chunks: dict[str, StreamedChunk] = field(default_factory=dict)
+    Attributes:
+        chunks: the found objects the request reads: streaming in (a `LayerFetch`'s chunks)
+            or whole (an in-process store's).
+        found: every key the lookup found usable, read or not.
+        lookup_failed: keys whose lookup failed (neither found nor missing).
+        precomputed: misses the request computed standalone (miss policy precompute).
+    """
+
+    chunks: dict[str, ChunkLayers] = field(default_factory=dict)
     fetches: list[LayerFetch] = field(default_factory=list)
     found: set[str] = field(default_factory=set)
-    unknown: set[str] = field(default_factory=set)  # keys whose lookup failed
-    precomputed: dict[str, ChunkKV] = field(default_factory=dict)  # misses computed standalone
+    lookup_failed: set[str] = field(default_factory=set)
+    precomputed: dict[str, ChunkKV] = field(default_factory=dict)
     fallback: str = ""
     _counted: set[int] = field(default_factory=set, init=False, repr=False)  # fetch ids
+
+    def fetch_of(self, key: str) -> LayerFetch:
+        """The stream bringing `key` in (a streamed chunk's)."""
+        return next(fetch for fetch in self.fetches if key in fetch.chunks)
+
+    def arrived(self, key: str) -> ChunkKV | None:
+        """A found object whose every layer is here, whole; None otherwise (never waits)."""
+        chunk = self.chunks.get(key)
+        if chunk is None or isinstance(chunk, ChunkKV):
+            return chunk
+        return self.fetch_of(key).materialize(key)
 
     def new_failure(self, fetch: LayerFetch) -> str:
         """Why `fetch` failed, the first time it is asked; "" after that, or if it did not fail

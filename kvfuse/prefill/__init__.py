@@ -1,0 +1,32 @@
+"""The prefill path: the contract and its records (`types`), and the one layerwise pipeline
+(`pipeline`) that both the embedded engine and the prefill worker run over their chunk sources."""
+
+from __future__ import annotations
+
+from kvfuse.prefill.types import (
+    PRECOMPUTE_MODES,
+    ChunkInfo,
+    ChunkWarmer,
+    LayerItem,
+    MissPolicy,
+    Prefiller,
+    PrefillRequest,
+    PrefillResult,
+    PrefillStats,
+    WarmResult,
+    check_request_id,
+)
+
+__all__ = [
+    "PRECOMPUTE_MODES",
+    "ChunkInfo",
+    "ChunkWarmer",
+    "LayerItem",
+    "MissPolicy",
+    "PrefillRequest",
+    "PrefillResult",
+    "PrefillStats",
+    "Prefiller",
+    "WarmResult",
+    "check_request_id",
+]

@@ -1,0 +1,401 @@
+"""The one prefill path: look up, fetch chunk layers, precompute misses, blend, stream fused
+layers, store what was missing. The embedded engine and the prefill worker both run it.
+
+One request, in order: validate; derive keys; look the prefix and chunks up on their shards;
+start one background `GetLayers` stream per shard with hits (an in-process store's objects are
+used in place); take the compute lock; under `MissPolicy.PRECOMPUTE` precompute the missing
+chunks standalone while the hits keep streaming in; run the blend layer by layer while the
+caller reads finished layers (so fetch of layer l+1, compute of layer l and sending of layer
+l-1 overlap); hand the final logits on; give the missing objects to the writer (objects the
+request precomputed go with the job, so it only stores them).
+
+`stream` runs a request on a compute thread of its own, a bounded number of layers ahead of
+its reader (the prefill worker); `run` runs it on the caller's thread (the embedded engine).
+With `wait_for_hits` the request waits for every hit to arrive whole before it takes the
+compute lock, and hands its fused layers on only once all are computed.
+
+Fail soft: a lookup that fails makes its keys misses (computed in place). A stream that fails
+part-way makes its incomplete chunks misses and restarts the blend without them; layers the
+caller already received are not sent again — the restarted run's later layers follow them.
+Every fused layer is a complete, consistent layer of some valid prefill of this prompt (the
+first ones of the blend, the rest of the recompute), and the first token comes from the
+recompute. The stats say why (`fallback`), the observer counts it, the request succeeds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from kvfuse.blend.config import BlendConfig, Mode
+from kvfuse.blend.plan import PlannedPrefill
+from kvfuse.blend.run import BlendStats, FusedLayer
+from kvfuse.errors import CacheError, InvalidRequestError, KvfuseError, PromptTooLongError
+from kvfuse.keys import PreparedPrompt
+from kvfuse.kv import ChunkKV, ChunkLayers
+from kvfuse.model.sampling import Sampler
+from kvfuse.prefill.background import BackgroundIterator
+from kvfuse.prefill.compute import PrefillCompute
+from kvfuse.prefill.fetch import LayerFetch, Layout, fallback_reason
+from kvfuse.prefill.observer import PrefillObserver
+from kvfuse.prefill.sources import Shards, StoreSource
+from kvfuse.prefill.state import Cancel, Fetched
+from kvfuse.prefill.types import (
+    PRECOMPUTE_MODES,
+    ChunkInfo,
+    MissPolicy,
+    PrefillRequest,
+    PrefillResult,
+    PrefillStats,
+    check_request_id,
+)
+from kvfuse.prefill.writeback import WriteJob, Writer
+from kvfuse.service.threads import ThreadStarter, compute_thread
+
+_LOCK_POLL_S = 0.05  # how often a request waiting for the compute lock checks for cancel
+
+
+class ComputeLock(Protocol):
+    """A `threading.Lock` or `RLock`: the one the writer and warmer take per object too."""
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How the pipeline runs requests.
+
+    Attributes:
+        miss_policy: what a request does with a missing object (`MissPolicy`).
+        fetch_deadline_s: how long a request's layer streams may take in all.
+        default_ratio: recompute ratio when a request sets none; None keeps the blend's.
+        layers_ahead: fused layers `stream` computes ahead of its reader (bounds memory).
+        wait_for_hits: wait for every hit before computing, hand layers on after computing.
+        num_threads: torch threads of each `stream` compute thread; 0 keeps torch's default.
+    """
+
+    miss_policy: MissPolicy = MissPolicy.FORCED
+    fetch_deadline_s: float = 60.0
+    default_ratio: float | None = None
+    layers_ahead: int = 2
+    wait_for_hits: bool = False
+    num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """The last item of `run`: the logits after the last prompt token ([vocab] fp32) and the
+    stats (`first_token_id`'s `PrefillResult` is made from it)."""
+
+    logits: Tensor
+    stats: PrefillStats
+
+    def result(self, request: PrefillRequest) -> PrefillResult:
+        """The first token, sampled with the request's parameters, and the stats."""
+        return PrefillResult(Sampler(request.sampling).sample(self.logits), self.stats)
+
+
+class PrefillPipeline:
+    """Prefills prompts with chunk KV from shards. Thread-safe.
+
+    Requests compute one at a time under `compute_lock` (also taken by the writer per object);
+    their fetches and the reading of their layers run concurrently. `writer` None stores no
+    missing object.
+    """
+
+    def __init__(
+        self,
+        compute: PrefillCompute,
+        shards: Shards,
+        writer: Writer | None,
+        compute_lock: ComputeLock,
+        options: PipelineOptions | None = None,
+        observer: PrefillObserver | None = None,
+    ) -> None:
+        self.compute, self.shards, self.writer = compute, shards, writer
+        self.compute_lock = compute_lock
+        self.options = options or PipelineOptions()
+        self.observer = observer or PrefillObserver()
+        cfg = compute.model.cfg
+        self.layout = Layout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        # Callers of `stream` may be I/O threads (lowered priority); compute threads start
+        # from this one, at the priority the process started with.
+        self._starter = ThreadStarter("prefill-compute-starter")
+
+    def prefill(self, request: PrefillRequest) -> Generator[FusedLayer | PrefillResult, None, None]:
+        """The `Prefiller` protocol on a compute thread: fused layers in order, then the
+        result. Closing the iterator early cancels the request's compute and fetches."""
+        stream = self.stream(request)
+        try:
+            yield from stream
+        finally:
+            stream.cancel()
+
+    def stream(self, request: PrefillRequest) -> BackgroundIterator[FusedLayer | PrefillResult]:
+        """Validates `request` and starts computing it on a compute thread of its own;
+        iterate the result, `cancel` to stop.
+
+        Raises:
+            InvalidRequestError: malformed request (PromptTooLongError: it does not fit).
+        """
+        blend, cancel = self.validate(request), Cancel()
+
+        def produce() -> Iterator[FusedLayer | PrefillResult]:
+            compute_thread(self.options.num_threads)
+            for item in self._run(request, blend, cancel, True, time.perf_counter()):
+                yield item.result(request) if isinstance(item, Prefilled) else item
+
+        return BackgroundIterator(
+            produce, self.options.layers_ahead, cancel.cancel, start=self._starter.start
+        )
+
+    def run(
+        self, request: PrefillRequest, blend: BlendConfig | None = None, store: bool = True
+    ) -> Iterator[FusedLayer | Prefilled]:
+        """Runs `request` on the caller's thread: fused layers in order, then `Prefilled`;
+        with `store`, the missing objects go to the writer after it (iterate to the end).
+
+        Args:
+            blend: settings instead of the pipeline's (the request's ratio still applies).
+
+        Raises:
+            InvalidRequestError: malformed request (PromptTooLongError: it does not fit).
+        """
+        start_s = time.perf_counter()
+        blend = self.validate(request, blend)
+        with torch.inference_mode():
+            yield from self._run(request, blend, Cancel(), store, start_s)
+
+    def validate(self, request: PrefillRequest, blend: BlendConfig | None = None) -> BlendConfig:
+        """Checks what the model bounds (vocabulary, context) and returns the blend settings."""
+        seg, cfg = request.segments, self.compute.model.cfg
+        check_request_id(request.request_id)
+        if not seg.query_ids:
+            raise InvalidRequestError("the query segment is empty")
+        for idx, chunk in enumerate(seg.chunk_ids):
+            if not chunk:
+                raise InvalidRequestError(f"chunk {idx} is empty")
+        if any(not 0 <= t < cfg.vocab_size for t in seg.token_ids):
+            raise InvalidRequestError(f"token ids must be in [0, {cfg.vocab_size})")
+        total = seg.num_tokens + request.sampling.max_tokens
+        if total > self.compute.max_context_tokens:
+            raise PromptTooLongError(total, self.compute.max_context_tokens)
+        ratio = request.recompute_ratio
+        ratio = self.options.default_ratio if ratio is None else ratio
+        return self.compute.blend_config(ratio, blend)
+
+    def _run(
+        self,
+        request: PrefillRequest,
+        blend: BlendConfig,
+        cancel: Cancel,
+        store: bool,
+        start_s: float,
+    ) -> Iterator[FusedLayer | Prefilled]:
+        """The whole request, cleanup included."""
+        with torch.inference_mode():
+            prompt = self.compute.prepare(request.segments)
+            fetched = self._open(prompt, request.mode, cancel)
+            buffered: list[FusedLayer | Prefilled] = []
+            try:
+                if self.options.wait_for_hits:
+                    for fetch in fetched.fetches:  # a failed fetch: the blend falls back
+                        fetch.wait_complete()
+                if not self._acquire(cancel):
+                    return
+                try:
+                    self._precompute(prompt, request.mode, fetched)
+                    items = self._blend(prompt, request.mode, blend, fetched, cancel, start_s)
+                    if self.options.wait_for_hits:
+                        buffered = list(items)
+                    else:
+                        yield from items
+                finally:
+                    self.compute_lock.release()
+                yield from buffered
+                if store and not cancel.event.is_set():
+                    self._write(prompt, request.mode, fetched)
+            finally:
+                for fetch in fetched.fetches:
+                    fetch.close()
+
+    def _acquire(self, cancel: Cancel) -> bool:
+        """Takes the compute lock, giving up once the request is cancelled."""
+        while not self.compute_lock.acquire(timeout=_LOCK_POLL_S):
+            if cancel.event.is_set():
+                return False
+        return True
+
+    def _open(self, prompt: PreparedPrompt, mode: Mode, cancel: Cancel) -> Fetched:
+        """Looks the prompt's objects up and starts streaming the ones its mode reads.
+
+        Streams start before the compute lock is taken, so a queued request prefetches; the
+        fetch deadline counts from here.
+        """
+        fetched = Fetched()
+        if mode is Mode.FULL_PREFILL:
+            return fetched
+        seg = prompt.segments
+        num_tokens = dict(zip(prompt.chunk_keys, map(len, seg.chunk_ids), strict=True))
+        if seg.prefix_ids:
+            num_tokens = {prompt.prefix_key: len(seg.prefix_ids), **num_tokens}
+        read = set(num_tokens)
+        if mode is Mode.PREFIX_CACHE:  # only the prefix and the chunk stored right after it
+            read = {prompt.prefix_key, *prompt.chunk_keys[:1]}
+        for idx, keys in self.shards.split(list(num_tokens)).items():  # unique keys, in order
+            try:
+                infos = self.shards.sources[idx].lookup(keys)
+            except KvfuseError as exc:
+                self.observer.looked_up(len(keys), 0)
+                self._count_fallback(fetched, fallback_reason(exc))
+                fetched.lookup_failed.update(keys)
+                continue
+            infos = {k: i for k, i in infos.items() if self._fits(i, num_tokens.get(k))}
+            self.observer.looked_up(len(keys), len(infos))
+            fetched.found.update(infos)
+            self._fetch(idx, {k: i for k, i in infos.items() if k in read}, fetched, cancel)
+        return fetched
+
+    def _fetch(
+        self, idx: int, infos: dict[str, ChunkInfo], fetched: Fetched, cancel: Cancel
+    ) -> None:
+        """Starts one shard's layer stream (if it has anything to read); an in-process
+        store's objects are taken whole, in place."""
+        if not infos:
+            return
+        source = self.shards.sources[idx]
+        if isinstance(source, StoreSource):
+            whole = {key: kv for key in infos if (kv := source.get(key)) is not None}
+            fetched.found.difference_update(infos.keys() - whole.keys())  # evicted meanwhile
+            fetched.chunks.update(whole)
+            return
+        deadline_s = self.options.fetch_deadline_s
+        fetch = LayerFetch(source, infos, self.layout, deadline_s, self.observer)
+        cancel.add(fetch.start())
+        fetched.fetches.append(fetch)
+        fetched.chunks.update(fetch.chunks)
+
+    def _fits(self, info: ChunkInfo, num_tokens: int | None) -> bool:
+        """A stored object is usable only with this model's layers and the segment's length
+        (anything else is a foreign or corrupt entry: treated as a miss)."""
+        return info.num_layers == self.layout.num_layers and info.num_tokens == num_tokens
+
+    def _precompute(self, prompt: PreparedPrompt, mode: Mode, fetched: Fetched) -> None:
+        """Under `MissPolicy.PRECOMPUTE`: computes the misses standalone, into
+        `fetched.precomputed`. Keys whose lookup failed are no misses: computed in place (fail
+        soft, as after a failed stream). A fetched prefix is waited for whole only as the chunk
+        context of a miss (if its stream fails: computed too, the failure counted)."""
+        if self.options.miss_policy is MissPolicy.FORCED or mode not in PRECOMPUTE_MODES:
+            return
+        known = fetched.chunks.keys() | fetched.lookup_failed
+        computed = self.compute.missing(
+            prompt, known.__contains__, lambda k: self._whole(fetched, k)
+        )
+        fetched.precomputed = dict(computed)
+        self.observer.precomputed(len(fetched.precomputed))
+
+    def _whole(self, fetched: Fetched, key: str) -> ChunkKV | None:
+        """A found object in full (waiting for its stream), or None if it is not found or its
+        stream failed (the failure counted)."""
+        chunk = fetched.chunks.get(key)
+        if chunk is None or isinstance(chunk, ChunkKV):
+            return chunk
+        fetch = fetched.fetch_of(key)
+        if fetch.wait_complete([key]):
+            return fetch.materialize(key)
+        self._count_failure(fetched, fetch)
+        return None
+
+    def _blend(
+        self,
+        prompt: PreparedPrompt,
+        mode: Mode,
+        blend: BlendConfig,
+        fetched: Fetched,
+        cancel: Cancel,
+        start_s: float,
+    ) -> Iterator[FusedLayer | Prefilled]:
+        """Runs the blend, restarting without chunks whose stream failed; yields each layer
+        once, then the logits and stats."""
+        chunks, num_sent = dict(fetched.chunks), 0
+        while True:
+            planned, run = self.compute.start(prompt, mode, blend, chunks.get, fetched.precomputed)
+            try:
+                for layer in run:
+                    if cancel.event.is_set():
+                        return
+                    if layer.layer_idx >= num_sent:
+                        self.observer.layer_computed()
+                        num_sent += 1
+                        yield layer
+                break
+            except CacheError:
+                if cancel.event.is_set():
+                    return
+                lost = self._lost_chunks(fetched, chunks)
+                if not lost:
+                    raise
+                chunks = {k: c for k, c in chunks.items() if k not in lost}
+        stats = prefill_stats(run.stats, planned, start_s, fetched.fallback)
+        num_reused = stats.num_cached_tokens + stats.num_precomputed_tokens
+        if num_reused and mode is Mode.BLEND:
+            self.observer.blended(stats.num_recomputed_tokens / num_reused)
+        yield Prefilled(run.last_logits, stats)
+
+    def _lost_chunks(self, fetched: Fetched, chunks: Mapping[str, ChunkLayers]) -> set[str]:
+        """Chunks in use whose fetch failed before they arrived whole; counts each failure."""
+        lost: set[str] = set()
+        for fetch in fetched.fetches:
+            if fetch.failed:
+                self._count_failure(fetched, fetch)
+                lost |= (fetch.chunks.keys() - fetch.complete_keys()) & chunks.keys()
+        return lost
+
+    def _count_failure(self, fetched: Fetched, fetch: LayerFetch) -> None:
+        if reason := fetched.new_failure(fetch):
+            self._count_fallback(fetched, reason)
+
+    def _count_fallback(self, fetched: Fetched, reason: str) -> None:
+        self.observer.fell_back(reason)
+        fetched.fallback = fetched.fallback or reason
+
+    def _write(self, prompt: PreparedPrompt, mode: Mode, fetched: Fetched) -> None:
+        """Gives the writer the prompt's objects the lookup did not find, with those the
+        request precomputed (only stored then)."""
+        if self.writer is None or mode is Mode.FULL_PREFILL:
+            return
+        missing = set(prompt.object_keys) - fetched.found - fetched.lookup_failed
+        if not missing:
+            return
+        prefix_kv = fetched.arrived(prompt.prefix_key)
+        computed = {k: kv for k, kv in fetched.precomputed.items() if k in missing}
+        self.writer.submit(WriteJob(prompt, frozenset(missing), prefix_kv, computed))
+
+
+def prefill_stats(
+    stats: BlendStats, planned: PlannedPrefill, start_s: float, fallback: str = ""
+) -> PrefillStats:
+    """A finished run's counters as the prefill contract reports them.
+
+    The run counts precomputed rows as cached; here they are reported on their own, so
+    cached + precomputed + computed = prompt tokens (without forced chunk starts).
+    """
+    return PrefillStats(
+        num_prompt_tokens=stats.num_tokens,
+        num_cached_tokens=stats.num_cached_tokens - planned.num_precomputed_tokens,
+        num_recomputed_tokens=stats.num_recomputed_tokens,
+        num_computed_tokens=stats.num_computed_tokens,
+        num_chunks=planned.num_chunks,
+        num_chunk_hits=planned.num_chunk_hits,
+        prefill_s=time.perf_counter() - start_s,
+        fallback=fallback,
+        num_precomputed_tokens=planned.num_precomputed_tokens,
+        num_chunks_precomputed=planned.num_chunks_precomputed,
+    )
