@@ -36,12 +36,12 @@ from kvfuse.kv import ChunkKV
 from kvfuse.model.sampling import Sampler
 from kvfuse.prefill import PrefillRequest, PrefillResult, prefill_stats
 from kvfuse.service.threads import ThreadStarter, compute_thread
+from kvfuse.transport.prefill_messages import check_request_id
 from prefill_worker.background import BackgroundIterator
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.remote_chunks import LayerFetch, Layout, StreamedChunk, fallback_reason
 from prefill_worker.request_state import Cancel, Fetched
 from prefill_worker.sources import ChunkInfo, Shards
-from prefill_worker.wire import check_request_id
 from prefill_worker.writeback import WriteBehind, WriteJob
 
 _LOCK_POLL_S = 0.05  # how often a request waiting for the compute lock checks for cancel

@@ -1,4 +1,4 @@
-"""Client SDK of the kvfuse cache server: `CacheClient` (blocking) and `AsyncCacheClient`."""
+"""Client SDK: `CacheClient`, `AsyncCacheClient` (cache servers); `prefill.PrefillClient`."""
 
 from kvfuse.client.aio import AsyncCacheClient
 from kvfuse.client.retry import RetryPolicy
