@@ -25,9 +25,9 @@ from cache_server.download import iter_frames, open_download
 from cache_server.metrics import CacheMetrics
 from cache_server.records import RecordCodec
 from cache_server.store import TieredStore
-from kvfuse.client.bulk import recv_message, send_message
 from kvfuse.errors import KvfuseError
 from kvfuse.service.auth import Authenticator, bearer_metadata
+from kvfuse.transport.bulk_socket import recv_message, send_message, status_reply
 from kvfuse.v1 import cache_pb2
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class BulkServer:
         try:
             request = recv_message(conn, cache_pb2.BulkRequest)
         except ValueError as exc:  # malformed or oversized: answer, then close
-            send_message(conn, _status(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+            send_message(conn, status_reply(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
             return False
         if request is None:
             return False
@@ -135,7 +135,7 @@ class BulkServer:
             raise
         finally:
             self._metrics.observe_request(OP, code.name, time.perf_counter() - start)
-        send_message(conn, _status(code, message))
+        send_message(conn, status_reply(code, message))
         return True
 
     def _send_layers(self, conn: socket.socket, request: cache_pb2.BulkRequest) -> None:
@@ -154,10 +154,6 @@ class BulkServer:
             send_message(conn, reply)
             conn.sendall(frame.data)
             sent_bytes.inc(len(frame.data))
-
-
-def _status(code: grpc.StatusCode, message: str) -> cache_pb2.BulkReply:
-    return cache_pb2.BulkReply(status=cache_pb2.BulkStatus(code=code.value[0], message=message))
 
 
 def _close(conn: socket.socket) -> None:

@@ -21,9 +21,9 @@ from kvfuse.service.config import (
     parse_float,
     parse_int,
 )
+from kvfuse.transport.protocol import MIN_MESSAGE_BYTES
 
 ENV_PREFIX = "KVFUSE_CACHE_"
-MAX_FRAME_BYTES = 4 << 20  # protocol limit on the data of one LayerFrame
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ class CacheServerConfig:
         for name in ("memory_bytes", "disk_bytes", "redis_bytes", "max_object_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        if self.max_message_bytes < MAX_FRAME_BYTES + (64 << 10):
-            raise ConfigError(f"max_message_bytes must be >= {MAX_FRAME_BYTES + (64 << 10)}")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ConfigError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}")
         for name in ("max_batch_keys", "max_list_page", "num_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")

@@ -9,10 +9,11 @@ from cache_server import wire
 from cache_server.objects import StoredObject
 from cache_server.records import RecordCodec
 from cache_server.store import TieredStore
-from kvfuse.client.frame_wire import FrameView, encode_frames
-from kvfuse.client.frames import MAX_FRAME_BYTES, frame_parts
-from kvfuse.crc import crc32
 from kvfuse.errors import InvalidRequestError
+from kvfuse.transport.crc import crc32
+from kvfuse.transport.layer_frames import FrameView, encode_frames
+from kvfuse.transport.protocol import MAX_FRAME_BYTES
+from kvfuse.transport.records import frame_parts
 from kvfuse.v1 import cache_pb2
 
 
@@ -66,7 +67,7 @@ def layer_range(objects: Sequence[StoredObject], start: int, stop: int) -> range
 def iter_layer_messages(download: Download, codecs: RecordCodec) -> Iterator[tuple[bytes, int]]:
     """Layer l of every object before layer l + 1 of any, each record split into frames.
 
-    Yields serialized GetLayersResponses (`frame_wire.encode_frames`: the record bytes are
+    Yields serialized GetLayersResponses (`layer_frames.encode_frames`: the record bytes are
     copied once), each packing consecutive frames up to MAX_FRAME_BYTES of data, with the
     number of record bytes it carries. The objects are in memory already, so packing delays
     no layer.

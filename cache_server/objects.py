@@ -6,12 +6,13 @@ import json
 import re
 from dataclasses import asdict, dataclass
 
-from kvfuse.crc import crc32
-from kvfuse.errors import CorruptRecordError, InvalidObjectError
+from kvfuse.errors import InvalidObjectError
+from kvfuse.service.auth import TENANT_REGEX
+from kvfuse.transport.crc import check_record
+from kvfuse.transport.protocol import CHUNK_KEY_REGEX, DTYPES
 
 # Storage keys are what the server stores under: "<tenant>/<64 hex chunk key>" or a bare key.
-KEY_PATTERN = re.compile(r"^(?:[a-z0-9][a-z0-9_.-]{0,62}/)?[0-9a-f]{64}$")
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+KEY_PATTERN = re.compile(f"^(?:{TENANT_REGEX}/)?{CHUNK_KEY_REGEX}$")
 MAX_LAYERS = 1024
 
 
@@ -32,7 +33,7 @@ class ObjectMeta:
         key: storage key (see KEY_PATTERN).
         num_layers, num_tokens, num_kv_heads, head_dim: the decoded K/V of layer i has shape
             [num_tokens, num_kv_heads, head_dim].
-        dtype: the dtype K/V decode to (one of DTYPE_NAMES).
+        dtype: the dtype K/V decode to (a name in kvfuse.transport.protocol.DTYPES).
         codec: the codec the layer records are encoded with (kvfuse.codecs name).
         position_offset: K was rotated to positions position_offset .. +num_tokens-1.
         layer_nbytes: size of each encoded layer record.
@@ -83,8 +84,8 @@ class ObjectMeta:
                 raise InvalidObjectError(f"{name} must be positive")
         if self.position_offset < 0:
             raise InvalidObjectError("position_offset must be >= 0")
-        if self.dtype not in DTYPE_NAMES:
-            raise InvalidObjectError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise InvalidObjectError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not (len(self.layer_nbytes) == len(self.layer_crc32) == self.num_layers):
             raise InvalidObjectError("layer_nbytes and layer_crc32 need one entry per layer")
         if any(n < 0 for n in self.layer_nbytes):
@@ -130,8 +131,7 @@ class StoredObject:
     def verify_layer(self, idx: int) -> bytes:
         """The record of layer `idx` after checking its CRC32; CorruptRecordError if it fails."""
         record = self.layers[idx]
-        if crc32(record) != self.meta.layer_crc32[idx]:
-            raise CorruptRecordError(f"{self.meta.key}: layer {idx} failed its checksum")
+        check_record(self.meta.key, idx, record, self.meta.layer_crc32[idx])
         return record
 
     def verify(self) -> None:

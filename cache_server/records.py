@@ -10,14 +10,12 @@ from cache_server.metrics import CacheMetrics
 from cache_server.objects import ObjectMeta
 from kvfuse.codecs import Codec, codec_of, get_codec, header
 from kvfuse.errors import InvalidObjectError
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from kvfuse.transport.protocol import DTYPE_NAMES, DTYPES
 
 
 def raw_layer_nbytes(meta: ObjectMeta) -> int:
     """Bytes of one layer's decoded K and V (the uncompressed size of a record)."""
-    return 2 * meta.num_tokens * meta.num_kv_heads * meta.head_dim * _DTYPE_SIZES[meta.dtype]
+    return 2 * meta.num_tokens * meta.num_kv_heads * meta.head_dim * DTYPES[meta.dtype].itemsize
 
 
 class RecordCodec:
@@ -60,10 +58,10 @@ class RecordCodec:
             )
         head = header.parse(record, get_codec(name).codec_id)
         shape = (meta.num_tokens, meta.num_kv_heads, meta.head_dim)
-        if head.shape != shape or _DTYPE_NAMES.get(head.dtype) != meta.dtype:
+        if head.shape != shape or DTYPE_NAMES.get(head.dtype) != meta.dtype:
             raise InvalidObjectError(
                 f"layer {layer_idx}: record holds {head.shape} "
-                f"{_DTYPE_NAMES.get(head.dtype, head.dtype)}, the object header says "
+                f"{DTYPE_NAMES.get(head.dtype, head.dtype)}, the object header says "
                 f"{shape} {meta.dtype}"
             )
 

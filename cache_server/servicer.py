@@ -14,6 +14,7 @@ from cache_server.records import RecordCodec
 from cache_server.store import TieredStore
 from cache_server.upload import CommitLocks, Upload
 from kvfuse.service.auth import Authenticator
+from kvfuse.transport.protocol import check_chunk_key
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc
 
 
@@ -80,7 +81,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     def GetLayers(
         self, request: cache_pb2.GetLayersRequest, context: grpc.ServicerContext
     ) -> Iterator[cache_pb2.GetLayersResponse | bytes]:
-        """Key headers as messages, then frames already serialized (see `frame_wire`)."""
+        """Key headers as messages, then frames already serialized (`layer_frames`)."""
         tenant = self._tenant(context)
         download = open_download(
             self._store, tenant, request, self._config.max_batch_keys, self.codecs
@@ -137,7 +138,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     ) -> cache_pb2.ListResponse:
         tenant = self._tenant(context)
         if request.after:
-            wire.check_chunk_key(request.after)
+            check_chunk_key(request.after)
         limit = min(request.limit or self._config.max_list_page, self._config.max_list_page)
         prefix = f"{tenant}/"
         after = prefix + request.after

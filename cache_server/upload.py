@@ -9,8 +9,8 @@ from collections.abc import Callable
 from cache_server import wire
 from cache_server.objects import ObjectMeta, StoredObject
 from cache_server.records import RecordCodec
-from kvfuse.client.frames import RecordAssembler
 from kvfuse.errors import CapacityError, InvalidObjectError
+from kvfuse.transport.records import RecordAssembler
 from kvfuse.v1 import cache_pb2
 
 

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from cache_server.objects import ObjectMeta
 from cache_server.store import Location
 from cache_server.tiers.base import TierStats
 from kvfuse.errors import InvalidObjectError
+from kvfuse.transport.messages import from_message, to_message
+from kvfuse.transport.protocol import check_chunk_key
 from kvfuse.v1 import cache_pb2, common_pb2
-
-CHUNK_KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-
-
-def check_chunk_key(key: str) -> str:
-    """`key` if it is a client chunk key (64 lowercase hex chars), else InvalidObjectError."""
-    if not CHUNK_KEY_PATTERN.match(key):
-        raise InvalidObjectError(f"malformed key {key[:80]!r}: expected 64 lowercase hex chars")
-    return key
 
 
 def check_keys(keys: Sequence[str], max_keys: int) -> list[str]:
@@ -40,33 +32,11 @@ def chunk_key_of(stored_key: str) -> str:
 
 def meta_from_proto(pb: common_pb2.ObjectMeta, tenant: str) -> ObjectMeta:
     """The metadata of a Put header, keyed for `tenant`; InvalidObjectError if inconsistent."""
-    return ObjectMeta(
-        key=storage_key(tenant, pb.key),
-        num_layers=pb.num_layers,
-        num_tokens=pb.num_tokens,
-        num_kv_heads=pb.num_kv_heads,
-        head_dim=pb.head_dim,
-        dtype=pb.dtype,
-        codec=pb.codec,
-        position_offset=pb.position_offset,
-        layer_nbytes=tuple(pb.layer_nbytes),
-        layer_crc32=tuple(pb.layer_crc32),
-    )
+    return from_message(pb, ObjectMeta, key=storage_key(tenant, pb.key))
 
 
 def meta_to_proto(meta: ObjectMeta) -> common_pb2.ObjectMeta:
-    return common_pb2.ObjectMeta(
-        key=chunk_key_of(meta.key),
-        num_layers=meta.num_layers,
-        num_tokens=meta.num_tokens,
-        num_kv_heads=meta.num_kv_heads,
-        head_dim=meta.head_dim,
-        dtype=meta.dtype,
-        codec=meta.codec,
-        position_offset=meta.position_offset,
-        layer_nbytes=meta.layer_nbytes,
-        layer_crc32=meta.layer_crc32,
-    )
+    return to_message(meta, common_pb2.ObjectMeta, key=chunk_key_of(meta.key))
 
 
 def entry_to_proto(key: str, location: Location | None) -> cache_pb2.Entry:
@@ -84,15 +54,4 @@ def entry_to_proto(key: str, location: Location | None) -> cache_pb2.Entry:
 
 
 def tier_stats_to_proto(stats: TierStats, codec: str) -> cache_pb2.TierStats:
-    return cache_pb2.TierStats(
-        name=stats.name,
-        up=stats.up,
-        codec=codec,
-        capacity_bytes=stats.capacity_bytes,
-        stored_bytes=stats.stored_bytes,
-        num_objects=stats.num_objects,
-        num_pinned=stats.num_pinned,
-        num_evictions=stats.num_evictions,
-        num_corrupt=stats.num_corrupt,
-        num_rejected=stats.num_rejected,
-    )
+    return to_message(stats, cache_pb2.TierStats, codec=codec)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvfuse.client.prefill import PrefillClient
 from kvfuse.engine import Engine
-from kvfuse.errors import ConfigError
 from kvfuse.prefill import ChunkWarmer, Prefiller
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,7 @@ def local_backend(engine: Engine) -> PrefillBackend:
 
 
 def remote_backend(target: str, token: str, timeout_s: float) -> PrefillBackend:
-    """A prefill worker at `target` ("host:port"), probed through grpc.health.v1.
-
-    Raises:
-        ConfigError: the prefill worker's client package is not installed.
-    """
-    try:
-        from prefill_worker.client import PrefillClient
-    except ImportError as exc:
-        raise ConfigError(f"prefill_url is set but the prefill client is missing: {exc}") from exc
+    """A prefill worker at `target` ("host:port"), probed through grpc.health.v1."""
     client = PrefillClient(target, token=token or None, timeout_s=timeout_s)
     probe = HealthProbe(target)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from torch import Tensor
 
@@ -29,6 +29,11 @@ class ChunkKV:
     @property
     def num_layers(self) -> int:
         return int(self.k.shape[0])
+
+    @property
+    def position_offset(self) -> int:
+        """The first position (the chunk's positions are consecutive from there)."""
+        return int(self.positions[0])
 
     @property
     def num_bytes(self) -> int:
@@ -57,3 +62,13 @@ class ChunkLayers(Protocol):
     def layer(self, idx: int) -> tuple[Tensor, Tensor]:
         """Shape: ([T, H_kv, D], [T, H_kv, D])."""
         ...
+
+
+class LayerFrame(NamedTuple):
+    """One decoded layer of one stored object (a `get_layers` item). Shape of k and v:
+    [T, H_kv, D]."""
+
+    key: str
+    layer_idx: int
+    k: Tensor
+    v: Tensor

@@ -20,6 +20,7 @@ from kvfuse.service.config import (
     parse_float,
     parse_int,
 )
+from kvfuse.transport.protocol import MIN_MESSAGE_BYTES
 
 ENV_PREFIX = "KVFUSE_PREFILL_"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -111,7 +112,7 @@ class PrefillConfig:
             raise ConfigError("write_behind_size, num_threads and grace_s must be >= 0")
         if self.num_workers < 1 or self.local_store_bytes <= 0:
             raise ConfigError("num_workers and local_store_bytes must be positive")
-        if self.max_message_bytes < (4 << 20) + (64 << 10):
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError("max_message_bytes must hold a 4 MiB frame plus headers")
         if not isinstance(self.miss_policy, MissPolicy) or not isinstance(self.pipeline, bool):
             raise ConfigError("miss_policy must be a MissPolicy and pipeline a bool")

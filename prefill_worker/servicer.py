@@ -10,11 +10,14 @@ import grpc
 
 from kvfuse.blend import FusedLayer
 from kvfuse.errors import KvfuseError
+from kvfuse.prefill import check_request_id
 from kvfuse.prefill.pipeline import PrefillPipeline
 from kvfuse.prefill.warm import Warmer
 from kvfuse.service.threads import io_thread
+from kvfuse.transport import prefill_messages as messages
+from kvfuse.transport import prefill_status as status
+from kvfuse.transport.prefill_frames import layer_frames
 from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
-from prefill_worker import status, wire
 from prefill_worker.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)
@@ -39,17 +42,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         io_thread()  # only moves bytes: must not stall the compute (kvfuse/service/threads.py)
         self._metrics.in_flight.inc()
         try:
-            req = wire.request_from_proto(request)
+            req = messages.request_from_proto(request)
             mode = req.mode.value
             stream = self._prefiller.stream(req)
             context.add_callback(stream.cancel)
             for item in stream:
                 if isinstance(item, FusedLayer):
-                    for frame, num_bytes in wire.layer_frames(item):
+                    for frame, num_bytes in layer_frames(item):
                         self._metrics.sent_bytes.inc(num_bytes)
                         yield frame  # already serialized (PreEncodedInterceptor)
                 else:
-                    yield wire.done_to_proto(item, self._prefiller.layout.num_layers)
+                    yield messages.done_to_proto(item, self._prefiller.layout.num_layers)
             if not context.is_active():
                 code = grpc.StatusCode.CANCELLED
         except KvfuseError as exc:
@@ -75,8 +78,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     ) -> prefill_pb2.WarmResponse:
         io_thread()  # background work: a request's compute thread keeps the cores first
         try:
-            wire.check_request_id(request.request_id)
-            result = self._warmer.warm_chunks(wire.warm_segments_from_proto(request))
+            check_request_id(request.request_id)
+            result = self._warmer.warm_chunks(messages.warm_segments_from_proto(request))
         except KvfuseError as exc:
             log.info("warm %s failed: %s", request.request_id, exc)
             status.abort(context, exc)
@@ -85,4 +88,4 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             request.request_id, result.num_objects, result.num_present, result.num_stored,
             result.num_failed, result.warm_s,
         )  # fmt: skip
-        return wire.warm_result_to_proto(result)
+        return messages.warm_result_to_proto(result)

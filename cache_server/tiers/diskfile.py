@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache_server.objects import ObjectMeta, StoredObject
-from kvfuse.crc import crc32
 from kvfuse.errors import (
     CapacityError,
     CorruptRecordError,
     InvalidObjectError,
     TierUnavailableError,
 )
+from kvfuse.transport.crc import crc32
 
 SUFFIX = ".kvo"
 MAGIC = b"KVFO"

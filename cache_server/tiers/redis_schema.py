@@ -7,8 +7,8 @@ command or script touches both, so the layout works on Redis Cluster too.
 from __future__ import annotations
 
 from cache_server.objects import ObjectMeta, StoredObject
-from kvfuse.crc import crc32
 from kvfuse.errors import CorruptRecordError, InvalidObjectError
+from kvfuse.transport.crc import check_record
 
 META_FIELD = b"meta"
 
@@ -53,8 +53,7 @@ def verify_record(meta: ObjectMeta, layer_idx: int, record: bytes | None) -> byt
     """`record` if it is layer `layer_idx` of `meta` intact; else CorruptRecordError."""
     if record is None or len(record) != meta.layer_nbytes[layer_idx]:
         raise CorruptRecordError(f"{meta.key}: layer {layer_idx} is missing or short")
-    if crc32(record) != meta.layer_crc32[layer_idx]:
-        raise CorruptRecordError(f"{meta.key}: layer {layer_idx} failed its checksum")
+    check_record(meta.key, layer_idx, record, meta.layer_crc32[layer_idx])
     return record
 
 

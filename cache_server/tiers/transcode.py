@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from cache_server.objects import StoredObject
 from kvfuse.codecs import get_codec
-from kvfuse.crc import crc32
+from kvfuse.transport.crc import crc32
 
 
 def transcode(obj: StoredObject, codec: str) -> StoredObject:

@@ -1,8 +1,9 @@
-"""Client SDK of the kvfuse cache server: `CacheClient` (blocking) and `AsyncCacheClient`."""
+"""Client SDK: `CacheClient`, `AsyncCacheClient` (cache servers); `prefill.PrefillClient`."""
 
 from kvfuse.client.aio import AsyncCacheClient
 from kvfuse.client.retry import RetryPolicy
 from kvfuse.client.sync import CacheClient
-from kvfuse.client.wire import Entry, LayerFrame, TierInfo
+from kvfuse.client.wire import Entry, TierInfo
+from kvfuse.kv import LayerFrame
 
 __all__ = ["AsyncCacheClient", "CacheClient", "Entry", "LayerFrame", "RetryPolicy", "TierInfo"]

@@ -13,6 +13,8 @@ import torch
 from kvfuse.client import wire
 from kvfuse.client.base import ClientBase
 from kvfuse.client.retry import retry_delay
+from kvfuse.kv import LayerFrame
+from kvfuse.transport.protocol import MAX_RECORD_BYTES, check_chunk_key
 from kvfuse.v1 import cache_pb2
 
 T = TypeVar("T")
@@ -54,7 +56,7 @@ class AsyncCacheClient(ClientBase):
         return response
 
     async def lookup(self, keys: Sequence[str]) -> dict[str, wire.Entry | None]:
-        request = cache_pb2.LookupRequest(keys=[wire.check_key(k) for k in keys])
+        request = cache_pb2.LookupRequest(keys=[check_chunk_key(k) for k in keys])
         response = await self._must(self._stub.Lookup, lambda: request)
         found = {e.key: wire.entry_from_proto(e) for e in response.entries}
         return {k: found.get(k) for k in keys}
@@ -73,15 +75,15 @@ class AsyncCacheClient(ClientBase):
 
     async def get_layers(
         self, keys: Sequence[str], layers: range | None = None, codec: str | None = None
-    ) -> AsyncIterator[wire.LayerFrame]:
+    ) -> AsyncIterator[LayerFrame]:
         async for item in self._stream(keys, layers, codec):
-            if isinstance(item, wire.LayerFrame):
+            if isinstance(item, LayerFrame):
                 yield item
 
     async def get(self, key: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         async for item in self._stream([key], None, None):
-            if isinstance(item, wire.LayerFrame):
+            if isinstance(item, LayerFrame):
                 layers.append((item.k, item.v))
             elif not item[1]:
                 return None
@@ -89,12 +91,12 @@ class AsyncCacheClient(ClientBase):
 
     async def _stream(
         self, keys: Sequence[str], layers: range | None, codec: str | None
-    ) -> AsyncIterator[tuple[str, bool] | wire.LayerFrame]:
+    ) -> AsyncIterator[tuple[str, bool] | LayerFrame]:
         request = wire.get_layers_request(keys, layers, codec)
         delays = self._retry.delays()
         while True:
             started = False
-            decoder = wire.LayerDecoder(wire.MAX_RECORD_BYTES)
+            decoder = wire.LayerDecoder(MAX_RECORD_BYTES)
             call = self._get_layers(request, timeout=self._timeout_s, metadata=self._metadata)
             try:
                 async for response in call:
@@ -109,19 +111,19 @@ class AsyncCacheClient(ClientBase):
 
     async def delete(self, keys: str | Sequence[str]) -> int:
         keys = [keys] if isinstance(keys, str) else list(keys)
-        request = cache_pb2.DeleteRequest(keys=[wire.check_key(k) for k in keys])
+        request = cache_pb2.DeleteRequest(keys=[check_chunk_key(k) for k in keys])
         return int((await self._must(self._stub.Delete, lambda: request)).num_deleted)
 
     async def pin(self, key: str) -> bool:
-        request = cache_pb2.PinRequest(key=wire.check_key(key))
+        request = cache_pb2.PinRequest(key=check_chunk_key(key))
         return await self._call(self._stub.Pin, lambda: request, miss_ok=True) is not None
 
     async def unpin(self, key: str) -> bool:
-        request = cache_pb2.PinRequest(key=wire.check_key(key))
+        request = cache_pb2.PinRequest(key=check_chunk_key(key))
         return bool((await self._must(self._stub.Unpin, lambda: request)).changed)
 
     async def move(self, key: str, tier: str, codec: str | None = None) -> wire.Entry | None:
-        request = cache_pb2.MoveRequest(key=wire.check_key(key), tier=tier, codec=codec or "")
+        request = cache_pb2.MoveRequest(key=check_chunk_key(key), tier=tier, codec=codec or "")
         response = await self._call(self._stub.Move, lambda: request, miss_ok=True)
         return None if response is None else wire.entry_from_proto(response.entry)
 

@@ -5,8 +5,8 @@ each side; on a plain socket the record arrives with one `recv_into` straight in
 its tensors then use. The protocol is in `protos/kvfuse/v1/cache.proto` (BulkRequest): length-
 prefixed protobuf messages, each frame followed by its raw record bytes.
 
-`BulkChannel` keeps idle connections for reuse, one request at a time on each. The same
-framing helpers serve the server side (`cache_server.bulk`).
+`BulkChannel` keeps idle connections for reuse, one request at a time on each. The framing
+(`kvfuse.transport.bulk_socket`) is shared with the server side (`cache_server.bulk`).
 """
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ from __future__ import annotations
 import queue
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 import grpc
-import numpy as np
-from google.protobuf.message import DecodeError, Message
 
-from kvfuse.client.wire import MAX_RECORD_BYTES, LayerFrame, error_for_status
+from kvfuse.client.wire import error_for_status
 from kvfuse.codecs import decode_owned
 from kvfuse.errors import (
     CacheError,
@@ -33,70 +29,16 @@ from kvfuse.errors import (
     KvfuseError,
     ServiceUnavailableError,
 )
+from kvfuse.kv import LayerFrame
+from kvfuse.transport.bulk_socket import recv_exact, recv_message, send_message, status_code
+from kvfuse.transport.protocol import MAX_RECORD_BYTES
 from kvfuse.v1 import cache_pb2, common_pb2
 
-MAX_MESSAGE_BYTES = 1 << 20  # one BulkRequest/BulkReply (a header holds per-layer metadata)
-_LENGTH = struct.Struct("<I")
 _MAX_IDLE_CONNECTIONS = 8
-M = TypeVar("M", bound=Message)
 
 
 class BulkUnavailable(ServiceUnavailableError):
     """The bulk port could not be used before anything was read: use gRPC instead."""
-
-
-def send_message(sock: socket.socket, message: Message) -> None:
-    data = message.SerializeToString()
-    sock.sendall(_LENGTH.pack(len(data)) + data)
-
-
-def recv_exact(sock: socket.socket, num_bytes: int) -> memoryview | None:
-    """Exactly `num_bytes` into a fresh writable buffer (not zero-filled first: every byte is
-    received into it); None at a clean end of stream before any byte.
-
-    Raises:
-        ConnectionError: the stream ended part-way.
-    """
-    view = memoryview(np.empty(num_bytes, np.uint8).data).cast("B")
-    got = 0
-    while got < num_bytes:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            if got == 0:
-                return None
-            raise ConnectionError(f"connection closed after {got} of {num_bytes} bytes")
-        got += n
-    return view
-
-
-def recv_message(sock: socket.socket, message_type: type[M]) -> M | None:
-    """The next length-prefixed message; None at a clean end of stream.
-
-    Raises:
-        ConnectionError: the stream ended part-way.
-        ValueError: the length exceeds MAX_MESSAGE_BYTES or the bytes do not parse.
-    """
-    head = recv_exact(sock, _LENGTH.size)
-    if head is None:
-        return None
-    (num_bytes,) = _LENGTH.unpack(head)
-    if num_bytes > MAX_MESSAGE_BYTES:
-        raise ValueError(f"message of {num_bytes} bytes exceeds {MAX_MESSAGE_BYTES}")
-    body = recv_exact(sock, num_bytes) if num_bytes else memoryview(b"")
-    if body is None:
-        raise ConnectionError("connection closed inside a message")
-    try:
-        return message_type.FromString(body.tobytes())
-    except DecodeError as exc:
-        raise ValueError(f"malformed {message_type.__name__}: {exc}") from exc
-
-
-def status_code(number: int) -> grpc.StatusCode:
-    """The gRPC status code with this number (UNKNOWN for any other number)."""
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code
-    return grpc.StatusCode.UNKNOWN
 
 
 class BulkChannel:

@@ -14,6 +14,8 @@ from kvfuse.client import wire
 from kvfuse.client.base import ClientBase
 from kvfuse.client.bulk import BulkUnavailable
 from kvfuse.client.retry import retry_delay
+from kvfuse.kv import LayerFrame
+from kvfuse.transport.protocol import MAX_RECORD_BYTES, check_chunk_key
 from kvfuse.v1 import cache_pb2
 
 T = TypeVar("T")
@@ -61,7 +63,7 @@ class CacheClient(ClientBase):
 
     def lookup(self, keys: Sequence[str]) -> dict[str, wire.Entry | None]:
         """Each key → its Entry, or None when it is not stored."""
-        request = cache_pb2.LookupRequest(keys=[wire.check_key(k) for k in keys])
+        request = cache_pb2.LookupRequest(keys=[check_chunk_key(k) for k in keys])
         response = self._must(self._stub.Lookup, lambda: request)
         found = {e.key: wire.entry_from_proto(e) for e in response.entries}
         return {k: found.get(k) for k in keys}
@@ -85,7 +87,7 @@ class CacheClient(ClientBase):
 
     def get_layers(
         self, keys: Sequence[str], layers: range | None = None, codec: str | None = None
-    ) -> Iterator[wire.LayerFrame]:
+    ) -> Iterator[LayerFrame]:
         """Decoded layers of the stored keys, layer 0 of every key before layer 1 of any.
 
         Args:
@@ -94,14 +96,14 @@ class CacheClient(ClientBase):
             codec: have the server transcode to this codec first (e.g. a smaller one).
         """
         for item in self._stream(keys, layers, codec):
-            if isinstance(item, wire.LayerFrame):
+            if isinstance(item, LayerFrame):
                 yield item
 
     def get(self, key: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """All layers of one chunk as (K, V) pairs, each [T, H_kv, D]; None on a miss."""
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         for item in self._stream([key], None, None):
-            if isinstance(item, wire.LayerFrame):
+            if isinstance(item, LayerFrame):
                 layers.append((item.k, item.v))
             elif not item[1]:
                 return None
@@ -109,7 +111,7 @@ class CacheClient(ClientBase):
 
     def _stream(
         self, keys: Sequence[str], layers: range | None, codec: str | None
-    ) -> Iterator[tuple[str, bool] | wire.LayerFrame]:
+    ) -> Iterator[tuple[str, bool] | LayerFrame]:
         request = wire.get_layers_request(keys, layers, codec)
         bulk = self._bulk.channel(self._bulk_port)
         if bulk is not None:
@@ -121,7 +123,7 @@ class CacheClient(ClientBase):
         delays = self._retry.delays()
         while True:
             started = False
-            decoder = wire.LayerDecoder(wire.MAX_RECORD_BYTES)
+            decoder = wire.LayerDecoder(MAX_RECORD_BYTES)
             call = self._get_layers(request, timeout=self._timeout_s, metadata=self._metadata)
             try:
                 for response in call:
@@ -139,22 +141,22 @@ class CacheClient(ClientBase):
     def delete(self, keys: str | Sequence[str]) -> int:
         """Removes keys from every tier; returns how many were stored."""
         keys = [keys] if isinstance(keys, str) else list(keys)
-        request = cache_pb2.DeleteRequest(keys=[wire.check_key(k) for k in keys])
+        request = cache_pb2.DeleteRequest(keys=[check_chunk_key(k) for k in keys])
         return int(self._must(self._stub.Delete, lambda: request).num_deleted)
 
     def pin(self, key: str) -> bool:
         """Protects a chunk from eviction; False if it is not stored."""
-        request = cache_pb2.PinRequest(key=wire.check_key(key))
+        request = cache_pb2.PinRequest(key=check_chunk_key(key))
         return self._call(self._stub.Pin, lambda: request, miss_ok=True) is not None
 
     def unpin(self, key: str) -> bool:
         """Lifts a pin; True if the chunk was pinned."""
-        request = cache_pb2.PinRequest(key=wire.check_key(key))
+        request = cache_pb2.PinRequest(key=check_chunk_key(key))
         return bool(self._must(self._stub.Unpin, lambda: request).changed)
 
     def move(self, key: str, tier: str, codec: str | None = None) -> wire.Entry | None:
         """Re-homes a chunk into `tier` (transcoded to `codec`); None if it is not stored."""
-        request = cache_pb2.MoveRequest(key=wire.check_key(key), tier=tier, codec=codec or "")
+        request = cache_pb2.MoveRequest(key=check_chunk_key(key), tier=tier, codec=codec or "")
         response = self._call(self._stub.Move, lambda: request, miss_ok=True)
         return None if response is None else wire.entry_from_proto(response.entry)
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 import torch
 
-from kvfuse.client import frame_wire
-from kvfuse.client.frames import Record, fill_frame, frame_parts
 from kvfuse.codecs import decode_owned
-from kvfuse.crc import crc32
 from kvfuse.errors import (
     AuthError,
     CacheError,
@@ -24,11 +20,14 @@ from kvfuse.errors import (
     KvfuseError,
     ServiceUnavailableError,
 )
+from kvfuse.kv import LayerFrame
+from kvfuse.transport import layer_frames
+from kvfuse.transport.crc import crc32
+from kvfuse.transport.messages import from_message
+from kvfuse.transport.protocol import DTYPE_NAMES, check_chunk_key
+from kvfuse.transport.records import Record, RecordAssembler, fill_frame, frame_parts
 from kvfuse.v1 import cache_pb2, common_pb2
 
-KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-MAX_RECORD_BYTES = 2 << 30  # largest layer record a client accepts from a server
 GET_LAYERS_METHOD = "/kvfuse.v1.CacheService/GetLayers"
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _ERRORS: dict[grpc.StatusCode, type[CacheError]] = {
@@ -82,21 +81,6 @@ class TierInfo:
     num_rejected: int
 
 
-class LayerFrame(NamedTuple):
-    """One decoded layer of one chunk from `get_layers`. Shape of k and v: [T, H_kv, D]."""
-
-    key: str
-    layer_idx: int
-    k: torch.Tensor
-    v: torch.Tensor
-
-
-def check_key(key: str) -> str:
-    if not isinstance(key, str) or not KEY_PATTERN.match(key):
-        raise InvalidObjectError(f"malformed key {key!r}: expected 64 lowercase hex chars")
-    return key
-
-
 def entry_from_proto(pb: cache_pb2.Entry) -> Entry | None:
     if not pb.found:
         return None
@@ -106,9 +90,7 @@ def entry_from_proto(pb: cache_pb2.Entry) -> Entry | None:
 
 
 def tier_from_proto(pb: cache_pb2.TierStats) -> TierInfo:
-    return TierInfo(pb.name, pb.up, pb.codec, pb.capacity_bytes, pb.stored_bytes,
-                    pb.num_objects, pb.num_pinned, pb.num_evictions, pb.num_corrupt,
-                    pb.num_rejected)  # fmt: skip
+    return from_message(pb, TierInfo)
 
 
 def encode_layers(
@@ -120,7 +102,7 @@ def encode_layers(
     """Encodes every layer's (K, V), each [T, H_kv, D], with `codec`; returns meta and records."""
     from kvfuse.codecs import get_codec
 
-    check_key(key)
+    check_chunk_key(key)
     if not layers:
         raise InvalidObjectError("an object needs at least one layer")
     k0 = layers[0][0]
@@ -179,7 +161,7 @@ def get_layers_request(
     if layers is not None and (layers.step != 1 or len(layers) == 0 or layers.start < 0):
         raise InvalidObjectError(f"layers must be a non-empty range with step 1, got {layers}")
     return cache_pb2.GetLayersRequest(
-        keys=[check_key(k) for k in keys],
+        keys=[check_chunk_key(k) for k in keys],
         layer_start=0 if layers is None else layers.start,
         layer_stop=0 if layers is None else layers.stop,
         codec=codec or "",
@@ -189,7 +171,7 @@ def get_layers_request(
 class LayerDecoder:
     """Turns a GetLayers response stream into headers and decoded LayerFrames, checking it.
 
-    Takes each response as the serialized bytes (`frame_wire`: layer data is read in place,
+    Takes each response as the serialized bytes (`layer_frames`: layer data is read in place,
     not copied out of a message). `feed` returns what one response completes: a (key, found)
     pair for a header, LayerFrames for the records it finishes. CorruptRecordError when a
     record fails its checksum, CacheError when the stream breaks the protocol. Not thread-safe
@@ -197,8 +179,6 @@ class LayerDecoder:
     """
 
     def __init__(self, max_record_bytes: int) -> None:
-        from kvfuse.client.frames import RecordAssembler
-
         # Every record is decoded by its codec, which checks the payload's own CRC-32.
         self._assembler = RecordAssembler(max_record_bytes, verify_crc32=False)
         self._found: set[str] = set()
@@ -206,7 +186,7 @@ class LayerDecoder:
 
     def feed(self, raw: bytes) -> list[tuple[str, bool] | LayerFrame]:
         try:
-            frames = frame_wire.parse_frames(raw)
+            frames = layer_frames.parse_frames(raw)
             if frames is None:
                 return [self._header(raw)]
             self._frames_started = True

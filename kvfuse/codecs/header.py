@@ -12,8 +12,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from kvfuse.crc import crc32
 from kvfuse.errors import CodecError
+from kvfuse.transport.crc import crc32
 
 MAGIC = b"KVFC"
 FORMAT_VERSION = 1

@@ -11,10 +11,10 @@ from typing import NamedTuple
 from torch import Tensor
 
 from kvfuse.errors import CacheError, InvalidObjectError, KvfuseError, ServiceUnavailableError
-from kvfuse.kv import ChunkKV
+from kvfuse.kv import ChunkKV, LayerFrame
 from kvfuse.prefill.observer import PrefillObserver
 from kvfuse.prefill.sources import ChunkSource, positions_of
-from kvfuse.prefill.types import ChunkInfo, LayerItem
+from kvfuse.prefill.types import ChunkInfo
 from kvfuse.service.threads import io_thread
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class LayerFetch:
                 self._finished = True
                 self._cond.notify_all()
 
-    def _accept(self, item: LayerItem) -> bool:
+    def _accept(self, item: LayerFrame) -> bool:
         """Stores one arrived layer; True when it completed that layer for every chunk."""
         self._check(item)
         nbytes = item.k.numel() * item.k.element_size() * 2
@@ -221,7 +221,7 @@ class LayerFetch:
             self._cond.notify_all()
             return self._num_arrived[item.layer_idx] == len(self._slots)
 
-    def _check(self, item: LayerItem) -> None:
+    def _check(self, item: LayerFrame) -> None:
         chunk = self.chunks.get(item.key)
         if chunk is None or not 0 <= item.layer_idx < self._layout.num_layers:
             raise InvalidObjectError(f"unexpected layer {item.layer_idx} of {item.key[:12]}")

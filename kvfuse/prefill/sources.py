@@ -12,8 +12,8 @@ from torch import Tensor
 
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.errors import CapacityError, ConfigError
-from kvfuse.kv import ChunkKV
-from kvfuse.prefill.types import ChunkInfo, LayerItem
+from kvfuse.kv import ChunkKV, LayerFrame
+from kvfuse.prefill.types import ChunkInfo
 
 if TYPE_CHECKING:
     from kvfuse.client import CacheClient
@@ -30,7 +30,7 @@ class ChunkSource(Protocol):
         """The stored ones among `keys`."""
         ...
 
-    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerItem]:
+    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerFrame]:
         """Layers of the stored keys, layer 0 of every key before layer 1 of any.
 
         Keys that are not stored (any more) are skipped. Closing the iterator ends the read.
@@ -50,23 +50,23 @@ class StoreSource:
         self.store = store
 
     def lookup(self, keys: Sequence[str]) -> dict[str, ChunkInfo]:
-        found = {}
+        found: dict[str, ChunkInfo] = {}
         for key in keys:
             kv = self.store.get(key)
             if kv is not None:
-                found[key] = ChunkInfo(kv.num_tokens, kv.num_layers, int(kv.positions[0]))
+                found[key] = kv
         return found
 
     def get(self, key: str) -> ChunkKV | None:
         """The whole object, or None."""
         return self.store.get(key)
 
-    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerItem]:
+    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerFrame]:
         objects = [(key, kv) for key in keys if (kv := self.store.get(key)) is not None]
         num_layers = max((kv.num_layers for _, kv in objects), default=0)
         for layer_idx in range(num_layers):
             for key, kv in objects:
-                yield LayerItem(key, layer_idx, *kv.layer(layer_idx))
+                yield LayerFrame(key, layer_idx, *kv.layer(layer_idx))
 
     def put(self, key: str, kv: ChunkKV) -> bool:
         """Raises CapacityError for an object larger than the whole store."""
@@ -116,15 +116,10 @@ class CacheServerSource:
 
     def lookup(self, keys: Sequence[str]) -> dict[str, ChunkInfo]:
         entries = self._lookup.lookup(keys)
-        return {
-            key: ChunkInfo(e.num_tokens, e.num_layers, e.position_offset)
-            for key, e in entries.items()
-            if e is not None
-        }
+        return {key: entry for key, entry in entries.items() if entry is not None}
 
-    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerItem]:
-        for frame in self._fetch.get_layers(keys):
-            yield LayerItem(frame.key, frame.layer_idx, frame.k, frame.v)
+    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerFrame]:
+        return self._fetch.get_layers(keys)
 
     def put(self, key: str, kv: ChunkKV) -> bool:
         layers = [kv.layer(idx) for idx in range(kv.num_layers)]  # [T, H_kv, D] each

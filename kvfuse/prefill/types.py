@@ -13,9 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import NamedTuple, Protocol
-
-from torch import Tensor
+from typing import Protocol
 
 from kvfuse.blend.config import Mode
 from kvfuse.blend.run import FusedLayer
@@ -52,22 +50,19 @@ class MissPolicy(str, Enum):
 PRECOMPUTE_MODES = frozenset({Mode.BLEND, Mode.FULL_REUSE})
 
 
-class ChunkInfo(NamedTuple):
-    """A stored object's layout: each layer's K/V is [num_tokens, H_kv, D] at positions
-    position_offset .. position_offset + num_tokens - 1."""
+class ChunkInfo(Protocol):
+    """A stored object's layout as a lookup reports it (the SDK's `Entry`, an in-process
+    `ChunkKV`): each layer's K/V is [num_tokens, H_kv, D] at positions position_offset ..
+    position_offset + num_tokens - 1."""
 
-    num_tokens: int
-    num_layers: int
-    position_offset: int
+    @property
+    def num_tokens(self) -> int: ...
 
+    @property
+    def num_layers(self) -> int: ...
 
-class LayerItem(NamedTuple):
-    """One layer of one stored object. Shape of k and v: [T, H_kv, D]."""
-
-    key: str
-    layer_idx: int
-    k: Tensor
-    v: Tensor
+    @property
+    def position_offset(self) -> int: ...
 
 
 @dataclass(frozen=True)

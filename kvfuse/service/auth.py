@@ -15,7 +15,8 @@ from kvfuse.service.grpc_server import wrap_handler
 
 AUTH_HEADER = "authorization"
 DEFAULT_TENANT = "default"
-TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+TENANT_REGEX = "[a-z0-9][a-z0-9_.-]{0,62}"  # a tenant name (also the prefix of storage keys)
+TENANT_PATTERN = re.compile(f"^{TENANT_REGEX}$")
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

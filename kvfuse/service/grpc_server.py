@@ -52,7 +52,7 @@ def wrap_handler(
 
 class PreEncodedInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Lets the named methods yield responses already serialized (`bytes`, see
-    `kvfuse.protowire`) beside messages: bytes pass through the serializer untouched.
+    `kvfuse.transport.protowire`) beside messages: bytes pass through the serializer untouched.
     Install it innermost. Thread-safe."""
 
     def __init__(self, methods: Collection[str]) -> None:

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from cache_server.objects import ObjectMeta, StoredObject
-from kvfuse.crc import crc32
+from kvfuse.transport.crc import crc32
 
 START_TIMEOUT_S = 10.0
 

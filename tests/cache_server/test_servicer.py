@@ -15,10 +15,10 @@ import torch
 from cache_server.config import CacheServerConfig
 from cache_server.server import CacheServer
 from kvfuse.client import CacheClient
-from kvfuse.client.frames import split_record
 from kvfuse.client.wire import encode_layers
-from kvfuse.crc import crc32
 from kvfuse.errors import CapacityError
+from kvfuse.transport.crc import crc32
+from kvfuse.transport.records import split_record
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 
 NUM_LAYERS, NUM_TOKENS, NUM_KV_HEADS, HEAD_DIM = 30, 64, 3, 64  # SmolLM2-135M chunk of 64 tokens

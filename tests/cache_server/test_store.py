@@ -20,8 +20,8 @@ from cache_server.tiers.memory import MemoryTier, held_nbytes
 from cache_server.tiers.redis_tier import RedisTier
 from cache_server.tiers.transcode import transcode
 from kvfuse.codecs import get_codec
-from kvfuse.crc import crc32
 from kvfuse.errors import CapacityError, ConfigError, InvalidRequestError
+from kvfuse.transport.crc import crc32
 
 Make = Callable[..., StoredObject]
 NUM_TOKENS, NUM_HEADS, HEAD_DIM, NUM_LAYERS = 16, 2, 8, 3

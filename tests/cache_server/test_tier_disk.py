@@ -234,7 +234,7 @@ def test_concurrent_puts_of_one_key_commit_one_whole_object(tmp_path: Path, obje
 WRITER = r"""
 import os, sys, hashlib
 from cache_server.objects import ObjectMeta, StoredObject
-from kvfuse.crc import crc32
+from kvfuse.transport.crc import crc32
 from cache_server.tiers import diskfile
 from cache_server.tiers.disk import DiskTier
 

@@ -15,7 +15,7 @@ import torch
 from cache_server.config import CacheServerConfig
 from cache_server.server import CacheServer
 from kvfuse.client import CacheClient
-from kvfuse.client.bulk import BulkChannel, _read_frame, recv_message, send_message
+from kvfuse.client.bulk import BulkChannel, _read_frame
 from kvfuse.codecs import get_codec
 from kvfuse.errors import (
     AuthError,
@@ -23,6 +23,7 @@ from kvfuse.errors import (
     InvalidObjectError,
     ServiceUnavailableError,
 )
+from kvfuse.transport.bulk_socket import recv_message, send_message
 from kvfuse.v1 import cache_pb2, common_pb2
 
 TOKENS = {"token-a": "a", "token-b": "b"}

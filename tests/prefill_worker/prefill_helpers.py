@@ -20,8 +20,8 @@ from kvfuse.blend import FusedLayer, Mode
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.errors import ServiceUnavailableError
-from kvfuse.kv import ChunkKV
-from kvfuse.prefill import ChunkInfo, LayerItem, PrefillRequest, PrefillResult
+from kvfuse.kv import ChunkKV, LayerFrame
+from kvfuse.prefill import ChunkInfo, PrefillRequest, PrefillResult
 from kvfuse.prefill.sources import StoreSource
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ class TestSource:
             raise self.lookup_error
         return self.inner.lookup(keys)
 
-    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerItem]:
+    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerFrame]:
         try:
             for item in self.inner.get_layers(keys):
                 if item.layer_idx == self.hold_at and not self.held.is_set():

@@ -28,10 +28,10 @@ from prefill_helpers import (
 
 from kvfuse.blend import FusedLayer, Mode
 from kvfuse.client import CacheClient
+from kvfuse.client.prefill import PrefillClient
 from kvfuse.engine import Engine
 from kvfuse.errors import AuthError
 from kvfuse.prefill import MissPolicy, PrefillRequest, PrefillResult
-from prefill_worker.client import PrefillClient
 
 WORKER_TOKEN, CACHE_TOKEN = "worker-token", "cache-token"
 PAUSE_AT_LAYER = 5

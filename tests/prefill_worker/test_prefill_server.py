@@ -20,6 +20,7 @@ from prefill_helpers import (
     split,
 )
 
+from kvfuse.client.prefill import PrefillClient
 from kvfuse.engine import Engine
 from kvfuse.errors import (
     AuthError,
@@ -28,7 +29,6 @@ from kvfuse.errors import (
     ServiceUnavailableError,
 )
 from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
-from prefill_worker.client import PrefillClient
 
 TOKEN = "s3cret-token"
 

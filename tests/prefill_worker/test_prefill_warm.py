@@ -19,12 +19,12 @@ from prefill_helpers import (
 )
 
 from kvfuse.chunk_store import ChunkStore
+from kvfuse.client.prefill import PrefillClient
 from kvfuse.engine import Engine
 from kvfuse.errors import AuthError, InvalidRequestError, ServiceUnavailableError
 from kvfuse.kv import ChunkKV
 from kvfuse.segments import PromptSegments
 from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
-from prefill_worker.client import PrefillClient
 
 
 class FailingPuts(TestSource):

@@ -8,7 +8,6 @@ import torch
 
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.kv import ChunkKV
-from kvfuse.prefill import ChunkInfo
 from kvfuse.prefill.sources import Shards, StoreSource, positions_of
 
 KEYS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(400)]
@@ -20,13 +19,16 @@ def test_local_source_streams_by_layer_and_puts_once() -> None:
     kv = ChunkKV(torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8), torch.arange(7, 11))
     assert source.put(KEYS[0], kv) and not source.put(KEYS[0], kv)
     source.put(KEYS[1], ChunkKV(kv.k[:, :2], kv.v[:, :2], torch.arange(2)))
-    assert source.lookup([KEYS[0], KEYS[2]]) == {KEYS[0]: ChunkInfo(4, 3, 7)}
+    found = source.lookup([KEYS[0], KEYS[2]])
+    assert list(found) == [KEYS[0]]
+    info = found[KEYS[0]]
+    assert (info.num_tokens, info.num_layers, info.position_offset) == (4, 3, 7)
     items = list(source.get_layers([KEYS[0], KEYS[2], KEYS[1]]))
     assert [(i.key, i.layer_idx) for i in items] == [
         (key, layer) for layer in range(3) for key in (KEYS[0], KEYS[1])
     ]
     assert torch.equal(items[2].k, kv.k[1])
-    assert torch.equal(positions_of(ChunkInfo(4, 3, 7)), torch.arange(7, 11))
+    assert torch.equal(positions_of(info), torch.arange(7, 11))
 
 
 def test_rendezvous_spreads_keys_and_moves_only_a_removed_servers_keys() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvfuse.chunk_store import ChunkStore
+from kvfuse.client import Entry
 from kvfuse.engine import Engine
 from kvfuse.errors import ServiceUnavailableError
 from kvfuse.keys import PreparedPrompt
@@ -37,7 +38,8 @@ class Source:
         self.held_while_storing: list[bool] = []
 
     def lookup(self, keys: Sequence[str]) -> dict[str, ChunkInfo]:
-        return {key: ChunkInfo(1, 2, 0) for key in keys if key in self.present}
+        entry = Entry("k", "memory", 1, False, 2, 1, 1, 1, "float32", "raw", 0)
+        return {key: entry for key in keys if key in self.present}
 
     def get_layers(self, keys: Sequence[str]):  # type: ignore[no-untyped-def]
         raise AssertionError("a warm call never reads layers")

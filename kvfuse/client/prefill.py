@@ -1,4 +1,4 @@
-"""PrefillClient: a remote prefill worker as a `Prefiller` (what the decode worker calls)."""
+"""PrefillClient: a remote prefill worker as a `Prefiller` and `ChunkWarmer` over gRPC."""
 
 from __future__ import annotations
 
@@ -15,21 +15,22 @@ from kvfuse.segments import PromptSegments
 from kvfuse.service.auth import bearer_metadata
 from kvfuse.service.grpc_channel import open_channel
 from kvfuse.service.tls import Pem
+from kvfuse.transport import prefill_frames, prefill_messages
+from kvfuse.transport.prefill_status import error_from_rpc
 from kvfuse.v1 import prefill_pb2
-from prefill_worker import status, wire
 
 PREFILL_METHOD = "/kvfuse.v1.PrefillService/Prefill"
 WARM_METHOD = "/kvfuse.v1.PrefillService/Warm"
 
 
-def _parse_chunk(raw: bytes) -> wire.LayerChunkView | None:
+def _parse_chunk(raw: bytes) -> prefill_frames.LayerChunkView | None:
     try:
-        return wire.parse_layer_chunk(raw)
+        return prefill_frames.parse_layer_chunk(raw)
     except InvalidObjectError as exc:
         raise CodecError(f"malformed prefill frame: {exc}") from exc
 
 
-def _result(raw: bytes, assembler: wire.LayerAssembler) -> PrefillResult:
+def _result(raw: bytes, assembler: prefill_frames.LayerAssembler) -> PrefillResult:
     """The result a non-layer response must be, after all the layers it counts."""
     try:
         response = prefill_pb2.PrefillResponse.FromString(raw)
@@ -40,7 +41,7 @@ def _result(raw: bytes, assembler: wire.LayerAssembler) -> PrefillResult:
     done = response.done
     if assembler.in_progress or assembler.num_layers != done.num_layers:
         raise CodecError(f"result after {assembler.num_layers} of {done.num_layers} layers")
-    return wire.result_from_proto(done)
+    return prefill_messages.result_from_proto(done)
 
 
 class PrefillClient:
@@ -80,7 +81,7 @@ class PrefillClient:
         self._prefill = self._channel.unary_stream(
             PREFILL_METHOD,
             request_serializer=prefill_pb2.PrefillRequest.SerializeToString,
-            response_deserializer=None,  # bytes: layer data is read in place (wire)
+            response_deserializer=None,  # bytes: layer data is read in place (prefill_frames)
             _registered_method=True,
         )
         self._warm = self._channel.unary_unary(
@@ -96,9 +97,11 @@ class PrefillClient:
     def prefill(self, request: PrefillRequest) -> Generator[FusedLayer | PrefillResult, None, None]:
         """The `Prefiller` protocol: fused layers in order, then exactly one result."""
         call = self._prefill(
-            wire.request_to_proto(request), timeout=self._timeout_s, metadata=self._metadata
+            prefill_messages.request_to_proto(request),
+            timeout=self._timeout_s,
+            metadata=self._metadata,
         )
-        assembler = wire.LayerAssembler(self._max_layer_bytes)
+        assembler = prefill_frames.LayerAssembler(self._max_layer_bytes)
         try:
             for raw in call:
                 chunk = _parse_chunk(raw)
@@ -112,7 +115,7 @@ class PrefillClient:
                     yield layer
             raise ServiceUnavailableError("the prefill stream ended without a result")
         except grpc.RpcError as exc:
-            raise status.error_from_rpc(exc) from exc
+            raise error_from_rpc(exc) from exc
         finally:
             call.cancel()  # no-op after a complete stream; stops the worker otherwise
 
@@ -124,13 +127,13 @@ class PrefillClient:
             timeout_s *= 1 + len(segments.chunk_ids)
         try:
             response = self._warm(
-                wire.warm_request_to_proto(request_id, segments),
+                prefill_messages.warm_request_to_proto(request_id, segments),
                 timeout=timeout_s,
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
-            raise status.error_from_rpc(exc) from exc
-        return wire.warm_result_from_proto(response)
+            raise error_from_rpc(exc) from exc
+        return prefill_messages.warm_result_from_proto(response)
 
     def close(self) -> None:
         self._channel.close()

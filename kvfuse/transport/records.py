@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from kvfuse.client.frame_wire import FrameView
-from kvfuse.crc import crc32
-from kvfuse.errors import CorruptRecordError, InvalidObjectError
+from kvfuse.errors import InvalidObjectError
+from kvfuse.transport.crc import check_record, crc32
+from kvfuse.transport.layer_frames import FrameView
+from kvfuse.transport.protocol import MAX_FRAME_BYTES
 from kvfuse.v1 import common_pb2
-
-MAX_FRAME_BYTES = 4 << 20  # data bytes in one LayerFrame (protocol limit)
 
 
 def frame_parts(
@@ -126,8 +125,8 @@ class RecordAssembler:
             return None
         data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         self._current, self._parts, self._num_received = None, [], 0
-        if self._verify_crc32 and crc32(data) != head.record_crc32:
-            raise CorruptRecordError(f"{head.key}: layer {head.layer_idx} failed its CRC32")
+        if self._verify_crc32:
+            check_record(head.key, head.layer_idx, data, head.record_crc32)
         return Record(head.key, head.layer_idx, data)
 
     def _start(self, frame: Frame, num_data_bytes: int) -> None:

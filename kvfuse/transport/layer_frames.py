@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from kvfuse import protowire
+from kvfuse.transport import protowire
 from kvfuse.v1 import cache_pb2, common_pb2
 
 _RESPONSE = cache_pb2.GetLayersResponse.DESCRIPTOR

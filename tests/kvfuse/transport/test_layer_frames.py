@@ -1,4 +1,4 @@
-"""frame_wire: hand-encoded GetLayers frames equal protobuf's, and parsing them copies nothing."""
+"""layer_frames: hand-encoded GetLayers frames equal protobuf's, and parsing them copies nothing."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import zlib
 
 import pytest
 
-from kvfuse.client.frame_wire import FrameView, encode_frames, parse_frames
-from kvfuse.crc import crc32
 from kvfuse.errors import InvalidObjectError
+from kvfuse.transport.crc import crc32
+from kvfuse.transport.layer_frames import FrameView, encode_frames, parse_frames
 from kvfuse.v1 import cache_pb2, common_pb2
 
 KEY = "ab" * 32

@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from kvfuse.client.frames import MAX_FRAME_BYTES, RecordAssembler, split_record
 from kvfuse.errors import CorruptRecordError, InvalidObjectError
+from kvfuse.transport.protocol import MAX_FRAME_BYTES
+from kvfuse.transport.records import RecordAssembler, split_record
 from kvfuse.v1 import common_pb2
 
 KEY = "ab" * 32

@@ -1,0 +1,1 @@
+"""What both sides of a kvfuse connection share: wire formats, framing, limits, CRCs."""
