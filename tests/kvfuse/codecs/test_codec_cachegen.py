@@ -99,7 +99,7 @@ def test_compresses_random_data_below_six_bits(make_random) -> None:
 
 def chunk_kv(engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
     """One real ~490-token chunk of SmolLM2 KV, precomputed the engine's way. [L, T, H, D] x2."""
-    from kvfuse.bench.datasets import make_factqa
+    from benchmarks.datasets import make_factqa
 
     example = make_factqa(1, num_docs=1, seed=0)[0]
     prompt = engine.prepare([example.system, example.documents[0], example.question])

@@ -1,1 +1,0 @@
-"""Benchmark harness: RAG datasets, answer-quality metrics and result reports."""

@@ -1,0 +1,87 @@
+"""`kvfuse bench blend` writes its results after every (dataset, dtype), not only at the end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import blend as bench_blend
+from benchmarks.datasets import RagExample
+
+
+def fake_records(example: RagExample, args: argparse.Namespace) -> list[bench_blend.Record]:
+    return [
+        bench_blend.Record(
+            example.example_id,
+            mode,
+            ratio,
+            1.0 if ratio is None else 0.25,
+            "x",
+            100,
+            0,
+            0.5,
+            1.0,
+            1.0,
+            0.0 if ratio is None else 0.2,
+            1.0 if ratio is None else 0.9,
+        )
+        for mode, ratio in bench_blend._modes(args)
+    ]
+
+
+def test_an_interrupted_run_keeps_what_it_measured(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    parser = argparse.ArgumentParser()
+    bench_blend.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--questions",
+            "2",
+            "--datasets",
+            "factqa,musique",
+            "--dtypes",
+            "float32",
+            "--ratios",
+            "0.15",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "cut",
+        ]
+    )
+    monkeypatch.setattr(bench_blend.Engine, "from_pretrained", lambda **_: object())
+
+    def answer_all(engine: object, example: RagExample, args: argparse.Namespace) -> list[object]:
+        if example.example_id.startswith("musique"):
+            raise KeyboardInterrupt  # the run is cut during the second dataset
+        return fake_records(example, args)  # type: ignore[return-value]
+
+    monkeypatch.setattr(bench_blend, "answer_all", answer_all)
+
+    def examples(name: str, args: argparse.Namespace) -> list[RagExample]:
+        return [RagExample("s", ("d",), "q", ("a",), f"{name}-{i}") for i in range(2)]
+
+    monkeypatch.setattr(bench_blend, "_examples", examples)
+    with pytest.raises(KeyboardInterrupt):
+        bench_blend.run(args)
+    written = json.loads((tmp_path / "cut.json").read_text())
+    assert list(written["records"]) == ["factqa/float32"]
+    blend = [r for r in written["results"] if r["mode"] == "blend"]
+    assert blend[0]["ttft_ratio_vs_full"] == pytest.approx(4.0)
+    assert blend[0]["kl_vs_full"] == pytest.approx(0.2)
+    assert blend[0]["top1_vs_full"] == pytest.approx(0.9)
+    assert (tmp_path / "cut.png").exists()
+
+
+def test_blend_config_takes_the_selection_options() -> None:
+    parser = argparse.ArgumentParser()
+    bench_blend.add_arguments(parser)
+    argv = ["--check-layers", "1,2", "--gradual-ratios", "2,1", "--forced-chunk-start", "8"]
+    config = bench_blend.blend_config(parser.parse_args(argv), 0.15)
+    assert config.check_layers == (1, 2) and config.ratios == (0.3, 0.15)
+    assert config.num_forced_chunk_start == 8 and config.recompute_ratio == 0.15
+    assert bench_blend.blend_config(parser.parse_args([]), 0.3).num_forced_chunk_start == 0

