@@ -180,6 +180,6 @@ async def _generate(
     stream: bool,
     options: StreamOptions | None,
 ) -> Response:
-    fmt = ResponseFormat(chat=chat, request_id=gen.request_id, model=service.model_name)
+    fmt = ResponseFormat(chat=chat, request_id=gen.prefill.request_id, model=service.model_name)
     include_usage = options is not None and options.include_usage
     return await respond(request, OutputStream(service.scheduler, gen), fmt, stream, include_usage)

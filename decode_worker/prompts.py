@@ -24,6 +24,7 @@ from kvfuse.blend import Mode
 from kvfuse.errors import InvalidRequestError, PromptTooLongError
 from kvfuse.model.sampling import SamplingParams
 from kvfuse.model.tokenizer import Tokenizer
+from kvfuse.prefill import PrefillRequest
 from kvfuse.segments import DOCUMENT_SUFFIX, PromptSegments, build_prompt, split_text
 
 MAX_STOP_STRINGS = 16
@@ -186,14 +187,10 @@ class PromptBuilder:
         )
         options = body.kvfuse or KvfuseOptions()
         ratio = options.recompute_ratio
-        return GenerationRequest(
-            request_id=request_id,
-            segments=segments,
-            sampling=sampling,
-            stop=_stop_strings(body.stop),
-            mode=options.mode or defaults.default_mode,
-            recompute_ratio=defaults.default_recompute_ratio if ratio is None else ratio,
-        )
+        ratio = defaults.default_recompute_ratio if ratio is None else ratio
+        mode = options.mode or defaults.default_mode
+        prefill = PrefillRequest(request_id, segments, mode, ratio, sampling)
+        return GenerationRequest(prefill, _stop_strings(body.stop))
 
 
 def _refuse_unsupported(body: SamplingBody) -> None:

@@ -47,8 +47,8 @@ class Completion:
         stats = self.prefill
         if stats is not None:
             usage["kvfuse"] = {
-                "mode": self.request.mode.value,
-                "recompute_ratio": self.request.recompute_ratio,
+                "mode": self.request.prefill.mode.value,
+                "recompute_ratio": self.request.prefill.recompute_ratio,
                 "cached_tokens": stats.num_cached_tokens,
                 "recomputed_tokens": stats.num_recomputed_tokens,
                 "computed_tokens": stats.num_computed_tokens,

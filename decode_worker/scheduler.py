@@ -248,7 +248,7 @@ class Scheduler:
         else:
             compute_thread(self.num_threads)
         try:
-            stream = self.prefiller.prefill(seq.request.prefill_request())
+            stream = self.prefiller.prefill(seq.request.prefill)
             seq.cache = KVCache(self.model, seq.request.num_kv_tokens)
             result = self._receive_layers(seq, stream)
             if result is None:

@@ -11,11 +11,9 @@ from enum import Enum
 import torch
 
 from decode_worker.detokenizer import TextStream
-from kvfuse.blend import Mode
 from kvfuse.decode.step import KVCache
-from kvfuse.model.sampling import Sampler, SamplingParams
+from kvfuse.model.sampling import Sampler
 from kvfuse.prefill import PrefillRequest, PrefillStats
-from kvfuse.segments import PromptSegments
 
 
 class SequenceStatus(Enum):
@@ -33,34 +31,21 @@ class FinishReason(str, Enum):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A validated, tokenized request.
+    """A validated, tokenized request: what its prefill needs (`prefill`, whose sampling
+    parameters every token uses) and what only decoding does (`stop`: strings that end the
+    text, not included in it)."""
 
-    Attributes:
-        sampling: max_tokens, temperature, top_p, seed, stop_token_ids, ignore_eos.
-        stop: strings that end the text (not included in it).
-        recompute_ratio: None uses the prefiller's default.
-    """
-
-    request_id: str
-    segments: PromptSegments
-    sampling: SamplingParams
+    prefill: PrefillRequest
     stop: tuple[str, ...] = ()
-    mode: Mode = Mode.BLEND
-    recompute_ratio: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
-        return self.segments.num_tokens
+        return self.prefill.segments.num_tokens
 
     @property
     def num_kv_tokens(self) -> int:
         """KV rows the sequence can need: the prompt plus every generated token."""
-        return self.segments.num_tokens + self.sampling.max_tokens
-
-    def prefill_request(self) -> PrefillRequest:
-        return PrefillRequest(
-            self.request_id, self.segments, self.mode, self.recompute_ratio, self.sampling
-        )
+        return self.num_prompt_tokens + self.prefill.sampling.max_tokens
 
 
 @dataclass(frozen=True)
@@ -113,7 +98,7 @@ class Sequence:
 
     @property
     def request_id(self) -> str:
-        return self.request.request_id
+        return self.request.prefill.request_id
 
     @property
     def aborted(self) -> bool:
@@ -132,8 +117,8 @@ class Sequence:
     def decode_sampler(self, vocab_size: int) -> Sampler:
         """The sampler for tokens 2, 3, …: seeded like the one that drew the first token, one
         draw ahead (so a seeded request samples exactly what `Engine.generate` samples)."""
-        sampler = Sampler(self.request.sampling)
-        if self.request.sampling.temperature > 0.0:
+        sampler = Sampler(self.request.prefill.sampling)
+        if self.request.prefill.sampling.temperature > 0.0:
             sampler.sample(torch.zeros(vocab_size))  # the draw the prefiller spent
         return sampler
 
@@ -145,7 +130,7 @@ class Sequence:
         """
         self.num_generated_tokens += 1
         self.last_token_id = token_id
-        params = self.request.sampling
+        params = self.request.prefill.sampling
         is_eos = token_id in self.stop_token_ids and not params.ignore_eos
         if is_eos or token_id in params.stop_token_ids:
             return self.text.flush(), FinishReason.STOP

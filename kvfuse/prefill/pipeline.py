@@ -33,21 +33,20 @@ import torch
 from torch import Tensor
 
 from kvfuse.blend.config import BlendConfig, Mode
-from kvfuse.blend.plan import PlannedPrefill
-from kvfuse.blend.run import BlendStats, FusedLayer
-from kvfuse.errors import CacheError, InvalidRequestError, KvfuseError, PromptTooLongError
+from kvfuse.blend.run import FusedLayer
+from kvfuse.errors import CacheError, InvalidRequestError, PromptTooLongError
 from kvfuse.keys import PreparedPrompt
-from kvfuse.kv import ChunkKV, ChunkLayers
+from kvfuse.kv import ChunkLayers
 from kvfuse.model.sampling import Sampler
 from kvfuse.prefill.background import BackgroundIterator
 from kvfuse.prefill.compute import PrefillCompute
-from kvfuse.prefill.fetch import LayerFetch, Layout, fallback_reason
+from kvfuse.prefill.fetch import Layout
+from kvfuse.prefill.lookup import Reading, open_objects
 from kvfuse.prefill.observer import PrefillObserver
-from kvfuse.prefill.sources import Shards, StoreSource
+from kvfuse.prefill.sources import Shards
 from kvfuse.prefill.state import Cancel, Fetched
 from kvfuse.prefill.types import (
     PRECOMPUTE_MODES,
-    ChunkInfo,
     MissPolicy,
     PrefillRequest,
     PrefillResult,
@@ -202,7 +201,7 @@ class PrefillPipeline:
         """The whole request, cleanup included."""
         with torch.inference_mode():
             prompt = self.compute.prepare(request.segments)
-            fetched = self._open(prompt, request.mode, cancel)
+            fetched = open_objects(prompt, request.mode, self.shards, self._reading(cancel))
             buffered: list[FusedLayer | Prefilled] = []
             try:
                 if self.options.wait_for_hits:
@@ -226,66 +225,16 @@ class PrefillPipeline:
                 for fetch in fetched.fetches:
                     fetch.close()
 
+    def _reading(self, cancel: Cancel) -> Reading:
+        """How this request's fetches read: layout, deadline, observer, its cancel flag."""
+        return Reading(self.layout, self.options.fetch_deadline_s, self.observer, cancel)
+
     def _acquire(self, cancel: Cancel) -> bool:
         """Takes the compute lock, giving up once the request is cancelled."""
         while not self.compute_lock.acquire(timeout=_LOCK_POLL_S):
             if cancel.event.is_set():
                 return False
         return True
-
-    def _open(self, prompt: PreparedPrompt, mode: Mode, cancel: Cancel) -> Fetched:
-        """Looks the prompt's objects up and starts streaming the ones its mode reads.
-
-        Streams start before the compute lock is taken, so a queued request prefetches; the
-        fetch deadline counts from here.
-        """
-        fetched = Fetched()
-        if mode is Mode.FULL_PREFILL:
-            return fetched
-        seg = prompt.segments
-        num_tokens = dict(zip(prompt.chunk_keys, map(len, seg.chunk_ids), strict=True))
-        if seg.prefix_ids:
-            num_tokens = {prompt.prefix_key: len(seg.prefix_ids), **num_tokens}
-        read = set(num_tokens)
-        if mode is Mode.PREFIX_CACHE:  # only the prefix and the chunk stored right after it
-            read = {prompt.prefix_key, *prompt.chunk_keys[:1]}
-        for idx, keys in self.shards.split(list(num_tokens)).items():  # unique keys, in order
-            try:
-                infos = self.shards.sources[idx].lookup(keys)
-            except KvfuseError as exc:
-                self.observer.looked_up(len(keys), 0)
-                self._count_fallback(fetched, fallback_reason(exc))
-                fetched.lookup_failed.update(keys)
-                continue
-            infos = {k: i for k, i in infos.items() if self._fits(i, num_tokens.get(k))}
-            self.observer.looked_up(len(keys), len(infos))
-            fetched.found.update(infos)
-            self._fetch(idx, {k: i for k, i in infos.items() if k in read}, fetched, cancel)
-        return fetched
-
-    def _fetch(
-        self, idx: int, infos: dict[str, ChunkInfo], fetched: Fetched, cancel: Cancel
-    ) -> None:
-        """Starts one shard's layer stream (if it has anything to read); an in-process
-        store's objects are taken whole, in place."""
-        if not infos:
-            return
-        source = self.shards.sources[idx]
-        if isinstance(source, StoreSource):
-            whole = {key: kv for key in infos if (kv := source.get(key)) is not None}
-            fetched.found.difference_update(infos.keys() - whole.keys())  # evicted meanwhile
-            fetched.chunks.update(whole)
-            return
-        deadline_s = self.options.fetch_deadline_s
-        fetch = LayerFetch(source, infos, self.layout, deadline_s, self.observer)
-        cancel.add(fetch.start())
-        fetched.fetches.append(fetch)
-        fetched.chunks.update(fetch.chunks)
-
-    def _fits(self, info: ChunkInfo, num_tokens: int | None) -> bool:
-        """A stored object is usable only with this model's layers and the segment's length
-        (anything else is a foreign or corrupt entry: treated as a miss)."""
-        return info.num_layers == self.layout.num_layers and info.num_tokens == num_tokens
 
     def _precompute(self, prompt: PreparedPrompt, mode: Mode, fetched: Fetched) -> None:
         """Under `MissPolicy.PRECOMPUTE`: computes the misses standalone, into
@@ -295,23 +244,9 @@ class PrefillPipeline:
         if self.options.miss_policy is MissPolicy.FORCED or mode not in PRECOMPUTE_MODES:
             return
         known = fetched.chunks.keys() | fetched.lookup_failed
-        computed = self.compute.missing(
-            prompt, known.__contains__, lambda k: self._whole(fetched, k)
-        )
+        computed = self.compute.missing(prompt, known.__contains__, fetched.whole)
         fetched.precomputed = dict(computed)
         self.observer.precomputed(len(fetched.precomputed))
-
-    def _whole(self, fetched: Fetched, key: str) -> ChunkKV | None:
-        """A found object in full (waiting for its stream), or None if it is not found or its
-        stream failed (the failure counted)."""
-        chunk = fetched.chunks.get(key)
-        if chunk is None or isinstance(chunk, ChunkKV):
-            return chunk
-        fetch = fetched.fetch_of(key)
-        if fetch.wait_complete([key]):
-            return fetch.materialize(key)
-        self._count_failure(fetched, fetch)
-        return None
 
     def _blend(
         self,
@@ -343,7 +278,7 @@ class PrefillPipeline:
                 if not lost:
                     raise
                 chunks = {k: c for k, c in chunks.items() if k not in lost}
-        stats = prefill_stats(run.stats, planned, start_s, fetched.fallback)
+        stats = PrefillStats.of_run(run.stats, planned, start_s, fetched.fallback)
         num_reused = stats.num_cached_tokens + stats.num_precomputed_tokens
         if num_reused and mode is Mode.BLEND:
             self.observer.blended(stats.num_recomputed_tokens / num_reused)
@@ -354,17 +289,9 @@ class PrefillPipeline:
         lost: set[str] = set()
         for fetch in fetched.fetches:
             if fetch.failed:
-                self._count_failure(fetched, fetch)
+                fetched.count_failure(fetch)
                 lost |= (fetch.chunks.keys() - fetch.complete_keys()) & chunks.keys()
         return lost
-
-    def _count_failure(self, fetched: Fetched, fetch: LayerFetch) -> None:
-        if reason := fetched.new_failure(fetch):
-            self._count_fallback(fetched, reason)
-
-    def _count_fallback(self, fetched: Fetched, reason: str) -> None:
-        self.observer.fell_back(reason)
-        fetched.fallback = fetched.fallback or reason
 
     def _write(self, prompt: PreparedPrompt, mode: Mode, fetched: Fetched) -> None:
         """Gives the writer the prompt's objects the lookup did not find, with those the
@@ -377,25 +304,3 @@ class PrefillPipeline:
         prefix_kv = fetched.arrived(prompt.prefix_key)
         computed = {k: kv for k, kv in fetched.precomputed.items() if k in missing}
         self.writer.submit(WriteJob(prompt, frozenset(missing), prefix_kv, computed))
-
-
-def prefill_stats(
-    stats: BlendStats, planned: PlannedPrefill, start_s: float, fallback: str = ""
-) -> PrefillStats:
-    """A finished run's counters as the prefill contract reports them.
-
-    The run counts precomputed rows as cached; here they are reported on their own, so
-    cached + precomputed + computed = prompt tokens (without forced chunk starts).
-    """
-    return PrefillStats(
-        num_prompt_tokens=stats.num_tokens,
-        num_cached_tokens=stats.num_cached_tokens - planned.num_precomputed_tokens,
-        num_recomputed_tokens=stats.num_recomputed_tokens,
-        num_computed_tokens=stats.num_computed_tokens,
-        num_chunks=planned.num_chunks,
-        num_chunk_hits=planned.num_chunk_hits,
-        prefill_s=time.perf_counter() - start_s,
-        fallback=fallback,
-        num_precomputed_tokens=planned.num_precomputed_tokens,
-        num_chunks_precomputed=planned.num_chunks_precomputed,
-    )

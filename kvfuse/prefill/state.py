@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from kvfuse.kv import ChunkKV, ChunkLayers
 from kvfuse.prefill.fetch import CANCELLED, LayerFetch
+from kvfuse.prefill.observer import PrefillObserver
 
 
 @dataclass
@@ -14,6 +15,7 @@ class Fetched:
     """What the lookup found and which streams bring it in.
 
     Attributes:
+        observer: told of every fallback (`fall_back`, `count_failure`).
         chunks: the found objects the request reads: streaming in (a `LayerFetch`'s chunks)
             or whole (an in-process store's).
         found: every key the lookup found usable, read or not.
@@ -21,6 +23,7 @@ class Fetched:
         precomputed: misses the request computed standalone (miss policy precompute).
     """
 
+    observer: PrefillObserver = field(default_factory=PrefillObserver)
     chunks: dict[str, ChunkLayers] = field(default_factory=dict)
     fetches: list[LayerFetch] = field(default_factory=list)
     found: set[str] = field(default_factory=set)
@@ -39,6 +42,29 @@ class Fetched:
         if chunk is None or isinstance(chunk, ChunkKV):
             return chunk
         return self.fetch_of(key).materialize(key)
+
+    def whole(self, key: str) -> ChunkKV | None:
+        """A found object in full, waiting for its stream; None if it was not found or its
+        stream failed (the failure counted)."""
+        chunk = self.chunks.get(key)
+        if chunk is None or isinstance(chunk, ChunkKV):
+            return chunk
+        fetch = self.fetch_of(key)
+        if fetch.wait_complete([key]):
+            return fetch.materialize(key)
+        self.count_failure(fetch)
+        return None
+
+    def fall_back(self, reason: str) -> None:
+        """Records that the request computes what it meant to fetch (the first reason is
+        the one its stats report) and tells the observer."""
+        self.observer.fell_back(reason)
+        self.fallback = self.fallback or reason
+
+    def count_failure(self, fetch: LayerFetch) -> None:
+        """Counts `fetch`'s failure once (`new_failure`)."""
+        if reason := self.new_failure(fetch):
+            self.fall_back(reason)
 
     def new_failure(self, fetch: LayerFetch) -> str:
         """Why `fetch` failed, the first time it is asked; "" after that, or if it did not fail

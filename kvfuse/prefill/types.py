@@ -10,13 +10,15 @@ while layer l+1 is still being computed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
 from kvfuse.blend.config import Mode
-from kvfuse.blend.run import FusedLayer
+from kvfuse.blend.plan import PlannedPrefill
+from kvfuse.blend.run import BlendStats, FusedLayer
 from kvfuse.errors import InvalidRequestError
 from kvfuse.model.sampling import SamplingParams
 from kvfuse.segments import PromptSegments
@@ -116,6 +118,28 @@ class PrefillStats:
     fallback: str = ""
     num_precomputed_tokens: int = 0
     num_chunks_precomputed: int = 0
+
+    @classmethod
+    def of_run(
+        cls, stats: BlendStats, planned: PlannedPrefill, start_s: float, fallback: str = ""
+    ) -> PrefillStats:
+        """A finished run's counters as the contract reports them; `prefill_s` ends now.
+
+        The run counts precomputed rows as cached; here they are reported on their own, so
+        cached + precomputed + computed = prompt tokens (without forced chunk starts).
+        """
+        return cls(
+            num_prompt_tokens=stats.num_tokens,
+            num_cached_tokens=stats.num_cached_tokens - planned.num_precomputed_tokens,
+            num_recomputed_tokens=stats.num_recomputed_tokens,
+            num_computed_tokens=stats.num_computed_tokens,
+            num_chunks=planned.num_chunks,
+            num_chunk_hits=planned.num_chunk_hits,
+            prefill_s=time.perf_counter() - start_s,
+            fallback=fallback,
+            num_precomputed_tokens=planned.num_precomputed_tokens,
+            num_chunks_precomputed=planned.num_chunks_precomputed,
+        )
 
 
 @dataclass(frozen=True)

@@ -43,38 +43,38 @@ def test_chat_separator_gives_the_engines_segments_and_keys(
 ) -> None:
     gen = chat(builder, messages=rag_messages())
     want = engine.prepare([SYSTEM, *DOCS, QUESTION])
-    assert gen.segments == want.segments
-    assert engine.compute.prepare(gen.segments).chunk_keys == want.chunk_keys
-    assert gen.mode is Mode.BLEND and gen.recompute_ratio == 0.3
-    assert gen.sampling.temperature == 1.0 and gen.sampling.max_tokens == 64
+    assert gen.prefill.segments == want.segments
+    assert engine.compute.prepare(gen.prefill.segments).chunk_keys == want.chunk_keys
+    assert gen.prefill.mode is Mode.BLEND and gen.prefill.recompute_ratio == 0.3
+    assert gen.prefill.sampling.temperature == 1.0 and gen.prefill.sampling.max_tokens == 64
 
 
 def test_without_a_system_message_documents_stay_chunks(
     builder: PromptBuilder, engine: Engine
 ) -> None:
     gen = chat(builder, messages=[{"role": "user", "content": SEP.join([*DOCS, QUESTION])}])
-    assert len(gen.segments.chunk_ids) == 3
-    assert gen.segments == engine.prepare(["", *DOCS, QUESTION]).segments
+    assert len(gen.prefill.segments.chunk_ids) == 3
+    assert gen.prefill.segments == engine.prepare(["", *DOCS, QUESTION]).segments
 
 
 def test_explicit_segments_replace_the_messages(builder: PromptBuilder, engine: Engine) -> None:
     options = {"segments": [SYSTEM, *DOCS, QUESTION], "mode": "full_reuse", "recompute_ratio": 0}
     gen = chat(builder, messages=[{"role": "user", "content": "x"}], kvfuse=options)
-    assert gen.segments == engine.prepare([SYSTEM, *DOCS, QUESTION]).segments
-    assert gen.mode is Mode.FULL_REUSE and gen.recompute_ratio == 0.0
+    assert gen.prefill.segments == engine.prepare([SYSTEM, *DOCS, QUESTION]).segments
+    assert gen.prefill.mode is Mode.FULL_REUSE and gen.prefill.recompute_ratio == 0.0
 
 
 def test_earlier_turns_join_the_prefix_and_chunks_keep_their_tokens(
     builder: PromptBuilder,
 ) -> None:
-    one_turn = chat(builder, messages=rag_messages()).segments
+    one_turn = chat(builder, messages=rag_messages()).prefill.segments
     history = [
         rag_messages()[0],
         {"role": "user", "content": "Hello"},
         {"role": "assistant", "content": [{"type": "text", "text": "Hi! How can I help?"}]},
         rag_messages()[1],
     ]
-    multi = chat(builder, messages=history).segments
+    multi = chat(builder, messages=history).prefill.segments
     assert multi.chunk_ids == one_turn.chunk_ids and multi.query_ids == one_turn.query_ids
     assert len(multi.prefix_ids) > len(one_turn.prefix_ids)
     assert multi.prefix_ids[: len(one_turn.prefix_ids) - 3] == one_turn.prefix_ids[:-3]
@@ -84,19 +84,20 @@ def test_completion_prompt_is_raw_text_split_at_the_separator(
     builder: PromptBuilder, engine: Engine
 ) -> None:
     gen = complete(builder, prompt=SEP.join(["Facts:\n", *DOCS, "\nQ: Where?\nA:"]))
-    assert len(gen.segments.chunk_ids) == 3
+    assert len(gen.prefill.segments.chunk_ids) == 3
     assert (
-        gen.segments == engine.prepare(["Facts:\n", *DOCS, "\nQ: Where?\nA:"], chat=False).segments
+        gen.prefill.segments
+        == engine.prepare(["Facts:\n", *DOCS, "\nQ: Where?\nA:"], chat=False).segments
     )
-    tokens = complete(builder, prompt=[1, 2, 3], max_tokens=2).segments
+    tokens = complete(builder, prompt=[1, 2, 3], max_tokens=2).prefill.segments
     assert tokens.token_ids == [1, 2, 3]
-    assert complete(builder, prompt=["single"]).segments.query_ids
+    assert complete(builder, prompt=["single"]).prefill.segments.query_ids
 
 
 def test_max_tokens_defaults_within_the_context(builder: PromptBuilder) -> None:
     long_prompt = "word " * (LIMIT - 10)
     gen = complete(builder, prompt=long_prompt)
-    assert gen.num_prompt_tokens + gen.sampling.max_tokens == LIMIT
+    assert gen.num_prompt_tokens + gen.prefill.sampling.max_tokens == LIMIT
     with pytest.raises(PromptTooLongError, match=str(LIMIT)):
         complete(builder, prompt=long_prompt, max_tokens=64)
     with pytest.raises(PromptTooLongError, match=str(LIMIT)):
@@ -115,7 +116,7 @@ def test_sampling_fields_reach_the_request(builder: PromptBuilder) -> None:
         stop_token_ids=[2],
         ignore_eos=True,
     )
-    params = gen.sampling
+    params = gen.prefill.sampling
     assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (7, 0.5, 0.9, 3)
     assert params.stop_token_ids == (2,) and params.ignore_eos and gen.stop == ("\n",)
     assert complete(builder, prompt="x", stop="END").stop == ("END",)
@@ -167,9 +168,9 @@ def test_bad_chats_are_refused(
 
 def test_tokenize_uses_the_same_segments(builder: PromptBuilder) -> None:
     body = TokenizeRequest.model_validate({"messages": rag_messages()})
-    assert builder.tokenize(body) == chat(builder, messages=rag_messages()).segments
+    assert builder.tokenize(body) == chat(builder, messages=rag_messages()).prefill.segments
     raw = TokenizeRequest.model_validate({"prompt": "Hello world"})
     assert (
         builder.tokenize(raw).token_ids
-        == complete(builder, prompt="Hello world").segments.token_ids
+        == complete(builder, prompt="Hello world").prefill.segments.token_ids
     )

@@ -115,7 +115,9 @@ def request(
 ) -> GenerationRequest:
     segments = build_prompt(engine.tokenizer, [SYSTEM, *DOCS, question])
     params = SamplingParams(**{"max_tokens": 12, **sampling})
-    return GenerationRequest(f"r-{question[:8]}", segments, params, stop, mode)
+    return GenerationRequest(
+        PrefillRequest(f"r-{question[:8]}", segments, mode, None, params), stop
+    )
 
 
 def assert_released(scheduler: Scheduler) -> None:
