@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2 engine (loaded once), tiny random-init models, TLS files."""
+"""Shared fixtures: the real SmolLM2 engine (loaded once) and the test prompt's chunks, tiny
+random-init models, TLS files."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from prefill_helpers import DOCS, QUESTION, SYSTEM
 
+from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
+from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import LoadedModel, default_model_path, load_model
 from kvfuse.settings import Settings
 
@@ -122,3 +126,19 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     return cert, key
+
+
+@pytest.fixture(scope="session")
+def warm_objects(smollm: LoadedModel) -> dict[str, ChunkKV]:
+    """The test prompt's prefix and DOCS precomputed once (immutable, shared by tests)."""
+    engine = Engine(smollm, ChunkStore(1 << 30))
+    prompt = engine.prepare([SYSTEM, *DOCS, QUESTION])
+    return dict(engine.compute.missing(prompt, lambda _key: False, lambda _key: None))
+
+
+@pytest.fixture
+def warm_engine(engine: Engine, warm_objects: dict[str, ChunkKV]) -> Engine:
+    """The fresh SmolLM2 engine with the prompt's prefix and DOCS already in its store."""
+    for key, kv in warm_objects.items():
+        engine.store.put(key, kv)
+    return engine
