@@ -172,7 +172,7 @@ def last_logits(
     engine: Engine, prompt: PreparedPrompt, mode: Mode, cfg: BlendConfig
 ) -> torch.Tensor:
     """The prefill's next-token logits from whatever `engine.store` holds. Shape: [vocab]."""
-    _, run = engine.compute.start(prompt, mode, cfg, engine.store.get)
+    run = engine.compute.run(engine.plan(prompt, mode, cfg), cfg)
     for _ in run:
         pass
     return run.last_logits.float()

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from kvfuse.blend import BlendConfig, BlendRun, Mode
-from kvfuse.blend.plan import PlannedPrefill, RowPlan
+from kvfuse.blend.plan import RowPlan
 from kvfuse.decode.step import KVCache, generate_tokens, score_continuation
 from kvfuse.engine import Engine
 from kvfuse.keys import PreparedPrompt
@@ -48,9 +48,9 @@ def true_deviation(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig) -
 
     Chunks must be in the engine's store. Shape: -> [N] fp32 (0 on rows the blend computes).
     """
-    eligible = _plan(engine, prompt, blend).plan.eligible
-    _, full = engine.compute.start(prompt, Mode.FULL_PREFILL, blend, engine.store.get)
-    _, reused = engine.compute.start(prompt, Mode.FULL_REUSE, blend, engine.store.get)
+    eligible = engine.plan(prompt, Mode.BLEND, blend).plan.eligible
+    full = engine.compute.run(engine.plan(prompt, Mode.FULL_PREFILL, blend), blend)
+    reused = engine.compute.run(engine.plan(prompt, Mode.FULL_REUSE, blend), blend)
     total = torch.zeros(prompt.segments.num_tokens)
     for exact, approx in zip(full, reused, strict=True):
         for a, b in ((exact.k, approx.k), (exact.v, approx.v)):
@@ -59,15 +59,10 @@ def true_deviation(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig) -
     return total.masked_fill(~eligible, 0.0)
 
 
-def _plan(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig) -> PlannedPrefill:
-    """The blend's plan over the engine's store."""
-    return engine.compute.plan(prompt, Mode.BLEND, blend, engine.store.get)
-
-
 def choose_rows(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig) -> RowPlan:
     """The blend's row plan with the top ⌊r·E⌋ eligible rows by `true_deviation` forced (so
     they count as computed rows in the run's stats, not as recomputed ones)."""
-    plan = _plan(engine, prompt, blend).plan
+    plan = engine.plan(prompt, Mode.BLEND, blend).plan
     num_chosen = math.floor(blend.recompute_ratio * int(plan.eligible.sum()))
     score = true_deviation(engine, prompt, blend).masked_fill(~plan.eligible, -math.inf)
     forced = plan.forced.clone()
@@ -77,7 +72,7 @@ def choose_rows(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig) -> R
 
 def _run(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig, chosen: RowPlan) -> BlendRun:
     """A run of `chosen`: ratio 0 at the check layer, so only its forced rows run from there."""
-    cached_kv = _plan(engine, prompt, blend).cached_kv  # fresh: a run consumes it
+    cached_kv = engine.plan(prompt, Mode.BLEND, blend).cached_kv  # fresh: a run consumes it
     schedule = {blend.check_layers[0]: 0.0}
     return BlendRun(engine.model, chosen, cached_kv, schedule, blend.mask, blend.deviation)
 
@@ -109,5 +104,7 @@ def oracle_answer(
     scored_cache = KVCache(model, prompt.segments.num_tokens + len(reference))
     scored_cache.fill(scored)
     logprobs = score_continuation(model, scored_cache, scored.last_logits, reference)
-    num_chosen = int(chosen.forced.sum()) - int(_plan(engine, prompt, blend).plan.forced.sum())
+    num_chosen = int(chosen.forced.sum()) - int(
+        engine.plan(prompt, Mode.BLEND, blend).plan.forced.sum()
+    )
     return OracleAnswer(ttft_s, token_ids, num_chosen, logprobs)

@@ -126,17 +126,9 @@ class PrefillCompute:
         )
         return plan_prefill(prompt, mode, blend, inputs)
 
-    def start(
-        self,
-        prompt: PreparedPrompt,
-        mode: Mode,
-        blend: BlendConfig,
-        lookup: Callable[[str], ChunkLayers | None],
-        precomputed: Mapping[str, ChunkKV] | None = None,
-    ) -> tuple[PlannedPrefill, BlendRun]:
-        """Plans a prefill and returns its run; iterate the run to compute fused layers."""
-        planned = self.plan(prompt, mode, blend, lookup, precomputed)
-        run = BlendRun(
+    def run(self, planned: PlannedPrefill, blend: BlendConfig) -> BlendRun:
+        """The run of a plan; iterate it to compute fused layers (a run is used once)."""
+        return BlendRun(
             self.model,
             planned.plan,
             planned.cached_kv,
@@ -144,4 +136,3 @@ class PrefillCompute:
             blend.mask,
             blend.deviation,
         )
-        return planned, run

@@ -261,7 +261,8 @@ class PrefillPipeline:
         once, then the logits and stats."""
         chunks, num_sent = dict(fetched.chunks), 0
         while True:
-            planned, run = self.compute.start(prompt, mode, blend, chunks.get, fetched.precomputed)
+            planned = self.compute.plan(prompt, mode, blend, chunks.get, fetched.precomputed)
+            run = self.compute.run(planned, blend)
             try:
                 for layer in run:
                     if cancel.event.is_set():

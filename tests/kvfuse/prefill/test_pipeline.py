@@ -286,7 +286,8 @@ def test_a_failed_shard_loses_only_its_own_chunks(warm_engine: Engine) -> None:
     assert result.stats.num_chunk_hits == len(kept)  # the restart still reuses shard a's
     chunks = {key: warm_engine.store.get(key) for key in kept}
     blend = warm_engine.compute.blend_config()
-    _, rerun = warm_engine.compute.start(prompt, Mode.BLEND, blend, chunks.get)
+    planned = warm_engine.compute.plan(prompt, Mode.BLEND, blend, chunks.get)
+    rerun = warm_engine.compute.run(planned, blend)
     assert_layers_equal(layers[10:], list(rerun)[10:])
 
 
