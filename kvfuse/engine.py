@@ -75,12 +75,8 @@ class Engine:
     ) -> None:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.store = store
-        keys = KeySpace(
-            loaded.fingerprint,
-            loaded.tokenizer.fingerprint,
-            ChunkContext(chunk_context),
-            tenant_salt,
-        )
+        fingerprints = (loaded.fingerprint, loaded.tokenizer.fingerprint)
+        keys = KeySpace(*fingerprints, ChunkContext(chunk_context), tenant_salt)
         self.compute = PrefillCompute(self.model, keys, blend, self.tokenizer.bos_token_id)
         self.lock = threading.RLock()  # held across prefill and decode; the pipeline re-enters
         shards = Shards([StoreSource(store)], ["local"])
@@ -111,10 +107,8 @@ class Engine:
         loaded = load_model(
             settings.model, settings.cache_dir, settings.torch_dtype, settings.device
         )
-        store = ChunkStore(settings.store_capacity_bytes)
-        return cls(
-            loaded, store, ChunkContext(chunk_context), blend, miss_policy=MissPolicy(miss_policy)
-        )
+        store, policy = ChunkStore(settings.store_capacity_bytes), MissPolicy(miss_policy)
+        return cls(loaded, store, ChunkContext(chunk_context), blend, miss_policy=policy)
 
     @property
     def max_context_tokens(self) -> int:
@@ -178,20 +172,17 @@ class Engine:
             InvalidRequestError: empty segments, unknown mode, ratio outside [0, 1], and so on.
             PromptTooLongError: prompt + max_tokens exceed the model's context.
         """
-        params = SamplingParams(max_tokens, temperature, top_p, seed)
+        start, mode = time.perf_counter(), Mode.parse(mode)
+        sampler = Sampler(SamplingParams(max_tokens, temperature, top_p, seed))
         with self.lock:
-            start = time.perf_counter()
-            request = self._request(segments, chat, mode, recompute_ratio, params)
-            cache = KVCache(self.model, request.segments.num_tokens + max_tokens)
-            prefilled = self._fill(cache, self.pipeline.run(request, blend, store_misses))
-            sampler = Sampler(params)
-            first = sampler.sample(prefilled.logits)
-            stop_ids = set(self.tokenizer.eos_token_ids)
+            prompt = build_prompt(self.tokenizer, segments, chat)
+            request = PrefillRequest("", prompt, mode, recompute_ratio, sampler.params)
+            cache, prefilled = self._prefill(request, blend, store_misses)
+            first, stop_ids = sampler.sample(prefilled.logits), set(self.tokenizer.eos_token_ids)
             token_ids = list(generate_tokens(self.model, cache, first, sampler, stop_ids))
         finish = "length" if len(token_ids) >= max_tokens else "stop"
-        text = self.tokenizer.decode(token_ids)
-        total_s = time.perf_counter() - start
-        return GenerateOutput(text, token_ids, finish, request.mode, total_s, prefilled.stats)
+        text, total_s = self.tokenizer.decode(token_ids), time.perf_counter() - start
+        return GenerateOutput(text, token_ids, finish, mode, total_s, prefilled.stats)
 
     @torch.inference_mode()
     def score(
@@ -215,36 +206,14 @@ class Engine:
             raise InvalidRequestError("score needs a non-empty continuation")
         params = SamplingParams(max_tokens=len(continuation))
         with self.lock:
-            request = self._request(segments, chat, mode, recompute_ratio, params)
-            cache = KVCache(self.model, request.segments.num_tokens + len(continuation))
-            prefilled = self._fill(cache, self.pipeline.run(request, blend, store=False))
+            prompt = build_prompt(self.tokenizer, segments, chat)
+            request = PrefillRequest("", prompt, Mode.parse(mode), recompute_ratio, params)
+            cache, prefilled = self._prefill(request, blend, store=False)
             return score_continuation(self.model, cache, prefilled.logits, list(continuation))
 
-    def _request(
-        self,
-        segments: Sequence[str],
-        chat: bool,
-        mode: Mode | str,
-        ratio: float | None,
-        params: SamplingParams,
-    ) -> PrefillRequest:
-        try:
-            mode = Mode(mode)
-        except ValueError:
-            names = ", ".join(m.value for m in Mode)
-            raise InvalidRequestError(f"unknown mode {mode!r} (one of: {names})") from None
-        prompt = build_prompt(self.tokenizer, segments, chat)
-        return PrefillRequest("", prompt, mode, ratio, params)
-
-    @staticmethod
-    def _fill(cache: KVCache, items: Iterator[FusedLayer | Prefilled]) -> Prefilled:
-        """Copies a run's fused layers into `cache` and runs it to its end (its stores)."""
-        prefilled = None
-        for item in items:
-            if isinstance(item, Prefilled):
-                prefilled = item
-            else:
-                cache.fill([item])
-        if prefilled is None:
-            raise RuntimeError("the prefill run ended without its result")
-        return prefilled
+    def _prefill(
+        self, request: PrefillRequest, blend: BlendConfig | None, store: bool
+    ) -> tuple[KVCache, Prefilled]:
+        """The prompt's KV in a cache with room for `max_tokens` more, and its logits."""
+        cache = KVCache(self.model, request.segments.num_tokens + request.sampling.max_tokens)
+        return cache, cache.fill_from(self.pipeline.run(request, blend, store))

@@ -6,14 +6,25 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from kvfuse.errors import ConfigError
+from kvfuse.errors import ConfigError, InvalidRequestError
 
 
 class Mode(str, Enum):
+    """How a prompt's cached KV is used (see `kvfuse.blend.run`)."""
+
     FULL_PREFILL = "full_prefill"
     PREFIX_CACHE = "prefix_cache"
     FULL_REUSE = "full_reuse"
     BLEND = "blend"
+
+    @classmethod
+    def parse(cls, value: Mode | str) -> Mode:
+        """Raises InvalidRequestError naming the modes for an unknown one."""
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise InvalidRequestError(f"unknown mode {value!r} (one of: {names})") from None
 
 
 class Deviation(str, Enum):

@@ -10,6 +10,7 @@ from torch import Tensor
 from kvfuse.blend.run import FusedLayer
 from kvfuse.model.sampling import Sampler
 from kvfuse.model.transformer import Transformer
+from kvfuse.prefill.pipeline import Prefilled
 
 
 class KVCache:
@@ -26,6 +27,19 @@ class KVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.capacity = capacity
         self.num_tokens = 0
+
+    def fill_from(self, items: Iterable[FusedLayer | Prefilled]) -> Prefilled:
+        """Copies a prefill run's fused layers in as they come and runs it to its end (where
+        it stores what it missed); returns its `Prefilled`."""
+        prefilled = None
+        for item in items:
+            if isinstance(item, Prefilled):
+                prefilled = item
+            else:
+                self.fill([item])
+        if prefilled is None:
+            raise RuntimeError("the prefill run ended without its result")
+        return prefilled
 
     def fill(self, layers: Iterable[FusedLayer]) -> None:
         """Copies a prompt's fused layers in; sets `num_tokens` to the prompt length."""
