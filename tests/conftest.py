@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from kvfuse.engine import Engine
 from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import LoadedModel, default_model_path, load_model
 from kvfuse.settings import Settings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -50,10 +54,10 @@ def engine(smollm: LoadedModel) -> Engine:
     return Engine(smollm, ChunkStore(1 << 30))
 
 
-def _hf_config(arch: str, vocab_size: int):  # type: ignore[no-untyped-def]
+def _hf_config(arch: str, vocab_size: int) -> PreTrainedConfig:
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -87,13 +91,17 @@ def tiny_model_dir(
     """Factory: a random-init Llama/Qwen2/Qwen3 saved as a safetensors dir (SmolLM2 tokenizer)."""
     from transformers import AutoModelForCausalLM
 
+    # transformers leaves from_config unannotated; it builds the model the config describes
+    from_config = cast(
+        "Callable[[PreTrainedConfig], PreTrainedModel]", AutoModelForCausalLM.from_config
+    )
     vocab_size = json.loads((smollm_dir / "config.json").read_text())["vocab_size"]
     made: dict[str, Path] = {}
 
     def make(arch: str) -> Path:
         if arch not in made:
             torch.manual_seed(0)
-            hf = AutoModelForCausalLM.from_config(_hf_config(arch, vocab_size))
+            hf = from_config(_hf_config(arch, vocab_size))
             # Random-init norms are all ones; perturb them so a missing norm would show.
             with torch.no_grad():
                 for name, p in hf.named_parameters():

@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import blend as bench_blend
 from benchmarks.datasets import RagExample
+from kvfuse.engine import Engine
 
 
 def fake_records(example: RagExample, args: argparse.Namespace) -> list[bench_blend.Record]:
@@ -53,12 +54,14 @@ def test_an_interrupted_run_keeps_what_it_measured(
             "cut",
         ]
     )
-    monkeypatch.setattr(bench_blend.Engine, "from_pretrained", lambda **_: object())
+    monkeypatch.setattr(Engine, "from_pretrained", lambda **_: object())  # bench_blend's Engine
 
-    def answer_all(engine: object, example: RagExample, args: argparse.Namespace) -> list[object]:
+    def answer_all(
+        engine: object, example: RagExample, args: argparse.Namespace
+    ) -> list[bench_blend.Record]:
         if example.example_id.startswith("musique"):
             raise KeyboardInterrupt  # the run is cut during the second dataset
-        return fake_records(example, args)  # type: ignore[return-value]
+        return fake_records(example, args)
 
     monkeypatch.setattr(bench_blend, "answer_all", answer_all)
 

@@ -13,8 +13,18 @@ from typing import Any
 import pytest
 
 from benchmarks import serve
+from benchmarks.serve_plan import make_plan
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class _Endpoint(ThreadingHTTPServer):
+    """The fake endpoint: what it was sent, chat bodies and warm bodies."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.bodies: list[dict[str, Any]] = []
+        self.warmed: list[dict[str, Any]] = []
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -25,8 +35,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert isinstance(self.server, _Endpoint)
         if self.path == "/kvfuse/warm":
-            self.server.warmed.append(body)  # type: ignore[attr-defined]
+            self.server.warmed.append(body)
             num = len(body["documents"])
             answer = {"objects": num + 1, "present": 1, "stored": num, "computed_tokens": 7 * num}
             data = json.dumps(answer).encode()
@@ -36,7 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
             return
-        self.server.bodies.append(body)  # type: ignore[attr-defined]
+        self.server.bodies.append(body)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
@@ -54,10 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def endpoint() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.bodies = []  # type: ignore[attr-defined]
-    server.warmed = []  # type: ignore[attr-defined]
+def endpoint() -> Iterator[_Endpoint]:
+    server = _Endpoint()
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server
@@ -85,7 +94,7 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_run_against_an_endpoint_writes_rows_ratios_and_plot(
-    endpoint: ThreadingHTTPServer, musique: Path, tmp_path: Path
+    endpoint: _Endpoint, musique: Path, tmp_path: Path
 ) -> None:
     url = f"http://127.0.0.1:{endpoint.server_address[1]}"
     out = tmp_path / "results"
@@ -107,7 +116,7 @@ def test_run_against_an_endpoint_writes_rows_ratios_and_plot(
     assert result["missing"] == {} and result["kv_sources"] == []  # no stacks with --endpoint
     assert result["config"]["num_steady"] == 3 and result["machine"]["cpus"] >= 1
     assert (out / "serve.png").read_bytes().startswith(PNG_MAGIC)
-    bodies = endpoint.bodies  # type: ignore[attr-defined]
+    bodies = endpoint.bodies
     assert len(bodies) == 2 * (1 + 3 + 3)
     assert {b["kvfuse"]["mode"] for b in bodies} == {"full_prefill", "blend"}
     blend = [b for b in bodies if b["kvfuse"]["mode"] == "blend"]
@@ -120,7 +129,7 @@ def test_run_against_an_endpoint_writes_rows_ratios_and_plot(
 
 
 def test_blend_ingest_stores_the_popular_passages_first(
-    endpoint: ThreadingHTTPServer, musique: Path, tmp_path: Path
+    endpoint: _Endpoint, musique: Path, tmp_path: Path
 ) -> None:
     url = f"http://127.0.0.1:{endpoint.server_address[1]}"
     args = _args(
@@ -129,9 +138,9 @@ def test_blend_ingest_stores_the_popular_passages_first(
         "--musique-path", str(musique), "--out", str(tmp_path), "--num-docs", "3",
     )  # fmt: skip
     assert serve.run(args) == 0
-    warmed = endpoint.warmed  # type: ignore[attr-defined]
+    warmed = endpoint.warmed
     assert [len(w["documents"]) for w in warmed] == [32, 8]  # batches of warm_documents
-    plan = serve.make_plan(args)
+    plan = make_plan(args)
     assert [d for w in warmed for d in w["documents"]] == list(plan.ingest)
     assert all(w["system"] == warmed[0]["system"] and w["chat"] for w in warmed)
     rows = json.loads((tmp_path / "serve.json").read_text())["rows"]
@@ -139,6 +148,6 @@ def test_blend_ingest_stores_the_popular_passages_first(
         ("blend_ingest", "cold"),
         ("blend_ingest", "steady"),
     ]
-    bodies = endpoint.bodies  # type: ignore[attr-defined]
+    bodies = endpoint.bodies
     assert {b["kvfuse"]["mode"] for b in bodies} == {"blend"}
     assert bodies[0]["messages"][0]["content"] == warmed[0]["system"]  # the chats' framing

@@ -81,7 +81,7 @@ def test_output_change_of_raw_is_nil(engine: Engine) -> None:
 def test_run_writes_table_json_and_png(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bench.Engine, "from_pretrained", lambda **_: engine)
+    monkeypatch.setattr(Engine, "from_pretrained", lambda **_: engine)  # the one bench uses
     args = parse(
         "--codecs",
         "fp16,cachegen",

@@ -78,10 +78,10 @@ def assert_layers_equal(
             torch.testing.assert_close(a.v, b.v, atol=atol, rtol=0)
 
 
-def poll(condition: object, timeout_s: float = 60.0, what: str = "condition") -> None:
+def poll(condition: Callable[[], object], timeout_s: float = 60.0, what: str = "condition") -> None:
     """Waits until `condition()` is true, checking every few ms; fails after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)  # polling an observable state, not waiting on timing

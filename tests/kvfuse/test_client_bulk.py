@@ -56,11 +56,16 @@ def server() -> Iterator[CacheServer]:
         yield srv
 
 
-def frames(client: CacheClient, keys: list[str], **kwargs: object) -> list[tuple]:
-    return [(f.key, f.layer_idx, f.k, f.v) for f in client.get_layers(keys, **kwargs)]
+Row = tuple[str, int, torch.Tensor, torch.Tensor]  # key, layer_idx, k, v
 
 
-def same(a: list[tuple], b: list[tuple]) -> bool:
+def frames(
+    client: CacheClient, keys: list[str], layers: range | None = None, codec: str | None = None
+) -> list[Row]:
+    return [(f.key, f.layer_idx, f.k, f.v) for f in client.get_layers(keys, layers, codec)]
+
+
+def same(a: list[Row], b: list[Row]) -> bool:
     return [x[:2] for x in a] == [x[:2] for x in b] and all(
         torch.equal(x[2], y[2]) and torch.equal(x[3], y[3]) for x, y in zip(a, b, strict=True)
     )
@@ -74,9 +79,9 @@ def test_bulk_reads_equal_grpc_reads(server: CacheServer) -> None:
     ):
         for idx, key in enumerate(keys[:2]):
             bulk.put(key, layers_of(idx), codec="raw" if idx else "fp16")
-        for kwargs in ({}, {"layers": range(1, 3)}, {"codec": "int8"}):
-            via_bulk = frames(bulk, keys, **kwargs)
-            assert same(via_bulk, frames(grpc_only, keys, **kwargs))
+        for layers, codec in ((None, None), (range(1, 3), None), (None, "int8")):
+            via_bulk = frames(bulk, keys, layers, codec)
+            assert same(via_bulk, frames(grpc_only, keys, layers, codec))
             assert via_bulk
         assert bulk._bulk._channel is not None and grpc_only._bulk._channel is None
         got = bulk.get(keys[1])
@@ -191,8 +196,12 @@ def test_tls_and_mtls_bulk_reads(tls_files: tuple[Path, Path]) -> None:
     cert, key = tls_files
     for client_ca in (None, cert):
         with serving(auth_tokens={}, tls_cert=cert, tls_key=key, tls_client_ca=client_ca) as srv:
-            mtls = {"tls_client_cert": cert, "tls_client_key": key} if client_ca else {}
-            with CacheClient(srv.address, tls_root_cert=cert, **mtls) as client:
+            with CacheClient(
+                srv.address,
+                tls_root_cert=cert,
+                tls_client_cert=cert if client_ca else None,  # mTLS: the client shows a cert
+                tls_client_key=key if client_ca else None,
+            ) as client:
                 client.put(key_of("tls"), layers_of(6))
                 assert client.get(key_of("tls")) is not None
                 assert client._bulk._channel is not None

@@ -37,6 +37,16 @@ def in_new_thread(fn: Callable[[], T]) -> T:
     return box[0]
 
 
+def then(first: Callable[[], None], probe: Callable[[], T]) -> Callable[[], T]:
+    """A function that calls `first`, then returns what `probe` sees (both in the same thread)."""
+
+    def run() -> T:
+        first()
+        return probe()
+
+    return run
+
+
 def own_nice() -> int:
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
@@ -47,7 +57,7 @@ def parallel_op() -> None:
 
 def test_io_thread_is_single_threaded_without_changing_this_thread() -> None:
     before = torch.get_num_threads()
-    assert in_new_thread(lambda: (io_thread(), torch.get_num_threads())[1]) == 1
+    assert in_new_thread(then(io_thread, torch.get_num_threads)) == 1
     assert torch.get_num_threads() == before
 
 
@@ -76,14 +86,14 @@ def test_compute_thread_keeps_its_count_when_an_io_thread_sets_one_later() -> No
 def test_compute_thread_zero_means_torchs_default_even_after_an_io_thread() -> None:
     default = torch.get_num_threads()
     in_new_thread(io_thread)
-    assert in_new_thread(lambda: (compute_thread(0), torch.get_num_threads())[1]) == default
-    assert in_new_thread(lambda: (compute_thread(3), torch.get_num_threads())[1]) == 3
+    assert in_new_thread(then(lambda: compute_thread(0), torch.get_num_threads)) == default
+    assert in_new_thread(then(lambda: compute_thread(3), torch.get_num_threads)) == 3
 
 
 @linux_only
 def test_io_thread_lowers_only_its_own_priority() -> None:
     mine = own_nice()
-    assert in_new_thread(lambda: (io_thread(), own_nice())[1]) >= max(IO_NICE, mine)
+    assert in_new_thread(then(io_thread, own_nice)) >= max(IO_NICE, mine)
     assert own_nice() == mine
 
 

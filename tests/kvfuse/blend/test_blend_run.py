@@ -22,7 +22,7 @@ from kvfuse.engine import Engine
 from kvfuse.errors import ConfigError
 from kvfuse.keys import PreparedPrompt
 from kvfuse.kv import ChunkKV
-from kvfuse.model.loader import load_model
+from kvfuse.model.loader import LoadedModel, load_model
 from kvfuse.segments import PromptSegments
 
 TOL = 1e-5
@@ -30,12 +30,12 @@ NUM_CHUNKS, CHUNK_LEN, PREFIX_LEN, QUERY_LEN = 3, 24, 8, 6
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir: Callable[[str], Path], cache_dir: Path):  # type: ignore[no-untyped-def]
+def tiny(tiny_model_dir: Callable[[str], Path], cache_dir: Path) -> LoadedModel:
     return load_model(tiny_model_dir("llama"), cache_dir, torch.float32)
 
 
 @pytest.fixture
-def tiny_engine(tiny) -> Engine:  # type: ignore[no-untyped-def]
+def tiny_engine(tiny: LoadedModel) -> Engine:
     return Engine(tiny, ChunkStore(1 << 28))
 
 
@@ -109,9 +109,10 @@ def naive_full_reuse(engine: Engine, prompt: PreparedPrompt) -> torch.Tensor:
     num_tokens = seg.num_tokens
     cos, sin = model.cos_sin(torch.arange(num_tokens))
     h = model.embed(torch.tensor(seg.token_ids)[rows])
+    assert planned.cached_kv is not None  # full reuse of a stored prompt
     for idx, block in enumerate(model.blocks):
         q, k, v = block.qkv(h, cos[rows], sin[rows])
-        kc, vc = planned.cached_kv.layer(idx)  # type: ignore[union-attr]
+        kc, vc = planned.cached_kv.layer(idx)
         keys = torch.zeros(k.shape[0], num_tokens, k.shape[2])
         values = torch.zeros_like(keys)
         keys[:, cached], values[:, cached] = kc.transpose(0, 1), vc.transpose(0, 1)
@@ -196,8 +197,9 @@ def test_unselected_rows_keep_cached_values_bit_for_bit(tiny_engine: Engine) -> 
     layers, blend = run(tiny_engine, prompt, Mode.BLEND, cfg)
     cached_idx = planned.plan.cached.nonzero().squeeze(1)
     num_changed = 0
+    assert planned.cached_kv is not None
     for layer in layers[2:]:  # after the check layer only selected rows are rewritten
-        kc, vc = planned.cached_kv.layer(layer.layer_idx)  # type: ignore[union-attr]
+        kc, vc = planned.cached_kv.layer(layer.layer_idx)
         same = (layer.k[:, cached_idx] == kc.transpose(0, 1)).all(dim=(0, 2))
         same &= (layer.v[:, cached_idx] == vc.transpose(0, 1)).all(dim=(0, 2))
         num_changed = int((~same).sum())

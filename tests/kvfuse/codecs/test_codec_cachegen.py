@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ from kvfuse.codecs.cachegen import CacheGenCodec, bins_for_layer, quantize, to_d
 from kvfuse.codecs.header import HEADER_SIZE, MAX_EXPANSION
 from kvfuse.engine import Engine
 from kvfuse.errors import CodecError
+
+if TYPE_CHECKING:  # conftest is pytest's to import; only its type is needed here
+    from tests.kvfuse.codecs.conftest import KVFactory
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Stated on real SmolLM2 chunk KV (~490 tokens, fp32): the default codec is >= 3.5x smaller
@@ -36,9 +40,12 @@ def assert_within_half_bin(x: torch.Tensor, out: torch.Tensor, bins: int) -> Non
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layer_idx", [0, 15, 29])
-def test_error_is_at_most_half_a_bin(dtype, layer_idx, make_random, make_structured) -> None:
+def test_error_is_at_most_half_a_bin(
+    dtype: torch.dtype, layer_idx: int, make_random: KVFactory, make_structured: KVFactory
+) -> None:
     codec = get_codec("cachegen")
-    key_bins, value_bins = codec.bins(layer_idx, 30)  # type: ignore[attr-defined]
+    assert isinstance(codec, CacheGenCodec)
+    key_bins, value_bins = codec.bins(layer_idx, 30)
     for k, v in (make_random(dtype=dtype), make_structured(dtype=dtype)):
         k2, v2 = codec.decode(codec.encode(k, v, layer_idx, 30))
         assert_within_half_bin(k, k2, key_bins)
@@ -58,7 +65,7 @@ def test_bins_fall_from_first_to_last_layer() -> None:
         CacheGenCodec(value_bins=(32, 129))
 
 
-def test_more_bins_cost_more_bytes_and_err_less(make_random) -> None:
+def test_more_bins_cost_more_bytes_and_err_less(make_random: KVFactory) -> None:
     k, v = make_random(num_tokens=64)
     sizes, errors = [], []
     for layer_idx in (0, 29):  # 32 bins, then 24
@@ -91,7 +98,7 @@ def test_constant_input_is_padded_to_the_expansion_bound() -> None:
     assert torch.equal(k2, k) and torch.equal(v2, k + 1.5)
 
 
-def test_compresses_random_data_below_six_bits(make_random) -> None:
+def test_compresses_random_data_below_six_bits(make_random: KVFactory) -> None:
     k, v = make_random(num_tokens=512, num_heads=2, head_dim=64)
     payload = get_codec("cachegen").encode(k, v, 15, 30)
     assert len(payload) - HEADER_SIZE < 2 * k.numel() * 6 / 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ import torch
 from kvfuse.codecs import CODEC_NAMES, codec_of, decode, get_codec
 from kvfuse.codecs.header import HEADER_SIZE
 from kvfuse.errors import CodecError
+
+if TYPE_CHECKING:  # conftest is pytest's to import; only its type is needed here
+    from tests.kvfuse.codecs.conftest import KVFactory
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -39,7 +43,9 @@ def test_registry_names() -> None:
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_round_trip_keeps_shape_and_dtype(name: str, dtype: torch.dtype, make_random) -> None:
+def test_round_trip_keeps_shape_and_dtype(
+    name: str, dtype: torch.dtype, make_random: KVFactory
+) -> None:
     k, v = make_random(num_tokens=19, num_heads=2, head_dim=48, dtype=dtype)
     payload = get_codec(name).encode(k, v, 3, 30)
     assert codec_of(payload) == name and payload[:4] == b"KVFC"
@@ -51,7 +57,7 @@ def test_round_trip_keeps_shape_and_dtype(name: str, dtype: torch.dtype, make_ra
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
-def test_encode_is_deterministic(name: str, make_random) -> None:
+def test_encode_is_deterministic(name: str, make_random: KVFactory) -> None:
     codec = get_codec(name)
     k, v = make_random(seed=3)
     assert codec.encode(k, v, 0, 4) == codec.encode(k.clone(), v.clone(), 0, 4)
@@ -61,7 +67,7 @@ def test_encode_is_deterministic(name: str, make_random) -> None:
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
-def test_single_token(name: str, make_random) -> None:
+def test_single_token(name: str, make_random: KVFactory) -> None:
     k, v = make_random(num_tokens=1, num_heads=1, head_dim=8)
     k2, _v2 = get_codec(name).decode(get_codec(name).encode(k, v, 0, 1))
     assert k2.shape == (1, 1, 8)
@@ -69,7 +75,7 @@ def test_single_token(name: str, make_random) -> None:
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
-def test_non_contiguous_input_encodes_like_contiguous(name: str, make_random) -> None:
+def test_non_contiguous_input_encodes_like_contiguous(name: str, make_random: KVFactory) -> None:
     k, v = make_random(num_tokens=16, num_heads=2, head_dim=64)
     k_view, v_view = k[::2, :, ::2], v.transpose(0, 1).contiguous().transpose(0, 1)[::2, :, ::2]
     assert not k_view.is_contiguous() and not v_view.is_contiguous()
@@ -79,7 +85,7 @@ def test_non_contiguous_input_encodes_like_contiguous(name: str, make_random) ->
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
-def test_bad_inputs_are_rejected(name: str, make_random) -> None:
+def test_bad_inputs_are_rejected(name: str, make_random: KVFactory) -> None:
     codec = get_codec(name)
     k, v = make_random(num_tokens=4, num_heads=1, head_dim=8)
     bad = [
@@ -99,7 +105,7 @@ def test_bad_inputs_are_rejected(name: str, make_random) -> None:
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
-def test_every_truncation_is_rejected(name: str, make_random) -> None:
+def test_every_truncation_is_rejected(name: str, make_random: KVFactory) -> None:
     codec = get_codec(name)
     payload = codec.encode(*make_random(num_tokens=3, num_heads=1, head_dim=8), 0, 2)
     for size in range(len(payload)):
@@ -112,7 +118,7 @@ def test_every_truncation_is_rejected(name: str, make_random) -> None:
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
-def test_malformed_headers_are_rejected(name: str, make_random) -> None:
+def test_malformed_headers_are_rejected(name: str, make_random: KVFactory) -> None:
     codec = get_codec(name)
     payload = codec.encode(*make_random(num_tokens=5, num_heads=2, head_dim=8), 0, 2)
     cases = {
@@ -142,7 +148,9 @@ def test_malformed_headers_are_rejected(name: str, make_random) -> None:
 @pytest.mark.parametrize(
     "dims", [(6, 2, 8), (4, 2, 8), (5, 3, 8), (5, 1, 8), (5, 2, 40), (1, 1, 1)]
 )
-def test_dims_that_disagree_with_the_length_are_rejected(name: str, dims, make_random) -> None:
+def test_dims_that_disagree_with_the_length_are_rejected(
+    name: str, dims: tuple[int, int, int], make_random: KVFactory
+) -> None:
     codec = get_codec(name)
     payload = codec.encode(*make_random(num_tokens=5, num_heads=2, head_dim=8), 0, 2)
     with pytest.raises(CodecError):
@@ -150,7 +158,7 @@ def test_dims_that_disagree_with_the_length_are_rejected(name: str, dims, make_r
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
-def test_another_codecs_payload_is_rejected(name: str, make_random) -> None:
+def test_another_codecs_payload_is_rejected(name: str, make_random: KVFactory) -> None:
     k, v = make_random(num_tokens=4, num_heads=1, head_dim=8)
     for other in CODEC_NAMES:
         if other != name:
@@ -159,7 +167,7 @@ def test_another_codecs_payload_is_rejected(name: str, make_random) -> None:
 
 
 @pytest.mark.parametrize("name", ["int8", "int4", "cachegen"])
-def test_lossy_codecs_refuse_non_finite_values(name: str, make_random) -> None:
+def test_lossy_codecs_refuse_non_finite_values(name: str, make_random: KVFactory) -> None:
     k, v = make_random(num_tokens=4, num_heads=1, head_dim=8)
     for bad in (float("nan"), float("inf")):
         k_bad = k.clone()

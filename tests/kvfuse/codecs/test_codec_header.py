@@ -17,7 +17,11 @@ BODY = bytes(range(48))
 
 
 def make(
-    codec_id: int = 1, dtype: int = 1, flags: int = 0, dims=(2, 3, 4), version: int = 1
+    codec_id: int = 1,
+    dtype: int = 1,
+    flags: int = 0,
+    dims: tuple[int, int, int] = (2, 3, 4),
+    version: int = 1,
 ) -> bytes:
     """A payload with arbitrary header fields, BODY, and a correct CRC."""
     fields = struct.pack("<4sBBBBIII", MAGIC, version, codec_id, dtype, flags, *dims)

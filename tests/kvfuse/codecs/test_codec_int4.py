@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 
 from kvfuse.codecs import get_codec
 from kvfuse.codecs.header import HEADER_SIZE
 from kvfuse.codecs.int4 import GROUP_SIZE, pack_nibbles, quantize, unpack_nibbles
+
+if TYPE_CHECKING:  # conftest is pytest's to import; only its type is needed here
+    from tests.kvfuse.codecs.conftest import KVFactory
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -22,7 +27,9 @@ def assert_within_half_step(x: torch.Tensor, out: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 40, 1])
-def test_error_is_at_most_half_a_step(dtype, head_dim, make_random, make_structured) -> None:
+def test_error_is_at_most_half_a_step(
+    dtype: torch.dtype, head_dim: int, make_random: KVFactory, make_structured: KVFactory
+) -> None:
     codec = get_codec("int4")
     for k, v in (
         make_random(head_dim=head_dim, dtype=dtype),
@@ -38,13 +45,13 @@ def test_error_is_at_most_half_a_step(dtype, head_dim, make_random, make_structu
     assert_within_half_step(v, v2)
 
 
-def test_size_is_five_bits_per_value_at_d64(make_random) -> None:
+def test_size_is_five_bits_per_value_at_d64(make_random: KVFactory) -> None:
     k, v = make_random(num_tokens=10, num_heads=3, head_dim=64)
     payload = get_codec("int4").encode(k, v, 0, 1)
     assert len(payload) == HEADER_SIZE + 2 * k.numel() * 5 // 8
 
 
-def test_step_is_tight_and_levels_span_the_group(make_random) -> None:
+def test_step_is_tight_and_levels_span_the_group(make_random: KVFactory) -> None:
     k, _ = make_random()
     q, lo, step = quantize(k)
     groups = k.reshape(*q.shape)

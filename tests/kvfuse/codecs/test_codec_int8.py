@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 
 from kvfuse.codecs import get_codec
 from kvfuse.codecs.header import HEADER_SIZE
 from kvfuse.codecs.int8 import dequantize, quantize
+
+if TYPE_CHECKING:  # conftest is pytest's to import; only its type is needed here
+    from tests.kvfuse.codecs.conftest import KVFactory
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -20,7 +25,9 @@ def assert_within_half_scale(x: torch.Tensor, out: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_error_is_at_most_half_a_scale(dtype: torch.dtype, make_random, make_structured) -> None:
+def test_error_is_at_most_half_a_scale(
+    dtype: torch.dtype, make_random: KVFactory, make_structured: KVFactory
+) -> None:
     codec = get_codec("int8")
     for k, v in (make_random(dtype=dtype), make_structured(dtype=dtype)):
         payload = codec.encode(k, v, 0, 1)
@@ -31,7 +38,7 @@ def test_error_is_at_most_half_a_scale(dtype: torch.dtype, make_random, make_str
         assert_within_half_scale(v, v2)
 
 
-def test_scale_is_tight_and_covers_the_max(make_random) -> None:
+def test_scale_is_tight_and_covers_the_max(make_random: KVFactory) -> None:
     k, _ = make_random()
     q, scale = quantize(k)
     amax = k.abs().amax(-1)

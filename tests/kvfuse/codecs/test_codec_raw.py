@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 
@@ -9,12 +11,17 @@ from kvfuse.codecs import get_codec
 from kvfuse.codecs.header import HEADER_SIZE
 from kvfuse.errors import CodecError
 
+if TYPE_CHECKING:  # conftest is pytest's to import; only its type is needed here
+    from tests.kvfuse.codecs.conftest import KVFactory
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_raw_is_bit_exact(dtype: torch.dtype, make_random, make_structured) -> None:
+def test_raw_is_bit_exact(
+    dtype: torch.dtype, make_random: KVFactory, make_structured: KVFactory
+) -> None:
     raw = get_codec("raw")
     for k, v in (make_random(dtype=dtype), make_structured(dtype=dtype)):
         k[0, 0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, -float("inf")])
@@ -26,7 +33,9 @@ def test_raw_is_bit_exact(dtype: torch.dtype, make_random, make_structured) -> N
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fp16_error_is_fp16_rounding(dtype: torch.dtype, make_random, make_structured) -> None:
+def test_fp16_error_is_fp16_rounding(
+    dtype: torch.dtype, make_random: KVFactory, make_structured: KVFactory
+) -> None:
     fp16 = get_codec("fp16")
     for k, v in (make_random(dtype=dtype), make_structured(dtype=dtype)):
         payload = fp16.encode(k, v, 0, 1)
@@ -37,13 +46,13 @@ def test_fp16_error_is_fp16_rounding(dtype: torch.dtype, make_random, make_struc
         assert bool(((k2.float() - k.float()).abs() <= k.float().abs() * 2**-11 + 2**-25).all())
 
 
-def test_fp16_is_exact_for_fp16_input(make_random) -> None:
+def test_fp16_is_exact_for_fp16_input(make_random: KVFactory) -> None:
     k, v = make_random(dtype=torch.float16)
     k2, v2 = get_codec("fp16").decode(get_codec("fp16").encode(k, v, 0, 1))
     assert torch.equal(k2, k) and torch.equal(v2, v)
 
 
-def test_fp16_refuses_values_beyond_its_range(make_random) -> None:
+def test_fp16_refuses_values_beyond_its_range(make_random: KVFactory) -> None:
     k, v = make_random()
     k[1, 1, 1] = 1e6
     with pytest.raises(CodecError, match="float16 range"):

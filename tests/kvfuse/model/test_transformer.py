@@ -57,10 +57,12 @@ def hf_logits(model_dir: Path, token_ids: Sequence[int]) -> Tensor:
     """transformers' own forward of the same weights. Shape: [S] -> [S, vocab] fp32."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(
+    hf: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="sdpa"
-    ).eval()
-    return hf(torch.tensor([list(token_ids)])).logits[0].float()
+    )
+    hf.eval()
+    logits: Tensor = hf(torch.tensor([list(token_ids)])).logits[0]  # the call returns Any
+    return logits.float()
 
 
 def max_diff(a: Tensor, b: Tensor) -> float:

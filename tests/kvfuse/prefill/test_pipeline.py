@@ -69,8 +69,16 @@ def full_prefill(engine: Engine, request: PrefillRequest) -> tuple[list[FusedLay
 
 
 def counter(prefiller: PrefillPipeline, name: str, **labels: str) -> float:
-    value = prefiller.observer.registry.get_sample_value(name, labels or None)  # type: ignore[attr-defined]
+    metrics = prefiller.observer
+    assert isinstance(metrics, PrefillMetrics)  # make_prefiller's
+    value = metrics.registry.get_sample_value(name, labels or None)
     return 0.0 if value is None else value
+
+
+def write_behind(prefiller: PrefillPipeline) -> WriteBehind:
+    """The prefiller's writer, the WriteBehind that make_prefiller gave it."""
+    assert isinstance(prefiller.writer, WriteBehind)
+    return prefiller.writer
 
 
 def test_cold_then_warm_in_another_order_equals_engine_prefill(
@@ -81,7 +89,7 @@ def test_cold_then_warm_in_another_order_equals_engine_prefill(
     cold = make_request(engine)
     layers, result = run(prefiller, cold)
     assert result.stats.num_chunk_hits == 0 and result.stats.fallback == ""
-    assert prefiller.writer is not None and prefiller.writer.wait_idle(120)
+    assert write_behind(prefiller).wait_idle(120)
     assert source.num_puts == 4  # prefix + 3 chunks, stored by the write-behind
     ref_layers, ref_result = full_prefill(engine, cold)  # no hits: a cold blend is a full prefill
     assert_layers_equal(layers, ref_layers)
@@ -193,7 +201,7 @@ def test_lookup_failure_computes_everything_and_stores_nothing(
     assert_layers_equal(layers, ref_layers)
     assert result.stats.fallback == "cache_unavailable" and result.stats.num_chunk_hits == 0
     assert result.stats.num_chunks_precomputed == 0
-    assert prefiller.writer is not None and prefiller.writer.wait_idle(60)
+    assert write_behind(prefiller).wait_idle(60)
     assert source.num_puts == 0  # unknown is not missing
 
 
@@ -228,7 +236,7 @@ def test_closing_the_iterator_stops_the_compute(
     prefiller = make_prefiller(warm_engine, source)
     stream = prefiller.stream(make_request(warm_engine))
     received = [next(stream) for _ in range(3)]  # layers 0-2; layer 3 is held at the source
-    assert [layer.layer_idx for layer in received] == [0, 1, 2]  # type: ignore[union-attr]
+    assert [layer.layer_idx for layer in received if isinstance(layer, FusedLayer)] == [0, 1, 2]
     source.held.wait(60)
     stream.cancel()
     assert stream.join(60), "the compute thread did not stop"
@@ -238,7 +246,7 @@ def test_closing_the_iterator_stops_the_compute(
     source.release.set()
     poll(source.closed.is_set, what="the fetch stream to close")
     assert source.sent_layers[-1] == 3  # the fetch stopped after the held layer
-    assert prefiller.writer is not None and prefiller.writer.depth == 0  # nothing queued
+    assert write_behind(prefiller).depth == 0  # nothing queued
     assert list(stream) == []
 
 
@@ -328,7 +336,7 @@ def test_precomputed_misses_are_reused_and_only_stored(
     assert (
         stats.num_cached_tokens + num_missing + stats.num_computed_tokens == stats.num_prompt_tokens
     )
-    assert prefiller.writer is not None and prefiller.writer.wait_idle(120)
+    assert write_behind(prefiller).wait_idle(120)
     assert source.num_puts == 2
     assert counter(prefiller, "kvfuse_prefill_misses_precomputed_total") == 2
     assert counter(prefiller, "kvfuse_prefill_write_behind_computed_total") == 0
@@ -399,20 +407,20 @@ def test_precompute_counts_a_failed_prefix_stream_it_computes_instead(
     assert result.stats.fallback == "cache_unavailable"
     assert result.stats.num_chunks_precomputed == 3 and result.stats.num_chunk_hits == 0
     assert counter(prefiller, "kvfuse_prefill_fallbacks_total", reason="cache_unavailable") == 1
-    assert prefiller.writer is not None and prefiller.writer.wait_idle(120)
+    assert write_behind(prefiller).wait_idle(120)
     ref_layers, ref_result = reference(engine, request)
     assert_layers_equal(layers, ref_layers)
     assert result.first_token_id == ref_result.first_token_id
 
 
-@pytest.mark.parametrize("source_kwargs", [{}, {"fail_at": 10}], ids=["healthy", "stream-fails"])
+@pytest.mark.parametrize("fail_at", [None, 10], ids=["healthy", "stream-fails"])
 def test_pipeline_off_outputs_equal_pipeline_on(
-    warm_engine: Engine, make_prefiller: MakePrefiller, source_kwargs: dict[str, int]
+    warm_engine: Engine, make_prefiller: MakePrefiller, fail_at: int | None
 ) -> None:
     request = make_request(warm_engine)
-    on = make_prefiller(warm_engine, TestSource(warm_engine.store, **source_kwargs))
+    on = make_prefiller(warm_engine, TestSource(warm_engine.store, fail_at=fail_at))
     on_layers, on_result = run(on, request)
-    source = TestSource(warm_engine.store, **source_kwargs)
+    source = TestSource(warm_engine.store, fail_at=fail_at)
     off = make_prefiller(warm_engine, source, pipeline=False)
     items, seen_at_layer0 = [], None
     for item in off.prefill(request):
@@ -429,5 +437,5 @@ def test_pipeline_off_outputs_equal_pipeline_on(
     assert seen_at_layer0 is not None
     sent_layers, num_computed = seen_at_layer0
     assert num_computed == 30  # every layer computed before the first one was sent
-    if not source_kwargs:
+    if fail_at is None:
         assert sent_layers[-1] == 29  # and every layer fetched before the blend started

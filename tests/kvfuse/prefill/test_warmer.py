@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from kvfuse.client import Entry
 from kvfuse.engine import Engine
 from kvfuse.errors import ServiceUnavailableError
 from kvfuse.keys import PreparedPrompt
-from kvfuse.kv import ChunkKV
+from kvfuse.kv import ChunkKV, LayerFrame
 from kvfuse.model.loader import load_model
 from kvfuse.prefill import ChunkInfo, WarmResult
 from kvfuse.prefill.observer import PrefillObserver
@@ -41,7 +41,7 @@ class Source:
         entry = Entry("k", "memory", 1, False, 2, 1, 1, 1, "float32", "raw", 0)
         return {key: entry for key in keys if key in self.present}
 
-    def get_layers(self, keys: Sequence[str]):  # type: ignore[no-untyped-def]
+    def get_layers(self, keys: Sequence[str]) -> Iterator[LayerFrame]:
         raise AssertionError("a warm call never reads layers")
 
     def put(self, key: str, kv: ChunkKV) -> bool:

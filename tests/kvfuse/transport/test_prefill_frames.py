@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -66,23 +68,20 @@ def _frames(layer_idx: int = 0) -> list[Chunk]:
     return _chunks(FusedLayer(layer_idx, k, k), max_frame_bytes=64)
 
 
-@pytest.mark.parametrize(
-    ("mutate", "message"),
-    [
-        (lambda fs: fs[:1] + fs[2:], "out of order"),
-        (lambda fs: [_set(fs[0], dtype="int8"), *fs[1:]], "dtype"),
-        (lambda fs: [_set(f, record_nbytes=f.record_nbytes + 4) for f in fs], "does not match"),
-        (lambda fs: [_set(fs[0], num_tokens=400000), *fs[1:]], "does not match|exceeds"),
-        (lambda fs: [fs[0], _set(fs[1], head_dim=4), *fs[2:]], "header changed"),
-        (lambda fs: [_set(f, layer_idx=1) for f in fs], "expected layer 0"),
-    ],
-)
-def test_malformed_frames_are_refused(mutate: object, message: str) -> None:
+Mutation = Callable[[list[Chunk]], list[Chunk]]
+MALFORMED: list[tuple[Mutation, str]] = [
+    (lambda fs: fs[:1] + fs[2:], "out of order"),
+    (lambda fs: [fs[0]._replace(dtype="int8"), *fs[1:]], "dtype"),
+    (lambda fs: [f._replace(record_nbytes=f.record_nbytes + 4) for f in fs], "does not match"),
+    (lambda fs: [fs[0]._replace(num_tokens=400000), *fs[1:]], "does not match|exceeds"),
+    (lambda fs: [fs[0], fs[1]._replace(head_dim=4), *fs[2:]], "header changed"),
+    (lambda fs: [f._replace(layer_idx=1) for f in fs], "expected layer 0"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), MALFORMED)
+def test_malformed_frames_are_refused(mutate: Mutation, message: str) -> None:
     assembler = prefill_frames.LayerAssembler(1 << 20)
     with pytest.raises(CodecError, match=message):
-        for frame in mutate(_frames()):  # type: ignore[operator]
+        for frame in mutate(_frames()):
             assembler.feed(frame)
-
-
-def _set(frame: Chunk, **fields: object) -> Chunk:
-    return frame._replace(**fields)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from google.protobuf.message import Message
 
 from kvfuse.blend import Mode
 from kvfuse.errors import CodecError, InvalidRequestError
@@ -60,9 +61,11 @@ def test_warm_messages_round_trip_and_bad_counts_are_refused() -> None:
     ("cls", "message_type"),
     [(PrefillStats, prefill_pb2.PrefillStats), (WarmResult, prefill_pb2.WarmResponse)],
 )
-def test_copied_dataclasses_have_exactly_the_message_fields(cls: type, message_type: type) -> None:
+def test_copied_dataclasses_have_exactly_the_message_fields(
+    cls: type, message_type: type[Message]
+) -> None:
     names = {field.name for field in dataclasses.fields(cls)}
-    assert names == set(message_type.DESCRIPTOR.fields_by_name)  # type: ignore[attr-defined]
+    assert names == set(message_type.DESCRIPTOR.fields_by_name)
 
 
 def test_stats_and_warm_counts_keep_their_wire_bytes() -> None:
