@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvfuse.blend import FusedLayer
 from kvfuse.client.prefill import PrefillClient
 from kvfuse.engine import Engine
-from kvfuse.prefill import ChunkWarmer, Prefiller
+from kvfuse.errors import ServiceUnavailableError
+from kvfuse.prefill import (
+    Cancel,
+    ChunkWarmer,
+    Prefiller,
+    PrefillRequest,
+    PrefillResult,
+    WarmResult,
+)
+from kvfuse.segments import PromptSegments
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +58,72 @@ def local_backend(engine: Engine) -> PrefillBackend:
     return PrefillBackend(engine, engine, lambda: True, lambda: None, "local")
 
 
-def remote_backend(target: str, token: str, timeout_s: float) -> PrefillBackend:
-    """A prefill worker at `target` ("host:port"), probed through grpc.health.v1."""
+def remote_backend(
+    target: str, token: str, timeout_s: float, health_interval_s: float = 1.0
+) -> PrefillBackend:
+    """A prefill worker at `target` ("host:port"), probed through grpc.health.v1.
+
+    The probe also runs every `health_interval_s` on a thread of its own: while its last
+    answer is "not serving", requests and warm calls fail at once with 503 instead of waiting
+    out their deadline on a hung or dead worker.
+    """
     client = PrefillClient(target, token=token or None, timeout_s=timeout_s)
     probe = HealthProbe(target)
+    watch = HealthWatch(probe.ready, health_interval_s)
+    guarded = FailFast(client, watch)
 
     def close() -> None:
+        watch.stop()
         client.close()
         probe.close()
 
     name, local = f"remote {target}", is_loopback(target)
-    return PrefillBackend(client, client, probe.ready, close, name, remote=True, shares_cores=local)
+    return PrefillBackend(
+        guarded, guarded, probe.ready, close, name, remote=True, shares_cores=local
+    )
+
+
+class HealthWatch:
+    """Asks `probe` every `interval_s` on a daemon thread; `healthy` is its last answer (True
+    until the first one). `stop` ends the thread. Thread-safe."""
+
+    def __init__(self, probe: Callable[[], bool], interval_s: float) -> None:
+        self._probe, self._interval_s = probe, interval_s
+        self._stop = threading.Event()
+        self.healthy = True
+        self._thread = threading.Thread(target=self._run, name="prefill-health", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.healthy = self._probe()
+            self._stop.wait(self._interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@dataclass(frozen=True)
+class FailFast:
+    """A `Prefiller` and `ChunkWarmer` that refuses at once while `watch` reports the prefill
+    worker unhealthy (ServiceUnavailableError, a 503), and otherwise calls `inner`."""
+
+    inner: PrefillClient
+    watch: HealthWatch
+
+    def prefill(
+        self, request: PrefillRequest, cancel: Cancel | None = None
+    ) -> Iterator[FusedLayer | PrefillResult]:
+        self._check()
+        return self.inner.prefill(request, cancel)
+
+    def warm_chunks(self, segments: PromptSegments, request_id: str = "") -> WarmResult:
+        self._check()
+        return self.inner.warm_chunks(segments, request_id)
+
+    def _check(self) -> None:
+        if not self.watch.healthy:
+            raise ServiceUnavailableError("the prefill worker is not serving (health check)")
 
 
 class HealthProbe:

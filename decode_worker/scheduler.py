@@ -248,7 +248,7 @@ class Scheduler:
         else:
             compute_thread(self.num_threads)
         try:
-            stream = self.prefiller.prefill(seq.request.prefill)
+            stream = self.prefiller.prefill(seq.request.prefill, seq.cancel)
             seq.cache = KVCache(self.model, seq.request.num_kv_tokens)
             result = self._receive_layers(seq, stream)
             if result is None:
@@ -257,6 +257,9 @@ class Scheduler:
             self._start_decoding(seq, result)
             self._drain(seq, stream)
         except Exception as exc:
+            if seq.aborted:  # the prefill stopped because we cancelled it
+                self._finish(seq, seq.final(FinishReason.ABORT))
+                return
             if not isinstance(exc, KvfuseError):
                 log.exception("prefill of %s failed", seq.request_id)
             error = exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import torch
 from decode_worker.detokenizer import TextStream
 from kvfuse.decode.step import KVCache
 from kvfuse.model.sampling import Sampler
-from kvfuse.prefill import PrefillRequest, PrefillStats
+from kvfuse.prefill import Cancel, PrefillRequest, PrefillStats
 
 
 class SequenceStatus(Enum):
@@ -94,7 +93,7 @@ class Sequence:
         self.num_generated_tokens = 0
         self.arrival_s = time.perf_counter()
         self.abort_error: BaseException | None = None
-        self._aborted = threading.Event()
+        self.cancel = Cancel()  # set by `abort`; also stops the sequence's prefill at once
 
     @property
     def request_id(self) -> str:
@@ -102,7 +101,7 @@ class Sequence:
 
     @property
     def aborted(self) -> bool:
-        return self._aborted.is_set()
+        return self.cancel.cancelled
 
     def abort(self, error: BaseException | None = None) -> None:
         """Marks the sequence for release; its owner frees it at the next check.
@@ -112,7 +111,7 @@ class Sequence:
                 the client went away and nobody reads it.
         """
         self.abort_error = self.abort_error or error
-        self._aborted.set()
+        self.cancel.cancel()
 
     def decode_sampler(self, vocab_size: int) -> Sampler:
         """The sampler for tokens 2, 3, …: seeded like the one that drew the first token, one

@@ -32,7 +32,14 @@ from kvfuse.prefill.compute import PrefillCompute
 from kvfuse.prefill.observer import PrefillObserver
 from kvfuse.prefill.pipeline import PipelineOptions, Prefilled, PrefillPipeline
 from kvfuse.prefill.sources import Shards, StoreSource
-from kvfuse.prefill.types import MissPolicy, PrefillRequest, PrefillResult, PrefillStats, WarmResult
+from kvfuse.prefill.types import (
+    Cancel,
+    MissPolicy,
+    PrefillRequest,
+    PrefillResult,
+    PrefillStats,
+    WarmResult,
+)
 from kvfuse.prefill.warm import Warmer
 from kvfuse.prefill.writeback import JobWriter, WriteNow
 from kvfuse.segments import PromptSegments, build_prompt
@@ -139,7 +146,10 @@ class Engine:
         return self.warmer.warm_chunks(segments, request_id)
 
     def prefill(
-        self, request: PrefillRequest, blend: BlendConfig | None = None
+        self,
+        request: PrefillRequest,
+        cancel: Cancel | None = None,
+        blend: BlendConfig | None = None,
     ) -> Iterator[FusedLayer | PrefillResult]:
         """The in-process `Prefiller`: fused layers in order, then the first token and stats.
 
@@ -147,7 +157,7 @@ class Engine:
         waiting for the lock included. After the result it stores the prompt's missing
         objects (for the next request), so iterate it to the end.
         """
-        for item in self.pipeline.run(request, blend):
+        for item in self.pipeline.run(request, blend, cancel=cancel):
             yield item.result(request) if isinstance(item, Prefilled) else item
 
     @torch.inference_mode()

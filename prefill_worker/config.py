@@ -55,6 +55,8 @@ class PrefillConfig:
             benchmark's "pipeline off").
         write_behind_size: chunk objects queued for store; beyond it work is dropped (0: never
             store missing chunks).
+        max_chunks: chunks one request may carry; more are refused (INVALID_ARGUMENT) before
+            any work, since each costs a lookup and, when missing, a precompute.
         lookup_deadline_s: deadline of one Lookup batch.
         fetch_deadline_s: deadline of one GetLayers stream (all layers of a request's hits).
         put_deadline_s: deadline of one write-behind Put.
@@ -83,6 +85,7 @@ class PrefillConfig:
     miss_policy: MissPolicy = MissPolicy.PRECOMPUTE
     pipeline: bool = True
     write_behind_size: int = 64
+    max_chunks: int = 256
     lookup_deadline_s: float = 1.0
     fetch_deadline_s: float = 10.0
     put_deadline_s: float = 30.0
@@ -108,6 +111,8 @@ class PrefillConfig:
         for name in ("lookup_deadline_s", "fetch_deadline_s", "put_deadline_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.max_chunks < 1:
+            raise ConfigError("max_chunks must be >= 1")
         if self.write_behind_size < 0 or self.num_threads < 0 or self.grace_s < 0:
             raise ConfigError("write_behind_size, num_threads and grace_s must be >= 0")
         if self.num_workers < 1 or self.local_store_bytes <= 0:
@@ -183,6 +188,7 @@ _PARSERS: dict[str, Parser] = {
     "miss_policy": MissPolicy,
     "pipeline": lambda value: _parse_bool("pipeline", value),
     "write_behind_size": parse_int,
+    "max_chunks": parse_int,
     "lookup_deadline_s": parse_float,
     "fetch_deadline_s": parse_float,
     "put_deadline_s": parse_float,

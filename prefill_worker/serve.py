@@ -36,6 +36,7 @@ _FLAGS = FlagTable(
         ),
         ("--pipeline", "on (default) or off: overlap layer fetch, blend and send"),
         ("--write-behind-size", "missing chunks queued for store before dropping (default 64)"),
+        ("--max-chunks", "chunks one request may carry; more are refused (default 256)"),
         ("--lookup-deadline-s", "cache lookup deadline (default 1)"),
         ("--fetch-deadline-s", "deadline of a request's layer streams (default 10)"),
         ("--put-deadline-s", "deadline of one write-behind put (default 30)"),

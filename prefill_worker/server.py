@@ -98,6 +98,7 @@ class PrefillServer(GrpcService):
             fetch_deadline_s=config.fetch_deadline_s,
             default_ratio=config.default_ratio,
             wait_for_hits=not config.pipeline,
+            max_chunks=config.max_chunks,
             num_threads=config.num_threads,
         )
         self.pipeline = PrefillPipeline(

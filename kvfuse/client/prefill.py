@@ -10,7 +10,7 @@ from google.protobuf.message import DecodeError
 
 from kvfuse.blend import FusedLayer
 from kvfuse.errors import CodecError, InvalidObjectError, ServiceUnavailableError
-from kvfuse.prefill import PrefillRequest, PrefillResult, WarmResult
+from kvfuse.prefill import Cancel, PrefillRequest, PrefillResult, WarmResult
 from kvfuse.segments import PromptSegments
 from kvfuse.service.auth import bearer_metadata
 from kvfuse.service.grpc_channel import open_channel
@@ -94,13 +94,19 @@ class PrefillClient:
         self._timeout_s = timeout_s
         self._max_layer_bytes = max_layer_bytes
 
-    def prefill(self, request: PrefillRequest) -> Generator[FusedLayer | PrefillResult, None, None]:
-        """The `Prefiller` protocol: fused layers in order, then exactly one result."""
+    def prefill(
+        self, request: PrefillRequest, cancel: Cancel | None = None
+    ) -> Generator[FusedLayer | PrefillResult, None, None]:
+        """The `Prefiller` protocol: fused layers in order, then exactly one result. Setting
+        `cancel` cancels the call at once (the worker stops computing); the iterator then
+        raises ServiceUnavailableError."""
         call = self._prefill(
             prefill_messages.request_to_proto(request),
             timeout=self._timeout_s,
             metadata=self._metadata,
         )
+        if cancel is not None:
+            cancel.on_cancel(call.cancel)
         assembler = prefill_frames.LayerAssembler(self._max_layer_bytes)
         try:
             for raw in call:

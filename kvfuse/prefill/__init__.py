@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kvfuse.prefill.types import (
     PRECOMPUTE_MODES,
+    Cancel,
     ChunkInfo,
     ChunkWarmer,
     MissPolicy,
@@ -18,6 +19,7 @@ from kvfuse.prefill.types import (
 
 __all__ = [
     "PRECOMPUTE_MODES",
+    "Cancel",
     "ChunkInfo",
     "ChunkWarmer",
     "MissPolicy",

@@ -11,8 +11,8 @@ from kvfuse.keys import PreparedPrompt
 from kvfuse.prefill.fetch import LayerFetch, Layout, fallback_reason
 from kvfuse.prefill.observer import PrefillObserver
 from kvfuse.prefill.sources import ChunkSource, Shards, StoreSource
-from kvfuse.prefill.state import Cancel, Fetched
-from kvfuse.prefill.types import ChunkInfo
+from kvfuse.prefill.state import Fetched
+from kvfuse.prefill.types import Cancel, ChunkInfo
 
 
 class Reading(NamedTuple):
@@ -77,6 +77,6 @@ def _read(
         fetched.chunks.update(whole)
         return
     fetch = LayerFetch(source, infos, reading.layout, reading.deadline_s, reading.observer)
-    reading.cancel.add(fetch.start())
+    reading.cancel.on_cancel(fetch.start().cancel)
     fetched.fetches.append(fetch)
     fetched.chunks.update(fetch.chunks)

@@ -44,9 +44,10 @@ from kvfuse.prefill.fetch import Layout
 from kvfuse.prefill.lookup import Reading, open_objects
 from kvfuse.prefill.observer import PrefillObserver
 from kvfuse.prefill.sources import Shards
-from kvfuse.prefill.state import Cancel, Fetched
+from kvfuse.prefill.state import Fetched
 from kvfuse.prefill.types import (
     PRECOMPUTE_MODES,
+    Cancel,
     MissPolicy,
     PrefillRequest,
     PrefillResult,
@@ -78,6 +79,8 @@ class PipelineOptions:
         layers_ahead: fused layers `stream` computes ahead of its reader (bounds memory).
         wait_for_hits: wait for every hit before computing, hand layers on after computing.
         num_threads: torch threads of each `stream` compute thread; 0 keeps torch's default.
+        max_chunks: chunks one request may carry; more are refused before any work (each
+            costs a lookup and, when missing, a precompute).
     """
 
     miss_policy: MissPolicy = MissPolicy.FORCED
@@ -86,6 +89,7 @@ class PipelineOptions:
     layers_ahead: int = 2
     wait_for_hits: bool = False
     num_threads: int = 0
+    max_chunks: int = 256
 
 
 @dataclass(frozen=True)
@@ -128,41 +132,53 @@ class PrefillPipeline:
         # from this one, at the priority the process started with.
         self._starter = ThreadStarter("prefill-compute-starter")
 
-    def prefill(self, request: PrefillRequest) -> Generator[FusedLayer | PrefillResult, None, None]:
+    def prefill(
+        self, request: PrefillRequest, cancel: Cancel | None = None
+    ) -> Generator[FusedLayer | PrefillResult, None, None]:
         """The `Prefiller` protocol on a compute thread: fused layers in order, then the
         result. Closing the iterator early cancels the request's compute and fetches."""
-        stream = self.stream(request)
+        stream = self.stream(request, cancel)
         try:
             yield from stream
         finally:
             stream.cancel()
 
-    def stream(self, request: PrefillRequest) -> BackgroundIterator[FusedLayer | PrefillResult]:
+    def stream(
+        self, request: PrefillRequest, cancel: Cancel | None = None
+    ) -> BackgroundIterator[FusedLayer | PrefillResult]:
         """Validates `request` and starts computing it on a compute thread of its own;
-        iterate the result, `cancel` to stop.
+        iterate the result; its `cancel` (or setting `cancel`) stops it.
 
         Raises:
             InvalidRequestError: malformed request (PromptTooLongError: it does not fit).
         """
-        blend, cancel = self.validate(request), Cancel()
+        blend, cancel = self.validate(request), cancel or Cancel()
 
         def produce() -> Iterator[FusedLayer | PrefillResult]:
             compute_thread(self.options.num_threads)
             for item in self._run(request, blend, cancel, True, time.perf_counter()):
                 yield item.result(request) if isinstance(item, Prefilled) else item
 
-        return BackgroundIterator(
+        stream = BackgroundIterator(
             produce, self.options.layers_ahead, cancel.cancel, start=self._starter.start
         )
+        cancel.on_cancel(stream.cancel)
+        return stream
 
     def run(
-        self, request: PrefillRequest, blend: BlendConfig | None = None, store: bool = True
+        self,
+        request: PrefillRequest,
+        blend: BlendConfig | None = None,
+        store: bool = True,
+        cancel: Cancel | None = None,
     ) -> Iterator[FusedLayer | Prefilled]:
         """Runs `request` on the caller's thread: fused layers in order, then `Prefilled`;
         with `store`, the missing objects go to the writer after it (iterate to the end).
 
         Args:
             blend: settings instead of the pipeline's (the request's ratio still applies).
+            cancel: checked between layers and between missing objects; once set, the run
+                ends early without its result.
 
         Raises:
             InvalidRequestError: malformed request (PromptTooLongError: it does not fit).
@@ -170,7 +186,7 @@ class PrefillPipeline:
         start_s = time.perf_counter()
         blend = self.validate(request, blend)
         with torch.inference_mode():
-            yield from self._run(request, blend, Cancel(), store, start_s)
+            yield from self._run(request, blend, cancel or Cancel(), store, start_s)
 
     def validate(self, request: PrefillRequest, blend: BlendConfig | None = None) -> BlendConfig:
         """Checks what the model bounds (vocabulary, context) and returns the blend settings."""
@@ -178,6 +194,9 @@ class PrefillPipeline:
         check_request_id(request.request_id)
         if not seg.query_ids:
             raise InvalidRequestError("the query segment is empty")
+        if len(seg.chunk_ids) > self.options.max_chunks:
+            num, limit = len(seg.chunk_ids), self.options.max_chunks
+            raise InvalidRequestError(f"{num} chunks in one request; at most {limit}")
         for idx, chunk in enumerate(seg.chunk_ids):
             if not chunk:
                 raise InvalidRequestError(f"chunk {idx} is empty")
@@ -210,7 +229,9 @@ class PrefillPipeline:
                 if not self._acquire(cancel):
                     return
                 try:
-                    self._precompute(prompt, request.mode, fetched)
+                    self._precompute(prompt, request.mode, fetched, cancel)
+                    if cancel.cancelled:
+                        return
                     items = self._blend(prompt, request.mode, blend, fetched, cancel, start_s)
                     if self.options.wait_for_hits:
                         buffered = list(items)
@@ -236,7 +257,9 @@ class PrefillPipeline:
                 return False
         return True
 
-    def _precompute(self, prompt: PreparedPrompt, mode: Mode, fetched: Fetched) -> None:
+    def _precompute(
+        self, prompt: PreparedPrompt, mode: Mode, fetched: Fetched, cancel: Cancel
+    ) -> None:
         """Under `MissPolicy.PRECOMPUTE`: computes the misses standalone, into
         `fetched.precomputed`. Keys whose lookup failed are no misses: computed in place (fail
         soft, as after a failed stream). A fetched prefix is waited for whole only as the chunk
@@ -244,8 +267,10 @@ class PrefillPipeline:
         if self.options.miss_policy is MissPolicy.FORCED or mode not in PRECOMPUTE_MODES:
             return
         known = fetched.chunks.keys() | fetched.lookup_failed
-        computed = self.compute.missing(prompt, known.__contains__, fetched.whole)
-        fetched.precomputed = dict(computed)
+        for key, kv in self.compute.missing(prompt, known.__contains__, fetched.whole):
+            fetched.precomputed[key] = kv
+            if cancel.cancelled:  # checked after each object: one may take seconds
+                break
         self.observer.precomputed(len(fetched.precomputed))
 
     def _blend(

@@ -1,8 +1,7 @@
-"""One prefill request's state: what its lookup found, the streams bringing it in, cancelling."""
+"""One prefill request's state: what its lookup found and the streams bringing it in."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 from kvfuse.kv import ChunkKV, ChunkLayers
@@ -73,25 +72,3 @@ class Fetched:
             return ""
         self._counted.add(id(fetch))
         return fetch.reason
-
-
-class Cancel:
-    """A request's cancel flag; cancelling also cancels its fetches. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._fetches: list[LayerFetch] = []
-        self.event = threading.Event()
-
-    def add(self, fetch: LayerFetch) -> None:
-        with self._lock:
-            self._fetches.append(fetch)
-            if self.event.is_set():
-                fetch.cancel()
-
-    def cancel(self) -> None:
-        with self._lock:
-            self.event.set()
-            fetches = list(self._fetches)
-        for fetch in fetches:
-            fetch.cancel()

@@ -10,8 +10,9 @@ while layer l+1 is still being computed.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -150,16 +151,53 @@ class PrefillResult:
     stats: PrefillStats
 
 
+class Cancel:
+    """A request's cancel flag, set from any thread (a client went away, a deadline passed).
+
+    Callbacks registered with `on_cancel` run once, on the cancelling thread (at once if the
+    flag is already set): they wake whatever the request is blocked on. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self.event = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.event.is_set()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self.event.is_set():
+                return
+            self.event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+
 class Prefiller(Protocol):
     """Computes a prompt's fused KV. Implementations are thread-safe.
 
     `prefill` returns an iterator that yields every layer's `FusedLayer` (shape k, v
-    [H_kv, N, D]) in layer order, then exactly one `PrefillResult`. Abandoning the iterator
-    early (closing it) must release the work. Errors raise kvfuse.errors types
+    [H_kv, N, D]) in layer order, then exactly one `PrefillResult`. Setting `cancel` (any
+    thread) stops the work between layers and between the missing objects it computes; the
+    iterator then ends early or raises ServiceUnavailableError. Abandoning the iterator early
+    (closing it) also releases the work. Errors raise kvfuse.errors types
     (InvalidRequestError, PromptTooLongError, ServiceUnavailableError).
     """
 
-    def prefill(self, request: PrefillRequest) -> Iterator[FusedLayer | PrefillResult]: ...
+    def prefill(
+        self, request: PrefillRequest, cancel: Cancel | None = None
+    ) -> Iterator[FusedLayer | PrefillResult]: ...
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ prefill, chunk hits reported from the remote stats, /health follows the worker's
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -16,12 +17,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from decode_worker.app import create_app
 from decode_worker.config import DecodeConfig
-from decode_worker.prefiller import HealthProbe, is_loopback, remote_backend
+from decode_worker.prefiller import FailFast, HealthProbe, is_loopback, remote_backend
 from decode_worker.service import DecodeService
 from kvfuse.engine import Engine
 from kvfuse.errors import ServiceUnavailableError
 from kvfuse.kv import ChunkKV
 from kvfuse.model.loader import LoadedModel
+from kvfuse.prefill import PrefillRequest
 from kvfuse.prefill.sources import StoreSource
 from prefill_worker.config import PrefillConfig
 from prefill_worker.server import PrefillServer
@@ -192,3 +194,25 @@ def test_warm_that_cannot_store_is_a_503(engine: Engine, smollm: LoadedModel) ->
 )
 def test_is_loopback(target: str, loopback: bool) -> None:
     assert is_loopback(target) is loopback
+
+
+def test_requests_fail_fast_while_the_prefill_worker_does_not_answer(engine: Engine) -> None:
+    """A worker that accepts connections but never answers (hung): once the health watch has
+    seen it, prefill and warm calls are refused at once instead of waiting out their
+    deadline."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        target = f"127.0.0.1:{hung.getsockname()[1]}"
+        backend = remote_backend(target, "", timeout_s=60.0, health_interval_s=0.2)
+        try:
+            guarded = backend.prefiller
+            assert isinstance(guarded, FailFast)
+            poll(lambda: not guarded.watch.healthy, what="the watch to see the hung worker")
+            request = PrefillRequest("r", engine.prepare([SYSTEM, *DOCS, QUESTION]).segments)
+            with pytest.raises(ServiceUnavailableError, match="not serving"):
+                guarded.prefill(request)
+            with pytest.raises(ServiceUnavailableError, match="not serving"):
+                guarded.warm_chunks(request.segments)
+        finally:
+            backend.close()

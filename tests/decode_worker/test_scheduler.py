@@ -19,7 +19,7 @@ from kvfuse.blend import FusedLayer, Mode
 from kvfuse.engine import Engine
 from kvfuse.errors import PromptTooLongError, ServiceUnavailableError
 from kvfuse.model.sampling import SamplingParams
-from kvfuse.prefill import PrefillRequest, PrefillResult
+from kvfuse.prefill import Cancel, PrefillRequest, PrefillResult
 from kvfuse.segments import build_prompt
 from kvfuse.service.threads import torch_default_threads
 
@@ -46,7 +46,9 @@ class ScriptedPrefiller:
             threading.Event(),
         )
 
-    def prefill(self, request: PrefillRequest) -> Iterator[FusedLayer | PrefillResult]:
+    def prefill(
+        self, request: PrefillRequest, cancel: Cancel | None = None
+    ) -> Iterator[FusedLayer | PrefillResult]:
         try:
             for item in self.engine.prefill(request):
                 if isinstance(item, FusedLayer):
@@ -194,7 +196,9 @@ def test_prefill_failure_fails_the_request_and_frees_it(
 class DownPrefiller:
     """A Prefiller that raises before returning an iterator (e.g. a client refusing to call)."""
 
-    def prefill(self, request: PrefillRequest) -> Iterator[FusedLayer | PrefillResult]:
+    def prefill(
+        self, request: PrefillRequest, cancel: Cancel | None = None
+    ) -> Iterator[FusedLayer | PrefillResult]:
         raise ServiceUnavailableError("prefill worker down")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from prefill_helpers import (
@@ -23,7 +24,7 @@ from kvfuse.blend import FusedLayer, Mode
 from kvfuse.engine import Engine
 from kvfuse.errors import InvalidRequestError, PromptTooLongError, ServiceUnavailableError
 from kvfuse.kv import ChunkKV
-from kvfuse.prefill import PrefillRequest, PrefillResult
+from kvfuse.prefill import Cancel, PrefillRequest, PrefillResult
 from kvfuse.prefill.pipeline import PipelineOptions, PrefillPipeline
 from kvfuse.prefill.sources import ChunkSource, Shards
 from kvfuse.prefill.types import MissPolicy
@@ -439,3 +440,56 @@ def test_pipeline_off_outputs_equal_pipeline_on(
     assert num_computed == 30  # every layer computed before the first one was sent
     if fail_at is None:
         assert sent_layers[-1] == 29  # and every layer fetched before the blend started
+
+
+def test_cancel_stops_between_the_misses_it_precomputes(
+    engine: Engine, make_prefiller: MakePrefiller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose chunks all miss stops after the object it is computing when cancelled:
+    the rest are never computed (a client that went away costs at most one more object)."""
+    import kvfuse.prefill.compute
+    from kvfuse.blend.precompute import precompute as real
+
+    engine.miss_policy = MissPolicy.PRECOMPUTE
+    prefiller = make_prefiller(engine, TestSource(engine.store))
+    cancel = Cancel()
+    calls: list[int] = []
+
+    def precompute_then_cancel(*args: Any, **kwargs: Any) -> ChunkKV:
+        calls.append(1)
+        if len(calls) == 2:  # the prefix, then the first chunk: the client goes away
+            cancel.cancel()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kvfuse.prefill.compute, "precompute", precompute_then_cancel)
+    stream = prefiller.stream(make_request(engine), cancel)
+    assert list(stream) == []  # no layer, no result
+    assert stream.join(60), "the compute thread did not stop"
+    assert len(calls) == 2  # of prefix + 3 chunks
+    assert counter(prefiller, "kvfuse_prefill_layers_computed_total") == 0
+    assert write_behind(prefiller).depth == 0
+
+
+def test_cancel_stops_an_in_process_run_between_layers(warm_engine: Engine) -> None:
+    cancel = Cancel()
+    received = []
+    for item in warm_engine.prefill(make_request(warm_engine), cancel):
+        received.append(item)
+        if len(received) == 2:
+            cancel.cancel()
+    assert [item.layer_idx for item in received if isinstance(item, FusedLayer)] == [0, 1]
+    assert len(received) == 2  # no result after a cancel
+    assert warm_engine.lock.acquire(blocking=False)  # released
+    warm_engine.lock.release()
+
+
+def test_too_many_chunks_are_refused_before_any_work(
+    engine: Engine, make_prefiller: MakePrefiller
+) -> None:
+    from dataclasses import replace
+
+    source = TestSource(engine.store)
+    prefiller = make_prefiller(engine, source)
+    prefiller.options = replace(prefiller.options, max_chunks=2)
+    with pytest.raises(InvalidRequestError, match="3 chunks in one request; at most 2"):
+        prefiller.stream(make_request(engine))
