@@ -1,17 +1,21 @@
 """Server child processes: start with a log file, wait until ready, stop the whole group.
 
 Each child runs in its own session (process group), so stopping it also stops the workers it
-spawned (vLLM's engine core, for one). Readiness is polled against a deadline, never slept for.
+spawned (vLLM's engine core, for one). A child started with `die_with_parent` gets SIGTERM when
+its parent dies, even by SIGKILL (Linux), so it never outlives its parent holding a port.
+Readiness is polled against a deadline, never slept for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +26,15 @@ import httpx
 from kvfuse.errors import ServiceUnavailableError
 
 _POLL_S = 0.2
+_PR_SET_PDEATHSIG = 1
+# Loaded here, not in the child between fork and exec, where only async-signal-safe work is.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM once the thread that started it is gone."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,18 +58,21 @@ class ServerProcess:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.name = name
+        self.die_with_parent = die_with_parent
         self.argv = list(argv)
         self.log_path = log_path
         self.env = dict(os.environ if env is None else env)
         self.cwd = cwd
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ServerProcess:
-        """Spawns the process in a new session. Side effect: truncates the log file."""
+    def start(self, keep_log: bool = False) -> ServerProcess:
+        """Spawns the process in a new session. Side effect: truncates the log file, unless
+        `keep_log` (a restart appends after what the previous run wrote)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab" if keep_log else "wb") as log:
             self._proc = subprocess.Popen(
                 self.argv,
                 stdout=log,
@@ -65,6 +81,7 @@ class ServerProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         return self
 
@@ -82,6 +99,11 @@ class ServerProcess:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code once it exited (negative: the signal that ended it), else None."""
+        return None if self._proc is None else self._proc.poll()
 
     def log_tail(self, num_chars: int = 2000) -> str:
         """The end of the log file ("" when there is none yet)."""

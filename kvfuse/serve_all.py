@@ -1,4 +1,5 @@
-"""`kvfuse serve all`: cache server, prefill worker and decode worker as processes on one host."""
+"""`kvfuse serve all`: cache server, prefill worker and decode worker as processes on one host,
+supervised: a child that exits is restarted (with backoff), and every child dies with us."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from pathlib import Path
 from types import FrameType
 
 from kvfuse.stack import KvfuseStack, Topology
+from kvfuse.supervisor import Supervisor
+
+_SUPERVISE_S = 1.0  # how often exited children are looked for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
             f"{stack.cache_addr}); Ctrl-C stops it",
             flush=True,
         )
-        stop.wait()
+        supervisor = Supervisor(stack.processes)
+        while not stop.wait(_SUPERVISE_S):
+            for event in supervisor.check():
+                print(f"kvfuse: {event}", file=sys.stderr, flush=True)
         print("stopping…", file=sys.stderr)
     finally:
         stack.stop()

@@ -83,8 +83,14 @@ class KvfuseStack:
         self._add("decode_worker", argv, log_dir, None)
 
     def _add(self, name: str, argv: list[str], log_dir: Path, ready_line: str | None) -> None:
-        process = ServerProcess(name, argv, log_dir / f"{name}.log", env=self._env)
+        log_path = log_dir / f"{name}.log"
+        process = ServerProcess(name, argv, log_path, env=self._env, die_with_parent=True)
         self._processes.append((process, ready_line))
+
+    @property
+    def processes(self) -> list[ServerProcess]:
+        """The children, in start order (cache server, prefill worker, decode worker)."""
+        return [process for process, _ in self._processes]
 
     @property
     def url(self) -> str:

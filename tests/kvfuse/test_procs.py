@@ -58,3 +58,47 @@ def test_run_logged_appends_output(tmp_path: Path) -> None:
     assert run_logged([sys.executable, "-c", "raise SystemExit(2)"], log, timeout_s=60) == 2
     text = log.read_text()
     assert "one" in text and text.count("$ ") == 2
+
+
+# A parent that starts one child with die_with_parent, prints the child's pid, then waits.
+_PARENT = """
+import sys, time
+from pathlib import Path
+from kvfuse.procs import ServerProcess
+child = ServerProcess("child", [sys.executable, "-c", "import time; time.sleep(600)"],
+                      Path(sys.argv[1]), die_with_parent=True).start()
+print(child._proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie left for a non-reaping init counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux")
+def test_a_child_dies_with_its_killed_parent(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+
+    from prefill_helpers import poll
+
+    repo = Path(__file__).resolve().parents[2]
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, str(tmp_path / "child.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=repo,
+    )
+    assert parent.stdout is not None
+    child_pid = int(parent.stdout.readline())
+    assert _alive(child_pid)
+    os.kill(parent.pid, signal.SIGKILL)  # kill -9: no cleanup code runs in the parent
+    parent.wait(timeout=30)
+    poll(lambda: not _alive(child_pid), timeout_s=30, what="the child to die with its parent")
