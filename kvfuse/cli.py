@@ -104,6 +104,7 @@ _BENCHMARKS = (
     ("codecs", "size, error and speed of every KV codec on real KV", "benchmarks.codecs"),
     ("cache", "cache server vs redis-server vs LMCache: put/get GB/s", "benchmarks.cache"),
     ("serve", "RAG serving over HTTP: blend vs full prefill, vLLM-CPU", "benchmarks.serve"),
+    ("chaos", "faults and abuse against a supervised stack", "benchmarks.chaos"),
 )
 _SERVICES = (
     ("cache", "the gRPC cache server (memory/disk/Redis)", "cache_server.serve"),

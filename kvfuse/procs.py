@@ -101,6 +101,11 @@ class ServerProcess:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        """The running (or last) process's id; None before the first start."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def exit_code(self) -> int | None:
         """The exit code once it exited (negative: the signal that ended it), else None."""
         return None if self._proc is None else self._proc.poll()
