@@ -55,6 +55,7 @@ _WORDS = [
     "cedar",
 ]
 SYSTEM = "Answer with one word, using the documents."
+_RETRY_S = 0.5  # a load thread's pause after a failed request
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +112,8 @@ class Outcome:
 
 @dataclass
 class Load:
-    """Closed-loop chats from `concurrency` threads until `stop`; thread-safe record."""
+    """Closed-loop chats from `concurrency` threads until `stop`, each pausing `_RETRY_S`
+    after a failure as a client would; thread-safe record."""
 
     url: str
     bodies: Callable[[], dict[str, Any]]
@@ -137,6 +139,8 @@ class Load:
                 except httpx.HTTPError:
                     status = 0
                 self.outcomes.append(Outcome(start, time.perf_counter(), status))
+                if status != 200:
+                    self.stop.wait(_RETRY_S)  # a client backs off before it tries again
 
 
 def scenario_disconnect(
