@@ -36,7 +36,7 @@ def test_request_limits_have_defaults_and_flags() -> None:
         16,
         256,
     )
-    assert (limits.max_warm_documents, limits.prepare_threads) == (256, 4)
+    assert (limits.max_warm_documents, limits.prepare_threads) == (256, 2)
     flags = ["--max-body-bytes", "1MiB", "--max-messages", "8", "--max-segments", "5"]
     flags += ["--max-segment-tokens", "300", "--max-stop-strings", "2", "--max-stop-chars", "9"]
     flags += ["--max-warm-documents", "7", "--prepare-threads", "1"]
