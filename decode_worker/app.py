@@ -1,7 +1,9 @@
 """The HTTP face of the decode worker: the routes a vLLM production-stack router expects.
 
-Thin: each route checks the model, builds a request through `DecodeService.prompts`, and
-hands it to `streaming.respond`. Errors become responses in `decode_worker.errors`.
+Thin: each text route reads its body (at most `max_body_bytes`: `body_limit`), has
+`DecodeService.intake` parse, validate and tokenize it on a worker thread, and hands the
+request to `streaming.respond`; the event loop only moves bytes, so /health and /metrics
+answer while bodies are prepared. Errors become responses in `decode_worker.errors`.
 """
 
 from __future__ import annotations
@@ -16,19 +18,15 @@ from typing import Any
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from decode_worker import errors
+from decode_worker.body_limit import BodyLimitMiddleware
 from decode_worker.metrics import DecodeMetrics
 from decode_worker.responses import ResponseFormat
-from decode_worker.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    StreamOptions,
-    TokenizeRequest,
-    WarmRequest,
-)
+from decode_worker.schemas import StreamOptions
 from decode_worker.sequence import GenerationRequest
 from decode_worker.service import DecodeService
 from decode_worker.streaming import OutputStream, respond
@@ -94,7 +92,8 @@ def create_app(service: DecodeService) -> FastAPI:
 
     app = FastAPI(title="kvfuse decode worker", lifespan=lifespan)
     errors.install(app)
-    app.add_middleware(RequestIdMiddleware, metrics=service.metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=service.limits.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware, metrics=service.metrics)  # outermost
     auth = [Depends(_bearer_auth(service.config.auth_token))]
 
     @app.get("/health")
@@ -112,9 +111,8 @@ def create_app(service: DecodeService) -> FastAPI:
         return service.models()
 
     @app.post("/tokenize", dependencies=auth)
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        service.check_model(body.model)
-        token_ids = service.prompts.tokenize(body).token_ids
+    async def tokenize(request: Request) -> dict[str, Any]:
+        token_ids = (await service.intake.tokenize(await request.body())).token_ids
         return {
             "count": len(token_ids),
             "max_model_len": service.max_model_len,
@@ -122,10 +120,9 @@ def create_app(service: DecodeService) -> FastAPI:
         }
 
     @app.post("/kvfuse/warm", dependencies=auth)
-    def warm(body: WarmRequest, request: Request) -> dict[str, Any]:  # sync: it computes
-        service.check_model(body.model)
-        segments = service.prompts.warm(body)
-        result = service.warm(segments, request.state.request_id)
+    async def warm(request: Request) -> dict[str, Any]:
+        body, segments = await service.intake.warm(await request.body())
+        result = await run_in_threadpool(service.warm, segments, request.state.request_id)
         if result.num_failed:
             raise ServiceUnavailableError(
                 f"{result.num_failed} of {result.num_objects} objects could not be stored "
@@ -144,15 +141,15 @@ def create_app(service: DecodeService) -> FastAPI:
         }
 
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        service.check_model(body.model)
-        gen = service.prompts.completion(body, request.state.request_id)
+    async def completions(request: Request) -> Response:
+        raw = await request.body()
+        body, gen = await service.intake.completion(raw, request.state.request_id)
         return await _generate(service, request, gen, False, body.stream, body.stream_options)
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        service.check_model(body.model)
-        gen = service.prompts.chat(body, request.state.request_id)
+    async def chat_completions(request: Request) -> Response:
+        raw = await request.body()
+        body, gen = await service.intake.chat(raw, request.state.request_id)
         return await _generate(service, request, gen, True, body.stream, body.stream_options)
 
     return app

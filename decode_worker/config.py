@@ -13,6 +13,7 @@ from typing import Any
 from kvfuse.blend import Mode
 from kvfuse.blend.precompute import ChunkContext
 from kvfuse.prefill.types import MissPolicy
+from kvfuse.prefill.warm import MAX_WARM_CHUNKS
 from kvfuse.segments import DEFAULT_SEPARATOR
 from kvfuse.service.config import ConfigLayers, Parser, check_port, optional, parse_bytes, require
 from kvfuse.settings import DTYPES, Settings
@@ -36,6 +37,14 @@ _PARSERS: dict[str, Parser] = {
     "max_concurrent_prefills": int,
     "max_waiting": int,
     "default_max_tokens": int,
+    "prepare_threads": int,
+    "max_body_bytes": parse_bytes,
+    "max_messages": int,
+    "max_segments": int,
+    "max_segment_tokens": int,
+    "max_stop_strings": int,
+    "max_stop_chars": int,
+    "max_warm_documents": int,
     "prefill_timeout_s": float,
     "default_temperature": float,
     "default_recompute_ratio": optional(float),
@@ -55,7 +64,8 @@ class DecodeConfig:
     `KVFUSE_MODEL`, `KVFUSE_DEVICE`, `KVFUSE_DTYPE` and `KVFUSE_CACHE_DIR` are shared aliases.
 
     Attributes:
-        host, port: HTTP listen address (port 0 picks a free port).
+        host, port: HTTP listen address (port 0 picks a free port); 127.0.0.1 unless set
+            (`--host 0.0.0.0` in a container, with `auth_token`).
         model, device, dtype, cache_dir: the model and torch (see kvfuse Settings).
         num_threads: torch threads of a local prefill (decode steps: see `Scheduler`).
         chunk_context, store_capacity_bytes: the in-process engine used for local prefill.
@@ -77,10 +87,22 @@ class DecodeConfig:
         separator: splits a prompt / last user message into segments (removed).
         default_mode, default_recompute_ratio: when the request's `kvfuse` object sets none;
             a None ratio uses the prefiller's own default.
+        prepare_threads: threads that parse, validate and tokenize request bodies, off the
+            event loop (so /health and /metrics answer while they work). Tokenizing releases
+            the GIL, JSON parsing and validation hold it: each thread more lengthens the
+            event loop's worst wait (4 MiB bodies, 2 cores: /health max 79 / 148 / 235 ms
+            with 1 / 2 / 4 threads).
+        max_body_bytes: largest request body (413): refused from `Content-Length` before it
+            is read, or as soon as a body sent without one grows past it.
+        max_messages: most messages in a chat, and most text parts in one message (400).
+        max_segments: most segments in one prompt, prefix + documents + query (400).
+        max_segment_tokens: most tokens in one segment (400); 0 = the context length.
+        max_stop_strings, max_stop_chars: most stop strings, and characters in one (400).
+        max_warm_documents: most documents in one `/kvfuse/warm` call (400; ≤ 256).
         log_level: Python logging level name.
     """
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8000
     model: str | None = None
     device: str = "cpu"
@@ -105,6 +127,14 @@ class DecodeConfig:
     separator: str = DEFAULT_SEPARATOR
     default_mode: str = Mode.BLEND.value
     default_recompute_ratio: float | None = None
+    prepare_threads: int = 2
+    max_body_bytes: int = 4 << 20
+    max_messages: int = 256
+    max_segments: int = 128
+    max_segment_tokens: int = 0
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+    max_warm_documents: int = MAX_WARM_CHUNKS
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -128,6 +158,18 @@ class DecodeConfig:
         )
         ratio = self.default_recompute_ratio
         require(ratio is None or 0.0 <= ratio <= 1.0, "default_recompute_ratio must be in [0, 1]")
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        require(self.prepare_threads >= 1, "prepare_threads must be ≥ 1")
+        for name in ("max_body_bytes", "max_messages", "max_segments", "max_stop_strings"):
+            require(getattr(self, name) >= 1, f"{name} must be ≥ 1")
+        require(self.max_segment_tokens >= 0, "max_segment_tokens must be ≥ 0 (0 = the context)")
+        require(self.max_stop_chars >= 1, "max_stop_chars must be ≥ 1")
+        require(
+            1 <= self.max_warm_documents <= MAX_WARM_CHUNKS,
+            f"max_warm_documents must be in [1, {MAX_WARM_CHUNKS}]",
+        )
 
     @property
     def model_name(self) -> str:
@@ -188,7 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `kvfuse serve decode` / `python -m decode_worker` flags (all default to unset)."""
     add = parser.add_argument
     add("--config", type=Path, help=f"TOML, YAML or JSON file (also {ENV_PREFIX}CONFIG)")
-    add("--host", help="listen address (default 0.0.0.0)")
+    add("--host", help="listen address (default 127.0.0.1; 0.0.0.0 in a container)")
     add("--port", type=int, help="listen port (default 8000; 0 = any free port)")
     add("--model", help="GGUF file or safetensors dir (default: bundled SmolLM2)")
     add("--device", help="torch device (default cpu)")
@@ -211,6 +253,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[p.value for p in MissPolicy],
         help="local prefill only: precompute (default) or forced",
     )
+    add("--prepare-threads", type=int, help="threads parsing/tokenizing bodies (default 2)")
+    add("--max-body-bytes", help="largest request body, e.g. 4MiB (default 4MiB; 413)")
+    add("--max-messages", type=int, help="messages per chat, parts per message (default 256)")
+    add("--max-segments", type=int, help="prefix + documents + query per prompt (default 128)")
+    add("--max-segment-tokens", type=int, help="tokens per segment (default 0 = the context)")
+    add("--max-stop-strings", type=int, help="stop strings per request (default 16)")
+    add("--max-stop-chars", type=int, help="characters per stop string (default 256)")
+    add("--max-warm-documents", type=int, help="documents per /kvfuse/warm call (default 256)")
     add("--log-level", help="debug, info, warning, error (default info)")
 
 

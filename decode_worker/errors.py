@@ -30,6 +30,7 @@ _TYPES = {
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
     502: "BadGatewayError",
     503: "ServiceUnavailableError",
     500: "InternalServerError",
@@ -43,12 +44,18 @@ class ModelNotFoundError(InvalidRequestError):
     """
 
 
+class BodyTooLargeError(InvalidRequestError):
+    """The request body is larger than the configured limit (413)."""
+
+
 def status_of(exc: BaseException) -> int:
     """The HTTP status code of an error."""
     if isinstance(exc, AuthError):
         return 401
     if isinstance(exc, ModelNotFoundError):
         return 404
+    if isinstance(exc, BodyTooLargeError):
+        return 413
     if isinstance(exc, InvalidRequestError | RequestValidationError):
         return 400
     if isinstance(exc, CodecError):  # the prefill worker sent malformed frames
@@ -90,7 +97,10 @@ def validation_message(exc: RequestValidationError) -> str:
         if err.get("type") == "json_invalid":
             return f"invalid JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}"
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        problems.append(f"{loc or 'body'}: {err.get('msg')}")
+        msg = err.get("msg")
+        if err.get("type") == "finite_number":  # NaN/Infinity: say so, not "should be ≤ 100"
+            msg = f"{err.get('input')} is not a finite number"
+        problems.append(f"{loc or 'body'}: {msg}")
     return "; ".join(problems) or "invalid request body"
 
 

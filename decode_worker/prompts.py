@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from decode_worker.limits import RequestLimits
 from decode_worker.schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -27,8 +28,6 @@ from kvfuse.model.tokenizer import Tokenizer
 from kvfuse.prefill import PrefillRequest
 from kvfuse.segments import DOCUMENT_SUFFIX, PromptSegments, build_prompt, split_text
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
 # Stands in for the last user message while the chat template renders earlier turns.
 _BODY_MARKER = "\x00kvfuse-decode-body\x00"
 _SYSTEM_ROLES = ("system", "developer")
@@ -49,11 +48,18 @@ class PromptDefaults:
 
 
 class PromptBuilder:
-    """Tokenizes request bodies. Thread-safe (tokenizers are; the builder holds no state)."""
+    """Tokenizes request bodies. Thread-safe (tokenizers are; the builder holds no state).
 
-    def __init__(self, tokenizer: Tokenizer, defaults: PromptDefaults) -> None:
+    Segment counts are checked before tokenizing, tokens per segment after; message counts
+    and body size before validation (`RequestLimits.check_parsed`, `body_limit`).
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, defaults: PromptDefaults, limits: RequestLimits
+    ) -> None:
         self.tokenizer = tokenizer
         self.defaults = defaults
+        self.limits = limits
 
     def completion(self, body: CompletionRequest, request_id: str) -> GenerationRequest:
         """Raises InvalidRequestError / PromptTooLongError (both 400)."""
@@ -80,10 +86,12 @@ class PromptBuilder:
     def warm(self, body: WarmRequest) -> PromptSegments:
         """The prefix and chunks the requests carrying `body.documents` will have (no query).
 
-        Raises InvalidRequestError for an empty document.
+        Raises InvalidRequestError for an empty document, too many, or one too long.
         """
+        self.limits.check_warm_documents(len(body.documents))
         texts = [body.system, *body.documents, _WARM_QUERY]
         seg = build_prompt(self.tokenizer, texts, chat=body.chat)
+        self.limits.check_segment_tokens(seg)
         return PromptSegments(seg.prefix_ids, seg.chunk_ids, ())
 
     def completion_segments(
@@ -91,7 +99,7 @@ class PromptBuilder:
     ) -> PromptSegments:
         """Raw text (no chat template): [prefix, chunk…, query]."""
         if options is not None and options.segments is not None:
-            return build_prompt(self.tokenizer, options.segments, chat=False)
+            return self._build(options.segments, chat=False)
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             return self._token_prompt([int(p) for p in prompt])
         if isinstance(prompt, list):
@@ -102,14 +110,14 @@ class PromptBuilder:
             prompt = str(prompt[0])
         if not prompt or not prompt.strip():
             raise InvalidRequestError("prompt is missing or empty (or send kvfuse.segments)")
-        return build_prompt(self.tokenizer, split_text(prompt, self.defaults.separator), False)
+        return self._build(split_text(prompt, self.defaults.separator), chat=False)
 
     def chat_segments(
         self, messages: list[ChatMessage] | None, options: KvfuseOptions | None
     ) -> PromptSegments:
         """Chat-framed: [system, document…, question], earlier turns in the prefix."""
         if options is not None and options.segments is not None:
-            return build_prompt(self.tokenizer, options.segments, chat=True)
+            return self._build(options.segments, chat=True)
         if not messages:
             raise InvalidRequestError("messages is missing or empty (or send kvfuse.segments)")
         num_system = 0
@@ -122,8 +130,13 @@ class PromptBuilder:
         history, last = turns[:-1], turns[-1]
         parts = split_text(last.text, self.defaults.separator)
         if not history:
-            return build_prompt(self.tokenizer, [system, *parts], chat=True)
+            return self._build([system, *parts], chat=True)
+        self.limits.check_segments(1 + len(parts))
         return self._with_history(system, history, parts)
+
+    def _build(self, texts: Sequence[str], chat: bool) -> PromptSegments:
+        self.limits.check_segments(len(texts))
+        return build_prompt(self.tokenizer, texts, chat=chat)
 
     def _with_history(
         self, system: str, history: Sequence[ChatMessage], parts: list[str]
@@ -168,11 +181,8 @@ class PromptBuilder:
         request_id: str,
     ) -> GenerationRequest:
         defaults = self.defaults
-        num_prompt, limit = segments.num_tokens, defaults.max_model_len
-        if max_tokens is None:
-            max_tokens = max(1, min(defaults.default_max_tokens, limit - num_prompt))
-        if num_prompt + max_tokens > limit:
-            raise PromptTooLongError(num_prompt + max_tokens, limit)
+        max_tokens = self._max_tokens(segments, max_tokens)
+        self.limits.check_segment_tokens(segments)
         stop_token_ids = tuple(body.stop_token_ids or ())
         self._check_token_ids(stop_token_ids, "stop_token_ids")
         sampling = SamplingParams(
@@ -190,7 +200,32 @@ class PromptBuilder:
         ratio = defaults.default_recompute_ratio if ratio is None else ratio
         mode = options.mode or defaults.default_mode
         prefill = PrefillRequest(request_id, segments, mode, ratio, sampling)
-        return GenerationRequest(prefill, _stop_strings(body.stop))
+        return GenerationRequest(prefill, self._stop_strings(body.stop))
+
+    def _max_tokens(self, segments: PromptSegments, max_tokens: int | None) -> int:
+        """The generation limit: the request's, or the default within the context.
+
+        Raises:
+            PromptTooLongError: the prompt leaves no room to generate.
+            InvalidRequestError: max_tokens beyond the room the prompt leaves.
+        """
+        num_prompt, limit = segments.num_tokens, self.defaults.max_model_len
+        if num_prompt >= limit:
+            raise PromptTooLongError(num_prompt, limit)
+        room = limit - num_prompt
+        if max_tokens is None:
+            return min(self.defaults.default_max_tokens, room)
+        if max_tokens > room:
+            raise InvalidRequestError(
+                f"max_tokens is {max_tokens}, more than the {room} tokens the model's context "
+                f"of {limit} leaves after the prompt's {num_prompt}"
+            )
+        return max_tokens
+
+    def _stop_strings(self, stop: str | list[str] | None) -> tuple[str, ...]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        self.limits.check_stop(stops)
+        return tuple(s for s in stops if s)
 
 
 def _refuse_unsupported(body: SamplingBody) -> None:
@@ -198,12 +233,3 @@ def _refuse_unsupported(body: SamplingBody) -> None:
         raise InvalidRequestError(f"only n=1 is supported (got n={body.n})")
     if body.presence_penalty or body.frequency_penalty or body.logit_bias:
         raise InvalidRequestError("presence/frequency penalties and logit_bias are not supported")
-
-
-def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise InvalidRequestError(
-            f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters"
-        )
-    return tuple(s for s in stops if s)

@@ -1,7 +1,9 @@
 """Request bodies of the OpenAI/vLLM HTTP API (pydantic), with kvfuse's `kvfuse` extension.
 
 Only types and ranges live here; what a valid combination is (n, segments vs prompt, limits)
-is checked in `decode_worker.prompts`. Unknown fields are ignored, as vLLM does.
+is checked in `decode_worker.prompts`, limits in `decode_worker.limits`. Unknown fields are
+ignored, as vLLM does. A number must be finite: NaN and ±Infinity (which Python's JSON reads)
+are refused as "not a finite number" rather than compared with a range.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvfuse.blend import Mode
-from kvfuse.prefill.warm import MAX_WARM_CHUNKS
 
 MAX_SEED = 2**63 - 1
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class KvfuseOptions(BaseModel):
@@ -30,7 +31,7 @@ class KvfuseOptions(BaseModel):
         recompute_ratio: fraction of reused tokens the blend recomputes.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     segments: list[str] | None = None
     mode: Mode | None = None
@@ -117,6 +118,6 @@ class WarmRequest(_Body):
     """
 
     model: str | None = None
-    documents: list[str] = Field(min_length=1, max_length=MAX_WARM_CHUNKS)
+    documents: list[str] = Field(min_length=1)  # at most `max_warm_documents`
     system: str = ""
     chat: bool = True

@@ -20,7 +20,7 @@ def serve(config: DecodeConfig) -> None:
     """Blocks serving HTTP on `config.host:config.port` until SIGINT/SIGTERM.
 
     Logs `decode worker listening on http://host:port` once the socket is bound (port 0 picks
-    a free port) and the model is loaded.
+    a free port) and the model is loaded, after a WARNING if no auth token is set.
     """
     import uvicorn
 
@@ -32,6 +32,13 @@ def serve(config: DecodeConfig) -> None:
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    if not config.auth_token:
+        log.warning(
+            "NO AUTH TOKEN: every client that reaches http://%s:%d is served unauthenticated "
+            "(set --token or KVFUSE_AUTH_TOKEN)",
+            shown,
+            port,
+        )
     log.info("decode worker listening on http://%s:%d", shown, port)
     server = uvicorn.Server(
         uvicorn.Config(app, log_level=config.log_level.lower(), timeout_graceful_shutdown=10)

@@ -10,6 +10,8 @@ import torch
 
 from decode_worker.config import DecodeConfig
 from decode_worker.errors import ModelNotFoundError
+from decode_worker.intake import Intake
+from decode_worker.limits import RequestLimits
 from decode_worker.metrics import DecodeMetrics
 from decode_worker.prefiller import PrefillBackend, local_backend, remote_backend
 from decode_worker.prompts import PromptBuilder, PromptDefaults
@@ -32,6 +34,8 @@ class DecodeService:
     Attributes:
         max_model_len: prompt + generation limit: the model's context, the configured limit
             and what the KV budget holds, whichever is least.
+        limits: what one request may ask (`decode_worker.limits`).
+        intake: request bodies → requests, off the event loop.
     """
 
     def __init__(self, config: DecodeConfig, loaded: LoadedModel, backend: PrefillBackend) -> None:
@@ -73,7 +77,9 @@ class DecodeService:
             default_recompute_ratio=config.default_recompute_ratio,
             vocab_size=cfg.vocab_size,
         )
-        self.prompts = PromptBuilder(loaded.tokenizer, defaults)
+        self.limits = RequestLimits.from_config(config, self.max_model_len)
+        self.prompts = PromptBuilder(loaded.tokenizer, defaults, self.limits)
+        self.intake = Intake(self.prompts, self.limits, self.check_model, config.prepare_threads)
 
     @classmethod
     def from_config(cls, config: DecodeConfig) -> DecodeService:

@@ -273,6 +273,25 @@ BAD_INPUTS = [
     ("/kvfuse/warm", {"documents": ["a"] * 257}, 400, "documents"),
     ("/kvfuse/warm", {"documents": ["word " * 9000]}, 400, "8192"),
     ("/kvfuse/warm", {"model": "nope", "documents": ["a"]}, 404, "nope"),
+    # hostile input: limits, non-finite numbers, lone surrogates, max_tokens past the context
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**12}, 400,
+     "max_tokens is 1000000000000, more than the 8191 tokens the model's context of 8192"),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400,
+     "temperature: nan is not a finite number"),
+    ("/v1/chat/completions", b'{"messages": [], "kvfuse": {"recompute_ratio": NaN}}', 400,
+     "kvfuse.recompute_ratio: nan is not a finite number"),
+    ("/v1/completions", b'{"prompt": "hi", "top_p": -Infinity}', 400, "-inf is not a finite"),
+    ("/v1/completions", b'{"prompt": "\\ud800"}', 400, "prompt: the text holds a lone UTF-16"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+     "messages.0.content: the text holds a lone UTF-16 surrogate (\\ud800)"),
+    ("/tokenize", b'{"prompt": "a \\udfff"}', 400, "lone UTF-16 surrogate"),
+    ("/kvfuse/warm", b'{"documents": ["\\ud800"]}', 400, "documents.0: the text holds"),
+    ("/v1/completions", {"prompt": SEP.join(["d"] * 2000)}, 400,
+     "the prompt has 2000 segments (prefix, documents and query), more than the limit of 128"),
+    ("/v1/chat/completions", {"messages": rag_messages(["d"] * 2000)}, 400, "2002 segments"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}] * 257}, 400,
+     "messages: at most 256 messages in a chat (got 257)"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["x" * 257]}, 400, "at most 256 characters"),
 ]  # fmt: skip
 
 

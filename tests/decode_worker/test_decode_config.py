@@ -20,12 +20,36 @@ def parse(argv: list[str], env: dict[str, str]) -> DecodeConfig:
 def test_defaults() -> None:
     config = DecodeConfig.load(env={})
     assert (config.host, config.port, config.prefill_url, config.auth_token) == (
-        "0.0.0.0",
+        "127.0.0.1",  # as the other services: reachable from elsewhere only when asked
         8000,
         "",
         "",
     )
     assert config.model_name == "SmolLM2-135M-Instruct" and config.default_mode == "blend"
+
+
+def test_request_limits_have_defaults_and_flags() -> None:
+    limits = DecodeConfig.load(env={})
+    assert (limits.max_body_bytes, limits.max_messages, limits.max_segments) == (4 << 20, 256, 128)
+    assert (limits.max_segment_tokens, limits.max_stop_strings, limits.max_stop_chars) == (
+        0,
+        16,
+        256,
+    )
+    assert (limits.max_warm_documents, limits.prepare_threads) == (256, 2)
+    flags = ["--max-body-bytes", "1MiB", "--max-messages", "8", "--max-segments", "5"]
+    flags += ["--max-segment-tokens", "300", "--max-stop-strings", "2", "--max-stop-chars", "9"]
+    flags += ["--max-warm-documents", "7", "--prepare-threads", "1"]
+    env = {"KVFUSE_DECODE_MAX_SEGMENTS": "64", "KVFUSE_DECODE_MAX_MESSAGES": "32"}
+    config = parse(flags, env)
+    assert (config.max_body_bytes, config.max_messages, config.max_segments) == (1 << 20, 8, 5)
+    assert (config.max_segment_tokens, config.max_stop_strings, config.max_stop_chars) == (
+        300,
+        2,
+        9,
+    )
+    assert (config.max_warm_documents, config.prepare_threads) == (7, 1)
+    assert parse([], env).max_segments == 64
 
 
 def test_flags_win_over_env_over_file(tmp_path: Path) -> None:
@@ -77,6 +101,14 @@ def test_shared_env_aliases_and_secret_repr() -> None:
         ({"kv_cache_bytes": "lots"}, "byte size"),
         ({"max_batch": "many"}, "max_batch"),
         ({"chunk_context": "weird"}, "chunk_context"),
+        ({"max_body_bytes": "0"}, "max_body_bytes"),
+        ({"max_messages": "0"}, "max_messages"),
+        ({"max_segments": "0"}, "max_segments"),
+        ({"max_segment_tokens": "-1"}, "max_segment_tokens"),
+        ({"max_stop_strings": "0"}, "max_stop_strings"),
+        ({"max_stop_chars": "0"}, "max_stop_chars"),
+        ({"max_warm_documents": "257"}, "max_warm_documents"),
+        ({"prepare_threads": "0"}, "prepare_threads"),
         ({"no_such_setting": "1"}, "no_such_setting"),
     ],
 )

@@ -7,17 +7,31 @@ from typing import Any
 import pytest
 from decode_helpers import DOCS, QUESTION, SEP, SYSTEM, rag_messages
 
+from decode_worker.config import DecodeConfig
+from decode_worker.limits import RequestLimits
 from decode_worker.prompts import PromptBuilder, PromptDefaults
-from decode_worker.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from decode_worker.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    WarmRequest,
+)
 from kvfuse.blend import Mode
 from kvfuse.engine import Engine
 from kvfuse.errors import InvalidRequestError, PromptTooLongError
 
 LIMIT = 512
+# Small limits, so that a test can pass each with a few words.
+LIMITS = DecodeConfig(
+    max_segments=6,
+    max_segment_tokens=100,
+    max_stop_strings=3,
+    max_stop_chars=8,
+    max_warm_documents=4,
+)
 
 
-@pytest.fixture
-def builder(engine: Engine) -> PromptBuilder:
+def make_builder(engine: Engine, limits: DecodeConfig) -> PromptBuilder:
     defaults = PromptDefaults(
         separator=SEP,
         max_model_len=LIMIT,
@@ -27,7 +41,12 @@ def builder(engine: Engine) -> PromptBuilder:
         default_recompute_ratio=0.3,
         vocab_size=engine.model.cfg.vocab_size,
     )
-    return PromptBuilder(engine.tokenizer, defaults)
+    return PromptBuilder(engine.tokenizer, defaults, RequestLimits.from_config(limits, LIMIT))
+
+
+@pytest.fixture
+def builder(engine: Engine) -> PromptBuilder:
+    return make_builder(engine, LIMITS)
 
 
 def chat(builder: PromptBuilder, **body: Any) -> Any:
@@ -94,14 +113,85 @@ def test_completion_prompt_is_raw_text_split_at_the_separator(
     assert complete(builder, prompt=["single"]).prefill.segments.query_ids
 
 
-def test_max_tokens_defaults_within_the_context(builder: PromptBuilder) -> None:
+def test_max_tokens_defaults_within_the_context(engine: Engine) -> None:
+    builder = make_builder(engine, DecodeConfig())  # a segment may fill the context
     long_prompt = "word " * (LIMIT - 10)
     gen = complete(builder, prompt=long_prompt)
     assert gen.num_prompt_tokens + gen.prefill.sampling.max_tokens == LIMIT
     with pytest.raises(PromptTooLongError, match=str(LIMIT)):
-        complete(builder, prompt=long_prompt, max_tokens=64)
-    with pytest.raises(PromptTooLongError, match=str(LIMIT)):
         complete(builder, prompt="word " * LIMIT)
+
+
+def test_max_tokens_beyond_the_context_is_reported_as_max_tokens(builder: PromptBuilder) -> None:
+    num_prompt = len(complete(builder, prompt="hi").prefill.segments.token_ids)
+    room = LIMIT - num_prompt
+    assert complete(builder, prompt="hi", max_tokens=room).prefill.sampling.max_tokens == room
+    for too_many in (room + 1, 10**12):
+        want = (
+            f"max_tokens is {too_many}, more than the {room} tokens the model's context of "
+            f"{LIMIT} leaves after the prompt's {num_prompt}"
+        )
+        with pytest.raises(InvalidRequestError) as info:
+            complete(builder, prompt="hi", max_tokens=too_many)
+        assert str(info.value) == want and not isinstance(info.value, PromptTooLongError)
+
+
+def test_segment_limits_count_prefix_documents_and_query(builder: PromptBuilder) -> None:
+    """6 segments pass and 7 do not, however the prompt is cut into them."""
+    docs = [f"doc {i}" for i in range(5)]
+    assert len(chat(builder, messages=rag_messages(docs[:4])).prefill.segments.chunk_ids) == 4
+    too_many = "the prompt has 7 segments (prefix, documents and query), more than the limit of 6"
+    bodies: list[Any] = [
+        {"messages": rag_messages(docs)},
+        {"messages": [{"role": "user", "content": SEP.join([*docs, "q"])}]},
+        {"messages": [{"role": "user", "content": "x"}], "kvfuse": {"segments": [*docs, "a", "q"]}},
+        {"messages": [*rag_messages(), {"role": "assistant", "content": "x"},
+                      {"role": "user", "content": SEP.join([*docs, "q"])}]},
+    ]  # fmt: skip
+    for body in bodies:
+        with pytest.raises(InvalidRequestError) as info:
+            chat(builder, **body)
+        assert str(info.value) == too_many
+    with pytest.raises(InvalidRequestError, match="7 segments"):
+        complete(builder, prompt=SEP.join([*docs, "q", "q"]))
+    with pytest.raises(InvalidRequestError, match="7 segments"):
+        builder.tokenize(TokenizeRequest.model_validate({"prompt": SEP.join([*docs, "q", "q"])}))
+
+
+@pytest.mark.parametrize(
+    ("segments", "name"),
+    [
+        (["word " * 120, "doc", "q"], "the prefix"),
+        (["sys", "doc", "word " * 120, "q"], "document 2"),
+        (["sys", "doc", "word " * 120], "the query"),
+    ],
+)
+def test_tokens_per_segment_are_limited(
+    builder: PromptBuilder, segments: list[str], name: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=f"^{name} has 1[0-9]{{2}} tokens, more than "):
+        complete(builder, prompt="x", kvfuse={"segments": segments})
+    with pytest.raises(InvalidRequestError, match="the limit of 100 per segment"):
+        complete(builder, prompt=[1] * 101)
+
+
+def test_stop_strings_are_limited_in_count_and_length(builder: PromptBuilder) -> None:
+    assert complete(builder, prompt="x", stop=["a", "b", "12345678"]).stop == ("a", "b", "12345678")
+    with pytest.raises(InvalidRequestError, match=r"^stop: at most 3 stop strings \(got 4\)$"):
+        complete(builder, prompt="x", stop=["a"] * 4)
+    with pytest.raises(InvalidRequestError, match=r"^stop.1: .* at most 8 characters \(got 9\)$"):
+        complete(builder, prompt="x", stop=["a", "123456789"])
+
+
+def test_warm_documents_are_limited_in_count_and_tokens(builder: PromptBuilder) -> None:
+    def warm(documents: list[str]) -> Any:
+        return builder.warm(WarmRequest.model_validate({"documents": documents}))
+
+    assert len(warm(["a", "b", "c", "d"]).chunk_ids) == 4
+    with pytest.raises(InvalidRequestError, match=r"at most 4 documents in a warm call \(got 5\)"):
+        warm(["a", "b", "c", "d", "e"])
+    with pytest.raises(InvalidRequestError, match=r"document 2 has .* the limit of 100"):
+        warm(["a", "word " * 120])
 
 
 def test_sampling_fields_reach_the_request(builder: PromptBuilder) -> None:
@@ -129,7 +219,7 @@ def test_sampling_fields_reach_the_request(builder: PromptBuilder) -> None:
         ({"prompt": "hi", "echo": True}, "echo"),
         ({"prompt": "hi", "best_of": 2}, "best_of"),
         ({"prompt": "hi", "presence_penalty": 0.5}, "penalties"),
-        ({"prompt": "hi", "stop": ["x"] * 17}, "stop strings"),
+        ({"prompt": "hi", "stop": ["x"] * 4}, "stop strings"),
         ({"prompt": "hi", "stop_token_ids": [10**9]}, "stop_token_ids"),
         ({"prompt": [5, -1]}, "token ids"),
         ({"prompt": ["a", "b"]}, "one prompt"),
