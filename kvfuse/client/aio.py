@@ -68,10 +68,11 @@ class AsyncCacheClient(ClientBase):
         *,
         codec: str = "raw",
         position_offset: int = 0,
-    ) -> bool:
+    ) -> wire.PutResult:
+        """See `CacheClient.put`."""
         meta, records = wire.encode_layers(key, layers, codec, position_offset)
         response = await self._must(self._stub.Put, lambda: wire.put_requests(meta, records))
-        return bool(response.created)
+        return wire.put_result_from_proto(response)
 
     async def get_layers(
         self, keys: Sequence[str], layers: range | None = None, codec: str | None = None

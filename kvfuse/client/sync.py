@@ -75,15 +75,18 @@ class CacheClient(ClientBase):
         *,
         codec: str = "raw",
         position_offset: int = 0,
-    ) -> bool:
+    ) -> wire.PutResult:
         """Stores a chunk: per layer (K, V), each [T, H_kv, D], encoded here with `codec`.
 
-        Returns True if this call stored it, False if the key was already stored. Raises
-        CapacityError when the server has no room.
+        Returns what the server did (`PutResult`): `stored` (a lookup finds it now), `created`
+        (this call stored it; False when it was already stored), the `tier`, and when it was
+        not stored the `reason` (e.g. "admission": the memory tier kept its hotter objects).
+        Not storing is an answer, not an error. Raises CapacityError when the server has no
+        room at all or its budget of unfinished uploads is taken (both RESOURCE_EXHAUSTED).
         """
         meta, records = wire.encode_layers(key, layers, codec, position_offset)
         response = self._must(self._stub.Put, lambda: wire.put_requests(meta, records))
-        return bool(response.created)
+        return wire.put_result_from_proto(response)
 
     def get_layers(
         self, keys: Sequence[str], layers: range | None = None, codec: str | None = None
@@ -161,7 +164,8 @@ class CacheClient(ClientBase):
         return None if response is None else wire.entry_from_proto(response.entry)
 
     def stats(self) -> list[wire.TierInfo]:
-        """Counters of every tier, fastest first."""
+        """Every tier, fastest first; its counters only for the server's admin tenant (for
+        other tenants they are 0 and `counters_hidden` is set)."""
         response = self._must(self._stub.Stats, cache_pb2.StatsRequest)
         return [wire.tier_from_proto(t) for t in response.tiers]
 
