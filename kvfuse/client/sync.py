@@ -14,6 +14,7 @@ from kvfuse.client import wire
 from kvfuse.client.base import ClientBase
 from kvfuse.client.bulk import BulkUnavailable
 from kvfuse.client.retry import retry_delay
+from kvfuse.errors import ServiceUnavailableError
 from kvfuse.kv import LayerFrame
 from kvfuse.transport.protocol import MAX_RECORD_BYTES, check_chunk_key
 from kvfuse.v1 import cache_pb2
@@ -54,7 +55,16 @@ class CacheClient(ClientBase):
             except grpc.RpcError as exc:
                 if miss_ok and exc.code() == grpc.StatusCode.NOT_FOUND:
                     return None
-                time.sleep(retry_delay(delays, exc))
+                time.sleep(self._backoff(delays, exc))
+
+    def _backoff(
+        self, delays: Iterator[float], exc: grpc.RpcError, retryable: bool = True
+    ) -> float:
+        """`retry_delay`, raising a connection failure explained in TLS terms if it was that."""
+        try:
+            return retry_delay(delays, exc, retryable)
+        except ServiceUnavailableError as err:
+            raise self._explain(err) from exc
 
     def _must(self, method: Callable[..., T], make_request: Callable[[], Any]) -> T:
         response = self._call(method, make_request)
@@ -134,7 +144,7 @@ class CacheClient(ClientBase):
                     yield from decoder.feed(response)
                 return
             except grpc.RpcError as exc:
-                time.sleep(retry_delay(delays, exc, retryable=not started))
+                time.sleep(self._backoff(delays, exc, retryable=not started))
             finally:
                 call.cancel()  # no-op when complete; frees the stream if the caller stopped early
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cache_server.config import CacheServerConfig
 from cache_server.server import CacheServer
 from kvfuse.cli import main as kvfuse_main
-from kvfuse.client import CacheClient, RetryPolicy
+from kvfuse.client import AsyncCacheClient, CacheClient, RetryPolicy
 from kvfuse.errors import AuthError, ServiceUnavailableError
 
 NO_RETRY = RetryPolicy(max_attempts=1)
@@ -123,14 +125,14 @@ def test_stats_counters_are_for_the_admin_tenant_only(
         assert not c.stats()[0].counters_hidden
 
 
-def test_tls_and_mtls(tls_files: tuple[Path, Path]) -> None:
+def test_tls_and_mtls(tls_files: tuple[Path, Path], tmp_path: Path) -> None:
     cert, key = tls_files
     with make_server(tls_cert=cert, tls_key=key) as srv:
         with CacheClient(srv.address, tls_root_cert=cert) as c:
             assert c.put(key_of("tls"), layers_of(3.0)).created
             assert c.get(key_of("tls")) is not None
         plain = CacheClient(srv.address, retry=NO_RETRY, timeout_s=5)
-        with plain, pytest.raises(ServiceUnavailableError):
+        with plain, pytest.raises(ServiceUnavailableError, match=r"^TLS required: .* plaintext"):
             plain.lookup([key_of("tls")])
     # mTLS: the same self-signed certificate serves as the CA of client certificates
     with make_server(tls_cert=cert, tls_key=key, tls_client_ca=cert) as srv:
@@ -140,8 +142,41 @@ def test_tls_and_mtls(tls_files: tuple[Path, Path]) -> None:
         with mtls as c:
             assert c.lookup([key_of("tls")]) == {key_of("tls"): None}
         no_cert = CacheClient(srv.address, tls_root_cert=cert, retry=NO_RETRY, timeout_s=5)
-        with no_cert, pytest.raises(ServiceUnavailableError):
+        refused = r"^TLS connection refused by .* client certificate .*mTLS.* and got none"
+        with no_cert, pytest.raises(AuthError, match=refused):
             no_cert.lookup([key_of("tls")])
+        other_cert, other_key = _self_signed(tmp_path, "other")
+        stranger = CacheClient(srv.address, tls_root_cert=cert, tls_client_cert=other_cert,
+                               tls_client_key=other_key, retry=NO_RETRY, timeout_s=5)  # fmt: skip
+        with stranger, pytest.raises(AuthError, match="refused this client's certificate"):
+            stranger.lookup([key_of("tls")])
+        untrusting = CacheClient(srv.address, tls_root_cert=other_cert, retry=NO_RETRY,
+                                 timeout_s=5)  # fmt: skip
+        with untrusting, pytest.raises(AuthError, match="does not trust the server's certif"):
+            untrusting.lookup([key_of("tls")])
+    with make_server() as srv:  # a TLS client at a plaintext server
+        tls_client = CacheClient(srv.address, tls_root_cert=cert, retry=NO_RETRY, timeout_s=5)
+        with tls_client, pytest.raises(ServiceUnavailableError, match="does not speak TLS"):
+            tls_client.lookup([key_of("tls")])
+
+    async def aio_plaintext() -> None:
+        with make_server(tls_cert=cert, tls_key=key) as srv:
+            async with AsyncCacheClient(srv.address, retry=NO_RETRY, timeout_s=5) as c:
+                with pytest.raises(ServiceUnavailableError, match=r"^TLS required"):
+                    await c.lookup([key_of("tls")])
+
+    asyncio.run(aio_plaintext())
+
+
+def _self_signed(out: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (no other CA signed it) and its key."""
+    cert, key = out / f"{name}.pem", out / f"{name}-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
 
 
 @pytest.fixture
