@@ -289,10 +289,12 @@ def _one_layer_put(
     release.wait(120)
 
 
-# Measured on the 2-core test machine: the upload phase below grew the idle server's VmRSS by
-# 48-70 MiB (peak) with 48 MiB of records buffered; before the budget, six 200 MiB uploads took
-# it up by ~1.4 GiB. What the budgets do not count — gRPC's buffers, allocator slack — is less
-# than this constant.
+# VmRSS over the idle server's, measured on the 2-core test machine (3 runs): +79-84 MiB with
+# the two stalled uploads holding 40 MiB of records, +131-140 MiB at the peak (VmHWM: the 40 MiB
+# object stored and read back on top of what the cancelled uploads left for glibc to reuse),
+# against 64 + 64 MiB of budgets. Without the upload budget, six 200 MiB uploads alone peaked
+# at +1,783 MiB. What the budgets do not count (gRPC's per-stream messages and buffers, freed
+# memory the allocator keeps) stays under this constant:
 RSS_SLACK_MIB = 96
 
 
