@@ -64,7 +64,9 @@ class KvfuseBench:
         self._client.lookup(["0" * 64])
 
     def put(self, key: str) -> int:
-        self._client.put(key, self._layers, codec=self._codec)
+        result = self._client.put(key, self._layers, codec=self._codec)
+        if not result.stored:  # its bytes would count as stored: fail instead
+            raise CacheError(f"kvfuse did not store {key} ({result.reason})")
         return self._wire_nbytes
 
     def get(self, key: str) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 from benchmarks.cache_clients import Layers
 from benchmarks.cache_throughput import object_keys
 from kvfuse.client.sync import CacheClient
+from kvfuse.client.wire import PutResult
 from kvfuse.errors import CacheError
 
 
@@ -32,6 +33,12 @@ def _timed_get(
     return first_layer_s, time.perf_counter() - start
 
 
+def _check_stored(key: str, result: PutResult) -> None:
+    """A timing of objects the server did not keep would be meaningless: CacheError."""
+    if not result.stored:
+        raise CacheError(f"kvfuse did not store {key} ({result.reason})")
+
+
 def measure_tier(
     client: CacheClient, layers: Layers, tier: str, codec: str, num_chunks: int, repeats: int
 ) -> dict[str, Any]:
@@ -41,12 +48,13 @@ def measure_tier(
     """
     keys = object_keys(f"tiers|{tier}|{codec}", num_chunks)
     for key in keys:
-        client.put(key, layers)
+        _check_stored(key, client.put(key, layers))
     put_s = []
     for key in object_keys(f"tiers-put|{tier}|{codec}", repeats):
         start = time.perf_counter()
-        client.put(key, layers, codec=codec)
+        result = client.put(key, layers, codec=codec)
         put_s.append(time.perf_counter() - start)
+        _check_stored(key, result)
         client.delete(key)
     lookup_s, first_s, get_s = [], [], []
     for _ in range(repeats):

@@ -10,7 +10,13 @@ from typing import Any
 
 from kvfuse.codecs import CODEC_NAMES
 from kvfuse.errors import ConfigError
-from kvfuse.service.auth import check_tenants, merge_tokens, parse_tokens_map
+from kvfuse.service.auth import (
+    DEFAULT_TENANT,
+    TENANT_PATTERN,
+    check_tenants,
+    merge_tokens,
+    parse_tokens_map,
+)
 from kvfuse.service.config import (
     ConfigLayers,
     Parser,
@@ -46,15 +52,25 @@ class CacheServerConfig:
         auth_token: a bearer token for tenant "default".
         auth_tokens: token → tenant (config file only; kept out of repr).
         auth_tokens_file: lines `<tenant> <token>` (lines starting with '#' are comments).
+        admin_tenant: the tenant whose Stats show the server-wide counters (objects, bytes,
+            evictions of every tenant); other tenants see each tier's name, state, codec and
+            capacity only. Without tokens every caller is tenant "default".
         tls_cert, tls_key: server certificate chain and key (PEM); both or neither.
         tls_client_ca: PEM roots; when set, clients must present a certificate (mTLS).
         max_message_bytes: gRPC send/receive message limit.
         max_object_bytes: largest object (sum of its layer records) a Put may store.
+        max_upload_bytes: bytes that unfinished Puts may announce, all streams together (each
+            reserves its header's size before reading any record, and is refused with
+            RESOURCE_EXHAUSTED when it does not fit); 0 (the default) means `memory_bytes`, so
+            the server holds at most about twice its memory budget. See `upload_budget_bytes`.
         max_batch_keys: most keys in one Lookup/GetLayers/Delete.
         max_list_page: most entries in one List page.
         num_workers: gRPC thread-pool size (concurrent RPCs); the bulk port serves up to 4×
             as many connections.
         grace_s: how long a graceful stop waits for in-flight RPCs.
+        drain_s: after that, how long a stop may spend copying the objects only the memory
+            tier holds into the next tier (disk, else Redis), so a restart finds them; 0
+            disables it. Nothing happens without a lower tier.
     """
 
     host: str = "127.0.0.1"
@@ -72,15 +88,18 @@ class CacheServerConfig:
     auth_token: str | None = field(default=None, repr=False)
     auth_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
     auth_tokens_file: Path | None = None
+    admin_tenant: str = DEFAULT_TENANT
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     max_message_bytes: int = 16 << 20
     max_object_bytes: int = 1 << 30
+    max_upload_bytes: int = 0
     max_batch_keys: int = 1024
     max_list_page: int = 1000
     num_workers: int = 16
     grace_s: float = 5.0
+    drain_s: float = 20.0
 
     def __post_init__(self) -> None:
         self.check()
@@ -98,8 +117,13 @@ class CacheServerConfig:
         for name in ("max_batch_keys", "max_list_page", "num_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
-        if self.grace_s < 0:
-            raise ConfigError("grace_s must be >= 0")
+        if self.max_upload_bytes < 0:
+            raise ConfigError("max_upload_bytes must be >= 0 (0: the memory budget)")
+        for name in ("grace_s", "drain_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        if not TENANT_PATTERN.match(self.admin_tenant):
+            raise ConfigError(f"admin_tenant {self.admin_tenant!r} is not a tenant name")
         check_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         for name in ("memory_codec", "disk_codec", "redis_codec"):
             if getattr(self, name) not in CODEC_NAMES:
@@ -107,6 +131,11 @@ class CacheServerConfig:
                     f"{name} must be one of {CODEC_NAMES}, got {getattr(self, name)!r}"
                 )
         check_tenants(self.auth_tokens)
+
+    @property
+    def upload_budget_bytes(self) -> int:
+        """The budget of unfinished uploads: `max_upload_bytes`, or `memory_bytes` when 0."""
+        return self.max_upload_bytes or self.memory_bytes
 
     @property
     def tokens(self) -> dict[str, str]:
@@ -146,15 +175,18 @@ _PARSERS: dict[str, Parser] = {
     "auth_token": optional(str),
     "auth_tokens": parse_tokens_map,
     "auth_tokens_file": optional(Path),
+    "admin_tenant": str,
     "tls_cert": optional(Path),
     "tls_key": optional(Path),
     "tls_client_ca": optional(Path),
     "max_message_bytes": parse_bytes,
     "max_object_bytes": parse_bytes,
+    "max_upload_bytes": parse_bytes,
     "max_batch_keys": parse_int,
     "max_list_page": parse_int,
     "num_workers": parse_int,
     "grace_s": parse_float,
+    "drain_s": parse_float,
 }
 
 

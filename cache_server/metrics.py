@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from cache_server.budget import UploadBudget
 from cache_server.store import TieredStore
 
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -58,6 +59,10 @@ class CacheMetrics:
     def watch_store(self, store: TieredStore) -> None:
         """Exports the store's and tiers' own counters, read at every scrape."""
         self.registry.register(StoreCollector(store))
+
+    def watch_uploads(self, budget: UploadBudget) -> None:
+        """Exports the upload budget: its limit, what unfinished Puts reserved and received."""
+        self.registry.register(UploadCollector(budget))
 
 
 class StoreCollector(Collector):
@@ -117,6 +122,32 @@ class StoreCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(name, doc, value=float(value))
+
+
+class UploadCollector(Collector):
+    """Gauges of the budget of unfinished uploads, read at scrape time."""
+
+    def __init__(self, budget: UploadBudget) -> None:
+        self._budget = budget
+
+    def collect(self) -> Iterator[Metric]:
+        budget = self._budget
+        yield GaugeMetricFamily(
+            "kvfuse_cache_upload_budget_bytes",
+            "Bytes unfinished Puts may announce in all (max_upload_bytes).",
+            value=float(budget.limit_bytes),
+        )
+        usage = GaugeMetricFamily(
+            "kvfuse_cache_upload_bytes",
+            "Bytes of unfinished Puts: announced (reserved) and arrived so far (received).",
+            labels=["state"],
+        )
+        usage.add_metric(["reserved"], float(budget.reserved_bytes))
+        usage.add_metric(["received"], float(budget.received_bytes))
+        yield usage
+        yield GaugeMetricFamily(
+            "kvfuse_cache_uploads", "Puts receiving their records.", value=budget.num_uploads
+        )
 
 
 _TIER_GAUGES = (

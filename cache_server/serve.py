@@ -19,26 +19,42 @@ _FLAGS = FlagTable(
         ("--metrics-port", "Prometheus port (default 9464; 0 picks a free one, 'off' disables)"),
         (
             "--bulk-port",
-            "bulk-read socket port (default 50052; 0 picks a free one, 'off' disables)",
+            "bulk-read socket port (default 0: a free one, announced to clients in Stats; "
+            "'off' disables)",
         ),
-        ("--memory-bytes", "memory tier budget, e.g. 2GiB"),
-        ("--memory-codec", "memory tier codec (raw, fp16, int8, int4, cachegen)"),
+        ("--memory-bytes", "memory tier budget, e.g. 2GiB (default 1GiB)"),
+        ("--memory-codec", "memory tier codec: raw, fp16, int8, int4, cachegen (default raw)"),
         ("--disk-dir", "enable the disk tier in this directory"),
-        ("--disk-bytes", "disk tier budget"),
-        ("--disk-codec", "disk tier codec"),
+        ("--disk-bytes", "disk tier budget (default 10GiB)"),
+        ("--disk-codec", "disk tier codec (default raw)"),
         ("--redis-url", "enable the Redis tier, e.g. redis://127.0.0.1:6379/0"),
-        ("--redis-bytes", "Redis tier budget"),
-        ("--redis-codec", "Redis tier codec"),
+        ("--redis-bytes", "Redis tier budget (default 1GiB)"),
+        ("--redis-codec", "Redis tier codec (default int8)"),
         ("--token", "bearer token of tenant 'default' (or KVFUSE_AUTH_TOKEN)"),
         ("--tokens-file", "file of '<tenant> <token>' lines"),
+        (
+            "--admin-tenant",
+            "the tenant whose Stats show server-wide counters (default 'default'; other "
+            "tenants see each tier's name, state, codec and capacity)",
+        ),
         ("--tls-cert", "server certificate chain (PEM); enables TLS with --tls-key"),
         ("--tls-key", "server private key (PEM)"),
         ("--tls-client-ca", "require client certificates signed by this CA (mTLS)"),
         ("--max-message-bytes", "gRPC message limit (default 16MiB)"),
         ("--max-object-bytes", "largest object a Put may store (default 1GiB)"),
+        (
+            "--max-upload-bytes",
+            "budget of bytes announced by unfinished Puts, all streams together; a Put that "
+            "does not fit is refused with RESOURCE_EXHAUSTED (default 0: --memory-bytes)",
+        ),
         ("--max-batch-keys", "most keys per Lookup/GetLayers/Delete (default 1024)"),
         ("--num-workers", "gRPC worker threads (default 16)"),
         ("--grace-s", "seconds in-flight RPCs get on shutdown (default 5)"),
+        (
+            "--drain-s",
+            "seconds a shutdown may then spend copying objects only memory holds into the "
+            "next tier, disk else Redis (default 20; 0 disables)",
+        ),
     ),
     renamed={"token": "auth_token", "tokens_file": "auth_tokens_file"},  # flag dest → field
     config_help="TOML/YAML settings file (or KVFUSE_CACHE_CONFIG)",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 
+from cache_server.budget import UploadBudget
 from cache_server.bulk import BulkServer
 from cache_server.config import CacheServerConfig
 from cache_server.interceptors import SERVICE_PREFIX, ObservingInterceptor
@@ -12,7 +14,7 @@ from cache_server.servicer import CacheServicer
 from cache_server.store import TieredStore
 from cache_server.tiers.base import Tier
 from kvfuse.errors import ConfigError
-from kvfuse.service.auth import Authenticator, AuthInterceptor
+from kvfuse.service.auth import DEFAULT_TENANT, Authenticator, AuthInterceptor
 from kvfuse.service.grpc_server import GrpcServer, GrpcService, PreEncodedInterceptor
 from kvfuse.service.tls import server_ssl_context
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc
@@ -41,15 +43,19 @@ class CacheServer(GrpcService):
     """A cache server: start it, talk to `port`, stop it (or use it as a context manager).
 
     Owns the store (closed on `stop`) and the metrics endpoint. `start` binds both ports and
-    returns once they accept connections; `stop` drains in-flight RPCs for `grace_s`.
+    returns once they accept connections (and logs a WARNING when no token is configured:
+    every client is then served unauthenticated); `stop` drains in-flight RPCs for `grace_s`,
+    then copies what only the memory tier holds into the next tier for up to `drain_s`.
     """
 
     def __init__(self, config: CacheServerConfig, tiers: list[Tier] | None = None) -> None:
         self.config = config
         tiers = build_tiers(config) if tiers is None else tiers
         self.store = TieredStore(tiers)
+        self.uploads = UploadBudget(config.upload_budget_bytes)
         self.metrics = CacheMetrics()
         self.metrics.watch_store(self.store)
+        self.metrics.watch_uploads(self.uploads)
         auth = Authenticator(config.tokens)
         grpc_server = GrpcServer(
             SERVICE_NAME,
@@ -71,7 +77,9 @@ class CacheServer(GrpcService):
         )
         super().__init__(grpc_server, config.grace_s)
         tier_codecs = {t.name: t.codec for t in tiers}
-        self._servicer = CacheServicer(self.store, config, auth, self.metrics, tier_codecs)
+        self._servicer = CacheServicer(
+            self.store, config, auth, self.metrics, tier_codecs, self.uploads
+        )
         cache_pb2_grpc.add_CacheServiceServicer_to_server(self._servicer, grpc_server.server)  # type: ignore[no-untyped-call]
         self._bulk: BulkServer | None = None
         self._auth = auth
@@ -89,6 +97,15 @@ class CacheServer(GrpcService):
             self.grpc.stop(0)
             raise
         log.debug("cache server listening on %s", self.address)
+        if not self._auth.enabled:
+            log.warning(
+                "NO AUTHENTICATION: no token is configured (--token, --tokens-file or "
+                "KVFUSE_AUTH_TOKEN), so every client that reaches %s (and the bulk port) is "
+                "served unauthenticated, as tenant %r, and can read, overwrite and delete "
+                "every object",
+                self.address,
+                DEFAULT_TENANT,
+            )
         return self
 
     def _start_bulk(self) -> BulkServer | None:
@@ -117,4 +134,29 @@ class CacheServer(GrpcService):
     def close(self) -> None:
         if self._bulk is not None:
             self._bulk.stop()
-        self.store.close()
+        try:
+            self._drain()
+        finally:
+            self.store.close()
+
+    def _drain(self) -> None:
+        """Copies what only the memory tier holds into the next tier, for up to `drain_s`
+        (gRPC and the bulk port are already closed: nothing changes the store meanwhile)."""
+        if self.config.drain_s <= 0 or len(self.store.tiers) < 2:
+            return
+        start = time.monotonic()
+        report = self.store.drain(start + self.config.drain_s)
+        seconds = time.monotonic() - start
+        below = "+".join(tier.name for tier in self.store.tiers[1:])
+        if report.num_left:
+            log.warning(
+                "shutdown drain: %d objects copied from memory to %s in %.1f s, %d already "
+                "there, %d lost (no room below, or past drain_s=%g)",
+                report.num_copied, below, seconds, report.num_present, report.num_left,
+                self.config.drain_s,
+            )  # fmt: skip
+        else:
+            log.info(
+                "shutdown drain: %d objects copied from memory to %s in %.1f s, %d already there",
+                report.num_copied, below, seconds, report.num_present,
+            )  # fmt: skip

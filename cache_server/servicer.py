@@ -7,11 +7,13 @@ from collections.abc import Iterator
 import grpc
 
 from cache_server import status, wire
+from cache_server.budget import UploadBudget
 from cache_server.config import CacheServerConfig
 from cache_server.download import iter_layer_messages, open_download
 from cache_server.metrics import CacheMetrics
+from cache_server.objects import StoredObject
 from cache_server.records import RecordCodec
-from cache_server.store import TieredStore
+from cache_server.store import Placement, TieredStore
 from cache_server.upload import CommitLocks, Upload
 from kvfuse.service.auth import Authenticator
 from kvfuse.transport.protocol import check_chunk_key
@@ -22,8 +24,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     """One instance per server, called from the gRPC thread pool; thread-safe.
 
     Every key is scoped to the caller's tenant (resolved from the bearer token), so tenants
-    never see each other's objects. KvfuseErrors raised here become status codes in the
-    ObservingInterceptor (see `status`); a miss is never an error except for Pin/Move.
+    never see each other's objects, and only the admin tenant sees the server-wide counters
+    of Stats. Unfinished Puts share `uploads`, the budget of bytes they may buffer.
+    KvfuseErrors raised here become status codes in the ObservingInterceptor (see `status`);
+    a miss is never an error except for Pin/Move.
     """
 
     def __init__(
@@ -33,6 +37,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         auth: Authenticator,
         metrics: CacheMetrics,
         tier_codecs: dict[str, str],
+        uploads: UploadBudget,
     ) -> None:
         self._store = store
         self._config = config
@@ -40,6 +45,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self._metrics = metrics
         self.codecs = RecordCodec(metrics)
         self._tier_codecs = tier_codecs
+        self._uploads = uploads
         self._commit_locks = CommitLocks()
         self.bulk_port = 0  # set by the server once its bulk port is bound
 
@@ -60,23 +66,23 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     def Put(
         self, request_iterator: Iterator[cache_pb2.PutRequest], context: grpc.ServicerContext
     ) -> cache_pb2.PutResponse:
-        upload = Upload(self._tenant(context), self.codecs, self._config.max_object_bytes)
-        for request in request_iterator:
-            upload.add(request)
-        obj = upload.finish()
-        self._metrics.received_bytes.labels("Put").inc(obj.meta.total_nbytes)
-        created = self._commit_locks.put_if_absent(
-            obj.meta.key,
-            exists=lambda: self._store.lookup(obj.meta.key) is not None,
-            put=lambda: self._store.put(obj),
-        )
-        location = self._store.lookup(obj.meta.key)  # stored size: the tier's codec may differ
-        return cache_pb2.PutResponse(
-            key=upload.key,
-            created=created,
-            tier="" if location is None else location.tier,
-            nbytes=0 if location is None else location.meta.total_nbytes,
-        )
+        tenant = self._tenant(context)
+        with Upload(tenant, self.codecs, self._config.max_object_bytes, self._uploads) as upload:
+            for request in request_iterator:  # a cancelled stream raises here: reservation freed
+                upload.add(request)
+            obj = upload.finish()
+            self._metrics.received_bytes.labels("Put").inc(obj.meta.total_nbytes)
+            created, placement = self._commit_locks.run(obj.meta.key, lambda: self._commit(obj))
+        return wire.put_response(upload.key or "", created, placement)
+
+    def _commit(self, obj: StoredObject) -> tuple[bool, Placement]:
+        """Stores `obj` unless its key is stored already: (whether this put stored it, where
+        it is now or why no tier kept it). Under the key's commit lock."""
+        existing = self._store.lookup(obj.meta.key)
+        if existing is not None:
+            return False, Placement(existing.tier, existing.meta.total_nbytes)
+        placement = self._store.put(obj)
+        return placement.stored, placement
 
     def GetLayers(
         self, request: cache_pb2.GetLayersRequest, context: grpc.ServicerContext
@@ -126,9 +132,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     def Stats(
         self, request: cache_pb2.StatsRequest, context: grpc.ServicerContext
     ) -> cache_pb2.StatsResponse:
-        self._tenant(context)
+        hidden = self._tenant(context) != self._config.admin_tenant
         tiers = [
-            wire.tier_stats_to_proto(s, self._tier_codecs.get(s.name, ""))
+            wire.tier_stats_to_proto(s, self._tier_codecs.get(s.name, ""), hidden)
             for s in self._store.stats()
         ]
         return cache_pb2.StatsResponse(tiers=tiers, bulk_port=self.bulk_port)

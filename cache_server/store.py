@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from cache_server.objects import ObjectMeta, StoredObject, check_key
 from cache_server.tiers.base import Tier, TierStats
@@ -16,6 +17,10 @@ from kvfuse.errors import CapacityError, ConfigError, InvalidRequestError, TierU
 
 T = TypeVar("T")
 MAX_TOMBSTONES = 100_000  # per tier: deletes a down tier missed, replayed when it is back
+# Why a put left an object in no tier (Placement.reason, PutResponse.reason).
+ADMISSION = "admission"  # the first tier's admission declined it and no lower tier took it
+CAPACITY = "capacity"  # a lower tier had no room for it
+UNAVAILABLE = "unavailable"  # the lower tier that would have taken it is down
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,43 @@ class Location:
     tier: str
     meta: ObjectMeta
     pinned: bool
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a put left an object: the tier holding it and its size there, or why none does.
+
+    Attributes:
+        tier: the tier's name; None when no tier kept the object.
+        nbytes: the object's encoded size in that tier (its codec may differ); 0 if not stored.
+        reason: "" when stored, else ADMISSION, CAPACITY or UNAVAILABLE.
+    """
+
+    tier: str | None
+    nbytes: int = 0
+    reason: str = ""
+
+    @property
+    def stored(self) -> bool:
+        return self.tier is not None
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """What `drain` did: objects copied down, found below already, and not copied."""
+
+    num_copied: int
+    num_present: int
+    num_left: int
+
+
+class _Landing(NamedTuple):
+    """Where an object ended up inside the store: a tier index (len(tiers): none), its
+    metadata there (None when dropped) and, when dropped, why."""
+
+    idx: int
+    meta: ObjectMeta | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -59,7 +101,9 @@ class TieredStore:
 
     - `put` stores into the first tier (transcoded to its codec); if that tier refuses
       (CapacityError) or is down, the next tiers are tried, and the key is removed from every
-      other tier so no stale copy remains. CapacityError if no tier takes it.
+      other tier so no stale copy remains. CapacityError if no tier takes it. It returns a
+      `Placement`: the tier that kept the object, or why none did (its admission declined it
+      and the tiers below could not take it).
     - Objects a tier evicts (or declines through admission) are demoted to the next tier that
       takes them, transcoded to its codec (skipped when it already holds the same object); off
       the end they are dropped.
@@ -70,6 +114,8 @@ class TieredStore:
     - `delete` removes the key from every tier; `pin`/`unpin` act on every tier holding it.
     - `move(key, tier, codec)` re-homes an object into `tier` (transcoded to `codec`, default
       the tier's) and removes it from all other tiers.
+    - `drain(deadline)` (at shutdown) copies what only the first tier holds into the next
+      tier that takes it, so objects held in memory survive a restart.
 
     Locking: one store lock serializes mutations (put, delete, pin, unpin, move, promotion
     and the demotions they cause), so concurrent puts of one key commit exactly one object
@@ -158,8 +204,12 @@ class TieredStore:
             num_unavailable=per_tier("unavailable"),
         )
 
-    def put(self, obj: StoredObject) -> None:
-        """Stores `obj` (its CRC32s must already be verified, as the servicer's upload does)."""
+    def put(self, obj: StoredObject) -> Placement:
+        """Stores `obj` (its CRC32s must already be verified, as the servicer's upload does).
+
+        Returns where it landed, or why no tier kept it. Raises CapacityError when every tier
+        refuses it, TierUnavailableError when none is reachable.
+        """
         first = self._transcode(obj, self.tiers[0].codec)  # outside the lock: CPU-heavy
         refused: CapacityError | None = None
         with self._lock:
@@ -171,9 +221,14 @@ class TieredStore:
                     refused = refused or exc
                     continue
                 if landed is not None:
-                    self._drop_other_copies(obj.meta.key, landed)
-                    return
+                    self._drop_other_copies(obj.meta.key, landed.idx)
+                    return self._placement(landed)
         raise refused or TierUnavailableError("no tier is reachable")
+
+    def _placement(self, landed: _Landing) -> Placement:
+        if landed.idx >= len(self.tiers) or landed.meta is None:
+            return Placement(None, 0, landed.reason)
+        return Placement(self.tiers[landed.idx].name, landed.meta.total_nbytes)
 
     def delete(self, key: str) -> bool:
         """Removes `key` from every tier (pinned or not); True if any tier had it."""
@@ -224,6 +279,51 @@ class TieredStore:
             self._demote(evicted, idx)
             return Location(target.name, copy.meta, pinned)
 
+    def drain(self, deadline: float) -> DrainReport:
+        """Copies every object only the first tier holds into the next tier that takes it.
+
+        For a shutdown: a memory tier forgets everything at exit, the disk keeps it (Redis
+        too, as long as it runs). Most recently used first, so a drain cut short keeps the
+        objects most likely to be read again, and no more than the next tier's capacity (by
+        their size in the first tier), so the copies do not evict each other; pins go along.
+        Starts no copy after `deadline` (time.monotonic()). The first tier keeps its copies.
+        Nothing happens with one tier.
+        """
+        if len(self.tiers) == 1:
+            return DrainReport(0, 0, 0)
+        first, room = self.tiers[0], self.tiers[1].stats().capacity_bytes
+        copied = present = left = 0
+        for key in reversed(list(first.keys())):  # keys() lists least recently used first
+            meta = self._read(0, first.get_meta, key)
+            if meta is None:
+                continue  # deleted meanwhile
+            if time.monotonic() >= deadline or meta.total_nbytes > room:
+                left += 1
+                continue
+            with self._lock:
+                outcome = self._drain_one(key)
+            if outcome == "copied":
+                copied += 1
+                room -= meta.total_nbytes
+            present += outcome == "present"
+            left += outcome == "left"
+        return DrainReport(copied, present, left)
+
+    def _drain_one(self, key: str) -> str:
+        """What became of `key`: copied, present (a lower tier has it) or left. Under the lock."""
+        obj = self._read(0, self.tiers[0].get, key)
+        if obj is None:
+            return "present"  # deleted or evicted (and demoted) meanwhile
+        below = range(1, len(self.tiers))
+        if any(self._read(i, self.tiers[i].get_meta, key) is not None for i in below):
+            return "present"
+        landed = self._demote_one(obj, 0)
+        if landed.idx >= len(self.tiers):
+            return "left"
+        if self._read(0, self.tiers[0].is_pinned, key):
+            self._read(landed.idx, self.tiers[landed.idx].pin, key)
+        return "copied"
+
     def close(self) -> None:
         for tier in self.tiers:
             tier.close()
@@ -235,11 +335,11 @@ class TieredStore:
                 return idx, obj
         return None
 
-    def _store_into(self, idx: int, obj: StoredObject, pin: bool = False) -> int | None:
+    def _store_into(self, idx: int, obj: StoredObject, pin: bool = False) -> _Landing | None:
         """Puts `obj` into tier `idx` and demotes what it evicts.
 
-        Returns the index of the tier now holding `obj` (`idx`, or a lower one if admission
-        declined it, or len(tiers) if it was dropped); None if tier `idx` is down. Raises
+        Returns where `obj` is now: tier `idx`, or a lower one if admission declined it, or
+        len(tiers) with the reason if it was dropped; None if tier `idx` is down. Raises
         CapacityError if the tier refuses.
         """
         tier = self.tiers[idx]
@@ -250,33 +350,40 @@ class TieredStore:
             return None
         if any(e is obj for e in evicted):  # declined: it goes down the chain like an evictee
             self._demote([e for e in evicted if e is not obj], idx)
-            return self._demote_one(obj, idx)
+            return self._demote_one(obj, idx, ADMISSION)
         self._tombstones[idx].pop(obj.meta.key, None)
         if pin:
             self._read(idx, tier.pin, obj.meta.key)
         self._demote(evicted, idx)
-        return idx
+        return _Landing(idx, obj.meta, "")
 
     def _demote(self, evicted: list[StoredObject], from_idx: int) -> None:
         for victim in evicted:
             self._demote_one(victim, from_idx)
 
-    def _demote_one(self, victim: StoredObject, from_idx: int) -> int:
-        """Stores `victim` into the first lower tier that takes it; its index, or len(tiers)."""
+    def _demote_one(self, victim: StoredObject, from_idx: int, reason: str = "") -> _Landing:
+        """Stores `victim` into the first lower tier that takes it.
+
+        Returns that tier's index and the copy's metadata, or len(tiers) and why none took it
+        (`reason` when there is no lower tier, else the last lower tier's refusal).
+        """
         for idx in range(from_idx + 1, len(self.tiers)):
             tier = self.tiers[idx]
             copy = self._transcode(victim, tier.codec)
             if self._read(idx, tier.get_meta, victim.meta.key) == copy.meta:
-                return idx  # already there (inclusive caching after a promotion)
+                return _Landing(idx, copy.meta, "")  # already there (inclusive caching)
             try:
                 landed = self._store_into(idx, copy)
             except CapacityError:
+                reason = CAPACITY
                 continue
-            if landed is not None:
-                self._count("demotion")
-                return landed
+            if landed is None:
+                reason = UNAVAILABLE
+                continue
+            self._count("demotion")
+            return landed
         self._count("dropped")
-        return len(self.tiers)
+        return _Landing(len(self.tiers), None, reason)
 
     def _promote(self, obj: StoredObject, from_idx: int, num_deletes: int) -> None:
         key = obj.meta.key
@@ -289,7 +396,7 @@ class TieredStore:
                 landed = self._store_into(0, copy, pin=pinned)
             except CapacityError:
                 return
-            if landed == 0:
+            if landed is not None and landed.idx == 0:
                 self._count("promotion")
 
     def _drop_other_copies(self, key: str, landed: int) -> None:

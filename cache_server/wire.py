@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cache_server.objects import ObjectMeta
-from cache_server.store import Location
+from cache_server.store import Location, Placement
 from cache_server.tiers.base import TierStats
 from kvfuse.errors import InvalidObjectError
 from kvfuse.transport.messages import from_message, to_message
@@ -53,5 +53,27 @@ def entry_to_proto(key: str, location: Location | None) -> cache_pb2.Entry:
     )
 
 
-def tier_stats_to_proto(stats: TierStats, codec: str) -> cache_pb2.TierStats:
+def tier_stats_to_proto(stats: TierStats, codec: str, hidden: bool) -> cache_pb2.TierStats:
+    """A tier's Stats entry; with `hidden`, only its name, state, codec and capacity (its
+    counters describe every tenant's objects: for the admin tenant only)."""
+    if hidden:
+        return cache_pb2.TierStats(
+            name=stats.name,
+            up=stats.up,
+            codec=codec,
+            capacity_bytes=stats.capacity_bytes,
+            counters_hidden=True,
+        )
     return to_message(stats, cache_pb2.TierStats, codec=codec)
+
+
+def put_response(key: str, created: bool, placement: Placement) -> cache_pb2.PutResponse:
+    """What a Put answers: whether it stored the object, where it is, or why no tier kept it."""
+    return cache_pb2.PutResponse(
+        key=key,
+        created=created,
+        stored=placement.stored,
+        tier=placement.tier or "",
+        nbytes=placement.nbytes,
+        reason=placement.reason,
+    )

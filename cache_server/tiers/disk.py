@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -23,6 +24,8 @@ from kvfuse.errors import (
     InvalidObjectError,
 )
 
+log = logging.getLogger(__name__)
+
 
 class DiskTier(Tier):
     """Objects as files under `root`, bounded by `capacity_bytes` of file size. Thread-safe.
@@ -36,9 +39,10 @@ class DiskTier(Tier):
 
     A put writes a tmp file, fsyncs it, renames it into place and fsyncs the directory, so an
     object is either entirely visible or absent, even across a crash. Opening the tier deletes
-    leftovers in tmp/, validates every file's header and size (failures → quarantine/, counted
-    in num_corrupt), and rebuilds the LRU order from file mtimes (accesses touch the mtime).
-    Layer reads seek to one record and verify its CRC32; a mismatch quarantines the file.
+    leftovers in tmp/, validates every file's header and size (failures → quarantine/), and
+    rebuilds the LRU order from file mtimes (accesses touch the mtime). Layer reads seek to
+    one record and verify its CRC32; a mismatch quarantines the file. Every quarantined file
+    is counted in num_corrupt and logged at WARNING with its path and the reason.
     Big reads and writes run outside the lock; only index updates and renames run under it.
     One process per directory (enforced with flock).
     """
@@ -80,8 +84,8 @@ class DiskTier(Tier):
         for leftover in (self.root / "tmp").iterdir():
             leftover.unlink()
         entries, bad = diskfile.scan(self.root / "objects")
-        for path in bad:
-            self._quarantine_path(path)
+        for path, reason in bad:
+            self._quarantine_path(path, reason)
         for entry in entries:
             self._index[entry.meta.key] = entry
             self._stored_bytes += entry.nbytes
@@ -163,8 +167,8 @@ class DiskTier(Tier):
                 if self._return_evicted:
                     obj = diskfile.read_object(aside, entry.meta, entry.data_offset)
                     evicted.extend([obj] if obj is not None else [])
-            except CorruptRecordError:
-                self._quarantine_path(aside)
+            except CorruptRecordError as exc:
+                self._quarantine_path(aside, str(exc))
             finally:
                 aside.unlink(missing_ok=True)
         return evicted
@@ -200,8 +204,8 @@ class DiskTier(Tier):
                 record = diskfile.read_layer(
                     entry.path, entry.ino, entry.meta, entry.data_offset, layer_idx
                 )
-            except CorruptRecordError:
-                self._quarantine(key, entry)
+            except CorruptRecordError as exc:
+                self._quarantine(key, entry, str(exc))
                 return None
             if record is not None:
                 if layer_idx == 0:
@@ -217,8 +221,8 @@ class DiskTier(Tier):
                 return None
             try:
                 obj = diskfile.read_object(entry.path, entry.meta, entry.data_offset, entry.ino)
-            except CorruptRecordError:
-                self._quarantine(key, entry)
+            except CorruptRecordError as exc:
+                self._quarantine(key, entry, str(exc))
                 return None
             if obj is not None:
                 self._touch(key, entry)
@@ -244,18 +248,27 @@ class DiskTier(Tier):
             if self._index.get(key) is entry and not entry.path.exists():
                 self._drop(key)
                 self._num_corrupt += 1
+                log.warning("%s tier: %s vanished from under it; dropped", self.name, entry.path)
 
-    def _quarantine(self, key: str, entry: Entry) -> None:
+    def _quarantine(self, key: str, entry: Entry, reason: str) -> None:
         with self._lock:
             if self._index.get(key) is not entry:
                 return  # replaced or removed since we read it
             self._drop(key)
-            self._quarantine_path(entry.path)
+            self._quarantine_path(entry.path, reason)
 
-    def _quarantine_path(self, path: Path) -> None:
+    def _quarantine_path(self, path: Path, reason: str) -> None:
+        """Moves a corrupt file into quarantine/ (kept for inspection), counts and logs it."""
         self._num_corrupt += 1
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(path, self.root / "quarantine" / f"{path.name}.{time.time_ns()}")
+        target = self.root / "quarantine" / f"{path.name}.{time.time_ns()}"
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:
+            log.warning("%s tier: corrupt file %s (gone already): %s", self.name, path, reason)
+            return
+        log.warning(
+            "%s tier: corrupt object file %s quarantined as %s: %s", self.name, path, target, reason
+        )
 
     def pin(self, key: str) -> bool:
         with self._lock:

@@ -60,18 +60,18 @@ def object_path(objects_dir: Path, key: str) -> Path:
     return objects_dir / key[-64:-62] / file_name(key)
 
 
-def scan(objects_dir: Path) -> tuple[list[Entry], list[Path]]:
-    """Validates every object file: (entries oldest mtime first, paths that failed)."""
+def scan(objects_dir: Path) -> tuple[list[Entry], list[tuple[Path, str]]]:
+    """Validates every object file: (entries oldest mtime first, (path, reason) of failures)."""
     found: list[tuple[int, Entry]] = []
-    bad: list[Path] = []
+    bad: list[tuple[Path, str]] = []
     for path in objects_dir.glob(f"*/*{SUFFIX}"):
         try:
             meta, data_offset, nbytes = read_header(path)
             if object_path(objects_dir, meta.key) != path:
                 raise CorruptRecordError(f"{path.name}: holds key {meta.key}")
             st = path.stat()
-        except (CorruptRecordError, OSError):
-            bad.append(path)
+        except (CorruptRecordError, OSError) as exc:
+            bad.append((path, str(exc)))
             continue
         found.append((st.st_mtime_ns, Entry(meta, path, data_offset, nbytes, st.st_ino)))
     return [entry for _, entry in sorted(found, key=lambda item: item[0])], bad

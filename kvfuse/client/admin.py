@@ -15,9 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-root-cert", default=None, help="CA certificate (PEM) for TLS")
     parser.add_argument("--timeout-s", type=float, default=10.0)
     sub = parser.add_subparsers(dest="cache_command", required=True)
-    sub.add_parser("stats", help="per-tier bytes, objects, evictions").set_defaults(
-        cache_func=_stats
-    )
+    sub.add_parser(
+        "stats", help="per-tier bytes, objects, evictions (shown to the admin tenant only)"
+    ).set_defaults(cache_func=_stats)
     ls = sub.add_parser("ls", help="list stored chunks (this token's tenant)")
     ls.add_argument("--limit", type=int, default=0, help="stop after this many (0: all)")
     ls.set_defaults(cache_func=_ls)
@@ -46,13 +46,19 @@ def _stats(client: CacheClient, args: argparse.Namespace) -> int:
         "evicted",
         "corrupt",
     )
+    tiers = client.stats()
     rows = [
         (t.name, "yes" if t.up else "NO", t.codec, _size(t.stored_bytes),
          _size(t.capacity_bytes), str(t.num_objects), str(t.num_pinned),
          str(t.num_evictions), str(t.num_corrupt))
-        for t in client.stats()
+        if not t.counters_hidden
+        else (t.name, "yes" if t.up else "NO", t.codec, "-", _size(t.capacity_bytes),
+              "-", "-", "-", "-")
+        for t in tiers
     ]  # fmt: skip
     _print_table(header, rows)
+    if any(t.counters_hidden for t in tiers):
+        print("(counters hidden: they span every tenant; the server's admin tenant sees them)")
     return 0
 
 

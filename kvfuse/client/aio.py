@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -13,6 +13,7 @@ import torch
 from kvfuse.client import wire
 from kvfuse.client.base import ClientBase
 from kvfuse.client.retry import retry_delay
+from kvfuse.errors import ServiceUnavailableError
 from kvfuse.kv import LayerFrame
 from kvfuse.transport.protocol import MAX_RECORD_BYTES, check_chunk_key
 from kvfuse.v1 import cache_pb2
@@ -46,7 +47,17 @@ class AsyncCacheClient(ClientBase):
             except grpc.RpcError as exc:
                 if miss_ok and exc.code() == grpc.StatusCode.NOT_FOUND:
                     return None
-                await asyncio.sleep(retry_delay(delays, exc))
+                await asyncio.sleep(await self._backoff(delays, exc))
+
+    async def _backoff(
+        self, delays: Iterator[float], exc: grpc.RpcError, retryable: bool = True
+    ) -> float:
+        """`retry_delay`, raising a connection failure explained in TLS terms if it was that
+        (the probe runs on a worker thread, not on the event loop)."""
+        try:
+            return retry_delay(delays, exc, retryable)
+        except ServiceUnavailableError as err:
+            raise await asyncio.to_thread(self._explain, err) from exc
 
     async def _must(
         self, method: Callable[..., Awaitable[T]], make_request: Callable[[], Any]
@@ -68,10 +79,11 @@ class AsyncCacheClient(ClientBase):
         *,
         codec: str = "raw",
         position_offset: int = 0,
-    ) -> bool:
+    ) -> wire.PutResult:
+        """See `CacheClient.put`."""
         meta, records = wire.encode_layers(key, layers, codec, position_offset)
         response = await self._must(self._stub.Put, lambda: wire.put_requests(meta, records))
-        return bool(response.created)
+        return wire.put_result_from_proto(response)
 
     async def get_layers(
         self, keys: Sequence[str], layers: range | None = None, codec: str | None = None
@@ -105,7 +117,7 @@ class AsyncCacheClient(ClientBase):
                         yield item
                 return
             except grpc.RpcError as exc:
-                await asyncio.sleep(retry_delay(delays, exc, retryable=not started))
+                await asyncio.sleep(await self._backoff(delays, exc, retryable=not started))
             finally:
                 call.cancel()
 

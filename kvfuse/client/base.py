@@ -6,7 +6,9 @@ from typing import ClassVar
 
 from kvfuse.client.bulk import BulkRoute
 from kvfuse.client.retry import RetryPolicy
+from kvfuse.client.tls_check import TlsCheck
 from kvfuse.client.wire import get_layers_method
+from kvfuse.errors import KvfuseError
 from kvfuse.service.auth import bearer_metadata
 from kvfuse.service.grpc_channel import open_channel
 from kvfuse.service.tls import Pem, client_ssl_context
@@ -18,7 +20,9 @@ class ClientBase:
 
     The constructor opens the channel (see CacheClient for the arguments); the subclass
     makes the calls and closes it. Holds no other state, so the subclasses are thread-safe
-    (the blocking one) or loop-bound (the asyncio one) exactly as their channels are.
+    (the blocking one) or loop-bound (the asyncio one) exactly as their channels are. A call
+    that ends UNAVAILABLE because of TLS (gRPC says "Socket closed") raises an error that
+    names the TLS problem instead (`_explain`, see `tls_check`).
     """
 
     aio: ClassVar[bool] = False
@@ -51,9 +55,17 @@ class ClientBase:
         self._metadata = bearer_metadata(token)
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
-        tls = (
-            None if self.aio else client_ssl_context(tls_root_cert, tls_client_cert, tls_client_key)
-        )
+        tls = client_ssl_context(tls_root_cert, tls_client_cert, tls_client_key)
         self._bulk = BulkRoute(
             target, bulk and not self.aio, token, tls, tls_server_name, timeout_s
         )
+        probe_tls = client_ssl_context(tls_root_cert, tls_client_cert, tls_client_key)
+        has_client_cert = tls_client_cert is not None
+        self._tls_check = TlsCheck.for_target(
+            target, probe_tls, has_client_cert, tls_server_name, timeout_s
+        )
+
+    def _explain(self, err: KvfuseError) -> KvfuseError:
+        """The error a failed call raises: `err`, or the TLS refusal behind it (this probes
+        the server: blocking, a few seconds at most, and only after a transport failure)."""
+        return self._tls_check.explain(err)

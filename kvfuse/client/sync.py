@@ -14,6 +14,7 @@ from kvfuse.client import wire
 from kvfuse.client.base import ClientBase
 from kvfuse.client.bulk import BulkUnavailable
 from kvfuse.client.retry import retry_delay
+from kvfuse.errors import ServiceUnavailableError
 from kvfuse.kv import LayerFrame
 from kvfuse.transport.protocol import MAX_RECORD_BYTES, check_chunk_key
 from kvfuse.v1 import cache_pb2
@@ -54,7 +55,16 @@ class CacheClient(ClientBase):
             except grpc.RpcError as exc:
                 if miss_ok and exc.code() == grpc.StatusCode.NOT_FOUND:
                     return None
-                time.sleep(retry_delay(delays, exc))
+                time.sleep(self._backoff(delays, exc))
+
+    def _backoff(
+        self, delays: Iterator[float], exc: grpc.RpcError, retryable: bool = True
+    ) -> float:
+        """`retry_delay`, raising a connection failure explained in TLS terms if it was that."""
+        try:
+            return retry_delay(delays, exc, retryable)
+        except ServiceUnavailableError as err:
+            raise self._explain(err) from exc
 
     def _must(self, method: Callable[..., T], make_request: Callable[[], Any]) -> T:
         response = self._call(method, make_request)
@@ -75,15 +85,18 @@ class CacheClient(ClientBase):
         *,
         codec: str = "raw",
         position_offset: int = 0,
-    ) -> bool:
+    ) -> wire.PutResult:
         """Stores a chunk: per layer (K, V), each [T, H_kv, D], encoded here with `codec`.
 
-        Returns True if this call stored it, False if the key was already stored. Raises
-        CapacityError when the server has no room.
+        Returns what the server did (`PutResult`): `stored` (a lookup finds it now), `created`
+        (this call stored it; False when it was already stored), the `tier`, and when it was
+        not stored the `reason` (e.g. "admission": the memory tier kept its hotter objects).
+        Not storing is an answer, not an error. Raises CapacityError when the server has no
+        room at all or its budget of unfinished uploads is taken (both RESOURCE_EXHAUSTED).
         """
         meta, records = wire.encode_layers(key, layers, codec, position_offset)
         response = self._must(self._stub.Put, lambda: wire.put_requests(meta, records))
-        return bool(response.created)
+        return wire.put_result_from_proto(response)
 
     def get_layers(
         self, keys: Sequence[str], layers: range | None = None, codec: str | None = None
@@ -131,7 +144,7 @@ class CacheClient(ClientBase):
                     yield from decoder.feed(response)
                 return
             except grpc.RpcError as exc:
-                time.sleep(retry_delay(delays, exc, retryable=not started))
+                time.sleep(self._backoff(delays, exc, retryable=not started))
             finally:
                 call.cancel()  # no-op when complete; frees the stream if the caller stopped early
 
@@ -161,7 +174,8 @@ class CacheClient(ClientBase):
         return None if response is None else wire.entry_from_proto(response.entry)
 
     def stats(self) -> list[wire.TierInfo]:
-        """Counters of every tier, fastest first."""
+        """Every tier, fastest first; its counters only for the server's admin tenant (for
+        other tenants they are 0 and `counters_hidden` is set)."""
         response = self._must(self._stub.Stats, cache_pb2.StatsRequest)
         return [wire.tier_from_proto(t) for t in response.tiers]
 

@@ -66,8 +66,32 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class PutResult:
+    """What a `put` did, as the server reports it after its commit.
+
+    Attributes:
+        stored: the object is stored now (by this put, or it already was); a lookup finds it.
+        created: this put stored it (False: it was stored already, or no tier kept it).
+        tier: where it is stored ("" when not stored).
+        reason: why it was not stored ("" when it was): "admission" (the memory tier's
+            frequency-based admission declined it, the objects it would evict being read more
+            often, and no lower tier took it), "capacity" (a lower tier had no room),
+            "unavailable" (the lower tier that would have taken it is down).
+    """
+
+    stored: bool
+    created: bool
+    tier: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class TierInfo:
-    """One tier's counters from `stats()` (counters are totals since the server started)."""
+    """One tier's counters from `stats()` (counters are totals since the server started).
+
+    The counters (stored_bytes through num_rejected) span every tenant, so only the server's
+    admin tenant gets them; for other tenants they are 0 and `counters_hidden` is True.
+    """
 
     name: str
     up: bool
@@ -79,6 +103,13 @@ class TierInfo:
     num_evictions: int
     num_corrupt: int
     num_rejected: int
+    counters_hidden: bool
+
+
+def put_result_from_proto(pb: cache_pb2.PutResponse) -> PutResult:
+    # A server older than the `stored` field reports a tier exactly when the key is stored.
+    stored = pb.stored or (bool(pb.tier) and not pb.reason)
+    return PutResult(stored=stored, created=pb.created and stored, tier=pb.tier, reason=pb.reason)
 
 
 def entry_from_proto(pb: cache_pb2.Entry) -> Entry | None:

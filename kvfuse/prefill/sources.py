@@ -122,8 +122,13 @@ class CacheServerSource:
         return self._fetch.get_layers(keys)
 
     def put(self, key: str, kv: ChunkKV) -> bool:
+        """True: stored now, False: already stored. Raises CapacityError with the server's
+        reason when it kept the object in no tier (e.g. its admission declined it)."""
         layers = [kv.layer(idx) for idx in range(kv.num_layers)]  # [T, H_kv, D] each
-        return self._put.put(key, layers, position_offset=int(kv.positions[0]))
+        result = self._put.put(key, layers, position_offset=int(kv.positions[0]))
+        if not result.stored:
+            raise CapacityError(f"{key[:12]}: {self.addr} did not store it ({result.reason})")
+        return result.created
 
     def close(self) -> None:
         for client in (self._lookup, self._fetch, self._put):

@@ -107,6 +107,11 @@ class RecordAssembler:
         """True while a record has started but not all of its bytes arrived."""
         return self._current is not None
 
+    @property
+    def num_buffered(self) -> int:
+        """Bytes of the record in progress received so far (0 between records)."""
+        return self._num_received
+
     def feed(self, frame: Frame) -> Record | None:
         """Takes one frame; returns the record it completes, else None."""
         data = frame.data  # each read of a protobuf bytes field copies it: read once

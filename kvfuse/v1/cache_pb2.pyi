@@ -50,16 +50,20 @@ class PutRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PutHeader, _Mapping]] = ..., frame: _Optional[_Union[_common_pb2.LayerFrame, _Mapping]] = ...) -> None: ...
 
 class PutResponse(_message.Message):
-    __slots__ = ("key", "created", "tier", "nbytes")
+    __slots__ = ("key", "created", "tier", "nbytes", "stored", "reason")
     KEY_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     key: str
     created: bool
     tier: str
     nbytes: int
-    def __init__(self, key: _Optional[str] = ..., created: _Optional[bool] = ..., tier: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    stored: bool
+    reason: str
+    def __init__(self, key: _Optional[str] = ..., created: _Optional[bool] = ..., tier: _Optional[str] = ..., nbytes: _Optional[int] = ..., stored: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetLayersRequest(_message.Message):
     __slots__ = ("keys", "layer_start", "layer_stop", "codec")
@@ -144,7 +148,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("name", "up", "codec", "capacity_bytes", "stored_bytes", "num_objects", "num_pinned", "num_evictions", "num_corrupt", "num_rejected")
+    __slots__ = ("name", "up", "codec", "capacity_bytes", "stored_bytes", "num_objects", "num_pinned", "num_evictions", "num_corrupt", "num_rejected", "counters_hidden")
     NAME_FIELD_NUMBER: _ClassVar[int]
     UP_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +159,7 @@ class TierStats(_message.Message):
     NUM_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_CORRUPT_FIELD_NUMBER: _ClassVar[int]
     NUM_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     up: bool
     codec: str
@@ -165,7 +170,8 @@ class TierStats(_message.Message):
     num_evictions: int
     num_corrupt: int
     num_rejected: int
-    def __init__(self, name: _Optional[str] = ..., up: _Optional[bool] = ..., codec: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., num_objects: _Optional[int] = ..., num_pinned: _Optional[int] = ..., num_evictions: _Optional[int] = ..., num_corrupt: _Optional[int] = ..., num_rejected: _Optional[int] = ...) -> None: ...
+    counters_hidden: bool
+    def __init__(self, name: _Optional[str] = ..., up: _Optional[bool] = ..., codec: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., num_objects: _Optional[int] = ..., num_pinned: _Optional[int] = ..., num_evictions: _Optional[int] = ..., num_corrupt: _Optional[int] = ..., num_rejected: _Optional[int] = ..., counters_hidden: _Optional[bool] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("tiers", "bulk_port")

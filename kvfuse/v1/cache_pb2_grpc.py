@@ -28,8 +28,9 @@ if _version_not_supported:
 class CacheServiceStub:
     """Every RPC acts on the caller's tenant only (the bearer token picks it); keys are the 64-hex
     chunk keys. Errors: INVALID_ARGUMENT (malformed key, meta, frame or codec), UNAUTHENTICATED,
-    RESOURCE_EXHAUSTED (no room), NOT_FOUND (Pin/Move of an unknown key), DATA_LOSS (a Put
-    record fails its CRC32), UNAVAILABLE (a tier is down). A miss is never an error.
+    RESOURCE_EXHAUSTED (no room, or a Put whose announced size does not fit the server's budget
+    of unfinished uploads), NOT_FOUND (Pin/Move of an unknown key), DATA_LOSS (a Put record
+    fails its CRC32), UNAVAILABLE (a tier is down). A miss is never an error.
     """
 
     def __init__(self, channel):
@@ -88,8 +89,9 @@ class CacheServiceStub:
 class CacheServiceServicer:
     """Every RPC acts on the caller's tenant only (the bearer token picks it); keys are the 64-hex
     chunk keys. Errors: INVALID_ARGUMENT (malformed key, meta, frame or codec), UNAUTHENTICATED,
-    RESOURCE_EXHAUSTED (no room), NOT_FOUND (Pin/Move of an unknown key), DATA_LOSS (a Put
-    record fails its CRC32), UNAVAILABLE (a tier is down). A miss is never an error.
+    RESOURCE_EXHAUSTED (no room, or a Put whose announced size does not fit the server's budget
+    of unfinished uploads), NOT_FOUND (Pin/Move of an unknown key), DATA_LOSS (a Put record
+    fails its CRC32), UNAVAILABLE (a tier is down). A miss is never an error.
     """
 
     def Lookup(self, request, context):
@@ -101,8 +103,9 @@ class CacheServiceServicer:
 
     def Put(self, request_iterator, context):
         """Stores one object: a header, then every layer record in layer order (split into frames of
-        at most 4 MiB). Nothing becomes visible unless the whole stream arrives and validates; the
-        response comes after the commit.
+        at most 4 MiB). The header's sizes are reserved against the server's upload budget before
+        any record is read. Nothing becomes visible unless the whole stream arrives and validates;
+        the response comes after the commit and says whether a tier kept the object.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,7 +146,10 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every tier's state. Its counters span all tenants, so only the server's admin tenant
+        (--admin-tenant, "default" unless set) sees them; other tenants get name, up, codec and
+        capacity, with counters_hidden set. The bulk port is announced to every tenant.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -214,8 +220,9 @@ def add_CacheServiceServicer_to_server(servicer, server):
 class CacheService:
     """Every RPC acts on the caller's tenant only (the bearer token picks it); keys are the 64-hex
     chunk keys. Errors: INVALID_ARGUMENT (malformed key, meta, frame or codec), UNAUTHENTICATED,
-    RESOURCE_EXHAUSTED (no room), NOT_FOUND (Pin/Move of an unknown key), DATA_LOSS (a Put
-    record fails its CRC32), UNAVAILABLE (a tier is down). A miss is never an error.
+    RESOURCE_EXHAUSTED (no room, or a Put whose announced size does not fit the server's budget
+    of unfinished uploads), NOT_FOUND (Pin/Move of an unknown key), DATA_LOSS (a Put record
+    fails its CRC32), UNAVAILABLE (a tier is down). A miss is never an error.
     """
 
     @staticmethod

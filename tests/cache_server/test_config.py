@@ -60,6 +60,9 @@ def test_tokens_from_env_file_and_config(tmp_path: Path) -> None:
         {"auth_tokens": {"tok": "Bad Tenant"}},
         {"no_such_setting": 1},
         {"memory_codec": "zip"},
+        {"max_upload_bytes": -1},
+        {"drain_s": -1},
+        {"admin_tenant": "Not A Tenant"},
     ],
 )
 def test_invalid_settings_raise_config_error(values: dict[str, object]) -> None:
@@ -78,3 +81,13 @@ def test_bad_files_raise_config_error(tmp_path: Path) -> None:
     tokens.write_text("only-one-field\n")
     with pytest.raises(ConfigError):
         _ = CacheServerConfig.load(env={"KVFUSE_CACHE_AUTH_TOKENS_FILE": str(tokens)}).tokens
+
+
+def test_upload_budget_defaults_to_the_memory_budget() -> None:
+    assert CacheServerConfig.from_mapping({"memory_bytes": "64MiB"}).upload_budget_bytes == (
+        64 << 20
+    )
+    env = {"KVFUSE_CACHE_MAX_UPLOAD_BYTES": "2GiB", "KVFUSE_CACHE_DRAIN_S": "0"}
+    config = CacheServerConfig.load(env=env, flags={"admin_tenant": "ops"})
+    assert config.upload_budget_bytes == 2 << 30 and config.drain_s == 0
+    assert config.admin_tenant == "ops" and CacheServerConfig().admin_tenant == "default"

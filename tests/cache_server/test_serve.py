@@ -21,6 +21,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from cache_server.config import CacheServerConfig
 from kvfuse.cli import main as kvfuse_main
 from kvfuse.client import CacheClient, RetryPolicy
 from kvfuse.errors import ServiceUnavailableError
@@ -121,7 +122,7 @@ def test_real_process_serves_stops_and_keeps_disk_objects(
     target = f"{host}:{port}"
     key, layers = hashlib.sha256(b"process").hexdigest(), _layers()
     with CacheClient(target, token="secret-token") as client:
-        assert client.put(key, layers) is True
+        assert client.put(key, layers).created
         got = client.get(key)
         assert got is not None and torch.equal(got[29][1], layers[29][1])
         moved = client.move(key, "disk")  # memory does not survive a restart; disk does
@@ -230,11 +231,11 @@ def test_redis_outage_and_return_under_a_real_process(
 
     with CacheClient(target, token="secret-token") as client:
         for i in range(4):
-            assert client.put(_key(100 + i), _layers(i)) is True
+            assert client.put(_key(100 + i), _layers(i)).created
         assert client.stats()[1].num_objects >= 1  # demoted into Redis
         redis_server.stop()
         for i in range(4, 8):  # keeps working: demotions to the missing tier are dropped
-            assert client.put(_key(100 + i), _layers(i)) is True
+            assert client.put(_key(100 + i), _layers(i)).created
         entries = client.lookup([_key(100 + i) for i in range(8)])
         assert entries[_key(107)] is not None
         assert all(client.get(k) is None for k, e in entries.items() if e is None)
@@ -242,5 +243,186 @@ def test_redis_outage_and_return_under_a_real_process(
         redis_server.start()  # back, empty (a cache-only Redis after a crash)
         assert poll_until(lambda: redis_up() == 1.0, timeout_s=30)
         for i in range(8, 12):
-            assert client.put(_key(100 + i), _layers(i)) is True
+            assert client.put(_key(100 + i), _layers(i)).created
         assert poll_until(lambda: client.stats()[1].num_objects >= 1)
+
+
+def _status_kib(pid: int, field: str) -> int:
+    """A `VmRSS`/`VmHWM` line of /proc/<pid>/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _upload_gauges(metrics_url: str) -> dict[str, float]:
+    """The upload budget's gauges: reserved and received bytes, uploads in flight."""
+    families = text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text)
+    values: dict[str, float] = {}
+    for family in families:
+        for sample in family.samples:
+            if sample.name == "kvfuse_cache_upload_bytes":
+                values[sample.labels["state"]] = sample.value
+            elif sample.name == "kvfuse_cache_uploads":
+                values["uploads"] = sample.value
+    return values
+
+
+def _one_layer_put(
+    key: str, record_nbytes: int, num_frames: int, release: threading.Event
+) -> Iterator[Any]:
+    """A raw Put stream announcing one layer of `record_nbytes`: the header, `num_frames`
+    frames of 4 MiB of it, then it stalls until `release` (never sending the rest)."""
+    from kvfuse.v1 import cache_pb2, common_pb2
+
+    meta = common_pb2.ObjectMeta(
+        key=key, num_layers=1, num_tokens=1, num_kv_heads=1, head_dim=1, dtype="float16",
+        codec="raw", layer_nbytes=[record_nbytes], layer_crc32=[0],
+    )  # fmt: skip
+    yield cache_pb2.PutRequest(header=cache_pb2.PutHeader(meta=meta))
+    data = bytes(4 << 20)
+    for idx in range(num_frames):
+        frame = common_pb2.LayerFrame(
+            layer_idx=0, record_nbytes=record_nbytes, offset=idx * len(data), data=data
+        )
+        yield cache_pb2.PutRequest(frame=frame)
+    release.wait(120)
+
+
+# VmRSS over the idle server's, measured on the 2-core test machine (3 runs): +79-84 MiB with
+# the two stalled uploads holding 40 MiB of records, +131-140 MiB at the peak (VmHWM: the 40 MiB
+# object stored and read back on top of what the cancelled uploads left for glibc to reuse),
+# against 64 + 64 MiB of budgets. Without the upload budget, six 200 MiB uploads alone peaked
+# at +1,783 MiB. What the budgets do not count (gRPC's per-stream messages and buffers, freed
+# memory the allocator keeps) stays under this constant:
+RSS_SLACK_MIB = 96
+
+
+def test_unfinished_uploads_stay_within_the_upload_budget(
+    env: dict[str, str], processes: list[ServerProcess]
+) -> None:
+    import grpc
+
+    from kvfuse.v1 import cache_pb2_grpc
+
+    memory_mib = upload_mib = 64  # --max-upload-bytes defaults to --memory-bytes
+    target = _start(processes, env, ["--memory-bytes", f"{memory_mib}MiB"])
+    server = processes[0]
+    metadata = (("authorization", "Bearer secret-token"),)
+    with CacheClient(target, token="secret-token") as client:  # warm: first put and read done
+        assert client.put(_key(900), _layers(900)).stored and client.get(_key(900)) is not None
+    baseline_kib = _status_kib(server.proc.pid, "VmRSS")
+    limit_kib = baseline_kib + (memory_mib + upload_mib + RSS_SLACK_MIB) * 1024
+    release = threading.Event()
+    with grpc.insecure_channel(target) as channel:
+        stub = cache_pb2_grpc.CacheServiceStub(channel)  # type: ignore[no-untyped-call]
+        # Six uploads announcing one 200 MiB layer each: each is over the whole budget.
+        refused = [
+            stub.Put.future(_one_layer_put(_key(910 + i), 200 << 20, 50, release),
+                            metadata=metadata, timeout=120)
+            for i in range(6)
+        ]  # fmt: skip
+        # Six announcing 24 MiB each that stall after 20 MiB: two fit in the budget.
+        stalled = [
+            stub.Put.future(_one_layer_put(_key(920 + i), 24 << 20, 5, release),
+                            metadata=metadata, timeout=120)
+            for i in range(6)
+        ]  # fmt: skip
+        for future in refused:
+            with pytest.raises(grpc.RpcError) as info:
+                future.result(timeout=120)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "budget for unfinished uploads (max_upload_bytes)" in info.value.details()
+        assert poll_until(lambda: sum(f.done() for f in stalled) == 4)
+        for future in (f for f in stalled if f.done()):
+            with pytest.raises(grpc.RpcError) as info:
+                future.result()
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        two_stalled = {"reserved": 48 << 20, "received": 40 << 20, "uploads": 2}
+        assert poll_until(lambda: _upload_gauges(server.metrics_url) == two_stalled)
+        stalled_kib = _status_kib(server.proc.pid, "VmRSS")
+        for future in stalled:
+            future.cancel()
+        release.set()
+        idle = {"reserved": 0, "received": 0, "uploads": 0}
+        assert poll_until(lambda: _upload_gauges(server.metrics_url) == idle)
+    # A normal put works afterwards, one that needs most of the budget (40 MiB).
+    big = [(torch.randn(1024, 8, 128), torch.randn(1024, 8, 128)) for _ in range(5)]
+    with CacheClient(target, token="secret-token", timeout_s=120) as client:
+        result = client.put(_key(930), big)
+        assert result.stored and result.tier == "memory"
+        got = client.get(_key(930))
+        assert got is not None and all(
+            torch.equal(a[0], b[0]) for a, b in zip(got, big, strict=True)
+        )
+    peak_kib = _status_kib(server.proc.pid, "VmHWM")  # the highest VmRSS since start
+    print(f"VmRSS idle {baseline_kib >> 10} MiB, stalled {stalled_kib >> 10} MiB, "
+          f"peak {peak_kib >> 10} MiB, limit {limit_kib >> 10} MiB")  # fmt: skip
+    assert stalled_kib <= limit_kib and peak_kib <= limit_kib
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def test_sigterm_drains_memory_to_disk_and_a_restart_finds_every_object(
+    tmp_path: Path, env: dict[str, str], processes: list[ServerProcess]
+) -> None:
+    flags = ["--memory-bytes", "256MiB", "--disk-dir", str(tmp_path / "disk")]
+    target = _start(processes, env, flags)
+    sent = {_key(500 + i): _layers(500 + i) for i in range(8)}
+    with CacheClient(target, token="secret-token") as client:
+        for key, layers in sent.items():
+            result = client.put(key, layers)
+            assert result.stored and result.tier == "memory"
+        [memory, disk] = client.stats()
+        assert memory.num_objects == len(sent) and disk.num_objects == 0  # memory only
+    assert processes[0].stop(signal.SIGTERM) == 0
+    processes[0].wait_for_line(re.compile("shutdown drain: 8 objects copied from memory to disk"))
+
+    target = _start(processes, env, flags)
+    with CacheClient(target, token="secret-token") as client:
+        entries = client.lookup(list(sent))
+        assert all(e is not None and e.tier == "disk" for e in entries.values()), entries
+        for key, layers in sent.items():
+            got = client.get(key)
+            assert got is not None and len(got) == len(layers)
+            for (k, v), (k0, v0) in zip(got, layers, strict=True):
+                assert _bits(k) == _bits(k0) and _bits(v) == _bits(v0)
+
+
+def test_a_server_without_tokens_warns_and_without_a_lower_tier_just_stops(
+    env: dict[str, str], processes: list[ServerProcess]
+) -> None:
+    env = {k: v for k, v in env.items() if k != "KVFUSE_AUTH_TOKEN"}
+    target = _start(processes, env, [])
+    [warning] = [line for line in processes[0].output if "NO AUTHENTICATION" in line]
+    assert " WARNING " in warning and "every client" in warning and "unauthenticated" in warning
+    with CacheClient(target) as client:
+        assert client.put(_key(600), _layers(600)).stored
+    assert processes[0].stop(signal.SIGTERM) == 0
+    processes[0].wait_for_line(re.compile("stopping"))
+    assert not any("drain" in line for line in processes[0].output)
+
+
+def test_help_states_the_defaults_the_server_uses(env: dict[str, str]) -> None:
+    from cache_server.serve import _FLAGS
+
+    defaults = CacheServerConfig()
+    checked = 0
+    for flag, help_text in _FLAGS.flags:
+        stated = re.search(r"\(default '?([^;:')]+)", help_text)
+        if stated is None:
+            continue
+        dest = flag.removeprefix("--").replace("-", "_")
+        name = _FLAGS.renamed.get(dest, dest)
+        parsed = CacheServerConfig.from_mapping({name: stated.group(1)})
+        assert getattr(parsed, name) == getattr(defaults, name), (flag, stated.group(1))
+        checked += 1
+    assert checked >= 15
+    proc = subprocess.run(
+        [sys.executable, "-m", "cache_server", "--help"],
+        capture_output=True, text=True, env=env, timeout=START_TIMEOUT_S, check=True,
+    )  # fmt: skip
+    text = " ".join(proc.stdout.split())  # as argparse wraps it
+    assert "--bulk-port BULK_PORT bulk-read socket port (default 0: a free one" in text

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cache_server.config import CacheServerConfig
 from cache_server.server import CacheServer
-from kvfuse.client import CacheClient, RetryPolicy
+from kvfuse.cli import main as kvfuse_main
+from kvfuse.client import AsyncCacheClient, CacheClient, RetryPolicy
 from kvfuse.errors import AuthError, ServiceUnavailableError
 
 NO_RETRY = RetryPolicy(max_attempts=1)
@@ -78,11 +82,11 @@ def test_tenants_never_see_each_others_chunks() -> None:
         CacheClient(srv.address, token="tok-a") as a,
         CacheClient(srv.address, token="tok-b") as b,
     ):
-        assert a.put(key, layers_of(1.0)) is True
+        assert a.put(key, layers_of(1.0)).created
         assert b.lookup([key]) == {key: None}
         assert b.get(key) is None and list(b.get_layers([key])) == []
         assert b.pin(key) is False and b.delete(key) == 0
-        assert b.put(key, layers_of(2.0)) is True  # its own copy under the same chunk key
+        assert b.put(key, layers_of(2.0)).created  # its own copy under the same chunk key
         got_a, got_b = a.get(key), b.get(key)
         assert got_a is not None and got_b is not None
         assert got_a[0][0][0, 0, 0].item() == 1.0 and got_b[0][0][0, 0, 0].item() == 2.0
@@ -92,14 +96,43 @@ def test_tenants_never_see_each_others_chunks() -> None:
         assert stored == [f"team-a/{key}"]
 
 
-def test_tls_and_mtls(tls_files: tuple[Path, Path]) -> None:
+def test_stats_counters_are_for_the_admin_tenant_only(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tokens = {"tok-a": "team-a", "tok-ops": "ops"}
+    with make_server(auth_tokens=tokens, admin_tenant="ops") as srv:
+        with CacheClient(srv.address, token="tok-a") as a:
+            assert a.put(key_of("a-1"), layers_of(1.0)).stored
+            [memory] = a.stats()
+            assert memory.counters_hidden and (memory.name, memory.up, memory.codec) == (
+                "memory", True, "raw")  # fmt: skip
+            assert memory.capacity_bytes == 64 << 20
+            assert (memory.num_objects, memory.stored_bytes, memory.num_evictions) == (0, 0, 0)
+        with CacheClient(srv.address, token="tok-ops") as ops:
+            [memory] = ops.stats()
+            assert not memory.counters_hidden
+            assert memory.num_objects == 1 and memory.stored_bytes > 0  # team-a's object too
+        admin = ["cache", "--target", srv.address]
+        assert kvfuse_main([*admin, "--token", "tok-a", "stats"]) == 0
+        out = capsys.readouterr().out
+        assert re.search(r"^memory\s+yes\s+raw\s+-\s+64\.0 MiB\s+-", out, re.MULTILINE)
+        assert "counters hidden" in out
+        assert kvfuse_main([*admin, "--token", "tok-ops", "stats"]) == 0
+        out = capsys.readouterr().out
+        assert re.search(r"^memory\s+yes\s+raw\s+\d", out, re.MULTILINE)
+        assert "hidden" not in out
+    with make_server() as srv, CacheClient(srv.address) as c:  # no tokens: all are "default"
+        assert not c.stats()[0].counters_hidden
+
+
+def test_tls_and_mtls(tls_files: tuple[Path, Path], tmp_path: Path) -> None:
     cert, key = tls_files
     with make_server(tls_cert=cert, tls_key=key) as srv:
         with CacheClient(srv.address, tls_root_cert=cert) as c:
-            assert c.put(key_of("tls"), layers_of(3.0)) is True
+            assert c.put(key_of("tls"), layers_of(3.0)).created
             assert c.get(key_of("tls")) is not None
         plain = CacheClient(srv.address, retry=NO_RETRY, timeout_s=5)
-        with plain, pytest.raises(ServiceUnavailableError):
+        with plain, pytest.raises(ServiceUnavailableError, match=r"^TLS required: .* plaintext"):
             plain.lookup([key_of("tls")])
     # mTLS: the same self-signed certificate serves as the CA of client certificates
     with make_server(tls_cert=cert, tls_key=key, tls_client_ca=cert) as srv:
@@ -109,8 +142,41 @@ def test_tls_and_mtls(tls_files: tuple[Path, Path]) -> None:
         with mtls as c:
             assert c.lookup([key_of("tls")]) == {key_of("tls"): None}
         no_cert = CacheClient(srv.address, tls_root_cert=cert, retry=NO_RETRY, timeout_s=5)
-        with no_cert, pytest.raises(ServiceUnavailableError):
+        refused = r"^TLS connection refused by .* client certificate .*mTLS.* and got none"
+        with no_cert, pytest.raises(AuthError, match=refused):
             no_cert.lookup([key_of("tls")])
+        other_cert, other_key = _self_signed(tmp_path, "other")
+        stranger = CacheClient(srv.address, tls_root_cert=cert, tls_client_cert=other_cert,
+                               tls_client_key=other_key, retry=NO_RETRY, timeout_s=5)  # fmt: skip
+        with stranger, pytest.raises(AuthError, match="refused this client's certificate"):
+            stranger.lookup([key_of("tls")])
+        untrusting = CacheClient(srv.address, tls_root_cert=other_cert, retry=NO_RETRY,
+                                 timeout_s=5)  # fmt: skip
+        with untrusting, pytest.raises(AuthError, match="does not trust the server's certif"):
+            untrusting.lookup([key_of("tls")])
+    with make_server() as srv:  # a TLS client at a plaintext server
+        tls_client = CacheClient(srv.address, tls_root_cert=cert, retry=NO_RETRY, timeout_s=5)
+        with tls_client, pytest.raises(ServiceUnavailableError, match="does not speak TLS"):
+            tls_client.lookup([key_of("tls")])
+
+    async def aio_plaintext() -> None:
+        with make_server(tls_cert=cert, tls_key=key) as srv:
+            async with AsyncCacheClient(srv.address, retry=NO_RETRY, timeout_s=5) as c:
+                with pytest.raises(ServiceUnavailableError, match=r"^TLS required"):
+                    await c.lookup([key_of("tls")])
+
+    asyncio.run(aio_plaintext())
+
+
+def _self_signed(out: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (no other CA signed it) and its key."""
+    cert, key = out / f"{name}.pem", out / f"{name}-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
 
 
 @pytest.fixture
@@ -197,7 +263,7 @@ def test_redis_tier_takes_demotions_and_its_outage_is_not_fatal(redis_server: An
     keys = [key_of(f"redis-{i}") for i in range(6)]
     with make_server(metrics_port=0, **settings) as srv, CacheClient(srv.address) as c:
         for i, key in enumerate(keys):  # 1.4 MiB each (30 layers of 64 x 3 x 64 fp16)
-            assert c.put(key, layers_of(float(i), num_layers=30, num_tokens=64)) is True
+            assert c.put(key, layers_of(float(i), num_layers=30, num_tokens=64)).created
         tiers = {t.name: t for t in c.stats()}
         assert tiers["redis"].codec == "fp16" and tiers["redis"].num_objects >= 1
         entries = c.lookup(keys)
@@ -211,7 +277,7 @@ def test_redis_tier_takes_demotions_and_its_outage_is_not_fatal(redis_server: An
         assert any(e is not None for e in after.values())
         assert any(e is None for e in after.values())
         assert all(c.get(k) is None for k, e in after.items() if e is None)
-        assert c.put(key_of("during-outage"), layers_of(9.0)) is True
+        assert c.put(key_of("during-outage"), layers_of(9.0)).created
         metrics = _scrape(srv.metrics_port or 0)
         up = metrics["kvfuse_cache_tier_up"]
         assert _value(up, "kvfuse_cache_tier_up", tier="redis") == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -14,7 +14,7 @@ import torch
 
 from cache_server.config import CacheServerConfig
 from cache_server.server import CacheServer
-from kvfuse.client import CacheClient
+from kvfuse.client import CacheClient, PutResult
 from kvfuse.client.wire import encode_layers
 from kvfuse.errors import CapacityError
 from kvfuse.transport.crc import crc32
@@ -77,7 +77,9 @@ def assert_same(got: Layers, expected: Layers) -> None:
 def test_round_trip_of_real_shaped_chunk(client: CacheClient, dtype: torch.dtype) -> None:
     key, layers = key_of(f"round-trip-{dtype}"), make_layers(1, dtype)
     assert client.lookup([key]) == {key: None}
-    assert client.put(key, layers, position_offset=17) is True
+    assert client.put(key, layers, position_offset=17) == PutResult(
+        stored=True, created=True, tier="memory", reason=""
+    )
     entry = client.lookup([key])[key]
     assert entry is not None and entry.tier == "memory" and entry.codec == "raw"
     assert (entry.num_layers, entry.num_tokens, entry.num_kv_heads, entry.head_dim) == (
@@ -86,7 +88,8 @@ def test_round_trip_of_real_shaped_chunk(client: CacheClient, dtype: torch.dtype
     got = client.get(key)
     assert got is not None
     assert_same(got, layers)
-    assert client.put(key, layers) is False  # already stored: nothing changes
+    again = client.put(key, layers)  # already stored: nothing changes
+    assert again.stored and again.created is False and again.tier == "memory"
 
 
 def test_get_layers_orders_by_layer_across_keys(client: CacheClient) -> None:
@@ -173,7 +176,7 @@ def test_concurrent_puts_of_one_key_commit_exactly_one_object(server: CacheServe
     def put() -> None:
         with CacheClient(server.address, timeout_s=30) as c:
             barrier.wait()
-            results.append(c.put(key, layers))
+            results.append(c.put(key, layers).created)
 
     threads = [threading.Thread(target=put) for _ in range(num_threads)]
     for t in threads:
@@ -223,6 +226,9 @@ def _bad_puts() -> Iterator[tuple[str, list[cache_pb2.PutRequest], grpc.StatusCo
     yield "truncated", [_header(meta), *_frames(meta, records, [0, 1])], invalid
     yield "layers out of order", [_header(meta), *_frames(meta, records, [1, 0, 2])], invalid
     yield "extra layer", [_header(meta), *_frames(meta, records, [0, 1, 2, 2])], invalid
+    overrun = _frames(meta, records, [0, 1, 2])
+    overrun[1].frame.data += b"\x00" * 64  # more bytes than record_nbytes announces
+    yield "frame longer than its record", [_header(meta), *overrun], invalid
     bad_key = _copy(meta)
     bad_key.key = "XYZ"
     yield "malformed key", [_header(bad_key), *_frames(bad_key, records, [0, 1, 2])], invalid
@@ -269,7 +275,23 @@ def test_bad_puts_get_their_status_and_commit_nothing(
     assert client.lookup([key_of("bad")]) == {key_of("bad"): None}
     # the server keeps serving
     key = key_of(f"after-{case}")
-    assert client.put(key, make_layers(8, num_layers=1, num_tokens=2)) is True
+    assert client.put(key, make_layers(8, num_layers=1, num_tokens=2)).created
+
+
+def _put_error(stub: Any, requests: list[cache_pb2.PutRequest]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Put(iter(requests), timeout=30)
+    return info.value
+
+
+def test_one_frame_too_many_says_so(stub: Any) -> None:
+    meta, records = _meta_and_records("extra-frame")
+    error = _put_error(stub, [_header(meta), *_frames(meta, records, [0, 1, 2]), _frames(
+        meta, records, [2])[0]])  # fmt: skip
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == (
+        "one frame too many: a frame for layer 2 after all 3 layers the header announced arrived"
+    )
 
 
 def test_oversized_frames_and_objects(stub: Any, server: CacheServer) -> None:
@@ -344,11 +366,88 @@ def test_bad_layer_range_and_admin_calls(stub: Any, client: CacheClient) -> None
     assert client.get(key) is not None  # still serving, object intact
 
 
+def test_a_put_over_the_upload_budget_is_refused_before_its_records(
+    poll: Callable[..., bool],
+) -> None:
+    meta, _ = _meta_and_records("over-budget", num_tokens=2000)  # 1.5 MiB per layer
+    with make_server(max_upload_bytes="4MiB") as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = cache_pb2_grpc.CacheServiceStub(ch)  # type: ignore[no-untyped-call]
+        error = _put_error(stub, [_header(meta)])  # the header alone: 4.4 MiB announced
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.details() == (
+            f"put of {meta.key} announces {sum(meta.layer_nbytes)} bytes, more than the "
+            f"server's whole 4194304-byte budget for unfinished uploads (max_upload_bytes)"
+        )
+        small, small_records = _meta_and_records("in-budget", num_tokens=1000)  # 2.2 MiB
+        sent, release = threading.Event(), threading.Event()
+
+        def stalled() -> Iterator[cache_pb2.PutRequest]:
+            yield _header(small)
+            yield from _frames(small, small_records, [0])
+            sent.set()
+            release.wait(30)
+
+        future = stub.Put.future(stalled(), timeout=30)
+        assert sent.wait(30)
+        assert poll(lambda: srv.uploads.reserved_bytes == sum(small.layer_nbytes))
+        other = _copy(small)
+        other.key = key_of("second")
+        error = _put_error(stub, [_header(other)])
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.details() == (
+            f"put of {other.key} announces {sum(small.layer_nbytes)} bytes, but only "
+            f"{(4 << 20) - sum(small.layer_nbytes)} of the server's 4194304-byte budget for "
+            f"unfinished uploads (max_upload_bytes) are free ({sum(small.layer_nbytes)} bytes "
+            f"reserved by unfinished puts: 1); retry when they finish"
+        )
+        future.cancel()
+        release.set()
+        assert poll(lambda: srv.uploads.reserved_bytes == 0)  # cancelled: given back
+        assert srv.uploads.num_uploads == 0 and srv.uploads.received_bytes == 0
+        with CacheClient(srv.address) as client:  # the whole budget is free again
+            assert client.put(other.key, make_layers(7, num_layers=3, num_tokens=1000)).stored
+        assert srv.uploads.reserved_bytes == 0  # a committed put gives it back too
+
+
+def test_admission_pressure_is_reported_put_by_put() -> None:
+    """A memory-only server whose hot objects the admission keeps: the puts it declines say
+    so (and are not found), the ones it admits say where they are (and are found)."""
+    with make_server(memory_bytes="4MiB") as srv, CacheClient(srv.address) as client:
+        chunk = make_layers(0, num_layers=1, num_tokens=170)  # ~128 KiB per object
+        hot = [key_of(f"hot-{i}") for i in range(20)]
+        for key in hot:
+            assert client.put(key, chunk).stored
+        for _ in range(3):  # read often: the admission keeps them against one-off newcomers
+            for key in hot:
+                assert client.get(key) is not None
+        results = []
+        for i in range(200):
+            key = key_of(f"newcomer-{i}")
+            if i % 10 == 0:  # asked for (missed) before it was stored: as hot as the others
+                for _ in range(4):
+                    assert client.get(key) is None
+            result = client.put(key, chunk)
+            found = client.lookup([key])[key]
+            results.append((result, found))
+            assert result.stored == (found is not None), (i, result)
+            assert result.created == result.stored
+            if result.stored:
+                assert found is not None and result.tier == found.tier == "memory"
+                assert result.reason == ""
+            else:
+                assert (result.tier, result.reason) == ("", "admission")
+        num_stored = sum(result.stored for result, _ in results)
+        assert num_stored == sum(found is not None for _, found in results)
+        assert num_stored >= 20 and 200 - num_stored >= 50  # both kinds, many of each
+        [memory] = client.stats()
+        assert memory.num_rejected == 200 - num_stored
+
+
 def test_full_memory_is_resource_exhausted_not_a_crash() -> None:
     with make_server(memory_bytes="1MiB") as srv, CacheClient(srv.address) as c:
         layers = make_layers(11, torch.float32, num_layers=4, num_tokens=512)  # 3 MiB
         with pytest.raises(CapacityError):
             c.put(key_of("too-big"), layers)
         small = key_of("fits")
-        assert c.put(small, make_layers(12, num_layers=1, num_tokens=8)) is True
+        assert c.put(small, make_layers(12, num_layers=1, num_tokens=8)).created
         assert c.get(small) is not None

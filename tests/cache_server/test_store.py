@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from cache_server.objects import ObjectMeta, StoredObject
-from cache_server.store import TieredStore
+from cache_server.store import ADMISSION, CAPACITY, DrainReport, Placement, TieredStore
 from cache_server.tiers import diskfile
 from cache_server.tiers.disk import DiskTier
 from cache_server.tiers.memory import MemoryTier, held_nbytes
@@ -214,6 +215,62 @@ def test_admission_declined_puts_land_one_tier_down(
     store.put(objects("one-off"))
     assert tier_of(store, objects("one-off")) == "disk"
     assert [tier_of(store, objects(s)) for s in range(2)] == ["memory", "memory"]
+
+
+def test_put_reports_where_the_object_landed_or_why_no_tier_kept_it(
+    build: Callable[..., TieredStore], objects: Make
+) -> None:
+    def hot(store: TieredStore) -> None:
+        for seed in range(2):
+            store.put(objects(seed))
+            for _ in range(3):
+                store.get(objects(seed).meta.key)
+
+    two = build(memory_objs=2.5, disk_objs=1.5, redis_objs=None, admission=True)
+    assert two.put(objects("first")) == Placement("memory", objects("first").meta.total_nbytes)
+    two.delete(objects("first").meta.key)
+    hot(two)
+    size = objects("x").meta.total_nbytes
+    assert two.put(objects("one-off")) == Placement("disk", size)  # declined, one tier down
+    two.pin(objects("one-off").meta.key)  # the disk has no room left but for pins
+    assert two.put(objects("another")) == Placement(None, 0, CAPACITY)
+    alone = build(memory_objs=2.5, disk_objs=None, redis_objs=None, admission=True)
+    hot(alone)
+    placement = alone.put(objects("one-off"))
+    assert placement == Placement(None, 0, ADMISSION) and not placement.stored
+    assert alone.lookup(objects("one-off").meta.key) is None
+
+
+def test_drain_copies_what_only_memory_holds_with_its_pins(
+    build: Callable[..., TieredStore], objects: Make
+) -> None:
+    store = build(memory_objs=4.5, disk_objs=10, redis_objs=None)
+    for seed in range(4):
+        store.put(objects(seed))
+    store.pin(objects(1).meta.key)
+    store.move(objects(3).meta.key, "disk")
+    store.get(objects(3).meta.key)  # promoted back: memory and disk both hold it
+    assert store.drain(time.monotonic() - 1) == DrainReport(0, 0, 4)  # past the deadline
+    assert store.drain(time.monotonic() + 60) == DrainReport(3, 1, 0)
+    disk = store.tiers[1]
+    assert all(disk.get(objects(seed).meta.key) == objects(seed) for seed in range(4))
+    assert disk.is_pinned(objects(1).meta.key) and not disk.is_pinned(objects(0).meta.key)
+    assert [tier_of(store, objects(s)) for s in range(4)] == ["memory"] * 4  # memory keeps them
+    alone = build(memory_objs=4.5, disk_objs=None, redis_objs=None)
+    alone.put(objects(0))
+    assert alone.drain(time.monotonic() + 60) == DrainReport(0, 0, 0)
+
+
+def test_drain_copies_no_more_than_the_next_tier_holds_most_recent_first(
+    build: Callable[..., TieredStore], objects: Make
+) -> None:
+    big = [objects(seed, layer_nbytes=64 << 10) for seed in range(3)]  # headers negligible
+    small = build(memory_objs=4.5, disk_objs=2.5, redis_objs=None, sample=big[0])
+    for obj in big:
+        small.put(obj)
+    assert small.drain(time.monotonic() + 60) == DrainReport(2, 0, 1)  # room for two
+    drained = [small.tiers[1].get_meta(obj.meta.key) is not None for obj in big]
+    assert drained == [False, True, True]  # the most recently used ones
 
 
 def test_put_replaces_stale_copies_in_every_tier(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -113,7 +114,18 @@ def test_restart_rebuilds_index_pins_and_lru_order(tmp_path: Path, objects: Make
     smaller.close()
 
 
-def test_flipped_byte_is_detected_and_quarantined(tmp_path: Path, objects: Make) -> None:
+def _quarantine_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "cache_server.tiers.disk"
+    ]
+
+
+def test_flipped_byte_is_detected_and_quarantined(
+    tmp_path: Path, objects: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
     tier = DiskTier(tmp_path, 1 << 20, fsync=False)
     obj = objects("a", num_layers=4, layer_nbytes=1000)
     tier.put(obj)
@@ -126,6 +138,11 @@ def test_flipped_byte_is_detected_and_quarantined(tmp_path: Path, objects: Make)
     assert tier.get_layer(obj.meta.key, 1) == obj.layers[1]
     assert tier.get_layer(obj.meta.key, 2) is None
     assert tier.stats().num_corrupt == 1
+    [quarantined] = (tmp_path / "quarantine").iterdir()
+    assert _quarantine_warnings(caplog) == [
+        f"disk tier: corrupt object file {path} quarantined as {quarantined}: "
+        f"{obj.meta.key}: layer 2 failed its checksum"
+    ]
     assert tier.get_meta(obj.meta.key) is None and tier.get(obj.meta.key) is None
     assert not path.exists()
     assert len(list((tmp_path / "quarantine").iterdir())) == 1
@@ -145,7 +162,9 @@ def test_whole_object_read_verifies_every_layer(tmp_path: Path, objects: Make) -
 
 
 @pytest.mark.parametrize("damage", ["header", "truncate", "garbage", "wrong_name"])
-def test_damaged_files_are_quarantined_at_open(tmp_path: Path, objects: Make, damage: str) -> None:
+def test_damaged_files_are_quarantined_at_open(
+    tmp_path: Path, objects: Make, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
     tier = DiskTier(tmp_path, 1 << 20, fsync=False)
     good, bad = objects("good"), objects("bad")
     tier.put(good)
@@ -161,10 +180,20 @@ def test_damaged_files_are_quarantined_at_open(tmp_path: Path, objects: Make, da
     else:
         path.rename(path.with_name(file_name(objects("other").meta.key)))
 
+    caplog.set_level(logging.WARNING)
     tier = DiskTier(tmp_path, 1 << 20, fsync=False)
     assert list(tier.keys()) == [good.meta.key]
     assert tier.stats().num_corrupt == 1
     assert len(list((tmp_path / "quarantine").iterdir())) == 1
+    [warning] = _quarantine_warnings(caplog)  # the file, and what is wrong with it
+    reasons = {
+        "header": "metadata failed its checksum",
+        "truncate": "header says more or less",
+        "garbage": "not a version-1 kvfuse object file",
+        "wrong_name": "holds key",
+    }
+    assert warning.startswith("disk tier: corrupt object file ") and reasons[damage] in warning
+    assert str(tmp_path / "objects") in warning
     assert tier.get(good.meta.key) == good
     tier.close()
 

@@ -15,7 +15,7 @@ import torch
 
 from cache_server.config import CacheServerConfig
 from cache_server.server import CacheServer
-from kvfuse.client import AsyncCacheClient, CacheClient, RetryPolicy
+from kvfuse.client import AsyncCacheClient, CacheClient, PutResult, RetryPolicy
 from kvfuse.errors import (
     CodecError,
     InvalidObjectError,
@@ -52,7 +52,10 @@ def test_async_client_round_trip(server: CacheServer) -> None:
         async with AsyncCacheClient(server.address) as c:
             assert await c.lookup([key]) == {key: None}
             assert await c.get(key) is None
-            assert await c.put(key, layers, codec="fp16", position_offset=3) is True
+            put = await c.put(key, layers, codec="fp16", position_offset=3)
+            assert put == PutResult(stored=True, created=True, tier="memory", reason="")
+            again = await c.put(key, layers, codec="fp16")
+            assert again.stored and not again.created and again.tier == "memory"
             entry = (await c.lookup([key]))[key]
             assert entry is not None and entry.position_offset == 3 and entry.dtype == "float32"
             frames = [f async for f in c.get_layers([key], layers=range(1, 3))]

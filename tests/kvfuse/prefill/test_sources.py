@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
 
+from cache_server.config import CacheServerConfig
+from cache_server.server import CacheServer
 from kvfuse.chunk_store import ChunkStore
+from kvfuse.errors import CapacityError
 from kvfuse.kv import ChunkKV
-from kvfuse.prefill.sources import Shards, StoreSource, positions_of
+from kvfuse.prefill.sources import CacheServerSource, Shards, StoreSource, positions_of
 
 KEYS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(400)]
 
@@ -42,3 +46,24 @@ def test_rendezvous_spreads_keys_and_moves_only_a_removed_servers_keys() -> None
             assert two.owner(key) == owner  # keys of the remaining servers stay put
     groups = three.split(KEYS[:10])
     assert sorted(k for ks in groups.values() for k in ks) == sorted(KEYS[:10])
+
+
+def test_cache_server_source_put_says_stored_now_already_stored_or_raises() -> None:
+    settings = {"port": 0, "metrics_port": None, "memory_bytes": "1MiB", "grace_s": 0}
+    with CacheServer(CacheServerConfig.from_mapping(settings)) as server:
+        source = CacheServerSource(server.address, None, 10, 10, 10)
+        try:
+            objects = [
+                ChunkKV(torch.randn(2, 100, 2, 64), torch.randn(2, 100, 2, 64), torch.arange(100))
+                for _ in range(5)
+            ]  # 200 KiB each: the memory tier holds four
+            for key, kv in zip(KEYS[:4], objects, strict=False):
+                assert source.put(key, kv) is True
+                for _ in range(3):  # read often: the admission keeps them
+                    assert len(list(source.get_layers([key]))) == 2
+            assert source.put(KEYS[0], objects[0]) is False
+            with pytest.raises(CapacityError, match=r"did not store it \(admission\)"):
+                source.put(KEYS[4], objects[4])
+            assert source.lookup([KEYS[4]]) == {}
+        finally:
+            source.close()
