@@ -41,6 +41,7 @@ def plot_chaos(
         note = f"{row['failed_while_down']} failed\n{row['failed_after']} after"
         right.annotate(note, (idx, row["recovery_s"]), ha="center", va="bottom", fontsize=8)
     right.set(ylabel="seconds to the first answer", title="kill -9 under load, restarted")
+    right.set_ylim(top=max((row["recovery_s"] for row in kills), default=1) * 1.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,10 +21,10 @@ def test_cpu_seconds_grow_with_work_and_not_with_sleep() -> None:
     assert busy - start >= 0.2
 
 
-def test_rss_growth_ignores_the_warm_up_quarter() -> None:
-    rss = [100, 400, 1000, 1000, 1000, 1000, 1000, 1050]  # warm-up: the first quarter
-    warm_up = [(float(t), b) for t, b in enumerate(rss)]
-    assert abs(_growth(warm_up) - 0.05) < 1e-9
+def test_rss_growth_compares_peaks_after_the_warm_up_quarter() -> None:
+    rss = [100, 400, 1000, 800, 900, 1000, 700, 1050]  # warm-up, then a sawtooth
+    samples = [(float(t), b) for t, b in enumerate(rss)]
+    assert abs(_growth(samples) - 0.05) < 1e-9  # 1050 (last quarter) vs 1000 (second)
     assert _growth([(0.0, 1), (1.0, 2)]) == 0.0  # too few samples to say
 
 
