@@ -65,11 +65,8 @@ class GenerateOutput:
 
 
 class Engine:
-    """Model + tokenizer + in-process chunk store; one request computes at a time.
-
-    `miss_policy` says how a request handles objects missing from the store (`MissPolicy`);
-    either way they are stored before `generate` (or the `prefill` iterator) ends.
-    """
+    """Model + tokenizer + in-process chunk store; one request computes at a time. Missing
+    objects (`miss_policy`) are stored before `generate` (or the `prefill` iterator) ends."""
 
     def __init__(
         self,
@@ -117,10 +114,6 @@ class Engine:
         store, policy = ChunkStore(settings.store_capacity_bytes), MissPolicy(miss_policy)
         return cls(loaded, store, ChunkContext(chunk_context), blend, miss_policy=policy)
 
-    @property
-    def max_context_tokens(self) -> int:
-        return self.compute.max_context_tokens
-
     def prepare(self, segments: Sequence[str], chat: bool = True) -> PreparedPrompt:
         """Tokenizes segments and derives their keys."""
         return self.compute.prepare(build_prompt(self.tokenizer, segments, chat))
@@ -146,10 +139,7 @@ class Engine:
         return self.warmer.warm_chunks(segments, request_id)
 
     def prefill(
-        self,
-        request: PrefillRequest,
-        cancel: Cancel | None = None,
-        blend: BlendConfig | None = None,
+        self, request: PrefillRequest, cancel: Cancel | None = None
     ) -> Iterator[FusedLayer | PrefillResult]:
         """The in-process `Prefiller`: fused layers in order, then the first token and stats.
 
@@ -157,7 +147,7 @@ class Engine:
         waiting for the lock included. After the result it stores the prompt's missing
         objects (for the next request), so iterate it to the end.
         """
-        for item in self.pipeline.run(request, blend, cancel=cancel):
+        for item in self.pipeline.run(request, cancel=cancel):
             yield item.result(request) if isinstance(item, Prefilled) else item
 
     @torch.inference_mode()

@@ -121,7 +121,7 @@ def test_empty_segments_are_refused(engine: Engine) -> None:
 
 def test_prompt_longer_than_the_context_names_the_limit(engine: Engine) -> None:
     huge = " ".join(["word"] * 9000)
-    with pytest.raises(PromptTooLongError, match=str(engine.max_context_tokens)):
+    with pytest.raises(PromptTooLongError, match=str(engine.compute.max_context_tokens)):
         engine.generate([SYSTEM, huge, QUESTION], max_tokens=4)
 
 
@@ -251,6 +251,6 @@ def test_warm_refuses_what_it_cannot_store(
 
 
 def test_warm_refuses_a_chunk_longer_than_the_context(engine: Engine) -> None:
-    limit = engine.max_context_tokens
+    limit = engine.compute.max_context_tokens
     with pytest.raises(PromptTooLongError, match=str(limit)):
         engine.warm_chunks(PromptSegments((1, 2), ((3,) * (limit - 1),), ()))

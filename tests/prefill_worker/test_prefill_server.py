@@ -85,7 +85,7 @@ def test_bad_input_is_invalid_argument_with_a_message(
     with PrefillClient(server.address) as client:
         with pytest.raises(PromptTooLongError) as too_long_info:
             list(client.prefill(too_long))
-        assert too_long_info.value.max_tokens == engine.max_context_tokens
+        assert too_long_info.value.max_tokens == engine.compute.max_context_tokens
         with pytest.raises(InvalidRequestError, match="recompute_ratio"):
             list(client.prefill(replace(request, recompute_ratio=2.0)))
     poll(lambda: sample(server, "kvfuse_prefill_requests_total", code="INVALID_ARGUMENT") == 3)
