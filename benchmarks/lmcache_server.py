@@ -23,9 +23,9 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from types import TracebackType
 
 from benchmarks.cache_servers import ServerProc
+from kvfuse.closing import Closing
 from kvfuse.errors import CacheError, ServiceUnavailableError
 from kvfuse.procs import free_port
 
@@ -124,7 +124,7 @@ def lmcache_version(python: Path) -> str:
     return done.stdout.strip() or "unknown"
 
 
-class LMCacheClient:
+class LMCacheClient(Closing):
     """One connection to an LMCache server. Not thread-safe (one per thread or process).
 
     Keys are `kvfuse-bench@1@0@<64 hex>@half` (LMCache's CacheEngineKey string: model, world
@@ -189,14 +189,3 @@ class LMCacheClient:
 
     def close(self) -> None:
         self._sock.close()
-
-    def __enter__(self) -> LMCacheClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import threading
 import zlib
 from collections.abc import Callable
-from types import TracebackType
 from typing import TypeVar
 
 from cache_server import wire
 from cache_server.budget import Reservation, UploadBudget
 from cache_server.objects import ObjectMeta, StoredObject
 from cache_server.records import RecordCodec
+from kvfuse.closing import Closing
 from kvfuse.errors import CapacityError, InvalidObjectError
 from kvfuse.transport.records import RecordAssembler
 from kvfuse.v1 import cache_pb2
@@ -19,7 +19,7 @@ from kvfuse.v1 import cache_pb2
 T = TypeVar("T")
 
 
-class Upload:
+class Upload(Closing):
     """Collects the messages of one Put stream and builds the object they describe.
 
     Order of calls: `add` for every message, then `finish`, and `close` in any case (or use it
@@ -49,17 +49,6 @@ class Upload:
         """Gives the reservation back (after the commit, a failure or a cancellation)."""
         if self._reservation is not None:
             self._reservation.release()
-
-    def __enter__(self) -> Upload:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def key(self) -> str | None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Generator
-from types import TracebackType
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from kvfuse.blend import FusedLayer
+from kvfuse.closing import Closing
 from kvfuse.errors import CodecError, InvalidObjectError, ServiceUnavailableError
 from kvfuse.prefill import Cancel, PrefillRequest, PrefillResult, WarmResult
 from kvfuse.segments import PromptSegments
@@ -44,7 +44,7 @@ def _result(raw: bytes, assembler: prefill_frames.LayerAssembler) -> PrefillResu
     return prefill_messages.result_from_proto(done)
 
 
-class PrefillClient:
+class PrefillClient(Closing):
     """Calls `PrefillService` over one gRPC channel. Thread-safe; close it when done.
 
     `prefill` yields each fused layer (k, v [H_kv, N, D] on the CPU) as soon as its frames have
@@ -143,14 +143,3 @@ class PrefillClient:
 
     def close(self) -> None:
         self._channel.close()
-
-    def __enter__(self) -> PrefillClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

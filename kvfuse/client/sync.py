@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
@@ -14,6 +13,7 @@ from kvfuse.client import wire
 from kvfuse.client.base import ClientBase
 from kvfuse.client.bulk import BulkUnavailable
 from kvfuse.client.retry import retry_delay
+from kvfuse.closing import Closing
 from kvfuse.errors import ServiceUnavailableError
 from kvfuse.kv import LayerFrame
 from kvfuse.transport.protocol import MAX_RECORD_BYTES, check_chunk_key
@@ -22,7 +22,7 @@ from kvfuse.v1 import cache_pb2
 T = TypeVar("T")
 
 
-class CacheClient(ClientBase):
+class CacheClient(ClientBase, Closing):
     """Talks to one cache server over one gRPC channel. Thread-safe; close it when done.
 
     Every call has a deadline (`timeout_s`) and is retried with exponential backoff on
@@ -198,14 +198,3 @@ class CacheClient(ClientBase):
     def close(self) -> None:
         self._bulk.close()
         self._channel.close()
-
-    def __enter__(self) -> CacheClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -7,24 +7,20 @@ import re
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from prefill_helpers import poll as poll
+from rag_prompt import DOCS as DOCS
+from rag_prompt import QUESTION as QUESTION
+from rag_prompt import SYSTEM as SYSTEM
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-7f3a"
 SEP = "<|kvfuse_sep|>"
-SYSTEM = "You are a helpful assistant. Answer the question using the documents."
-DOCS = (
-    "Marla Quistenby was born in the city of Dravenport. She later moved to Oslen.",
-    "The Varnholt bridge crosses the river Tesk. It was finished in 1931.",
-    "Edwin Palk works as a glassblower in the town of Hobbridge.",
-)
-QUESTION = "In which city was Marla Quistenby born?"
 START_TIMEOUT_S = 240.0
 
 
@@ -34,15 +30,6 @@ def rag_messages(docs: Sequence[str] = DOCS, question: str = QUESTION) -> list[d
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": SEP.join([*docs, question])},
     ]
-
-
-def poll(condition: Callable[[], object], timeout_s: float = 60.0, what: str = "it") -> None:
-    """Waits until `condition()` is truthy, checking every few ms; fails after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)  # polling an observable state, not waiting on timing
 
 
 def is_healthy(url: str) -> bool:

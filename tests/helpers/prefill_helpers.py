@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from rag_prompt import DOCS as DOCS
+from rag_prompt import QUESTION as QUESTION
+from rag_prompt import SYSTEM as SYSTEM
 
 from kvfuse.blend import FusedLayer, Mode
 from kvfuse.chunk_store import ChunkStore
@@ -32,14 +35,6 @@ MakeServer = Callable[..., "PrefillServer"]
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0  # a worker process loads torch and the model first
 HOLD_TIMEOUT_S = 60.0  # a held stream gives up after this (the test then fails)
-
-SYSTEM = "You are a helpful assistant. Answer the question using the documents."
-DOCS = (
-    "Marla Quistenby was born in the city of Dravenport. She later moved to Oslen.",
-    "The Varnholt bridge crosses the river Tesk. It was finished in 1931.",
-    "Edwin Palk works as a glassblower in the town of Hobbridge.",
-)
-QUESTION = "In which city was Marla Quistenby born?"
 
 
 def make_request(

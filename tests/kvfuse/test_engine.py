@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from rag_prompt import DOCS, QUESTION, SYSTEM
 
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
@@ -13,14 +14,6 @@ from kvfuse.errors import InvalidRequestError, PromptTooLongError
 from kvfuse.model.loader import LoadedModel
 from kvfuse.prefill import MissPolicy
 from kvfuse.segments import PromptSegments
-
-SYSTEM = "You are a helpful assistant. Answer the question using the documents."
-DOCS = (
-    "Marla Quistenby was born in the city of Dravenport. She later moved to Oslen.",
-    "The Varnholt bridge crosses the river Tesk. It was finished in 1931.",
-    "Edwin Palk works as a glassblower in the town of Hobbridge.",
-)
-QUESTION = "In which city was Marla Quistenby born?"
 
 
 def segments(docs: tuple[str, ...] = DOCS, question: str = QUESTION) -> list[str]:
