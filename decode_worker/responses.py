@@ -48,7 +48,9 @@ class Completion:
         if stats is not None:
             usage["kvfuse"] = {
                 "mode": self.request.prefill.mode.value,
-                "recompute_ratio": self.request.prefill.recompute_ratio,
+                # what the blend used (the request's, the controller's or the default)
+                "recompute_ratio": stats.recompute_ratio if stats.ratio_source else None,
+                "ratio_source": stats.ratio_source or None,
                 "cached_tokens": stats.num_cached_tokens,
                 "recomputed_tokens": stats.num_recomputed_tokens,
                 "computed_tokens": stats.num_computed_tokens,

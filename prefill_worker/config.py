@@ -64,6 +64,15 @@ class PrefillConfig:
         max_message_bytes: gRPC send/receive message limit.
         num_workers: gRPC thread-pool size (concurrent RPCs); compute is serialized anyway.
         grace_s: how long a graceful stop waits for in-flight requests.
+        controller: the controller's `host:port`; None runs on `default_ratio` and
+            `cache_addrs` alone. With one, the worker reports its measurements, evaluates
+            the controller's ratio policy per request and shards over the cache servers it
+            names (keeping its last policy while the controller is away).
+        controller_token: bearer token for the controller (default: `auth_token`).
+        controller_tls_ca: PEM roots of the controller's certificate; enables TLS to it.
+        member_id: this worker's id at the controller (default: host:port; in a cluster the
+            pod name).
+        report_interval_s: how often measurements go to the controller.
     """
 
     host: str = "127.0.0.1"
@@ -93,6 +102,11 @@ class PrefillConfig:
     max_message_bytes: int = 16 << 20
     num_workers: int = 8
     grace_s: float = 5.0
+    controller: str | None = None
+    controller_token: str | None = field(default=None, repr=False)
+    controller_tls_ca: Path | None = None
+    member_id: str | None = None
+    report_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         self.check()
@@ -122,14 +136,21 @@ class PrefillConfig:
         if not isinstance(self.miss_policy, MissPolicy) or not isinstance(self.pipeline, bool):
             raise ConfigError("miss_policy must be a MissPolicy and pipeline a bool")
         check_tls_files(self.tls_cert, self.tls_key)
-        for addr in self.cache_addrs:
+        for addr in (*self.cache_addrs, *([self.controller] if self.controller else [])):
             host, sep, port = addr.rpartition(":")
             if not sep or not host or not port.isdigit():
-                raise ConfigError(f"cache address must be host:port, got {addr!r}")
+                raise ConfigError(f"cache and controller addresses must be host:port: {addr!r}")
+        if not self.report_interval_s > 0:
+            raise ConfigError("report_interval_s must be positive")
 
     @property
     def effective_cache_token(self) -> str | None:
         return self.cache_token if self.cache_token is not None else self.auth_token
+
+    @property
+    def effective_controller_token(self) -> str | None:
+        token = self.controller_token
+        return token if token is not None else self.auth_token
 
     @classmethod
     def load(
@@ -196,6 +217,11 @@ _PARSERS: dict[str, Parser] = {
     "max_message_bytes": parse_int,
     "num_workers": parse_int,
     "grace_s": parse_float,
+    "controller": optional(str),
+    "controller_token": optional(str),
+    "controller_tls_ca": optional(Path),
+    "member_id": optional(str),
+    "report_interval_s": parse_float,
 }
 assert set(_PARSERS) == {f.name for f in fields(PrefillConfig)}
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kvfuse.control.policy import ComputeSample, LoadSample, WorkerPolicy
+from kvfuse.control.ratio import RatioDecision
 from kvfuse.prefill.observer import PrefillObserver, WriteEvent
 from kvfuse.prefill.types import WarmResult
+
+if TYPE_CHECKING:
+    from prefill_worker.controller_link import ControllerLink
 
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
@@ -107,6 +114,19 @@ class PrefillMetrics(PrefillObserver):
             ["result"],
             registry=r,
         )
+        self.ratio_decisions = Counter(
+            "kvfuse_prefill_ratio_decisions",
+            "Blend requests by where their recompute ratio came from "
+            "(request, controller, default).",
+            ["source"],
+            registry=r,
+        )
+        self.policy_version = Gauge(
+            "kvfuse_prefill_policy_version",
+            "Version of the controller policy in use (0: none yet, the defaults apply).",
+            registry=r,
+        )
+        self.link: ControllerLink | None = None  # measurements go to the controller too
         self._write_events = {
             WriteEvent.STORED: self.write_behind_stored,
             WriteEvent.COMPUTED: self.write_behind_computed,
@@ -146,6 +166,22 @@ class PrefillMetrics(PrefillObserver):
 
     def write_behind_depth(self, num_objects: int) -> None:
         self.write_behind_queue_depth.set(num_objects)
+
+    def decided(self, decision: RatioDecision) -> None:
+        self.ratio_decisions.labels(decision.source.value).inc()
+        if self.link is not None:
+            self.link.count_decision(decision.source.value)
+
+    def computed(self, sample: ComputeSample) -> None:
+        if self.link is not None:
+            self.link.add(sample)
+
+    def loaded(self, sample: LoadSample) -> None:
+        if self.link is not None:
+            self.link.add(sample)
+
+    def policy_applied(self, policy: WorkerPolicy) -> None:
+        self.policy_version.set(policy.version)
 
     def warmed(self, result: WarmResult) -> None:
         for outcome, count in (

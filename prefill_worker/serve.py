@@ -42,6 +42,11 @@ _FLAGS = FlagTable(
         ("--put-deadline-s", "deadline of one write-behind put (default 30)"),
         ("--num-workers", "gRPC worker threads (default 8)"),
         ("--grace-s", "seconds in-flight requests get on shutdown (default 5)"),
+        ("--controller", "controller host:port: its ratio policy and cache-server membership"),
+        ("--controller-token", "bearer token for the controller (default: --token)"),
+        ("--controller-tls-ca", "CA (PEM) of the controller's certificate; enables TLS to it"),
+        ("--member-id", "this worker's id at the controller (default host:port; the pod name)"),
+        ("--report-interval-s", "seconds between reports to the controller (default 2)"),
     ),
     renamed={"token": "auth_token", "cache": "cache_addrs"},  # flag dest → field
     config_help="TOML/JSON settings file (or KVFUSE_PREFILL_CONFIG)",
@@ -75,7 +80,8 @@ def serve(config: PrefillConfig, out: TextIO = sys.stdout) -> int:
         cache = ",".join(config.cache_addrs) or "in-process store"
         metrics = "off" if server.metrics_port is None else f"port {server.metrics_port}"
         tls, auth = ("on" if on else "off" for on in (config.tls_cert, config.auth_token))
-        return f"tls {tls}, auth {auth}, cache {cache}, metrics {metrics}"
+        controller = config.controller or "none"
+        return f"tls {tls}, auth {auth}, cache {cache}, controller {controller}, metrics {metrics}"
 
     return run_until_signal(server, "kvfuse prefill worker", details, out)
 

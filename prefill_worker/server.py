@@ -12,6 +12,8 @@ import torch
 
 from kvfuse.blend.precompute import ChunkContext
 from kvfuse.chunk_store import ChunkStore
+from kvfuse.client.controller import ControllerClient
+from kvfuse.control.policy import WorkerPolicy
 from kvfuse.keys import KeySpace
 from kvfuse.model.loader import load_model
 from kvfuse.prefill.compute import PrefillCompute
@@ -25,8 +27,10 @@ from kvfuse.service.threads import on_temporary_thread
 from kvfuse.settings import Settings
 from kvfuse.v1 import prefill_pb2, prefill_pb2_grpc
 from prefill_worker.config import PrefillConfig
+from prefill_worker.controller_link import ControllerLink
 from prefill_worker.metrics import PrefillMetrics
 from prefill_worker.servicer import PrefillServicer
+from prefill_worker.shard_switch import ShardSwitch
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
@@ -44,22 +48,24 @@ def build_compute(config: PrefillConfig) -> PrefillCompute:
     return PrefillCompute(loaded.model, keys, bos_token_id=loaded.tokenizer.bos_token_id)
 
 
+def cache_source(config: PrefillConfig, addr: str) -> CacheServerSource:
+    """A cache server at `addr` with the configured deadlines, token and TLS."""
+    return CacheServerSource(
+        addr,
+        config.effective_cache_token,
+        config.lookup_deadline_s,
+        config.fetch_deadline_s,
+        config.put_deadline_s,
+        config.max_message_bytes,
+        config.cache_tls_ca,
+    )
+
+
 def build_shards(config: PrefillConfig) -> Shards:
     """One CacheServerSource per configured cache server, else an in-process store."""
     if not config.cache_addrs:
         return Shards([StoreSource(ChunkStore(config.local_store_bytes))], ["local"])
-    sources: list[ChunkSource] = [
-        CacheServerSource(
-            addr,
-            config.effective_cache_token,
-            config.lookup_deadline_s,
-            config.fetch_deadline_s,
-            config.put_deadline_s,
-            config.max_message_bytes,
-            config.cache_tls_ca,
-        )
-        for addr in config.cache_addrs
-    ]
+    sources: list[ChunkSource] = [cache_source(config, addr) for addr in config.cache_addrs]
     return Shards(sources, config.cache_addrs)
 
 
@@ -91,7 +97,11 @@ class PrefillServer(GrpcService):
         self.metrics = PrefillMetrics()
         compute_lock = threading.Lock()
         self.writer = WriteBehind(
-            compute, self.shards.put, config.write_behind_size, compute_lock, self.metrics
+            compute,
+            lambda key, kv: self.pipeline.shards.put(key, kv),  # the shards in use now
+            config.write_behind_size,
+            compute_lock,
+            self.metrics,
         )
         options = PipelineOptions(
             miss_policy=config.miss_policy,
@@ -126,13 +136,45 @@ class PrefillServer(GrpcService):
         self.warmer = Warmer(compute, self.shards, compute_lock, self.metrics)
         servicer = PrefillServicer(self.pipeline, self.warmer, self.metrics)
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, grpc_server.server)  # type: ignore[no-untyped-call]
+        linger_s = config.fetch_deadline_s + config.put_deadline_s
+        self.shard_switch = ShardSwitch(
+            self.shards, lambda addr: cache_source(config, addr), self._install, linger_s
+        )
+        self.link: ControllerLink | None = None
+
+    def _install(self, shards: Shards) -> None:
+        """New shards for requests, warm calls and stores from now on."""
+        self.pipeline.shards = self.warmer.shards = shards
+
+    def apply_policy(self, policy: WorkerPolicy) -> None:
+        """The controller's policy: its ratio policy per request, its cache servers."""
+        self.pipeline.policy = policy.ratio
+        self.shard_switch.update(policy.cache_servers)
+        self.metrics.policy_applied(policy)
+
+    def _start_link(self) -> None:
+        config = self.config
+        if config.controller is None:
+            return
+        client = ControllerClient(
+            config.controller,
+            token=config.effective_controller_token,
+            tls_root_cert=config.controller_tls_ca,
+        )
+        member_id = config.member_id or self.address
+        self.link = ControllerLink(client, member_id, self.apply_policy, config.report_interval_s)
+        self.metrics.link = self.link
+        self.link.start()
 
     def start(self) -> PrefillServer:
         self.grpc.start()
+        self._start_link()
         log.info("prefill worker listening on %s", self.address)
         return self
 
     def close(self) -> None:
-        """Stops the write-behind and closes the chunk sources."""
+        """Stops the controller link and the write-behind, closes the chunk sources."""
+        if self.link is not None:
+            self.link.close()
         self.writer.close()
-        self.shards.close()
+        self.pipeline.shards.close()

@@ -64,6 +64,7 @@ class BlendStats:
     num_recomputed_tokens: int = 0
     num_computed_tokens: int = 0
     num_selected_per_check: list[int] = field(default_factory=list)
+    num_layer_rows: int = 0  # rows computed, summed over layers (the compute it did)
 
 
 class BlendRun:
@@ -122,6 +123,7 @@ class BlendRun:
             if q is None:
                 q = attn.q(x, rows_cos, rows_sin)  # [H, S', D]
             h = block.finish(h, attn.project(attend(attn, q, k_all, v_all)))
+            self.stats.num_layer_rows += int(rows.numel())
             yield FusedLayer(layer_idx, k_all, v_all)
         self._logits = model.logits(h[-1:])[0]
         num_recomputed = int(plan.eligible.to(device)[rows].sum())

@@ -10,9 +10,11 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from kvfuse.control.policy import LoadSample
 from kvfuse.errors import CacheError, InvalidObjectError, KvfuseError, ServiceUnavailableError
 from kvfuse.kv import ChunkKV, LayerFrame
 from kvfuse.prefill.observer import PrefillObserver
+from kvfuse.prefill.shape import nbytes_of, tier_of
 from kvfuse.prefill.sources import ChunkSource, positions_of
 from kvfuse.prefill.types import ChunkInfo
 from kvfuse.service.threads import io_thread
@@ -101,6 +103,12 @@ class LayerFetch:
         return self
 
     @property
+    def waited_s(self) -> float:
+        """How long readers waited for layers of this stream so far, in all."""
+        with self._cond:
+            return sum(self._wait_s)
+
+    @property
     def failed(self) -> bool:
         with self._cond:
             return self._error is not None
@@ -186,7 +194,7 @@ class LayerFetch:
     def _run(self) -> None:
         io_thread()  # only moves bytes: must not stall the compute (kvfuse/service/threads.py)
         stream = self._source.get_layers(list(self.chunks))
-        last_s = time.monotonic()
+        start_s = last_s = time.monotonic()
         try:
             for item in stream:
                 if self._stop.is_set():
@@ -195,6 +203,8 @@ class LayerFetch:
                     now = time.monotonic()
                     self._observer.layer_loaded(now - last_s)
                     last_s = now
+            if self.complete_keys() == self.chunks.keys():
+                self._count_load(last_s - start_s)
         except KvfuseError as exc:
             with self._cond:
                 self._fail(exc)
@@ -209,6 +219,15 @@ class LayerFetch:
             with self._cond:
                 self._finished = True
                 self._cond.notify_all()
+
+    def _count_load(self, seconds: float) -> None:
+        """Reports the whole stream's load rate when its objects share one tier and codec."""
+        tiers = {tier_of(chunk.info) for chunk in self.chunks.values()}
+        if len(tiers) == 1:
+            (tier, codec) = tiers.pop()
+            nbytes = sum(nbytes_of(chunk.info) for chunk in self.chunks.values())
+            if nbytes:
+                self._observer.loaded(LoadSample(tier, codec, nbytes, seconds))
 
     def _accept(self, item: LayerFrame) -> bool:
         """Stores one arrived layer; True when it completed that layer for every chunk."""

@@ -3,6 +3,7 @@ per shard for the ones its mode reads, an in-process store's objects taken whole
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from kvfuse.blend.config import Mode
@@ -25,8 +26,19 @@ class Reading(NamedTuple):
     cancel: Cancel
 
 
-def open_objects(prompt: PreparedPrompt, mode: Mode, shards: Shards, reading: Reading) -> Fetched:
-    """Looks the prompt's prefix and chunks up and starts reading the ones `mode` reads.
+# Given what the lookup found that the mode reads, the keys to compute in place instead.
+Chooser = Callable[[Mapping[str, ChunkInfo]], set[str]]
+
+
+def open_objects(
+    prompt: PreparedPrompt,
+    mode: Mode,
+    shards: Shards,
+    reading: Reading,
+    choose: Chooser | None = None,
+) -> Fetched:
+    """Looks the prompt's prefix and chunks up and starts reading the ones `mode` reads,
+    except those `choose` (called once, with every shard's findings) keeps in place.
 
     Streams start before the caller takes its compute lock, so a queued request prefetches;
     the deadline counts from here. A shard whose lookup fails makes its keys
@@ -43,6 +55,7 @@ def open_objects(prompt: PreparedPrompt, mode: Mode, shards: Shards, reading: Re
     read = set(num_tokens)
     if mode is Mode.PREFIX_CACHE:  # only the prefix and the chunk stored right after it
         read = {prompt.prefix_key, *prompt.chunk_keys[:1]}
+    wanted: dict[int, dict[str, ChunkInfo]] = {}
     for idx, keys in shards.split(list(num_tokens)).items():  # unique keys, in order
         try:
             infos = shards.sources[idx].lookup(keys)
@@ -59,8 +72,12 @@ def open_objects(prompt: PreparedPrompt, mode: Mode, shards: Shards, reading: Re
         }
         reading.observer.looked_up(len(keys), len(infos))
         fetched.found.update(infos)
-        wanted = {k: i for k, i in infos.items() if k in read}
-        _read(shards.sources[idx], wanted, fetched, reading)
+        wanted[idx] = {k: i for k, i in infos.items() if k in read}
+    if choose is not None:
+        fetched.in_place = choose({k: i for infos in wanted.values() for k, i in infos.items()})
+    for idx, infos in wanted.items():
+        kept = {k: i for k, i in infos.items() if k not in fetched.in_place}
+        _read(shards.sources[idx], kept, fetched, reading)
     return fetched
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from kvfuse.control.policy import ComputeSample, LoadSample
+from kvfuse.control.ratio import RatioDecision
 from kvfuse.prefill.types import WarmResult
 
 
@@ -57,3 +59,12 @@ class PrefillObserver:
 
     def warmed(self, result: WarmResult) -> None:
         """A warm call finished."""
+
+    def decided(self, decision: RatioDecision) -> None:
+        """A blend request's recompute ratio was decided (by the request, policy or default)."""
+
+    def computed(self, sample: ComputeSample) -> None:
+        """A prefill finished computing its layers (what the controller's compute model fits)."""
+
+    def loaded(self, sample: LoadSample) -> None:
+        """A layer stream of objects from one tier and codec finished."""

@@ -25,15 +25,17 @@ recompute. The stats say why (`fallback`), the observer counts it, the request s
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from kvfuse.blend.config import BlendConfig, Mode
-from kvfuse.blend.run import FusedLayer
+from kvfuse.blend.run import BlendRun, FusedLayer
+from kvfuse.control.policy import ComputeSample
+from kvfuse.control.ratio import RatioDecision, RatioPolicy, RatioSource
 from kvfuse.errors import CacheError, InvalidRequestError, PromptTooLongError
 from kvfuse.keys import PreparedPrompt
 from kvfuse.kv import ChunkLayers
@@ -43,11 +45,13 @@ from kvfuse.prefill.compute import PrefillCompute
 from kvfuse.prefill.fetch import Layout
 from kvfuse.prefill.lookup import Reading, open_objects
 from kvfuse.prefill.observer import PrefillObserver
+from kvfuse.prefill.shape import request_shape, tier_of
 from kvfuse.prefill.sources import Shards
 from kvfuse.prefill.state import Fetched
 from kvfuse.prefill.types import (
     PRECOMPUTE_MODES,
     Cancel,
+    ChunkInfo,
     MissPolicy,
     PrefillRequest,
     PrefillResult,
@@ -123,6 +127,9 @@ class PrefillPipeline:
         observer: PrefillObserver | None = None,
     ) -> None:
         self.compute, self.shards, self.writer = compute, shards, writer
+        # The controller's ratio policy; None: requests without a ratio use the default.
+        # Replaced whole from another thread (an atomic reference swap), never mutated.
+        self.policy: RatioPolicy | None = None
         self.compute_lock = compute_lock
         self.options = options or PipelineOptions()
         self.observer = observer or PrefillObserver()
@@ -220,7 +227,16 @@ class PrefillPipeline:
         """The whole request, cleanup included."""
         with torch.inference_mode():
             prompt = self.compute.prepare(request.segments)
-            fetched = open_objects(prompt, request.mode, self.shards, self._reading(cancel))
+            decided = _Decided(self._default_decision(request, blend))
+            choose = None
+            policy = self.policy
+            if policy and request.mode is Mode.BLEND and request.recompute_ratio is None:
+                choose = decided.chooser(policy, prompt, self.layout.num_layers)
+            fetched = open_objects(prompt, request.mode, self.shards, self._reading(cancel), choose)
+            if decided.decision.source is RatioSource.CONTROLLER:
+                blend = self.compute.blend_config(decided.decision.ratio, blend)
+            if request.mode is Mode.BLEND:
+                self.observer.decided(decided.decision)
             buffered: list[FusedLayer | Prefilled] = []
             try:
                 if self.options.wait_for_hits:
@@ -232,7 +248,9 @@ class PrefillPipeline:
                     self._precompute(prompt, request.mode, fetched, cancel)
                     if cancel.cancelled:
                         return
-                    items = self._blend(prompt, request.mode, blend, fetched, cancel, start_s)
+                    items = self._blend(
+                        prompt, request.mode, (blend, decided.decision), fetched, cancel, start_s
+                    )
                     if self.options.wait_for_hits:
                         buffered = list(items)
                     else:
@@ -245,6 +263,12 @@ class PrefillPipeline:
             finally:
                 for fetch in fetched.fetches:
                     fetch.close()
+
+    def _default_decision(self, request: PrefillRequest, blend: BlendConfig) -> RatioDecision:
+        """The request's own ratio, else the default (until a policy decides after lookup)."""
+        if request.recompute_ratio is not None:
+            return RatioDecision(request.recompute_ratio, RatioSource.REQUEST)
+        return RatioDecision(blend.recompute_ratio, RatioSource.DEFAULT)
 
     def _reading(self, cancel: Cancel) -> Reading:
         """How this request's fetches read: layout, deadline, observer, its cancel flag."""
@@ -266,7 +290,7 @@ class PrefillPipeline:
         context of a miss (if its stream fails: computed too, the failure counted)."""
         if self.options.miss_policy is MissPolicy.FORCED or mode not in PRECOMPUTE_MODES:
             return
-        known = fetched.chunks.keys() | fetched.lookup_failed
+        known = fetched.chunks.keys() | fetched.lookup_failed | fetched.in_place
         for key, kv in self.compute.missing(prompt, known.__contains__, fetched.whole):
             fetched.precomputed[key] = kv
             if cancel.cancelled:  # checked after each object: one may take seconds
@@ -277,19 +301,19 @@ class PrefillPipeline:
         self,
         prompt: PreparedPrompt,
         mode: Mode,
-        blend: BlendConfig,
+        settings: tuple[BlendConfig, RatioDecision],
         fetched: Fetched,
         cancel: Cancel,
         start_s: float,
     ) -> Iterator[FusedLayer | Prefilled]:
         """Runs the blend, restarting without chunks whose stream failed; yields each layer
         once, then the logits and stats."""
-        chunks, num_sent = dict(fetched.chunks), 0
+        (blend, decision), chunks, num_sent = settings, dict(fetched.chunks), 0
         while True:
             planned = self.compute.plan(prompt, mode, blend, chunks.get, fetched.precomputed)
-            run = self.compute.run(planned, blend)
+            run, timer = self.compute.run(planned, blend), _Timer()
             try:
-                for layer in run:
+                for layer in timer.iterate(run):
                     if cancel.event.is_set():
                         return
                     if layer.layer_idx >= num_sent:
@@ -304,11 +328,21 @@ class PrefillPipeline:
                 if not lost:
                     raise
                 chunks = {k: c for k, c in chunks.items() if k not in lost}
+        self._count_compute(run, timer.seconds - sum(f.waited_s for f in fetched.fetches))
         stats = PrefillStats.of_run(run.stats, planned, start_s, fetched.fallback)
+        if mode is Mode.BLEND:
+            stats = replace(
+                stats, recompute_ratio=decision.ratio, ratio_source=decision.source.value
+            )
         num_reused = stats.num_cached_tokens + stats.num_precomputed_tokens
         if num_reused and mode is Mode.BLEND:
             self.observer.blended(stats.num_recomputed_tokens / num_reused)
         yield Prefilled(run.last_logits, stats)
+
+    def _count_compute(self, run: BlendRun, seconds: float) -> None:
+        num_layers = self.layout.num_layers
+        if seconds > 0 and run.stats.num_layer_rows:
+            self.observer.computed(ComputeSample(num_layers, run.stats.num_layer_rows, seconds))
 
     def _lost_chunks(self, fetched: Fetched, chunks: Mapping[str, ChunkLayers]) -> set[str]:
         """Chunks in use whose fetch failed before they arrived whole; counts each failure."""
@@ -330,3 +364,40 @@ class PrefillPipeline:
         prefix_kv = fetched.arrived(prompt.prefix_key)
         computed = {k: kv for k, kv in fetched.precomputed.items() if k in missing}
         self.writer.submit(WriteJob(prompt, frozenset(missing), prefix_kv, computed))
+
+
+class _Timer:
+    """Seconds spent inside an iterator's `next` (its compute, and any wait inside it)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def iterate(self, items: Iterator[FusedLayer] | BlendRun) -> Iterator[FusedLayer]:
+        it = iter(items)
+        while True:
+            start = time.perf_counter()
+            item = next(it, None)
+            self.seconds += time.perf_counter() - start
+            if item is None:
+                return
+            yield item
+
+
+class _Decided:
+    """A request's ratio decision: the default until the policy decides after the lookup."""
+
+    def __init__(self, decision: RatioDecision) -> None:
+        self.decision = decision
+
+    def chooser(
+        self, policy: RatioPolicy, prompt: PreparedPrompt, num_layers: int
+    ) -> Callable[[Mapping[str, ChunkInfo]], set[str]]:
+        """The lookup's `choose`: decides the ratio from what was found; returns the keys
+        whose tier is too slow to fetch (computed in place)."""
+
+        def choose(found: Mapping[str, ChunkInfo]) -> set[str]:
+            self.decision = policy.decide(request_shape(prompt, found, num_layers))
+            slow = self.decision.compute_tiers
+            return {k for k, info in found.items() if tier_of(info) in slow}
+
+        return choose

@@ -145,6 +145,7 @@ class Shards:
         if len(sources) != len(names) or not sources:
             raise ConfigError("one name per source, at least one source")
         self.sources = list(sources)
+        self.names = tuple(names)
         self._salts = [name.encode() for name in names]
 
     def owner(self, key: str) -> int:

@@ -19,6 +19,8 @@ class Fetched:
             or whole (an in-process store's).
         found: every key the lookup found usable, read or not.
         lookup_failed: keys whose lookup failed (neither found nor missing).
+        in_place: found keys the request computes in place rather than fetches (their tier
+            loads slower than they compute).
         precomputed: misses the request computed standalone (miss policy precompute).
     """
 
@@ -27,6 +29,7 @@ class Fetched:
     fetches: list[LayerFetch] = field(default_factory=list)
     found: set[str] = field(default_factory=set)
     lookup_failed: set[str] = field(default_factory=set)
+    in_place: set[str] = field(default_factory=set)
     precomputed: dict[str, ChunkKV] = field(default_factory=dict)
     fallback: str = ""
     _counted: set[int] = field(default_factory=set, init=False, repr=False)  # fetch ids

@@ -1,4 +1,5 @@
-"""The one place where kvfuse errors and PrefillService status codes map to each other."""
+"""The one place where kvfuse errors and the status codes of PrefillService and
+ControllerService map to each other."""
 
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ def abort(context: grpc.ServicerContext, exc: KvfuseError) -> NoReturn:
     raise AssertionError("unreachable: context.abort raises")
 
 
-def error_from_rpc(exc: grpc.RpcError) -> KvfuseError:
-    """Client side: the kvfuse error for a failed Prefill call."""
+def error_from_rpc(exc: grpc.RpcError, service: str = "prefill worker") -> KvfuseError:
+    """Client side: the kvfuse error for a failed call to `service` (the prefill worker or the
+    controller, which map errors the same way)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -64,5 +66,5 @@ def error_from_rpc(exc: grpc.RpcError) -> KvfuseError:
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.CANCELLED,
     ):
-        return ServiceUnavailableError(f"prefill worker: {code.name}: {details}")
-    return KvfuseError(f"prefill worker failed: {code.name}: {details}")
+        return ServiceUnavailableError(f"{service}: {code.name}: {details}")
+    return KvfuseError(f"{service} failed: {code.name}: {details}")
