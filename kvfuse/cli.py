@@ -110,6 +110,7 @@ _SERVICES = (
     ("cache", "the gRPC cache server (memory/disk/Redis)", "cache_server.serve"),
     ("prefill", "the gRPC prefill worker (fetch, blend)", "prefill_worker.serve"),
     ("decode", "the OpenAI-compatible HTTP decode worker", "decode_worker.serve"),
+    ("controller", "the gRPC controller (ratio policy, placement, membership)", "controller.serve"),
     ("all", "all three services as local processes", "kvfuse.serve_all"),
 )
 
@@ -164,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     warm = sub.add_parser("warm", help="store documents' KV through a decode worker, at ingest")
     warm_client.add_arguments(warm)
     warm.set_defaults(func=warm_client.run)
+
+    from kvfuse.client import explain
+
+    controller = sub.add_parser("controller", help="ask a running controller: explain")
+    explain.add_arguments(controller)
+    controller.set_defaults(func=explain.run)
 
     cache = sub.add_parser("cache", help="inspect a running cache server: stats, ls, rm")
     from kvfuse.client import admin as cache_admin

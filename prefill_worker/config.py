@@ -17,6 +17,7 @@ from kvfuse.service.config import (
     check_port,
     check_tls_files,
     optional,
+    parse_addrs,
     parse_float,
     parse_int,
 )
@@ -169,14 +170,6 @@ class PrefillConfig:
         return replace(cls(), **_LAYERS.parse(values))
 
 
-def _addrs(value: object) -> tuple[str, ...]:
-    """`"a:1,b:2"` or `["a:1", "b:2"]` → ("a:1", "b:2")."""
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list | tuple):
-        raise ConfigError(f"cache_addrs must be a list or a comma-separated string: {value!r}")
-    return tuple(str(a).strip() for a in items if str(a).strip())
-
-
 def _parse_bool(name: str, value: object) -> bool:
     """True/False, or "on"/"off", "true"/"false", "yes"/"no", "1"/"0" (any case)."""
     if isinstance(value, bool):
@@ -193,7 +186,7 @@ _PARSERS: dict[str, Parser] = {
     "host": str,
     "port": parse_int,
     "metrics_port": optional(parse_int),
-    "cache_addrs": _addrs,
+    "cache_addrs": parse_addrs,
     "cache_token": optional(str),
     "auth_token": optional(str),
     "tls_cert": optional(Path),

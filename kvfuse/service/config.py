@@ -57,6 +57,19 @@ def optional(parse: Parser) -> Parser:
     return parse_or_none
 
 
+def parse_addrs(value: object) -> tuple[str, ...]:
+    """`"a:1,b:2"` or `["a:1", "b:2"]` → ("a:1", "b:2"), each checked to be host:port."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"addresses must be a list or a comma-separated string: {value!r}")
+    addrs = tuple(str(a).strip() for a in items if str(a).strip())
+    for addr in addrs:
+        host, sep, port = addr.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"address must be host:port, got {addr!r}")
+    return addrs
+
+
 def require(ok: bool, message: str) -> None:
     """Raises ConfigError(message) unless `ok`."""
     if not ok:

@@ -1,0 +1,134 @@
+"""A real controller on 127.0.0.1: reports become a published policy, watchers receive it,
+explain evaluates it, bad input and missing tokens are refused with precise codes."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from prefill_helpers import poll
+
+from controller.config import ControllerConfig
+from controller.server import ControllerServer
+from kvfuse.client.controller import ControllerClient
+from kvfuse.control.policy import ComputeSample, LoadSample
+from kvfuse.control.ratio import ChunkShape, RequestShape
+from kvfuse.errors import AuthError, InvalidRequestError
+from kvfuse.prefill import Cancel
+from kvfuse.v1 import controller_pb2, controller_pb2_grpc
+
+TOKEN = "controller-secret"
+SAMPLES = [ComputeSample(30, rows * 30, 30 * (0.001 + 10e-6 * rows)) for rows in (200, 900, 3000)]
+DISK = LoadSample("disk", "raw", 10_000_000, 0.05)  # 5 ns/byte
+
+
+@pytest.fixture
+def server() -> Iterator[ControllerServer]:
+    config = ControllerConfig(
+        port=0,
+        metrics_port=0,
+        auth_token=TOKEN,
+        cache_addrs=("127.0.0.1:7001", "127.0.0.1:7002"),
+        refresh_s=0.05,
+    )
+    with ControllerServer(config) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: ControllerServer) -> Iterator[ControllerClient]:
+    with ControllerClient(server.address, token=TOKEN) as c:
+        yield c
+
+
+def test_reports_become_the_policy_watchers_receive(
+    server: ControllerServer, client: ControllerClient
+) -> None:
+    cancel = Cancel()
+    policies = client.watch("worker-0", cancel)
+    first = next(policies)
+    assert first.ratio.compute is None and first.ratio.r_quality == 0.15
+    assert [m.address for m in first.cache_servers] == ["127.0.0.1:7001", "127.0.0.1:7002"]
+    client.report("worker-0", SAMPLES, [DISK], {"controller": 3, "request": 1})
+    latest = next(policies)
+    while latest.ratio.compute is None or not latest.ratio.load_s_per_byte:
+        latest = next(policies)
+    cancel.cancel()
+    assert latest.version > first.version
+    assert latest.ratio.compute.per_row_s == pytest.approx(10e-6, rel=1e-3)
+    assert latest.ratio.load_s_per_byte[("disk", "raw")] == pytest.approx(5e-9)
+    body = _scrape(server)
+    assert 'kvfuse_controller_decisions_total{source="controller"} 3.0' in body
+    assert 'kvfuse_controller_members{role="cache"} 2.0' in body
+    assert "kvfuse_controller_compute_seconds" in body
+
+
+def test_explain_follows_the_policy(server: ControllerServer, client: ControllerClient) -> None:
+    client.report("worker-0", SAMPLES, [DISK], {})
+    poll(lambda: server.board.policy.ratio.load_s_per_byte, 10, "policy with load rates")
+    chunks = tuple(ChunkShape(500, 500 * 23_040, "disk", "raw") for _ in range(6))
+    answer = client.explain(RequestShape(3040, 30, chunks, 40))
+    assert answer.source == "controller" and answer.reason.startswith("load")
+    assert 0.15 < answer.ratio <= 0.6
+    assert answer.compute_s == pytest.approx(answer.load_s, rel=0.02)
+    memory = client.explain(RequestShape(3040, 30, (ChunkShape(3000, 1, "memory", "raw"),), 40))
+    assert memory.ratio == pytest.approx(0.15) and memory.reason.startswith("quality")
+
+
+@pytest.mark.parametrize(
+    "request_pb",
+    [
+        controller_pb2.ReportRequest(member_id=""),
+        controller_pb2.ReportRequest(member_id="x" * 254),
+        controller_pb2.ReportRequest(
+            member_id="w", compute=[controller_pb2.ComputeSample(num_layers=0, seconds=1)]
+        ),
+        controller_pb2.ReportRequest(
+            member_id="w", compute=[controller_pb2.ComputeSample(num_layers=1, seconds=-1)]
+        ),
+        controller_pb2.ReportRequest(
+            member_id="w", loads=[controller_pb2.LoadSample(nbytes=1, seconds=float("nan"))]
+        ),
+    ],
+)
+def test_bad_reports_are_invalid_argument(
+    server: ControllerServer, request_pb: controller_pb2.ReportRequest
+) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = controller_pb2_grpc.ControllerServiceStub(channel)  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Report(request_pb, metadata=[("authorization", f"Bearer {TOKEN}")], timeout=5)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert server.board.estimates.compute_model() is None  # nothing of it was kept
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        RequestShape(100, 0, (), 10),  # no layers
+        RequestShape(100, 30, (ChunkShape(500, 1, "disk", "raw"),), 10),  # more than num_tokens
+        RequestShape(600, 30, (ChunkShape(500, 1, "", "raw"),), 10),  # no tier
+    ],
+)
+def test_bad_shapes_are_invalid_argument(client: ControllerClient, shape: RequestShape) -> None:
+    with pytest.raises(InvalidRequestError):
+        client.explain(shape)
+
+
+def test_unauthenticated_calls_refused(server: ControllerServer) -> None:
+    for token in (None, "wrong"):
+        with ControllerClient(server.address, token=token) as anonymous:
+            with pytest.raises(AuthError):
+                anonymous.report("w", [], [], {})
+            with pytest.raises(AuthError):
+                anonymous.explain(RequestShape(10, 30, (), 10))
+            with pytest.raises(AuthError):
+                next(anonymous.watch("w"))
+
+
+def _scrape(server: ControllerServer) -> str:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
