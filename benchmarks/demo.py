@@ -120,8 +120,8 @@ def run_demo(dtype: str = "float32", console: Console | None = None) -> int:
 
     console = console or Console()
     log_dir = Path(tempfile.mkdtemp(prefix="kvfuse-demo-"))
-    with console.status("starting cache server, prefill worker and decode worker…"):
-        stack = KvfuseStack(Topology.CACHE, dtype, log_dir).start()
+    with console.status("starting cache server, controller, prefill and decode workers…"):
+        stack = KvfuseStack(Topology.CACHE, dtype, log_dir, controller=True).start()
     try:
         console.print(f"OpenAI-compatible endpoint: [bold]{stack.url}/v1[/]  (logs: {log_dir})")
         client = OpenAI(base_url=f"{stack.url}/v1", api_key="unused")
@@ -161,13 +161,15 @@ def _wait_for_objects(cache_addr: str, num_objects: int, timeout_s: float = 300.
 
 def _print(console: Console, answers: list[DemoAnswer]) -> None:
     table = Table(title="RAG over the kvfuse stack (SmolLM2-135M, CPU, 6 documents)")
-    for col in ("request", "mode", "hits", "cached", "recomp.", "TTFT ms", "correct"):
-        table.add_column(col, justify="left" if col in ("request", "mode") else "right")
+    columns = ("request", "mode", "ratio (from)", "hits", "cached", "recomp.", "TTFT ms", "correct")
+    for col in columns:
+        table.add_column(col, justify="right" if col in columns[3:] else "left")
     for a in answers:
         kv = a.usage.get("kvfuse") or {}
         table.add_row(
             a.request.label,
             a.request.mode,
+            _ratio(kv),
             f"{kv.get('chunk_hits', 0)}/{kv.get('chunks', 0)}",
             str(kv.get("cached_tokens", 0)),
             str(kv.get("recomputed_tokens", 0)),
@@ -184,6 +186,13 @@ def _print(console: Console, answers: list[DemoAnswer]) -> None:
             f"warm blend TTFT is {full.client_ttft_s / warm.client_ttft_s:.1f}× lower than full "
             "prefill of the same prompt"
         )
+
+
+def _ratio(kv: dict[str, Any]) -> str:
+    """The blend's recompute ratio and who chose it (request, controller, default)."""
+    if kv.get("ratio_source") is None:
+        return "-"
+    return f"{kv['recompute_ratio']:.2f} ({kv['ratio_source']})"
 
 
 def _one_line(text: str, max_chars: int = 110) -> str:

@@ -25,7 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--memory-bytes", default="2GiB", help="the cache server's memory tier budget")
     add("--disk-dir", default=None, help="enable the disk tier in this directory")
     add("--redis-url", default=None, help="enable the Redis tier, e.g. redis://127.0.0.1:6379/0")
-    add("--token", default=None, help="bearer token for all three (or KVFUSE_AUTH_TOKEN)")
+    add("--token", default=None, help="bearer token for all of them (or KVFUSE_AUTH_TOKEN)")
+    add(
+        "--no-controller",
+        dest="controller",
+        action="store_false",
+        help="run without the controller (the prefill worker keeps its default ratio)",
+    )
+    add("--calibration", type=Path, default=None, help="a `kvfuse calibrate` file for it")
     add("--log-dir", type=Path, default=None, help="where each process logs (default: a temp dir)")
 
 
@@ -46,7 +53,14 @@ def run(args: argparse.Namespace) -> int:
         env["KVFUSE_AUTH_TOKEN"] = args.token
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="kvfuse-stack-"))
     stack = KvfuseStack(
-        Topology.CACHE, args.dtype, log_dir, port=args.port, cache_args=cache_flags(args), env=env
+        Topology.CACHE,
+        args.dtype,
+        log_dir,
+        port=args.port,
+        cache_args=cache_flags(args),
+        env=env,
+        controller=args.controller,
+        controller_args=("--calibration", str(args.calibration)) if args.calibration else (),
     )
     stop = threading.Event()
 
@@ -55,11 +69,12 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(f"starting cache server, prefill worker, decode worker (logs: {log_dir})…")
+        names = "cache server, controller," if args.controller else "cache server,"
+        print(f"starting {names} prefill worker, decode worker (logs: {log_dir})…")
         stack.start()
         print(
             f"kvfuse stack ready: OpenAI endpoint {stack.url}/v1 (cache server "
-            f"{stack.cache_addr}); Ctrl-C stops it",
+            f"{stack.cache_addr}, controller {stack.controller_addr or 'off'}); Ctrl-C stops it",
             flush=True,
         )
         supervisor = Supervisor(stack.processes)

@@ -1,6 +1,7 @@
 """A kvfuse serving stack as child processes on 127.0.0.1 (`kvfuse serve all`, demo, benchmarks).
 
-Three topologies, all behind the decode worker's OpenAI endpoint:
+Three topologies, all behind the decode worker's OpenAI endpoint (a controller optional with
+the last two):
 `local` (the decode worker prefills in its own process, chunk KV in its memory), `prefill`
 (a prefill worker over gRPC with chunk KV in its own memory) and `cache` (a prefill worker
 fetching chunk KV layer by layer from a cache server). Each start is a fresh, empty cache.
@@ -40,7 +41,9 @@ class KvfuseStack:
         port: The decode worker's HTTP port (default: a free one).
         cache_args: More cache-server flags (tiers: `--disk-dir`, `--redis-url`, budgets).
         env: The children's environment (default: this process's); `KVFUSE_AUTH_TOKEN` in it
-            turns on bearer auth in all three, which then use it to call each other.
+            turns on bearer auth in all of them, which then use it to call each other.
+        controller: also run a controller (not with `local`): the prefill worker reports to
+            it and takes its ratio policy; `controller_args` are more controller flags.
     """
 
     def __init__(
@@ -54,10 +57,13 @@ class KvfuseStack:
         port: int | None = None,
         cache_args: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
+        controller: bool = False,
+        controller_args: tuple[str, ...] = (),
     ) -> None:
         self.topology = topology
         self.port = port or free_port()
         self.cache_addr: str | None = None
+        self.controller_addr: str | None = None
         self._env = env
         self.model_name = SERVED_MODEL_NAME
         self._processes: list[tuple[ServerProcess, str | None]] = []
@@ -70,6 +76,8 @@ class KvfuseStack:
                 argv = [python, "-m", "cache_server", "--host", "127.0.0.1"]
                 argv += ["--port", cache_addr.rpartition(":")[2], "--metrics-port", "off"]
                 self._add("cache_server", [*argv, *cache_args], log_dir, _LISTENING)
+            if controller:
+                cache_flags += self._add_controller(python, log_dir, controller_args)
             prefill_url = f"127.0.0.1:{free_port()}"
             argv = [python, "-m", "prefill_worker", "--host", "127.0.0.1", "--dtype", dtype]
             argv += ["--port", prefill_url.rpartition(":")[2], "--metrics-port", "off"]
@@ -82,6 +90,16 @@ class KvfuseStack:
             argv += ["--prefill-url", prefill_url]
         self._add("decode_worker", argv, log_dir, None)
 
+    def _add_controller(self, python: str, log_dir: Path, extra_args: tuple[str, ...]) -> list[str]:
+        """Adds the controller process; returns the prefill worker's flags to reach it."""
+        addr = self.controller_addr = f"127.0.0.1:{free_port()}"
+        argv = [python, "-m", "controller", "--host", "127.0.0.1", "--metrics-port", "off"]
+        argv += ["--port", addr.rpartition(":")[2], *extra_args]
+        if self.cache_addr:
+            argv += ["--cache", self.cache_addr]
+        self._add("controller", argv, log_dir, _LISTENING)
+        return ["--controller", addr, "--report-interval-s", "1"]
+
     def _add(self, name: str, argv: list[str], log_dir: Path, ready_line: str | None) -> None:
         log_path = log_dir / f"{name}.log"
         process = ServerProcess(name, argv, log_path, env=self._env, die_with_parent=True)
@@ -89,7 +107,8 @@ class KvfuseStack:
 
     @property
     def processes(self) -> list[ServerProcess]:
-        """The children, in start order (cache server, prefill worker, decode worker)."""
+        """The children, in start order (cache server, controller, prefill worker, decode
+        worker)."""
         return [process for process, _ in self._processes]
 
     @property

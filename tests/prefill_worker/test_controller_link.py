@@ -49,12 +49,13 @@ def test_controller_ratio_and_fallback_to_last_policy(
 
     port = controller.port
     controller.stop(grace_s=0)  # the controller goes away: requests go on, last policy kept
-    poll(lambda: not worker.link.connected.is_set(), 30, "watch noticed the controller left")
+    link = worker.link
+    poll(lambda: not link.connected.is_set(), 30, "watch noticed the controller left")
     assert _prefill(worker, warm_engine).stats.ratio_source == "controller"
 
     config = ControllerConfig(port=port, metrics_port=None, r_quality=0.2, refresh_s=0.05)
     with ControllerServer(config):  # restarted (new state): decisions resume from it
-        poll(lambda: worker.link.policy.ratio.r_quality == 0.2, 60, "reconnected")
+        poll(lambda: _r_quality(worker) == 0.2, 60, "reconnected")
         stats = _prefill(worker, warm_engine).stats
         assert (stats.ratio_source, stats.recompute_ratio) == ("controller", 0.2)
 
@@ -65,3 +66,8 @@ def test_without_controller_the_default_ratio_is_reported(
     worker = make_server(warm_engine, default_ratio=0.25)
     stats = _prefill(worker, warm_engine).stats
     assert (stats.ratio_source, stats.recompute_ratio) == ("default", 0.25)
+
+
+def _r_quality(worker: PrefillServer) -> float | None:
+    policy = worker.link.policy if worker.link is not None else None
+    return None if policy is None else policy.ratio.r_quality
