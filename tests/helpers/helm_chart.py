@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,16 +14,38 @@ import yaml
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "kvfuse"
 CI_VALUES = sorted((CHART_DIR / "ci").glob("*-values.yaml"))
+VALUE_SETS: list[Path | None] = [None, *CI_VALUES]  # None: values.yaml alone
 KUBE_VERSION = "1.37.0"  # the newest schemas kubernetes-validate ships
 RELEASE, NAMESPACE = "kv", "kvfuse"
 # API groups of custom resources, which kubernetes-validate has no schema for
 CRD_GROUPS = frozenset({"monitoring.coreos.com"})
 
+# Secrets the ci values name but the chart does not create (the user's): a stand-in value each.
+USER_SECRETS = {("managed-redis", "password"): "managed-pw", ("kvfuse-token", "token"): "tok"}
+
 Manifest = dict[str, Any]
+helm_python.disable_logging()  # lint logs each template `fail` it tolerates
 
 
 class RenderError(Exception):
     """The chart refused the values (schema or a template `fail`); the message says why."""
+
+
+def ci_values(name: str) -> Path:
+    """charts/kvfuse/ci/<name>-values.yaml, e.g. ci_values("gpu")."""
+    path = CHART_DIR / "ci" / f"{name}-values.yaml"
+    assert path.is_file(), f"no {path}"
+    return path
+
+
+def values_id(path: Path | None) -> str:
+    """A test id for one of VALUE_SETS."""
+    return path.name if path else "defaults"
+
+
+def values_of(path: Path | None) -> dict[str, Any]:
+    """The values of one of VALUE_SETS (None: no override)."""
+    return load_values(path) if path else {}
 
 
 def load_values(*paths: Path) -> dict[str, Any]:
@@ -116,6 +140,48 @@ def containers(workload: Manifest) -> list[dict[str, Any]]:
     """The containers of a Deployment or StatefulSet."""
     spec: list[dict[str, Any]] = workload["spec"]["template"]["spec"]["containers"]
     return spec
+
+
+# Secrets the values name but the chart does not create (the user's): a stand-in value each.
+def secrets_of(manifests: list[Manifest]) -> dict[tuple[str, str], str]:
+    """(Secret name, key) → value of every rendered Secret, over USER_SECRETS' stand-ins."""
+    values = dict(USER_SECRETS)
+    for secret in of_kind(manifests, "Secret"):
+        for key, data in secret["data"].items():
+            values[secret["metadata"]["name"], key] = base64.b64decode(data).decode()
+    return values
+
+
+def container_env(container: dict[str, Any], manifests: list[Manifest]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: secrets read, $(VAR) expanded,
+    field references (the pod's namespace) read as NAMESPACE."""
+    secrets, env = secrets_of(manifests), {}
+    for var in container.get("env", []):
+        source = var.get("valueFrom", {})
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            env[var["name"]] = secrets[ref["name"], ref["key"]]
+        elif "fieldRef" in source:
+            env[var["name"]] = NAMESPACE
+        else:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], var["value"])
+    return env
+
+
+def command_line(workload: Manifest, manifests: list[Manifest], tmp_path: Path) -> list[str]:
+    """The container's command and args, less the leading `kvfuse`, with its ConfigMap's files
+    written to `tmp_path` and /etc/kvfuse in the arguments pointing there."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (config_map,) = [
+        m for m in of_kind(manifests, "ConfigMap")
+        if m["metadata"]["name"] == workload["metadata"]["name"] + "-config"
+    ]  # fmt: skip
+    for name, text in config_map["data"].items():
+        (tmp_path / name).write_text(text)
+    container = containers(workload)[0]
+    assert container["command"][0] == "kvfuse"
+    line = container["command"][1:] + [str(a) for a in container["args"]]
+    return [a.replace("/etc/kvfuse", str(tmp_path)) for a in line]
 
 
 def _name(manifest: Manifest) -> str:
