@@ -144,6 +144,13 @@ def test_controller_reads_pods_of_its_namespace_only() -> None:
     ]
 
 
+def test_controller_config_is_toml_with_integers_kept() -> None:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    values = {"controller": {"config": {"resync_s": 30, "ratio": 0.5, "name": "a"}}}
+    data = find(render(values), "ConfigMap", "-controller-config")["data"]["controller.toml"]
+    assert tomllib.loads(data) == {"resync_s": 30, "ratio": 0.5, "name": "a"}
+
+
 def test_decode_pods_carry_the_router_labels() -> None:
     values = {
         "model": {"servedName": "qwen-rag"},
@@ -192,6 +199,8 @@ def test_notes_tell_the_endpoint_and_the_metrics() -> None:
         ({"decodeWorker": {"recomputeRatio": -0.1}}, "/decodeWorker/recomputeRatio"),
         ({"cacheServer": {"tiers": {"memory": {"bytes": "lots"}}}}, "/tiers/memory/bytes"),
         ({"cacheServer": {"replica": 2}}, "replica"),
+        ({"cacheServer": {"config": {"port": 1}}}, "cacheServer.config.port is set by the chart"),
+        ({"decodeWorker": {"config": {"prefill_url": "x:1"}}}, "decodeWorker.config.prefill_url"),
     ],
 )
 def test_schema_refuses_bad_values(values: dict[str, Any], message: str) -> None:

@@ -113,17 +113,26 @@ in values must hold them (else the pod would be OOM-killed by its own cache). */
 {{- end -}}
 {{- end -}}
 
-{{/* Whole-number floats (how Helm reads YAML numbers) → integers, so a config file says 8, not 8.0. */}}
+{{/* A service's config file in its format ("yaml", "json" or "toml"): the chart's settings plus `config` from values
+(a key the chart sets itself fails, naming the value to use instead); whole-number floats (how
+Helm reads YAML numbers) become integers, so a file says 8, not 8.0. Call with
+(dict "settings" <chart's> "extra" <values' config> "where" "cacheServer" "format" "yaml"). */}}
 {{- define "kvfuse.configData" -}}
 {{- $out := dict -}}
-{{- range $key, $value := . -}}
+{{- $extra := .extra | default dict -}}
+{{- range $key, $value := $extra -}}
+{{- if hasKey $.settings $key -}}
+{{- fail (printf "%s.config.%s is set by the chart from its own values (see values.yaml under %s)" $.where $key $.where) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key, $value := merge (deepCopy $extra) .settings -}}
 {{- if and (kindIs "float64" $value) (eq $value (floor $value)) -}}
 {{- $_ := set $out $key (int64 $value) -}}
 {{- else -}}
 {{- $_ := set $out $key $value -}}
 {{- end -}}
 {{- end -}}
-{{- toJson $out -}}
+{{- if eq .format "json" }}{{ toPrettyJson $out }}{{ else if eq .format "toml" }}{{ toToml $out }}{{ else }}{{ toYaml $out }}{{ end -}}
 {{- end -}}
 
 {{/* Env every kvfuse container gets: call with (dict "root" $ "values" <component values>). */}}
