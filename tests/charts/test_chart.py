@@ -58,6 +58,8 @@ def test_pods_are_restricted(path: Path | None) -> None:
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        is_controller = workload["metadata"]["name"].endswith("-controller")
+        assert pod.get("automountServiceAccountToken", True) is is_controller
         mounts = {m["mountPath"] for m in containers(workload)[0]["volumeMounts"]}
         for container in containers(workload):
             sc = container["securityContext"]
@@ -201,6 +203,7 @@ def test_notes_tell_the_endpoint_and_the_metrics() -> None:
         ({"cacheServer": {"replica": 2}}, "replica"),
         ({"cacheServer": {"config": {"port": 1}}}, "cacheServer.config.port is set by the chart"),
         ({"decodeWorker": {"config": {"prefill_url": "x:1"}}}, "decodeWorker.config.prefill_url"),
+        ({"redis": {"external": {"url": "redis://r:6379/0"}}}, "set redis.enabled=false"),
     ],
 )
 def test_schema_refuses_bad_values(values: dict[str, Any], message: str) -> None:

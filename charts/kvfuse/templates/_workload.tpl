@@ -85,6 +85,9 @@ in values must hold them (else the pod would be OOM-killed by its own cache). */
 
 {{/* Whether the cache servers have a Redis tier, and whether it takes a password. */}}
 {{- define "kvfuse.redisOn" -}}
+{{- if and .Values.redis.enabled .Values.redis.external.url -}}
+{{- fail "redis.external.url is set while redis.enabled is true: set redis.enabled=false to use the external Redis" -}}
+{{- end -}}
 {{- if or .Values.redis.enabled .Values.redis.external.url }}true{{ end -}}
 {{- end -}}
 {{- define "kvfuse.redisPasswordOn" -}}
@@ -195,8 +198,12 @@ Helm reads YAML numbers) become integers, so a file says 8, not 8.0. Call with
 {{- end }}
 {{- end -}}
 
-{{/* Pod-level spec every workload shares: call with (dict "root" $ "values" <component values>). */}}
+{{/* Pod-level spec every workload shares: call with (dict "root" $ "values" <component values>
+"component" <name>); only the controller's pods get an API token. */}}
 {{- define "kvfuse.podScheduling" -}}
+{{- if ne .component "controller" }}
+automountServiceAccountToken: false
+{{- end }}
 {{- with .root.Values.image.pullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
