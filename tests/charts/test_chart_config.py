@@ -1,0 +1,114 @@
+"""The chart's ConfigMaps, args and env as each service reads them with its own CLI and loader."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helm_chart import (
+    VALUE_SETS,
+    ci_values,
+    command_line,
+    container_env,
+    containers,
+    find,
+    load_values,
+    render,
+    values_id,
+    values_of,
+)
+
+from cache_server.config import CacheServerConfig
+from cache_server.serve import load_config as load_cache_config
+from decode_worker.config import DecodeConfig, from_args
+from kvfuse.cli import build_parser
+from prefill_worker.config import PrefillConfig
+from prefill_worker.serve import load_config as load_prefill_config
+
+
+def _parse(line: list[str]) -> Any:
+    """The real `kvfuse` CLI's parse; the prefill worker's `--controller` (the controller's
+    flag, not in this tree's worker yet) is the one argument it may leave over."""
+    args, rest = build_parser().parse_known_args(line)
+    assert rest in ([], ["--controller", "kv-kvfuse-controller:50061"]), rest
+    return args
+
+
+def _load(suffix: str, path: Path | None, tmp_path: Path) -> tuple[Any, dict[str, str]]:
+    manifests = render(values_of(path))
+    kind = "StatefulSet" if suffix == "-cache" else "Deployment"
+    workload = find(manifests, kind, suffix)
+    env = container_env(containers(workload)[0], manifests)
+    return _parse(command_line(workload, manifests, tmp_path)), env
+
+
+@pytest.mark.parametrize("path", VALUE_SETS, ids=values_id)
+def test_cache_server_loads_its_config(path: Path | None, tmp_path: Path) -> None:
+    args, env = _load("-cache", path, tmp_path)
+    config = load_cache_config(args, env)
+    assert isinstance(config, CacheServerConfig)
+    assert (config.host, config.port, config.bulk_port, config.metrics_port) == (
+        "0.0.0.0", 50051, 50053, 9464
+    )  # fmt: skip
+    values = values_of(path)
+    redis = values.get("redis", {})
+    if redis.get("enabled", True):
+        assert re.fullmatch(r"redis://:\w{40}@kv-kvfuse-redis:6379/0", config.redis_url or "")
+    elif redis.get("external"):
+        assert config.redis_url == "rediss://:managed-pw@redis.example.internal:6380/0"
+    else:
+        assert config.redis_url is None
+    assert bool(config.tokens) == values.get("auth", {}).get("enabled", True)
+
+
+def test_cache_server_takes_the_tier_budgets(tmp_path: Path) -> None:
+    args, env = _load("-cache", ci_values("gpu"), tmp_path)
+    config = load_cache_config(args, env)
+    assert (config.memory_bytes, config.memory_codec) == (8 << 30, "fp16")
+    assert (config.disk_bytes, config.disk_codec) == (100 << 30, "int8")
+    assert config.disk_dir == Path("/var/lib/kvfuse/disk")
+    assert config.upload_budget_bytes == 8 << 30
+
+
+@pytest.mark.parametrize("path", VALUE_SETS, ids=values_id)
+def test_prefill_worker_loads_its_config(path: Path | None, tmp_path: Path) -> None:
+    args, env = _load("-prefill", path, tmp_path)
+    config = load_prefill_config(args, env)
+    assert isinstance(config, PrefillConfig)
+    replicas = values_of(path).get("cacheServer", {}).get("replicas", 2)
+    assert len(config.cache_addrs) == replicas
+    assert config.cache_addrs[0] == (
+        "kv-kvfuse-cache-0.kv-kvfuse-cache-headless.kvfuse.svc.cluster.local:50051"
+    )
+    assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 50052, 9465)
+
+
+def test_prefill_worker_trusts_the_cache_ca_with_tls(tmp_path: Path) -> None:
+    tls = ci_values("tls")
+    args, env = _load("-prefill", tls, tmp_path)
+    config = load_prefill_config(args, env)
+    assert config.cache_tls_ca == Path("/etc/kvfuse/tls/ca.crt")  # the tls Secret's ca.crt
+    mounts = containers(find(render(load_values(tls)), "Deployment", "-prefill"))[0]["volumeMounts"]
+    assert {"name": "tls", "mountPath": "/etc/kvfuse/tls", "readOnly": True} in mounts
+    assert (config.write_behind_size, config.lookup_deadline_s) == (128, 0.5)
+
+
+@pytest.mark.parametrize("path", VALUE_SETS, ids=values_id)
+def test_decode_worker_loads_its_config(path: Path | None, tmp_path: Path) -> None:
+    args, env = _load("-decode", path, tmp_path)
+    config = from_args(args, env)
+    assert isinstance(config, DecodeConfig)
+    assert (config.host, config.port) == ("0.0.0.0", 8000)
+    assert config.prefill_url == "kv-kvfuse-prefill:50052"
+    pod = find(render(values_of(path)), "Deployment", "-decode")
+    assert pod["spec"]["template"]["metadata"]["labels"]["model"] == config.model_name
+
+
+def test_gpu_workers_run_on_cuda(tmp_path: Path) -> None:
+    gpu = ci_values("gpu")
+    prefill = load_prefill_config(*_load("-prefill", gpu, tmp_path / "prefill"))
+    decode = from_args(*_load("-decode", gpu, tmp_path / "decode"))
+    assert (prefill.device, prefill.dtype, prefill.default_ratio) == ("cuda", "bfloat16", 0.15)
+    assert (decode.device, decode.max_batch, decode.kv_cache_bytes) == ("cuda", 32, 8 << 30)
