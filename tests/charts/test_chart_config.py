@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 from helm_chart import (
+    NAMESPACE,
+    POD_FIELDS,
     VALUE_SETS,
     ci_values,
     command_line,
@@ -21,6 +23,7 @@ from helm_chart import (
 )
 
 from cache_server.config import CacheServerConfig
+from controller.serve import load_config as load_controller_config
 from cache_server.serve import load_config as load_cache_config
 from decode_worker.config import DecodeConfig, from_args
 from kvfuse.cli import build_parser
@@ -29,11 +32,8 @@ from prefill_worker.serve import load_config as load_prefill_config
 
 
 def _parse(line: list[str]) -> Any:
-    """The real `kvfuse` CLI's parse; the prefill worker's `--controller` (the controller's
-    flag, not in this tree's worker yet) is the one argument it may leave over."""
-    args, rest = build_parser().parse_known_args(line)
-    assert rest in ([], ["--controller", "kv-kvfuse-controller:50061"]), rest
-    return args
+    """The real `kvfuse` CLI's parse (every argument must be known)."""
+    return build_parser().parse_args(line)
 
 
 def _load(suffix: str, path: Path | None, tmp_path: Path) -> tuple[Any, dict[str, str]]:
@@ -83,6 +83,21 @@ def test_prefill_worker_loads_its_config(path: Path | None, tmp_path: Path) -> N
         "kv-kvfuse-cache-0.kv-kvfuse-cache-headless.kvfuse.svc.cluster.local:50051"
     )
     assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 50052, 9465)
+    controller_on = values_of(path).get("controller", {}).get("enabled", True)
+    assert config.controller == ("kv-kvfuse-controller:50061" if controller_on else None)
+    assert config.member_id == POD_FIELDS["metadata.name"]
+
+
+def test_controller_loads_its_config(tmp_path: Path) -> None:
+    args, env = _load("-controller", None, tmp_path)
+    config = load_controller_config(args, env)
+    assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 50061, 9466)
+    assert config.namespace == NAMESPACE and not config.cache_addrs
+    for role in ("cache", "prefill"):
+        selector = getattr(config, f"{role}_selector")
+        assert f"app.kubernetes.io/component={role}" in selector.split(",")
+        assert "app.kubernetes.io/instance=kv" in selector.split(",")
+    assert env["KVFUSE_AUTH_TOKEN"]  # the same token the workers present
 
 
 def test_prefill_worker_trusts_the_cache_ca_with_tls(tmp_path: Path) -> None:

@@ -152,9 +152,13 @@ def secrets_of(manifests: list[Manifest]) -> dict[tuple[str, str], str]:
     return values
 
 
+# what the kubelet would fill in for a pod's field references
+POD_FIELDS = {"metadata.namespace": NAMESPACE, "metadata.name": "pod-0"}
+
+
 def container_env(container: dict[str, Any], manifests: list[Manifest]) -> dict[str, str]:
     """The container's environment as the kubelet builds it: secrets read, $(VAR) expanded,
-    field references (the pod's namespace) read as NAMESPACE."""
+    field references read as POD_FIELDS has them."""
     secrets, env = secrets_of(manifests), {}
     for var in container.get("env", []):
         source = var.get("valueFrom", {})
@@ -162,7 +166,7 @@ def container_env(container: dict[str, Any], manifests: list[Manifest]) -> dict[
             ref = source["secretKeyRef"]
             env[var["name"]] = secrets[ref["name"], ref["key"]]
         elif "fieldRef" in source:
-            env[var["name"]] = NAMESPACE
+            env[var["name"]] = POD_FIELDS[source["fieldRef"]["fieldPath"]]
         else:
             env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], var["value"])
     return env
