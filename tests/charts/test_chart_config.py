@@ -23,8 +23,8 @@ from helm_chart import (
 )
 
 from cache_server.config import CacheServerConfig
-from controller.serve import load_config as load_controller_config
 from cache_server.serve import load_config as load_cache_config
+from controller.serve import load_config as load_controller_config
 from decode_worker.config import DecodeConfig, from_args
 from kvfuse.cli import build_parser
 from prefill_worker.config import PrefillConfig
