@@ -4,7 +4,7 @@ with the official client (list, watch, 410, resync, outages, selectors)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,36 +47,63 @@ def prefill(name: str, ip: str, port: int = 50061) -> Member:
     return Member(Role.PREFILL, name, f"{ip}:{port}")
 
 
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    fake = FakeKube().start()
-    yield fake
-    fake.stop()
-
-
-def membership(kube: FakeKube, resync_s: float = 60.0) -> KubernetesMembership:
-    return KubernetesMembership(
-        "default",
-        selectors={
-            Role.CACHE: "app=kvfuse,component=cache",
-            Role.PREFILL: "app=kvfuse,component in (prefill)",
-        },
-        ports={Role.CACHE: 50051, Role.PREFILL: "grpc"},
-        resync_s=resync_s,
-        configuration=Configuration(host=kube.url),
-        settings=FAST,
-    )
+Started = Callable[..., tuple[KubernetesMembership, Recorder]]
 
 
 @pytest.fixture
-def watched(kube: FakeKube) -> Iterator[tuple[KubernetesMembership, Recorder]]:
+def make_kube() -> Iterator[Callable[..., FakeKube]]:
+    """Starts fake API servers; stops them after the test."""
+    started: list[FakeKube] = []
+
+    def make(**kwargs: Any) -> FakeKube:
+        started.append(FakeKube(**kwargs).start())
+        return started[-1]
+
+    yield make
+    for fake in started:
+        fake.stop()
+
+
+@pytest.fixture
+def kube(make_kube: Callable[..., FakeKube]) -> FakeKube:
+    return make_kube()
+
+
+@pytest.fixture
+def start_membership() -> Iterator[Started]:
+    """Starts memberships (cache and prefill roles) over a fake; closes them after the test, so a
+    failed test leaves no watcher thread behind."""
+    started: list[KubernetesMembership] = []
+
+    def start(kube: FakeKube, resync_s: float = 60.0) -> tuple[KubernetesMembership, Recorder]:
+        members = KubernetesMembership(
+            "default",
+            selectors={
+                Role.CACHE: "app=kvfuse,component=cache",
+                Role.PREFILL: "app=kvfuse,component in (prefill)",
+            },
+            ports={Role.CACHE: 50051, Role.PREFILL: "grpc"},
+            resync_s=resync_s,
+            configuration=Configuration(host=kube.url),
+            settings=FAST,
+        )
+        started.append(members)
+        recorder = Recorder()
+        members.start(recorder)
+        return members, recorder
+
+    yield start
+    for members in started:
+        members.close()
+
+
+@pytest.fixture
+def watched(kube: FakeKube, start_membership: Started) -> tuple[KubernetesMembership, Recorder]:
     """A started membership over `kube` (one cache pod), synced."""
     kube.apply(make_pod("cache-0", CACHE, "10.0.0.1"))
-    members, recorder = membership(kube), Recorder()
-    members.start(recorder)
+    members, recorder = start_membership(kube)
     poll(lambda: recorder.last == (cache("cache-0", "10.0.0.1"),), 10, "first view")
-    yield members, recorder
-    members.close()
+    return members, recorder
 
 
 def wait_for(members: KubernetesMembership, recorder: Recorder, *want: Member) -> None:
@@ -178,32 +205,27 @@ def test_on_change_only_on_real_changes(
 
 
 @pytest.mark.parametrize("gone_as_http", [False, True], ids=["error-event", "http-410"])
-def test_watch_expiry_relists_and_catches_missed_events(gone_as_http: bool) -> None:
-    kube = FakeKube(gone_as_http=gone_as_http).start()
-    try:
-        kube.apply(make_pod("cache-0", CACHE, "10.0.0.1"))
-        members, recorder = membership(kube), Recorder()
-        members.start(recorder)
-        wait_for(members, recorder, cache("cache-0", "10.0.0.1"))
-        kube.apply(make_pod("cache-1", CACHE, "10.0.0.2"), silently=True)  # events lost …
-        kube.delete("cache-0", silently=True)
-        kube.expire()  # … in the compacted history
-        wait_for(members, recorder, cache("cache-1", "10.0.0.2"))
-        assert members.counters["gone"] >= 1
-        members.close()
-    finally:
-        kube.stop()
-
-
-def test_periodic_resync_catches_missed_events(kube: FakeKube) -> None:
+def test_watch_expiry_relists_and_catches_missed_events(
+    gone_as_http: bool, make_kube: Callable[..., FakeKube], start_membership: Started
+) -> None:
+    kube = make_kube(gone_as_http=gone_as_http)
     kube.apply(make_pod("cache-0", CACHE, "10.0.0.1"))
-    members, recorder = membership(kube, resync_s=1.0), Recorder()
-    members.start(recorder)
+    members, recorder = start_membership(kube)
+    wait_for(members, recorder, cache("cache-0", "10.0.0.1"))
+    kube.apply(make_pod("cache-1", CACHE, "10.0.0.2"), silently=True)  # events lost …
+    kube.delete("cache-0", silently=True)
+    kube.expire()  # … in the compacted history
+    wait_for(members, recorder, cache("cache-1", "10.0.0.2"))
+    assert members.counters["gone"] >= 1
+
+
+def test_periodic_resync_catches_missed_events(kube: FakeKube, start_membership: Started) -> None:
+    kube.apply(make_pod("cache-0", CACHE, "10.0.0.1"))
+    members, recorder = start_membership(kube, resync_s=1.0)
     wait_for(members, recorder, cache("cache-0", "10.0.0.1"))
     kube.apply(make_pod("cache-1", CACHE, "10.0.0.2"), silently=True)
     wait_for(members, recorder, cache("cache-0", "10.0.0.1"), cache("cache-1", "10.0.0.2"))
     assert members.counters["gone"] == 0 and members.counters["lists"] >= 3
-    members.close()
 
 
 def test_api_server_outage_keeps_the_view_and_catches_up(
@@ -232,11 +254,11 @@ def test_malformed_event_relists_instead_of_crashing(
     wait_for(members, recorder, cache("cache-0", "10.0.0.1"), cache("cache-1", "10.0.0.2"))
 
 
-def test_no_view_until_every_role_listed_and_close_while_down() -> None:
-    kube = FakeKube().start()
+def test_no_view_until_every_role_listed_and_close_while_down(
+    kube: FakeKube, start_membership: Started
+) -> None:
     kube.stop()  # a port nobody listens on
-    members, recorder = membership(kube), Recorder()
-    members.start(recorder)
+    members, recorder = start_membership(kube)
     poll(lambda: members.counters["errors"] >= 2, 10, "failed lists")
     assert recorder.views == [] and members.members() == ()
     members.close()
