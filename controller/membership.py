@@ -64,7 +64,8 @@ class Membership(Protocol):
     the API server is away the last view stays. `on_change` must not call `close()`; an exception
     it raises is logged and the view still counts as delivered.
 
-    `members()` is thread-safe and returns the latest view (empty before the first).
+    `start()` raises RuntimeError when called twice. `members()` is thread-safe and returns the
+    latest view (static: the list, even before `start()`; Kubernetes: empty until the first).
     """
 
     def members(self) -> View: ...

@@ -75,7 +75,9 @@ def start_membership() -> Iterator[Started]:
     failed test leaves no watcher thread behind."""
     started: list[KubernetesMembership] = []
 
-    def start(kube: FakeKube, resync_s: float = 60.0) -> tuple[KubernetesMembership, Recorder]:
+    def start(
+        kube: FakeKube, resync_s: float = 60.0, recorder: Recorder | None = None
+    ) -> tuple[KubernetesMembership, Recorder]:
         members = KubernetesMembership(
             "default",
             selectors={
@@ -88,7 +90,7 @@ def start_membership() -> Iterator[Started]:
             settings=FAST,
         )
         started.append(members)
-        recorder = Recorder()
+        recorder = recorder or Recorder()
         members.start(recorder)
         return members, recorder
 
@@ -240,6 +242,27 @@ def test_api_server_outage_keeps_the_view_and_catches_up(
     kube.expire()  # and it comes back with its watch cache gone
     kube.start()
     wait_for(members, recorder, cache("cache-1", "10.0.0.2"))
+
+
+class FailsFirst(Recorder):
+    """An on_change that raises on its first call."""
+
+    def __call__(self, view: View) -> None:
+        super().__call__(view)
+        if len(self.views) == 1:
+            raise RuntimeError("on_change bug")
+
+
+def test_a_failing_on_change_is_logged_and_later_views_still_arrive(
+    kube: FakeKube, start_membership: Started, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube.apply(make_pod("cache-0", CACHE, "10.0.0.1"))
+    members, recorder = start_membership(kube, recorder=FailsFirst())
+    poll(lambda: recorder.views, 10, "first view")
+    kube.apply(make_pod("cache-1", CACHE, "10.0.0.2"))
+    wait_for(members, recorder, cache("cache-0", "10.0.0.1"), cache("cache-1", "10.0.0.2"))
+    assert "on_change failed" in caplog.text
+    assert members.counters["errors"] == 0  # the watch went on
 
 
 def test_malformed_event_relists_instead_of_crashing(

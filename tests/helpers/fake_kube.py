@@ -22,89 +22,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-Pod = dict[str, Any]
+from kube_objects import Pod, Terms, parse_selector, selector_matches, status_body
+from kube_objects import make_pod as make_pod
+
 _PODS_PATH = re.compile(r"^/api/v1/namespaces/([a-z0-9.-]+)/pods$")
-_SET_TERM = re.compile(r"^\s*([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
-
-
-def make_pod(
-    name: str,
-    labels: dict[str, str],
-    ip: str | None = "10.0.0.1",
-    *,
-    ready: bool = True,
-    phase: str = "Running",
-    ports: dict[str, int] | None = None,
-    terminating: bool = False,
-    namespace: str = "default",
-) -> Pod:
-    """A pod object as the API server returns it (the fields a membership reads, and the required
-    ones)."""
-    container_ports = [{"name": n, "containerPort": p} for n, p in (ports or {}).items()]
-    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels)}
-    if terminating:
-        metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    status: dict[str, Any] = {
-        "phase": phase,
-        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-    }
-    if ip is not None:
-        status["podIP"] = ip
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata,
-        "spec": {"containers": [{"name": "main", "image": "kvfuse", "ports": container_ports}]},
-        "status": status,
-    }
-
-
-def parse_selector(selector: str) -> list[tuple[str, str, tuple[str, ...]]]:
-    """Label selector → (key, op, values) terms; ops: `=`, `!=`, `in`, `notin`, `exists`, `!exists`.
-
-    Raises:
-        ValueError: on a term the Kubernetes grammar would refuse.
-    """
-    terms: list[tuple[str, str, tuple[str, ...]]] = []
-    for raw in re.split(r",(?![^()]*\))", selector) if selector.strip() else []:
-        term = raw.strip()
-        if m := _SET_TERM.match(term):
-            values = tuple(v.strip() for v in m.group(3).split(","))
-            terms.append((m.group(1), m.group(2), values))
-        elif "!=" in term:
-            key, value = term.split("!=", 1)
-            terms.append((key.strip(), "!=", (value.strip(),)))
-        elif "=" in term:
-            key, value = term.replace("==", "=").split("=", 1)
-            terms.append((key.strip(), "=", (value.strip(),)))
-        elif re.fullmatch(r"!?[\w./-]+", term):
-            op = "!exists" if term.startswith("!") else "exists"
-            terms.append((term.lstrip("!"), op, ()))
-        else:
-            raise ValueError(f"unable to parse requirement: {term!r}")
-    return terms
-
-
-def selector_matches(terms: list[tuple[str, str, tuple[str, ...]]], labels: dict[str, str]) -> bool:
-    """Whether labels satisfy every term (Kubernetes semantics: `!=`/`notin` match absent keys)."""
-    for key, op, values in terms:
-        value = labels.get(key)
-        ok = {
-            "=": value == values[0] if values else False,
-            "!=": value != values[0] if values else True,
-            "in": value in values,
-            "notin": value not in values,
-            "exists": value is not None,
-            "!exists": value is None,
-        }[op]
-        if not ok:
-            return False
-    return True
-
-
-def _status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}  # fmt: skip
 
 
 @dataclass
@@ -112,7 +33,7 @@ class _Watch:
     """One open watch stream: its filter and the events queued for it (None = end, "drop" = cut)."""
 
     namespace: str
-    terms: list[tuple[str, str, tuple[str, ...]]]
+    terms: Terms
     events: queue.Queue[dict[str, Any] | str | None] = field(default_factory=queue.Queue)
 
 
@@ -179,7 +100,9 @@ class FakeKube:
         handler = type("Handler", (_Handler,), {"kube": self})
         self._server = _Server(("127.0.0.1", self.port), handler)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
         self._thread.start()
         return self
 
@@ -245,23 +168,21 @@ class FakeKube:
         return stamped
 
     @staticmethod
-    def _visible(namespace: str, terms: list[tuple[str, str, tuple[str, ...]]], pod: Pod) -> bool:
+    def _visible(namespace: str, terms: Terms, pod: Pod) -> bool:
         meta = pod["metadata"]
         return bool(meta["namespace"] == namespace and selector_matches(terms, meta["labels"]))
 
     def _gone(self) -> dict[str, Any]:
-        return _status(410, "Expired", f"too old resource version (oldest {self._oldest_rv})")
+        return status_body(410, "Expired", f"too old resource version (oldest {self._oldest_rv})")
 
-    def list_pods(self, namespace: str, terms: list[tuple[str, str, tuple[str, ...]]]) -> Pod:
+    def list_pods(self, namespace: str, terms: Terms) -> Pod:
         with self._lock:
             self.num_lists += 1
             items = [p for p in self._pods.values() if self._visible(namespace, terms, p)]
             return {"kind": "PodList", "apiVersion": "v1",
                     "metadata": {"resourceVersion": str(self._rv)}, "items": items}  # fmt: skip
 
-    def open_watch(
-        self, namespace: str, terms: list[tuple[str, str, tuple[str, ...]]], since: int
-    ) -> _Watch | dict[str, Any]:
+    def open_watch(self, namespace: str, terms: Terms, since: int) -> _Watch | dict[str, Any]:
         """A registered watch with the history after `since` queued, or the 410 Status."""
         with self._lock:
             self.num_watches += 1
@@ -293,13 +214,13 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         match = _PODS_PATH.match(url.path)
         if match is None:
-            self._json(404, _status(404, "NotFound", f"no route {url.path}"))
+            self._json(404, status_body(404, "NotFound", f"no route {url.path}"))
             return
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
             terms = parse_selector(query.get("labelSelector", ""))
         except ValueError as e:
-            self._json(400, _status(400, "BadRequest", str(e)))
+            self._json(400, status_body(400, "BadRequest", str(e)))
             return
         if query.get("watch") in ("1", "true", "True"):
             self._watch(match.group(1), terms, query)
