@@ -136,8 +136,8 @@ class PodWatcher:
         deadline = time.monotonic() + timeout_s
         while self._thread.is_alive() and time.monotonic() < deadline:
             current = self._watch
-            if current is not None:
-                current.stop()  # type: ignore[no-untyped-call]  # repeated: a watch may open between our check and its request
+            if current is not None:  # again each round: a watch may open between check and request
+                current.stop()  # type: ignore[no-untyped-call]
             self._thread.join(0.05)
 
     def _run(self) -> None:
@@ -150,13 +150,17 @@ class PodWatcher:
                 self._watch_until(resource_version, time.monotonic() + self._settings.resync_s)
                 num_gone_in_row = 0
             except ApiException as e:
-                if e.status != HTTP_GONE or num_gone_in_row > 0:  # 410 twice in a row: back off
-                    delay_s = self._failed(e, delay_s)
-                num_gone_in_row = num_gone_in_row + 1 if e.status == HTTP_GONE else 0
-                if e.status == HTTP_GONE:
+                gone = e.status == HTTP_GONE
+                if gone:
                     self.num_gone += 1
                     log.info("pods[%s]: watch expired (410 Gone); listing again", self._selector)
+                if not gone or num_gone_in_row > 0:  # a second 410 in a row: back off
+                    delay_s = self._failed(e, delay_s)
+                num_gone_in_row = num_gone_in_row + 1 if gone else 0
             except _RETRYABLE as e:
+                delay_s = self._failed(e, delay_s)
+            except Exception as e:  # a bug here must not leave a silently dead membership
+                log.exception("pods[%s]: unexpected error", self._selector)
                 delay_s = self._failed(e, delay_s)
 
     def _failed(self, error: BaseException, delay_s: float) -> float:
@@ -203,6 +207,7 @@ class PodWatcher:
                 self._namespace,
                 label_selector=self._selector,
                 resource_version=resource_version,
+                allow_watch_bookmarks=True,  # a quiet watch still learns a fresh resourceVersion
                 timeout_seconds=timeout_s,  # the server ends the stream; also disables retries
                 _request_timeout=(
                     self._settings.request_timeout_s,

@@ -221,6 +221,16 @@ def test_watch_expiry_relists_and_catches_missed_events(
     assert members.counters["gone"] >= 1
 
 
+def test_410_after_every_list_backs_off(kube: FakeKube, start_membership: Started) -> None:
+    kube.expire_every_watch()
+    members, recorder = start_membership(kube)
+    poll(lambda: members.counters["gone"] >= 8, 10, "410s")
+    counters = members.counters
+    # each role re-lists once without waiting (2), and may be between its 410 and its wait (2)
+    assert counters["errors"] >= counters["gone"] - 4
+    assert recorder.views == [()]
+
+
 def test_periodic_resync_catches_missed_events(kube: FakeKube, start_membership: Started) -> None:
     kube.apply(make_pod("cache-0", CACHE, "10.0.0.1"))
     members, recorder = start_membership(kube, resync_s=1.0)
@@ -263,6 +273,18 @@ def test_a_failing_on_change_is_logged_and_later_views_still_arrive(
     wait_for(members, recorder, cache("cache-0", "10.0.0.1"), cache("cache-1", "10.0.0.2"))
     assert "on_change failed" in caplog.text
     assert members.counters["errors"] == 0  # the watch went on
+
+
+def test_bookmark_moves_the_resource_version_and_nothing_else(
+    kube: FakeKube, watched: tuple[KubernetesMembership, Recorder]
+) -> None:
+    members, recorder = watched
+    poll(lambda: kube.num_open_watches == 2, 10, "both watches open")
+    kube.inject({"type": "BOOKMARK", "object": {"kind": "Pod", "apiVersion": "v1",
+                 "metadata": {"resourceVersion": str(kube.resource_version)}}})  # fmt: skip
+    kube.apply(make_pod("cache-1", CACHE, "10.0.0.2"))
+    wait_for(members, recorder, cache("cache-0", "10.0.0.1"), cache("cache-1", "10.0.0.2"))
+    assert members.counters["errors"] == 0 and len(recorder.views) == 2
 
 
 def test_malformed_event_relists_instead_of_crashing(

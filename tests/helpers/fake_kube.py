@@ -91,6 +91,12 @@ class FakeKube:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def resource_version(self) -> int:
+        """The store's current resourceVersion."""
+        with self._lock:
+            return self._rv
+
+    @property
     def num_open_watches(self) -> int:
         with self._lock:
             return len(self._watches)
@@ -143,6 +149,11 @@ class FakeKube:
             if not self.gone_as_http:  # else the stream just ends; the re-watch gets HTTP 410
                 watch.events.put({"type": "ERROR", "object": self._gone()})
             watch.events.put(None)
+
+    def expire_every_watch(self) -> None:
+        """From now on every watch gets 410 Gone, even from a fresh list's resourceVersion."""
+        with self._lock:
+            self._oldest_rv = 2**62
 
     def inject(self, event: dict[str, Any]) -> None:
         """Sends a raw event (well-formed or not) to every open watch."""
