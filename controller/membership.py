@@ -64,8 +64,9 @@ class Membership(Protocol):
     the API server is away the last view stays. `on_change` must not call `close()`; an exception
     it raises is logged and the view still counts as delivered.
 
-    `start()` raises RuntimeError when called twice. `members()` is thread-safe and returns the
-    latest view (static: the list, even before `start()`; Kubernetes: empty until the first).
+    `start()` raises RuntimeError when called twice or after `close()`; no `on_change` call
+    starts after `close()` returns. `members()` is thread-safe and returns the latest view
+    (static: the list, even before `start()`; Kubernetes: empty until the first).
     """
 
     def members(self) -> View: ...
@@ -84,15 +85,22 @@ class _Publisher:
         self._view: View = ()
         self._delivered: View | None = None
         self._on_change: OnChange | None = None
+        self._closed = False
 
     def view(self) -> View:
         with self._lock:
             return self._view
 
     def start(self, on_change: OnChange) -> None:
-        if self._on_change is not None:
-            raise RuntimeError("membership already started")
+        if self._on_change is not None or self._closed:
+            raise RuntimeError("membership already started or closed")
         self._on_change = on_change
+
+    def close(self) -> None:
+        """No on_change call starts after this returns."""
+        with self._deliver_lock:
+            self._on_change = None
+            self._closed = True
 
     def publish(self, view: View) -> None:
         """Makes `view` current; calls on_change if it differs from the last one delivered."""
@@ -150,7 +158,7 @@ class StaticMembership:
         self._publisher.publish(self._view)
 
     def close(self) -> None:
-        """Nothing to release."""
+        self._publisher.close()
 
 
 class KubernetesMembership:
@@ -240,7 +248,8 @@ class KubernetesMembership:
             return
         self._closed = True
         for watcher in self._watchers.values():
-            watcher.stop()
+            watcher.stop()  # a thread stuck in a list past its wait ends at its request timeout
+        self._publisher.close()
         self._api_client.close()  # type: ignore[no-untyped-call]
 
     def _watcher(

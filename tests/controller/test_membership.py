@@ -121,7 +121,13 @@ def test_static_membership_sorted_named_by_address_delivered_once() -> None:
     recorder = Recorder()
     members.start(recorder)
     assert recorder.views == [want]
+    with pytest.raises(RuntimeError, match="already started"):
+        members.start(recorder)
     members.close()
+    closed = StaticMembership({Role.CACHE: ["a:1"]})
+    closed.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        closed.start(recorder)
 
 
 @pytest.mark.parametrize("addresses", [["a:1", "a:1"], ["nohost"], ["h:0"], ["h:x"], [":1"]])
