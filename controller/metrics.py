@@ -74,4 +74,3 @@ class ControllerMetrics:
             self.compute_seconds.labels("per_row").set(ratio.compute.per_row_s)
         for (tier, codec), rate in ratio.load_s_per_byte.items():
             self.load_seconds_per_byte.labels(tier, codec).set(rate)
-        self.members.labels("cache").set(len(policy.cache_servers))

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections import Counter
 
 from controller.board import PolicyBoard, QualityFloor
 from controller.config import ControllerConfig
 from controller.estimates import Estimates
+from controller.membership import (
+    KubernetesMembership,
+    Membership,
+    Role,
+    StaticMembership,
+    View,
+)
 from controller.metrics import ControllerMetrics
 from controller.servicer import ControllerServicer
 from kvfuse.control.calibration import Calibration
@@ -41,11 +47,11 @@ class ControllerServer(GrpcService):
 
     Args:
         config: the process settings.
-        membership: a started-on-`start` membership source (tests); None builds the
-            configured one (Kubernetes when `namespace` is set, else `cache_addrs`).
+        membership: where members come from, started by `start` (tests); None: Kubernetes
+            when `namespace` is set, else the static `cache_addrs`.
     """
 
-    def __init__(self, config: ControllerConfig, membership: Any | None = None) -> None:
+    def __init__(self, config: ControllerConfig, membership: Membership | None = None) -> None:
         self.config = config
         self.metrics = ControllerMetrics()
         self.board = PolicyBoard(quality_floor(config), Estimates(config.half_life))
@@ -72,14 +78,10 @@ class ControllerServer(GrpcService):
             target=self._refresh_loop, name="controller-refresh", daemon=True
         )
 
-    def _membership(self) -> Any | None:
+    def _membership(self) -> Membership:
         config = self.config
         if config.namespace is None:
-            members = [CacheMember(addr, addr) for addr in config.cache_addrs]
-            self.board.set_members(members)
-            return None
-        from controller.membership import KubernetesMembership, Role
-
+            return StaticMembership({Role.CACHE: config.cache_addrs})
         return KubernetesMembership.from_environment(
             config.namespace,
             {Role.CACHE: config.cache_selector, Role.PREFILL: config.prefill_selector},
@@ -87,28 +89,19 @@ class ControllerServer(GrpcService):
             resync_s=config.resync_s,
         )
 
-    def set_members(self, members: Sequence[Any]) -> None:
-        """A membership view (controller.membership.Member items): cache servers go into
-        the policy, every role is counted."""
-        counts: dict[str, int] = {}
-        for member in members:
-            role = getattr(member.role, "value", str(member.role))
-            counts[role] = counts.get(role, 0) + 1
-        for role in ("cache", "prefill"):
-            self.metrics.members.labels(role).set(counts.get(role, 0))
-        cache = [
-            CacheMember(m.name, m.address)
-            for m in members
-            if getattr(m.role, "value", m.role) == "cache"
-        ]
+    def set_members(self, view: View) -> None:
+        """A membership view: its cache servers go into the policy, every role is counted."""
+        counts = Counter(member.role for member in view)
+        for role in Role:
+            self.metrics.members.labels(role.value).set(counts[role])
+        cache = [CacheMember(m.name, m.address) for m in view if m.role is Role.CACHE]
         if self.board.set_members(cache):
             self.metrics.published(self.board.policy)
 
     def start(self) -> ControllerServer:
         self.grpc.start()
         self.metrics.published(self.board.policy)
-        if self.membership is not None:
-            self.membership.start(self.set_members)
+        self.membership.start(self.set_members)
         self._refresher.start()
         log.info("controller listening on %s", self.address)
         return self
@@ -122,7 +115,6 @@ class ControllerServer(GrpcService):
 
     def close(self) -> None:
         self._stop.set()
-        if self.membership is not None:
-            self.membership.close()
+        self.membership.close()
         if self._refresher.is_alive():
             self._refresher.join(timeout=5)

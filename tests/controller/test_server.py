@@ -132,3 +132,34 @@ def _scrape(server: ControllerServer) -> str:
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         return str(response.read().decode())
+
+
+def test_cache_pods_discovered_in_kubernetes_become_the_shards() -> None:
+    from fake_kube import FakeKube, make_pod
+    from kubernetes.client import Configuration
+
+    from controller.kube_pods import WatchSettings
+    from controller.membership import KubernetesMembership, Role
+
+    kube = FakeKube().start()
+    labels = {"app.kubernetes.io/component": "cache"}
+    kube.apply(make_pod("kv-cache-0", labels, "10.1.0.4"))
+    kube.apply(make_pod("kv-cache-1", labels, "10.1.0.5"))
+    membership = KubernetesMembership(
+        "default",
+        selectors={Role.CACHE: "app.kubernetes.io/component=cache", Role.PREFILL: "x=y"},
+        ports={Role.CACHE: 50051, Role.PREFILL: 50052},
+        configuration=Configuration(host=kube.url),
+        settings=WatchSettings(),
+    )
+    config = ControllerConfig(port=0, metrics_port=0, refresh_s=0.05)
+    try:
+        with ControllerServer(config, membership) as server:
+            poll(lambda: len(server.board.policy.cache_servers) == 2, 20, "two cache pods")
+            names = [(m.name, m.address) for m in server.board.policy.cache_servers]
+            assert names == [("kv-cache-0", "10.1.0.4:50051"), ("kv-cache-1", "10.1.0.5:50051")]
+            kube.apply(make_pod("kv-cache-1", labels, "10.1.0.5", ready=False))
+            poll(lambda: len(server.board.policy.cache_servers) == 1, 20, "unready pod dropped")
+            assert 'kvfuse_controller_members{role="cache"} 1.0' in _scrape(server)
+    finally:
+        kube.stop()
