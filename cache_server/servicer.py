@@ -10,14 +10,18 @@ from cache_server import status, wire
 from cache_server.budget import UploadBudget
 from cache_server.config import CacheServerConfig
 from cache_server.download import iter_layer_messages, open_download
+from cache_server.heat import Heat
 from cache_server.metrics import CacheMetrics
-from cache_server.objects import StoredObject
+from cache_server.objects import StoredObject, check_key
 from cache_server.records import RecordCodec
 from cache_server.store import Placement, TieredStore
 from cache_server.upload import CommitLocks, Upload
+from kvfuse.errors import InvalidRequestError, PermissionDeniedError
 from kvfuse.service.auth import Authenticator
 from kvfuse.transport.protocol import check_chunk_key
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc
+
+MAX_HEAT_OBJECTS = 10_000  # per Heat call
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
@@ -38,8 +42,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         metrics: CacheMetrics,
         tier_codecs: dict[str, str],
         uploads: UploadBudget,
+        heat: Heat | None = None,
     ) -> None:
         self._store = store
+        self.heat = heat or Heat()
         self._config = config
         self._auth = auth
         self._metrics = metrics
@@ -56,11 +62,14 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, request: cache_pb2.LookupRequest, context: grpc.ServicerContext
     ) -> cache_pb2.LookupResponse:
         tenant = self._tenant(context)
-        entries = []
+        entries, found = [], []
         for key in wire.check_keys(request.keys, self._config.max_batch_keys):
-            location = self._store.lookup(wire.storage_key(tenant, key))
+            location = self._store.lookup(stored_key := wire.storage_key(tenant, key))
             self._metrics.lookups.labels("miss" if location is None else "hit").inc()
             entries.append(wire.entry_to_proto(key, location))
+            if location is not None:
+                found.append(stored_key)
+        self.heat.touch(found)
         return cache_pb2.LookupResponse(entries=entries)
 
     def Put(
@@ -104,7 +113,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     ) -> cache_pb2.DeleteResponse:
         tenant = self._tenant(context)
         keys = wire.check_keys(request.keys, self._config.max_batch_keys)
-        num_deleted = sum(self._store.delete(wire.storage_key(tenant, k)) for k in keys)
+        stored_keys = [wire.storage_key(tenant, k) for k in keys]
+        num_deleted = sum(self._store.delete(k) for k in stored_keys)
+        for key in stored_keys:
+            self.heat.forget(key)
         return cache_pb2.DeleteResponse(num_deleted=num_deleted)
 
     def Pin(
@@ -123,11 +135,34 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     def Move(
         self, request: cache_pb2.MoveRequest, context: grpc.ServicerContext
     ) -> cache_pb2.MoveResponse:
-        key = wire.storage_key(self._tenant(context), request.key)
+        if request.storage_key:  # the controller's placement: any tenant's object
+            self._check_admin(context)
+            if request.key:
+                raise InvalidRequestError("set key or storage_key, not both")
+            key = check_key(request.storage_key)
+        else:
+            key = wire.storage_key(self._tenant(context), request.key)
         location = self._store.move(key, request.tier, request.codec or None)
         if location is None:
-            status.abort_not_found(context, request.key)
-        return cache_pb2.MoveResponse(entry=wire.entry_to_proto(request.key, location))
+            status.abort_not_found(context, request.key or key)
+        return cache_pb2.MoveResponse(entry=wire.entry_to_proto(wire.chunk_key_of(key), location))
+
+    def Heat(
+        self, request: cache_pb2.HeatRequest, context: grpc.ServicerContext
+    ) -> cache_pb2.HeatResponse:
+        self._check_admin(context)
+        limit = min(request.limit or MAX_HEAT_OBJECTS, MAX_HEAT_OBJECTS)
+        keys = self._store.keys_in(request.tier) if request.tier else self._store.keys()
+        objects = []
+        for key, heat in self.heat.ranked(keys, limit, hottest=not request.coldest):
+            location = self._store.lookup(key)
+            if location is not None:
+                objects.append(wire.object_heat(key, location, heat))
+        return cache_pb2.HeatResponse(objects=objects)
+
+    def _check_admin(self, context: grpc.ServicerContext) -> None:
+        if self._tenant(context) != self._config.admin_tenant:
+            raise PermissionDeniedError("only the admin tenant may see or move every object")
 
     def Stats(
         self, request: cache_pb2.StatsRequest, context: grpc.ServicerContext

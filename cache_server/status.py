@@ -14,6 +14,7 @@ from kvfuse.errors import (
     CorruptRecordError,
     InvalidRequestError,
     KvfuseError,
+    PermissionDeniedError,
     ServiceUnavailableError,
     TierUnavailableError,
 )
@@ -21,6 +22,7 @@ from kvfuse.errors import (
 # First match wins, so subclasses come before their bases. InvalidObjectError is an
 # InvalidRequestError; CorruptRecordError in a put means a record failed its CRC32 (DATA_LOSS).
 _CODES: tuple[tuple[type[KvfuseError], grpc.StatusCode], ...] = (
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
     (CorruptRecordError, grpc.StatusCode.DATA_LOSS),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),

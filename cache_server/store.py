@@ -183,6 +183,19 @@ class TieredStore:
                 self._count(f"unavailable:{tier.name}")
         return iter(sorted(found))
 
+    def keys_in(self, tier: str) -> list[str]:
+        """Keys `tier` holds (a snapshot); InvalidRequestError for an unknown tier."""
+        names = [t.name for t in self.tiers]
+        if tier not in names:
+            raise InvalidRequestError(f"unknown tier {tier!r}; the store has {names}")
+        idx = names.index(tier)
+        try:
+            held = self.tiers[idx].keys()  # a Tier method, not a dict's
+            return [k for k in held if k not in self._tombstones[idx]]
+        except TierUnavailableError:
+            self._count(f"unavailable:{tier}")
+            return []
+
     def stats(self) -> list[TierStats]:
         """One snapshot per tier, fastest first (down tiers report up=False)."""
         return [tier.stats() for tier in self.tiers]

@@ -77,3 +77,16 @@ def put_response(key: str, created: bool, placement: Placement) -> cache_pb2.Put
         nbytes=placement.nbytes,
         reason=placement.reason,
     )
+
+
+def object_heat(storage_key: str, location: Location, heat: float) -> cache_pb2.ObjectHeat:
+    """One object as the Heat RPC reports it (storage key: any tenant's; admin only)."""
+    meta = location.meta
+    return cache_pb2.ObjectHeat(
+        storage_key=storage_key,
+        tier=location.tier,
+        codec=meta.codec,
+        nbytes=meta.total_nbytes,
+        pinned=location.pinned,
+        heat=heat,
+    )

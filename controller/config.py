@@ -46,6 +46,13 @@ class ControllerConfig:
         resync_s: how often discovery re-lists the pods besides watching them.
         half_life: samples after which an old measurement weighs half.
         refresh_s: how often the estimates are turned into a new policy (at most).
+        cache_token: the cache servers' admin-tenant token (placement sees and moves every
+            tenant's objects); default: `auth_token`.
+        cache_tls_ca: PEM roots of the cache servers' certificates; enables TLS to them.
+        placement_interval_s: seconds between placement rounds; 0 turns placement off.
+        max_moves_per_s: the placement's move budget (moves per round = this x interval).
+        fill: share of each tier's capacity placement keeps in use (the rest is headroom).
+        hot_min: heat (decayed lookups that found it) an object needs to be promoted.
         num_workers: gRPC threads; each policy watcher (prefill worker) holds one.
         grace_s: how long a graceful stop waits for in-flight calls.
     """
@@ -68,6 +75,12 @@ class ControllerConfig:
     resync_s: float = 300.0
     half_life: int = 200
     refresh_s: float = 2.0
+    cache_token: str | None = field(default=None, repr=False)
+    cache_tls_ca: Path | None = None
+    placement_interval_s: float = 5.0
+    max_moves_per_s: float = 20.0
+    fill: float = 0.85
+    hot_min: float = 2.0
     num_workers: int = 64
     grace_s: float = 2.0
 
@@ -83,6 +96,9 @@ class ControllerConfig:
             require(getattr(self, name) > 0, f"{name} must be positive")
         require(self.half_life >= 1 and self.num_workers >= 2, "half_life >= 1, num_workers >= 2")
         require(self.grace_s >= 0, "grace_s must be >= 0")
+        require(self.placement_interval_s >= 0, "placement_interval_s must be >= 0")
+        require(self.max_moves_per_s > 0 and self.hot_min >= 0, "max_moves_per_s > 0, hot_min >= 0")
+        require(0 < self.fill <= 1, "fill must be in (0, 1]")
         parse_addrs(self.cache_addrs)
         if self.namespace is not None and self.cache_addrs:
             raise ConfigError("namespace (Kubernetes discovery) and cache_addrs exclude each other")
@@ -96,6 +112,10 @@ class ControllerConfig:
     ) -> ControllerConfig:
         env = os.environ if env is None else env
         return replace(cls(), **_LAYERS.parse(_LAYERS.merge(config_file, env, flags)))
+
+    @property
+    def effective_cache_token(self) -> str | None:
+        return self.cache_token if self.cache_token is not None else self.auth_token
 
 
 _PARSERS: dict[str, Parser] = {
@@ -117,6 +137,12 @@ _PARSERS: dict[str, Parser] = {
     "resync_s": parse_float,
     "half_life": parse_int,
     "refresh_s": parse_float,
+    "cache_token": optional(str),
+    "cache_tls_ca": optional(Path),
+    "placement_interval_s": parse_float,
+    "max_moves_per_s": parse_float,
+    "fill": parse_float,
+    "hot_min": parse_float,
     "num_workers": parse_int,
     "grace_s": parse_float,
 }

@@ -17,6 +17,8 @@ from controller.membership import (
     View,
 )
 from controller.metrics import ControllerMetrics
+from controller.placement import PlacementParams
+from controller.placer import Placer, PlacerOptions
 from controller.servicer import ControllerServicer
 from kvfuse.control.calibration import Calibration
 from kvfuse.control.policy import CacheMember
@@ -73,6 +75,7 @@ class ControllerServer(GrpcService):
         servicer = ControllerServicer(self.board, self.metrics)
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, grpc_server.server)  # type: ignore[no-untyped-call]
         self.membership = membership if membership is not None else self._membership()
+        self.placer = self._placer()
         self._stop = threading.Event()
         self._refresher = threading.Thread(
             target=self._refresh_loop, name="controller-refresh", daemon=True
@@ -89,6 +92,19 @@ class ControllerServer(GrpcService):
             resync_s=config.resync_s,
         )
 
+    def _placer(self) -> Placer | None:
+        config = self.config
+        if not config.placement_interval_s:
+            return None
+        max_moves = max(1, round(config.max_moves_per_s * config.placement_interval_s))
+        options = PlacerOptions(
+            config.placement_interval_s,
+            PlacementParams(config.fill, config.hot_min, max_moves),
+            token=config.effective_cache_token,
+            tls_ca=str(config.cache_tls_ca) if config.cache_tls_ca else None,
+        )
+        return Placer(lambda: self.board.policy.cache_servers, options, self.metrics)
+
     def set_members(self, view: View) -> None:
         """A membership view: its cache servers go into the policy, every role is counted."""
         counts = Counter(member.role for member in view)
@@ -103,6 +119,8 @@ class ControllerServer(GrpcService):
         self.metrics.published(self.board.policy)
         self.membership.start(self.set_members)
         self._refresher.start()
+        if self.placer is not None:
+            self.placer.start()
         log.info("controller listening on %s", self.address)
         return self
 
@@ -115,6 +133,8 @@ class ControllerServer(GrpcService):
 
     def close(self) -> None:
         self._stop.set()
+        if self.placer is not None:
+            self.placer.close()
         self.membership.close()
         if self._refresher.is_alive():
             self._refresher.join(timeout=5)

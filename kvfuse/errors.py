@@ -63,5 +63,9 @@ class AuthError(CacheError):
     """Missing or wrong bearer token."""
 
 
+class PermissionDeniedError(AuthError):
+    """A known caller asked for what only the admin tenant may do."""
+
+
 class ServiceUnavailableError(CacheError):
     """A remote kvfuse service did not answer in time or is down (after retries)."""

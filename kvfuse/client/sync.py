@@ -16,6 +16,7 @@ from kvfuse.client.retry import retry_delay
 from kvfuse.closing import Closing
 from kvfuse.errors import ServiceUnavailableError
 from kvfuse.kv import LayerFrame
+from kvfuse.transport.messages import from_message
 from kvfuse.transport.protocol import MAX_RECORD_BYTES, check_chunk_key
 from kvfuse.v1 import cache_pb2
 
@@ -172,6 +173,19 @@ class CacheClient(ClientBase, Closing):
         request = cache_pb2.MoveRequest(key=check_chunk_key(key), tier=tier, codec=codec or "")
         response = self._call(self._stub.Move, lambda: request, miss_ok=True)
         return None if response is None else wire.entry_from_proto(response.entry)
+
+    def move_stored(self, storage_key: str, tier: str, codec: str | None = None) -> bool:
+        """Admin tenant only: re-homes any tenant's object (a storage key as `heat` reports
+        it); False if it is no longer stored. AuthError for other tenants."""
+        request = cache_pb2.MoveRequest(storage_key=storage_key, tier=tier, codec=codec or "")
+        return self._call(self._stub.Move, lambda: request, miss_ok=True) is not None
+
+    def heat(self, tier: str = "", limit: int = 0, coldest: bool = False) -> list[wire.ObjectHeat]:
+        """Admin tenant only: stored objects of `tier` (all tiers if empty) by heat, hottest
+        (or coldest) first, at most `limit` (0: the server's cap)."""
+        request = cache_pb2.HeatRequest(tier=tier, limit=limit, coldest=coldest)
+        response = self._must(self._stub.Heat, lambda: request)
+        return [from_message(o, wire.ObjectHeat) for o in response.objects]
 
     def stats(self) -> list[wire.TierInfo]:
         """Every tier, fastest first; its counters only for the server's admin tenant (for

@@ -18,6 +18,7 @@ from kvfuse.errors import (
     CorruptRecordError,
     InvalidObjectError,
     KvfuseError,
+    PermissionDeniedError,
     ServiceUnavailableError,
 )
 from kvfuse.kv import LayerFrame
@@ -33,7 +34,7 @@ RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
 _ERRORS: dict[grpc.StatusCode, type[CacheError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidObjectError,
     grpc.StatusCode.UNAUTHENTICATED: AuthError,
-    grpc.StatusCode.PERMISSION_DENIED: AuthError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
     grpc.StatusCode.DATA_LOSS: CorruptRecordError,
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
@@ -63,6 +64,23 @@ class Entry:
     dtype: str
     codec: str
     position_offset: int
+
+
+@dataclass(frozen=True)
+class ObjectHeat:
+    """A stored object of any tenant as the admin-only Heat call ranks it.
+
+    Attributes:
+        storage_key: "<tenant>/<chunk key>" (what `move_stored` takes). tier, codec, nbytes,
+            pinned: where and how it is stored. heat: lookups that found it, decayed.
+    """
+
+    storage_key: str
+    tier: str
+    codec: str
+    nbytes: int
+    pinned: bool
+    heat: float
 
 
 @dataclass(frozen=True)

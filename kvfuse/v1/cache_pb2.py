@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvfuse.v1 import common_pb2 as kvfuse_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvfuse/v1/cache.proto\x12\tkvfuse.v1\x1a\x16kvfuse/v1/common.proto\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"v\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12#\n\x04meta\x18\x06 \x01(\x0b\x32\x15.kvfuse.v1.ObjectMeta\"3\n\x0eLookupResponse\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.kvfuse.v1.Entry\"0\n\tPutHeader\x12#\n\x04meta\x18\x01 \x01(\x0b\x32\x15.kvfuse.v1.ObjectMeta\"d\n\nPutRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.kvfuse.v1.PutHeaderH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.kvfuse.v1.LayerFrameH\x00\x42\x06\n\x04kind\"i\n\x0bPutResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06stored\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"X\n\x10GetLayersRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x12\n\nlayer_stop\x18\x03 \x01(\r\x12\r\n\x05\x63odec\x18\x04 \x01(\t\"L\n\tKeyHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12#\n\x04meta\x18\x03 \x01(\x0b\x32\x15.kvfuse.v1.ObjectMeta\"\x95\x01\n\x11GetLayersResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.kvfuse.v1.KeyHeaderH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.kvfuse.v1.LayerFrameH\x00\x12(\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x16.kvfuse.v1.LayerFramesH\x00\x42\x06\n\x04kind\"4\n\x0bLayerFrames\x12%\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x15.kvfuse.v1.LayerFrame\"\x1d\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"%\n\x0e\x44\x65leteResponse\x12\x13\n\x0bnum_deleted\x18\x01 \x01(\r\"\x19\n\nPinRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1e\n\x0bPinResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"7\n\x0bMoveRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\"/\n\x0cMoveResponse\x12\x1f\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x10.kvfuse.v1.Entry\"\x0e\n\x0cStatsRequest\"\xe6\x01\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bnum_objects\x18\x06 \x01(\x04\x12\x12\n\nnum_pinned\x18\x07 \x01(\x04\x12\x15\n\rnum_evictions\x18\x08 \x01(\x04\x12\x13\n\x0bnum_corrupt\x18\t \x01(\x04\x12\x14\n\x0cnum_rejected\x18\n \x01(\x04\x12\x17\n\x0f\x63ounters_hidden\x18\x0b \x01(\x08\"G\n\rStatsResponse\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.kvfuse.v1.TierStats\x12\x11\n\tbulk_port\x18\x02 \x01(\r\"+\n\x0bListRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t\"E\n\x0cListResponse\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.kvfuse.v1.Entry\x12\x12\n\nnext_after\x18\x02 \x01(\t\"F\n\x0b\x42ulkRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12(\n\x03get\x18\x02 \x01(\x0b\x32\x1b.kvfuse.v1.GetLayersRequest\"\x8c\x01\n\tBulkReply\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.kvfuse.v1.KeyHeaderH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.kvfuse.v1.LayerFrameH\x00\x12\'\n\x06status\x18\x03 \x01(\x0b\x32\x15.kvfuse.v1.BulkStatusH\x00\x42\x06\n\x04kind\"+\n\nBulkStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t2\xaa\x04\n\x0c\x43\x61\x63heService\x12=\n\x06Lookup\x12\x18.kvfuse.v1.LookupRequest\x1a\x19.kvfuse.v1.LookupResponse\x12\x36\n\x03Put\x12\x15.kvfuse.v1.PutRequest\x1a\x16.kvfuse.v1.PutResponse(\x01\x12H\n\tGetLayers\x12\x1b.kvfuse.v1.GetLayersRequest\x1a\x1c.kvfuse.v1.GetLayersResponse0\x01\x12=\n\x06\x44\x65lete\x12\x18.kvfuse.v1.DeleteRequest\x1a\x19.kvfuse.v1.DeleteResponse\x12\x34\n\x03Pin\x12\x15.kvfuse.v1.PinRequest\x1a\x16.kvfuse.v1.PinResponse\x12\x36\n\x05Unpin\x12\x15.kvfuse.v1.PinRequest\x1a\x16.kvfuse.v1.PinResponse\x12\x37\n\x04Move\x12\x16.kvfuse.v1.MoveRequest\x1a\x17.kvfuse.v1.MoveResponse\x12:\n\x05Stats\x12\x17.kvfuse.v1.StatsRequest\x1a\x18.kvfuse.v1.StatsResponse\x12\x37\n\x04List\x12\x16.kvfuse.v1.ListRequest\x1a\x17.kvfuse.v1.ListResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvfuse/v1/cache.proto\x12\tkvfuse.v1\x1a\x16kvfuse/v1/common.proto\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"v\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12#\n\x04meta\x18\x06 \x01(\x0b\x32\x15.kvfuse.v1.ObjectMeta\"3\n\x0eLookupResponse\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.kvfuse.v1.Entry\"0\n\tPutHeader\x12#\n\x04meta\x18\x01 \x01(\x0b\x32\x15.kvfuse.v1.ObjectMeta\"d\n\nPutRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.kvfuse.v1.PutHeaderH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.kvfuse.v1.LayerFrameH\x00\x42\x06\n\x04kind\"i\n\x0bPutResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06stored\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"X\n\x10GetLayersRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x12\n\nlayer_stop\x18\x03 \x01(\r\x12\r\n\x05\x63odec\x18\x04 \x01(\t\"L\n\tKeyHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12#\n\x04meta\x18\x03 \x01(\x0b\x32\x15.kvfuse.v1.ObjectMeta\"\x95\x01\n\x11GetLayersResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.kvfuse.v1.KeyHeaderH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.kvfuse.v1.LayerFrameH\x00\x12(\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x16.kvfuse.v1.LayerFramesH\x00\x42\x06\n\x04kind\"4\n\x0bLayerFrames\x12%\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x15.kvfuse.v1.LayerFrame\"\x1d\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"%\n\x0e\x44\x65leteResponse\x12\x13\n\x0bnum_deleted\x18\x01 \x01(\r\"\x19\n\nPinRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1e\n\x0bPinResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"L\n\x0bMoveRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x13\n\x0bstorage_key\x18\x04 \x01(\t\"/\n\x0cMoveResponse\x12\x1f\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x10.kvfuse.v1.Entry\"\x0e\n\x0cStatsRequest\"\xe6\x01\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bnum_objects\x18\x06 \x01(\x04\x12\x12\n\nnum_pinned\x18\x07 \x01(\x04\x12\x15\n\rnum_evictions\x18\x08 \x01(\x04\x12\x13\n\x0bnum_corrupt\x18\t \x01(\x04\x12\x14\n\x0cnum_rejected\x18\n \x01(\x04\x12\x17\n\x0f\x63ounters_hidden\x18\x0b \x01(\x08\"G\n\rStatsResponse\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.kvfuse.v1.TierStats\x12\x11\n\tbulk_port\x18\x02 \x01(\r\"+\n\x0bListRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t\"E\n\x0cListResponse\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.kvfuse.v1.Entry\x12\x12\n\nnext_after\x18\x02 \x01(\t\"F\n\x0b\x42ulkRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12(\n\x03get\x18\x02 \x01(\x0b\x32\x1b.kvfuse.v1.GetLayersRequest\"\x8c\x01\n\tBulkReply\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.kvfuse.v1.KeyHeaderH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.kvfuse.v1.LayerFrameH\x00\x12\'\n\x06status\x18\x03 \x01(\x0b\x32\x15.kvfuse.v1.BulkStatusH\x00\x42\x06\n\x04kind\"+\n\nBulkStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\";\n\x0bHeatRequest\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0f\n\x07\x63oldest\x18\x03 \x01(\x08\"l\n\nObjectHeat\x12\x13\n\x0bstorage_key\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x0c\n\x04heat\x18\x06 \x01(\x01\"6\n\x0cHeatResponse\x12&\n\x07objects\x18\x01 \x03(\x0b\x32\x15.kvfuse.v1.ObjectHeat2\xe3\x04\n\x0c\x43\x61\x63heService\x12=\n\x06Lookup\x12\x18.kvfuse.v1.LookupRequest\x1a\x19.kvfuse.v1.LookupResponse\x12\x36\n\x03Put\x12\x15.kvfuse.v1.PutRequest\x1a\x16.kvfuse.v1.PutResponse(\x01\x12H\n\tGetLayers\x12\x1b.kvfuse.v1.GetLayersRequest\x1a\x1c.kvfuse.v1.GetLayersResponse0\x01\x12=\n\x06\x44\x65lete\x12\x18.kvfuse.v1.DeleteRequest\x1a\x19.kvfuse.v1.DeleteResponse\x12\x34\n\x03Pin\x12\x15.kvfuse.v1.PinRequest\x1a\x16.kvfuse.v1.PinResponse\x12\x36\n\x05Unpin\x12\x15.kvfuse.v1.PinRequest\x1a\x16.kvfuse.v1.PinResponse\x12\x37\n\x04Move\x12\x16.kvfuse.v1.MoveRequest\x1a\x17.kvfuse.v1.MoveResponse\x12:\n\x05Stats\x12\x17.kvfuse.v1.StatsRequest\x1a\x18.kvfuse.v1.StatsResponse\x12\x37\n\x04List\x12\x16.kvfuse.v1.ListRequest\x1a\x17.kvfuse.v1.ListResponse\x12\x37\n\x04Heat\x12\x16.kvfuse.v1.HeatRequest\x1a\x17.kvfuse.v1.HeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -61,25 +61,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINRESPONSE']._serialized_start=994
   _globals['_PINRESPONSE']._serialized_end=1024
   _globals['_MOVEREQUEST']._serialized_start=1026
-  _globals['_MOVEREQUEST']._serialized_end=1081
-  _globals['_MOVERESPONSE']._serialized_start=1083
-  _globals['_MOVERESPONSE']._serialized_end=1130
-  _globals['_STATSREQUEST']._serialized_start=1132
-  _globals['_STATSREQUEST']._serialized_end=1146
-  _globals['_TIERSTATS']._serialized_start=1149
-  _globals['_TIERSTATS']._serialized_end=1379
-  _globals['_STATSRESPONSE']._serialized_start=1381
-  _globals['_STATSRESPONSE']._serialized_end=1452
-  _globals['_LISTREQUEST']._serialized_start=1454
-  _globals['_LISTREQUEST']._serialized_end=1497
-  _globals['_LISTRESPONSE']._serialized_start=1499
-  _globals['_LISTRESPONSE']._serialized_end=1568
-  _globals['_BULKREQUEST']._serialized_start=1570
-  _globals['_BULKREQUEST']._serialized_end=1640
-  _globals['_BULKREPLY']._serialized_start=1643
-  _globals['_BULKREPLY']._serialized_end=1783
-  _globals['_BULKSTATUS']._serialized_start=1785
-  _globals['_BULKSTATUS']._serialized_end=1828
-  _globals['_CACHESERVICE']._serialized_start=1831
-  _globals['_CACHESERVICE']._serialized_end=2385
+  _globals['_MOVEREQUEST']._serialized_end=1102
+  _globals['_MOVERESPONSE']._serialized_start=1104
+  _globals['_MOVERESPONSE']._serialized_end=1151
+  _globals['_STATSREQUEST']._serialized_start=1153
+  _globals['_STATSREQUEST']._serialized_end=1167
+  _globals['_TIERSTATS']._serialized_start=1170
+  _globals['_TIERSTATS']._serialized_end=1400
+  _globals['_STATSRESPONSE']._serialized_start=1402
+  _globals['_STATSRESPONSE']._serialized_end=1473
+  _globals['_LISTREQUEST']._serialized_start=1475
+  _globals['_LISTREQUEST']._serialized_end=1518
+  _globals['_LISTRESPONSE']._serialized_start=1520
+  _globals['_LISTRESPONSE']._serialized_end=1589
+  _globals['_BULKREQUEST']._serialized_start=1591
+  _globals['_BULKREQUEST']._serialized_end=1661
+  _globals['_BULKREPLY']._serialized_start=1664
+  _globals['_BULKREPLY']._serialized_end=1804
+  _globals['_BULKSTATUS']._serialized_start=1806
+  _globals['_BULKSTATUS']._serialized_end=1849
+  _globals['_HEATREQUEST']._serialized_start=1851
+  _globals['_HEATREQUEST']._serialized_end=1910
+  _globals['_OBJECTHEAT']._serialized_start=1912
+  _globals['_OBJECTHEAT']._serialized_end=2020
+  _globals['_HEATRESPONSE']._serialized_start=2022
+  _globals['_HEATRESPONSE']._serialized_end=2076
+  _globals['_CACHESERVICE']._serialized_start=2079
+  _globals['_CACHESERVICE']._serialized_end=2690
 # @@protoc_insertion_point(module_scope)

@@ -128,14 +128,16 @@ class PinResponse(_message.Message):
     def __init__(self, changed: _Optional[bool] = ...) -> None: ...
 
 class MoveRequest(_message.Message):
-    __slots__ = ("key", "tier", "codec")
+    __slots__ = ("key", "tier", "codec", "storage_key")
     KEY_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_KEY_FIELD_NUMBER: _ClassVar[int]
     key: str
     tier: str
     codec: str
-    def __init__(self, key: _Optional[str] = ..., tier: _Optional[str] = ..., codec: _Optional[str] = ...) -> None: ...
+    storage_key: str
+    def __init__(self, key: _Optional[str] = ..., tier: _Optional[str] = ..., codec: _Optional[str] = ..., storage_key: _Optional[str] = ...) -> None: ...
 
 class MoveResponse(_message.Message):
     __slots__ = ("entry",)
@@ -222,3 +224,35 @@ class BulkStatus(_message.Message):
     code: int
     message: str
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class HeatRequest(_message.Message):
+    __slots__ = ("tier", "limit", "coldest")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    COLDEST_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    limit: int
+    coldest: bool
+    def __init__(self, tier: _Optional[str] = ..., limit: _Optional[int] = ..., coldest: _Optional[bool] = ...) -> None: ...
+
+class ObjectHeat(_message.Message):
+    __slots__ = ("storage_key", "tier", "codec", "nbytes", "pinned", "heat")
+    STORAGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    HEAT_FIELD_NUMBER: _ClassVar[int]
+    storage_key: str
+    tier: str
+    codec: str
+    nbytes: int
+    pinned: bool
+    heat: float
+    def __init__(self, storage_key: _Optional[str] = ..., tier: _Optional[str] = ..., codec: _Optional[str] = ..., nbytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., heat: _Optional[float] = ...) -> None: ...
+
+class HeatResponse(_message.Message):
+    __slots__ = ("objects",)
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    objects: _containers.RepeatedCompositeFieldContainer[ObjectHeat]
+    def __init__(self, objects: _Optional[_Iterable[_Union[ObjectHeat, _Mapping]]] = ...) -> None: ...

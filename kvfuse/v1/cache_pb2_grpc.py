@@ -84,6 +84,11 @@ class CacheServiceStub:
                 request_serializer=kvfuse_dot_v1_dot_cache__pb2.ListRequest.SerializeToString,
                 response_deserializer=kvfuse_dot_v1_dot_cache__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.Heat = channel.unary_unary(
+                '/kvfuse.v1.CacheService/Heat',
+                request_serializer=kvfuse_dot_v1_dot_cache__pb2.HeatRequest.SerializeToString,
+                response_deserializer=kvfuse_dot_v1_dot_cache__pb2.HeatResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -161,6 +166,14 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heat(self, request, context):
+        """Admin tenant only (PERMISSION_DENIED otherwise): stored objects of every tenant ranked
+        by heat (lookups that found them, decayed), for the controller's placement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +221,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=kvfuse_dot_v1_dot_cache__pb2.ListRequest.FromString,
                     response_serializer=kvfuse_dot_v1_dot_cache__pb2.ListResponse.SerializeToString,
+            ),
+            'Heat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heat,
+                    request_deserializer=kvfuse_dot_v1_dot_cache__pb2.HeatRequest.FromString,
+                    response_serializer=kvfuse_dot_v1_dot_cache__pb2.HeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -458,6 +476,33 @@ class CacheService:
             '/kvfuse.v1.CacheService/List',
             kvfuse_dot_v1_dot_cache__pb2.ListRequest.SerializeToString,
             kvfuse_dot_v1_dot_cache__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvfuse.v1.CacheService/Heat',
+            kvfuse_dot_v1_dot_cache__pb2.HeatRequest.SerializeToString,
+            kvfuse_dot_v1_dot_cache__pb2.HeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
