@@ -125,7 +125,7 @@ def answer_all(engine: Engine, example: RagExample, args: argparse.Namespace) ->
         kl = top1 = None
         if reference is not None:
             logprobs = engine.score(segments, full_ids, mode, blend=cfg) if records else reference
-            kl, top1 = _distance(reference, logprobs)
+            kl, top1 = distance(reference, logprobs)
         full_text = records[0].answer if records else out.text
         quality = _quality(out.text, golds, full_text)
         records.append(
@@ -172,7 +172,7 @@ def _oracle_records(
                 full.num_prompt_tokens,
                 answer.num_recomputed_tokens,
                 *_quality(text, list(example.answers), full.answer),
-                *_distance(reference, answer.logprobs),
+                *distance(reference, answer.logprobs),
             )
         )
     return records
@@ -183,7 +183,7 @@ def _quality(text: str, golds: list[str], full_text: str) -> tuple[float, float,
     return f1_score(text, golds), float(contains_answer(text, golds)), f1_score(text, [full_text])
 
 
-def _distance(reference: Tensor, logprobs: Tensor) -> tuple[float, float]:
+def distance(reference: Tensor, logprobs: Tensor) -> tuple[float, float]:
     """Mean KL(reference ‖ logprobs) per position and top-1 agreement. Shape: [T, V] ×2."""
     kl = (reference.exp() * (reference - logprobs)).sum(dim=-1).mean()
     top1 = (reference.argmax(dim=-1) == logprobs.argmax(dim=-1)).float().mean()

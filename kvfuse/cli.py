@@ -78,11 +78,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return int(demo.run_demo(args.dtype or "float32"))
 
 
-class _BenchParser(argparse.ArgumentParser):
-    """A `kvfuse bench` subcommand whose module is imported, and its arguments added, only when
-    the subcommand is parsed: `kvfuse bench --help` and every other command leave it alone."""
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand whose `module_name` (in `benchmarks`, the [bench] extra) is imported, and its
+    arguments added, only when the subcommand is parsed: `kvfuse bench --help` and every other
+    command leave it alone. Without a module name, a plain parser."""
 
-    def __init__(self, *args: Any, module_name: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, module_name: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._module_name: str | None = module_name
 
@@ -128,7 +129,7 @@ def _add_commands(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvfuse", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
 
     gen = sub.add_parser("generate", help="answer a segmented prompt with the embedded engine")
     _engine_args(gen)
@@ -150,13 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     demo.set_defaults(func=_cmd_demo)
 
+    sub.add_parser(
+        "calibrate",
+        help="measure the smallest recompute ratio meeting a KL target (for the controller)",
+        module_name="benchmarks.calibrate",
+    )
     bench = sub.add_parser("bench", help="benchmarks (the [bench] extra)").add_subparsers(
-        dest="bench", required=True, parser_class=_BenchParser
+        dest="bench", required=True, parser_class=_LazyParser
     )
     for name, help_text, module_name in _BENCHMARKS:
         bench.add_parser(name, help=help_text, module_name=module_name)
     services = sub.add_parser("serve", help="run a kvfuse service").add_subparsers(
-        dest="service", required=True
+        dest="service", required=True, parser_class=argparse.ArgumentParser
     )
     _add_commands(services, _SERVICES)
 
