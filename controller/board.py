@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from controller.estimates import Estimates, changed
+from kvfuse.control.calibration import Calibration
 from kvfuse.control.policy import CacheMember, WorkerPolicy
 from kvfuse.control.ratio import RatioPolicy
 
@@ -19,6 +20,7 @@ class QualityFloor:
     r_quality: float
     r_max: float
     source: str
+    calibration: Calibration | None = None
 
 
 class PolicyBoard:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from kvfuse.control.calibration import Calibration
 from kvfuse.control.policy import WorkerPolicy
 
 
@@ -59,9 +60,19 @@ class ControllerMetrics:
             ["tier"],
             registry=r,
         )
+        self.calibration = Gauge(
+            "kvfuse_controller_calibration_info",
+            "The calibration file in use (1): its dtype, KL target, dataset and r_quality.",
+            ["dtype", "target_kl", "dataset", "r_quality"],
+            registry=r,
+        )
         self.move_errors = Counter(
             "kvfuse_controller_move_errors", "Moves or heat reads that failed.", registry=r
         )
+
+    def calibrated(self, calibration: Calibration) -> None:
+        labels = (calibration.dtype, str(calibration.target_kl), calibration.dataset)
+        self.calibration.labels(*labels, str(calibration.r_quality)).set(1)
 
     def published(self, policy: WorkerPolicy) -> None:
         """Mirrors a published policy's values."""

@@ -41,7 +41,7 @@ def quality_floor(config: ControllerConfig) -> QualityFloor:
     source = (
         f"calibration {config.calibration.name} ({calibration.dtype}, KL<={calibration.target_kl})"
     )
-    return QualityFloor(calibration.r_quality, r_max, source)
+    return QualityFloor(calibration.r_quality, r_max, source, calibration)
 
 
 class ControllerServer(GrpcService):
@@ -117,6 +117,8 @@ class ControllerServer(GrpcService):
     def start(self) -> ControllerServer:
         self.grpc.start()
         self.metrics.published(self.board.policy)
+        if (calibration := self.board.floor.calibration) is not None:
+            self.metrics.calibrated(calibration)
         self.membership.start(self.set_members)
         self._refresher.start()
         if self.placer is not None:

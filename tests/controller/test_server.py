@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from prefill_helpers import poll
 from controller.config import ControllerConfig
 from controller.server import ControllerServer
 from kvfuse.client.controller import ControllerClient
+from kvfuse.control.calibration import Calibration, CurvePoint
 from kvfuse.control.policy import ComputeSample, LoadSample
 from kvfuse.control.ratio import ChunkShape, RequestShape
 from kvfuse.errors import AuthError, InvalidRequestError
@@ -163,3 +165,16 @@ def test_cache_pods_discovered_in_kubernetes_become_the_shards() -> None:
             assert 'kvfuse_controller_members{role="cache"} 1.0' in _scrape(server)
     finally:
         kube.stop()
+
+
+def test_calibration_file_sets_the_floor(tmp_path: Path) -> None:
+    curve = (CurvePoint(0.0, 0.2), CurvePoint(0.3, 0.04), CurvePoint(1.0, 0.0))
+    path = tmp_path / "cal.json"
+    Calibration("m", "bfloat16", 0.05, 0.3, curve, "factqa", 16).save(path)
+    config = ControllerConfig(port=0, metrics_port=0, calibration=path, r_max=0.2)
+    with ControllerServer(config) as server:
+        policy = server.board.policy
+        assert policy.ratio.r_quality == 0.3 and policy.ratio.r_max == 0.3  # quality first
+        assert policy.r_quality_source.startswith("calibration cal.json")
+        body = _scrape(server)
+    assert 'dataset="factqa",dtype="bfloat16",r_quality="0.3",target_kl="0.05"} 1.0' in body
