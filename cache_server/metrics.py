@@ -36,6 +36,12 @@ class CacheMetrics:
         self.received_bytes = Counter(
             "kvfuse_cache_received_bytes", "Layer-record bytes received.", ["op"], registry=r
         )
+        self.lookup_tier_hits = Counter(
+            "kvfuse_cache_lookup_tier_hits",
+            "Keys a lookup found, by the tier that holds them (where the read will come from).",
+            ["tier"],
+            registry=r,
+        )
         self.sent_bytes = Counter(
             "kvfuse_cache_sent_bytes", "Layer-record bytes sent.", ["op"], registry=r
         )

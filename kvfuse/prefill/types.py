@@ -107,6 +107,8 @@ class PrefillStats:
         num_precomputed_tokens: rows of missing objects (prefix included) this request
             precomputed standalone and reused (`MissPolicy.PRECOMPUTE`).
         num_chunks_precomputed: missing chunks precomputed that way.
+        num_memory_hits: chunk hits read from memory (a cache server's memory tier or an
+            in-process store) rather than a slower tier.
         recompute_ratio: the ratio a blend used (0 for the other modes).
         ratio_source: where it came from: "request", "controller" or "default" ("" for the
             other modes).
@@ -122,6 +124,7 @@ class PrefillStats:
     fallback: str = ""
     num_precomputed_tokens: int = 0
     num_chunks_precomputed: int = 0
+    num_memory_hits: int = 0
     recompute_ratio: float = 0.0
     ratio_source: str = ""
 

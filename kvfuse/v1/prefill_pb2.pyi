@@ -77,7 +77,7 @@ class LayerChunk(_message.Message):
     def __init__(self, layer_idx: _Optional[int] = ..., dtype: _Optional[str] = ..., num_kv_heads: _Optional[int] = ..., num_tokens: _Optional[int] = ..., head_dim: _Optional[int] = ..., record_nbytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PrefillStats(_message.Message):
-    __slots__ = ("num_prompt_tokens", "num_cached_tokens", "num_recomputed_tokens", "num_computed_tokens", "num_chunks", "num_chunk_hits", "prefill_s", "fallback", "num_precomputed_tokens", "num_chunks_precomputed", "recompute_ratio", "ratio_source")
+    __slots__ = ("num_prompt_tokens", "num_cached_tokens", "num_recomputed_tokens", "num_computed_tokens", "num_chunks", "num_chunk_hits", "prefill_s", "fallback", "num_precomputed_tokens", "num_chunks_precomputed", "recompute_ratio", "ratio_source", "num_memory_hits")
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_RECOMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class PrefillStats(_message.Message):
     NUM_CHUNKS_PRECOMPUTED_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_RATIO_FIELD_NUMBER: _ClassVar[int]
     RATIO_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    NUM_MEMORY_HITS_FIELD_NUMBER: _ClassVar[int]
     num_prompt_tokens: int
     num_cached_tokens: int
     num_recomputed_tokens: int
@@ -102,7 +103,8 @@ class PrefillStats(_message.Message):
     num_chunks_precomputed: int
     recompute_ratio: float
     ratio_source: str
-    def __init__(self, num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., num_recomputed_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_chunk_hits: _Optional[int] = ..., prefill_s: _Optional[float] = ..., fallback: _Optional[str] = ..., num_precomputed_tokens: _Optional[int] = ..., num_chunks_precomputed: _Optional[int] = ..., recompute_ratio: _Optional[float] = ..., ratio_source: _Optional[str] = ...) -> None: ...
+    num_memory_hits: int
+    def __init__(self, num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., num_recomputed_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_chunk_hits: _Optional[int] = ..., prefill_s: _Optional[float] = ..., fallback: _Optional[str] = ..., num_precomputed_tokens: _Optional[int] = ..., num_chunks_precomputed: _Optional[int] = ..., recompute_ratio: _Optional[float] = ..., ratio_source: _Optional[str] = ..., num_memory_hits: _Optional[int] = ...) -> None: ...
 
 class PrefillDone(_message.Message):
     __slots__ = ("first_token_id", "stats", "num_layers")
