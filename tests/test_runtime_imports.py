@@ -1,8 +1,8 @@
 """The runtime packages import nothing that only the benchmarks and the demo need.
 
 `benchmarks` and its `[bench]` extra (matplotlib, openai) stay out of every service image, so no
-module of `kvfuse`, `cache_server`, `prefill_worker` or `decode_worker` may load them, and the
-`kvfuse` command loads them only when a `bench` subcommand or `demo` runs.
+module of `kvfuse`, `cache_server`, `prefill_worker`, `decode_worker` or `controller` may load
+them, and the `kvfuse` command loads them only when a `bench` subcommand or `demo` runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RUNTIME = ("kvfuse", "cache_server", "prefill_worker", "decode_worker")
+RUNTIME = ("kvfuse", "cache_server", "prefill_worker", "decode_worker", "controller")
 BENCH_ONLY = ("benchmarks", "matplotlib", "openai")
 
 # Every module of the given packages, then the whole `kvfuse` parser; prints what got imported.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICES = ("cache_server", "prefill_worker", "decode_worker")
+SERVICES = ("cache_server", "prefill_worker", "decode_worker", "controller")
 
 
 def imported_modules(path: Path) -> set[str]:
