@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, render_chart
+from chart_render import REPO, render_chart
 
 HERE = Path(__file__).resolve().parent
 RUNBOOK = REPO / "docs" / "runbook.md"
