@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import re
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
 
+from kvfuse.client import CacheClient
 from kvfuse.procs import free_port
 from kvfuse.stack import KvfuseStack, Topology
 
 # kvfuse's own names and vLLM's (the decode worker exports vLLM's for the router)
 _METRIC = re.compile(r"\b(?:kvfuse_[a-z0-9_]+|vllm:[a-z0-9_:]+)")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+_SELECTOR = re.compile(r"((?:kvfuse_|vllm:)[a-z0-9_:]+)\{([^}]*)\}")
+_EQUALS = re.compile(r'([a-z_]+)="([^"]*)"')  # equality only: no `!=`, no `=~`
 _SUFFIXES = {
     "counter": ("_total", "_created"),
     "histogram": ("_bucket", "_sum", "_count", "_created"),
@@ -58,8 +61,9 @@ def test_exported_names_expands_families() -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
-    """The names the three services export, started as `kvfuse serve all --topology cache` does."""
+def pages(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The /metrics pages of the three services, started as `kvfuse serve all --topology cache`
+    does, after one chunk was stored and looked up (so the labelled request series exist)."""
     cache_port, prefill_port = free_port(), free_port()
     stack = KvfuseStack(
         Topology.CACHE,
@@ -69,12 +73,33 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
         cache_args=("--metrics-port", str(cache_port)),
     )
     with stack:
-        pages = [
+        assert stack.cache_addr is not None
+        with CacheClient(stack.cache_addr) as client:
+            layers = [(torch.ones(4, 3, 64), torch.zeros(4, 3, 64))] * 2  # [T, H_kv, D]
+            assert client.put("ef" * 32, layers).stored
+            assert client.lookup(["ef" * 32])["ef" * 32] is not None
+        return [
             scrape(f"http://127.0.0.1:{cache_port}/metrics"),
             scrape(f"http://127.0.0.1:{prefill_port}/metrics"),
             scrape(f"{stack.url}/metrics"),
         ]
-    yield set().union(*(exported_names(page) for page in pages))
+
+
+@pytest.fixture(scope="module")
+def exported(pages: list[str]) -> set[str]:
+    return set().union(*(exported_names(page) for page in pages))
+
+
+def label_matchers(exprs: list[str]) -> set[tuple[str, str, str]]:
+    """(metric, label, value) of every equality matcher in the expressions, but job and
+    namespace (the PodMonitors set those, not the services)."""
+    found: set[tuple[str, str, str]] = set()
+    for expr in exprs:
+        for metric, matchers in _SELECTOR.findall(expr):
+            for label, value in _EQUALS.findall(matchers):
+                if label not in {"job", "namespace"}:
+                    found.add((metric, label, value))
+    return found
 
 
 def test_alert_rules_query_only_exported_metrics(
@@ -92,6 +117,20 @@ def test_dashboard_queries_only_exported_metrics(
     used = queried_names(exprs)
     assert len(used) >= 20, used
     assert used <= exported, f"not exported by any service: {sorted(used - exported)}"
+
+
+def test_label_values_the_queries_match_are_exported(
+    pages: list[str], alerts: dict[str, dict[str, Any]], dashboard: dict[str, Any]
+) -> None:
+    exprs = [rule["expr"] for rule in alerts.values()]
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    matchers = label_matchers(exprs)
+    assert ("kvfuse_cache_stored_bytes", "tier", "memory") in matchers
+    samples = [line for page in pages for line in page.splitlines() if not line.startswith("#")]
+    for metric, label, value in matchers:
+        assert any(
+            line.startswith(metric + "{") and f'{label}="{value}"' in line for line in samples
+        ), f'no {metric} sample with {label}="{value}"'
 
 
 def test_a_renamed_metric_is_caught(exported: set[str]) -> None:
