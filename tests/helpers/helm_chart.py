@@ -12,7 +12,8 @@ import helm_python
 import kubernetes_validate
 import yaml
 
-CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "kvfuse"
+REPO = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO / "charts" / "kvfuse"
 CI_VALUES = sorted((CHART_DIR / "ci").glob("*-values.yaml"))
 VALUE_SETS: list[Path | None] = [None, *CI_VALUES]  # None: values.yaml alone
 KUBE_VERSION = "1.37.0"  # the newest schemas kubernetes-validate ships
