@@ -14,6 +14,7 @@ from kubernetes.client import ApiClient, Configuration, CoreV1Api
 
 from controller.kube_pods import PodWatcher, WatchSettings
 from kvfuse.errors import ConfigError
+from kvfuse.prefill.sources import shard_name
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,9 @@ def _check_address(address: str) -> str:
 
 
 class StaticMembership:
-    """A fixed list of addresses per role (local mode); each member is named by its address.
+    """A fixed list of addresses per role (local mode); each member is named as the prefill
+    workers name a cache server they are given by address (`shard_name`: the address, or a
+    DNS name's first label), so both shard keys alike.
 
     Raises:
         ConfigError: an address is not `host:port` or repeats within a role.
@@ -146,7 +149,7 @@ class StaticMembership:
         for role, role_addresses in addresses.items():
             if len(set(role_addresses)) != len(role_addresses):
                 raise ConfigError(f"duplicate {role.value} address in {list(role_addresses)}")
-            members += [Member(role, a, _check_address(a)) for a in role_addresses]
+            members += [Member(role, shard_name(a), _check_address(a)) for a in role_addresses]
         self._view: View = tuple(sorted(members))
         self._publisher = _Publisher()
 

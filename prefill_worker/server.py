@@ -18,7 +18,13 @@ from kvfuse.keys import KeySpace
 from kvfuse.model.loader import load_model
 from kvfuse.prefill.compute import PrefillCompute
 from kvfuse.prefill.pipeline import PipelineOptions, PrefillPipeline
-from kvfuse.prefill.sources import CacheServerSource, ChunkSource, Shards, StoreSource
+from kvfuse.prefill.sources import (
+    CacheServerSource,
+    ChunkSource,
+    Shards,
+    StoreSource,
+    shard_name,
+)
 from kvfuse.prefill.warm import Warmer
 from kvfuse.prefill.writeback import WriteBehind
 from kvfuse.service.auth import DEFAULT_TENANT, Authenticator, AuthInterceptor
@@ -66,7 +72,7 @@ def build_shards(config: PrefillConfig) -> Shards:
     if not config.cache_addrs:
         return Shards([StoreSource(ChunkStore(config.local_store_bytes))], ["local"])
     sources: list[ChunkSource] = [cache_source(config, addr) for addr in config.cache_addrs]
-    return Shards(sources, config.cache_addrs)
+    return Shards(sources, [shard_name(addr) for addr in config.cache_addrs])
 
 
 class PrefillServer(GrpcService):

@@ -135,6 +135,16 @@ class CacheServerSource:
             client.close()
 
 
+def shard_name(address: str) -> str:
+    """The rendezvous name of a cache server given by address: a DNS name's first label (a
+    StatefulSet pod's DNS name `<pod>.<service>…` gives the pod name, which the controller's
+    Kubernetes discovery names it by too), else the whole address (an IP, `localhost:port`)."""
+    host = address.rpartition(":")[0]
+    if "." in host and not host.replace(".", "").isdigit() and not host.startswith("["):
+        return host.split(".", 1)[0]
+    return address
+
+
 class Shards:
     """Several sources with every key owned by one of them (rendezvous hashing).
 

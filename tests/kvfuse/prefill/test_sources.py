@@ -12,7 +12,13 @@ from cache_server.server import CacheServer
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.errors import CapacityError
 from kvfuse.kv import ChunkKV
-from kvfuse.prefill.sources import CacheServerSource, Shards, StoreSource, positions_of
+from kvfuse.prefill.sources import (
+    CacheServerSource,
+    Shards,
+    StoreSource,
+    positions_of,
+    shard_name,
+)
 
 KEYS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(400)]
 
@@ -67,3 +73,20 @@ def test_cache_server_source_put_says_stored_now_already_stored_or_raises() -> N
             assert source.lookup([KEYS[4]]) == {}
         finally:
             source.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "name"),
+    [
+        (
+            "kv-kvfuse-cache-0.kv-kvfuse-cache-headless.ns.svc.cluster.local:50051",
+            "kv-kvfuse-cache-0",
+        ),
+        ("10.1.0.4:50051", "10.1.0.4:50051"),
+        ("127.0.0.1:7001", "127.0.0.1:7001"),
+        ("localhost:50051", "localhost:50051"),
+        ("[fd00::4]:50051", "[fd00::4]:50051"),
+    ],
+)
+def test_shard_name_is_the_pod_name_for_a_pod_dns_name(address: str, name: str) -> None:
+    assert shard_name(address) == name
