@@ -19,6 +19,7 @@ from benchmarks.cache_throughput import Cell, object_keys, percentile, split_key
 from benchmarks.cache_workers import serve, write_chunks
 from kvfuse.cli import main
 from kvfuse.errors import ServiceUnavailableError
+from kvfuse.transport import lmcache_wire as wire
 
 LMCACHE_VENV = Path(__file__).resolve().parents[2] / "bench" / ".venvs" / "lmcache"
 
@@ -165,10 +166,10 @@ def test_server_that_exits_is_reported_with_its_log(tmp_path: Path) -> None:
 def test_lmcache_request_header_matches_its_protocol() -> None:
     # lmcache/v1/protocol.py: ClientMetaMessage.packlength() == 4 * 9 + MAX_KEY_LENGTH (150),
     # ServerMetaMessage.packlength() == 4 * 9.
-    assert lmcache_server._REQUEST.size == 4 * 9 + 150 and lmcache_server._REPLY.size == 36
+    assert wire.REQUEST.size == 4 * 9 + 150 and wire.REPLY.size == 36
     key = lmcache_server.LMCacheClient.engine_key("ab" * 32)
     assert key.decode().strip().split("@") == ["kvfuse-bench", "1", "0", "ab" * 32, "half"]
-    fields: tuple[Any, ...] = lmcache_server._REQUEST.unpack(
+    fields: tuple[Any, ...] = wire.REQUEST.unpack(
         struct.pack("iiiiiiiii150s", 1, 10, 1, 2, 0, 2, 30, 512, 192, key)
     )
     assert fields[:9] == (1, 10, 1, 2, 0, 2, 30, 512, 192)
