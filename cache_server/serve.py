@@ -27,7 +27,7 @@ _FLAGS = FlagTable(
             "serve LMCache's remote protocol (remote_url lm://host:port) on this port, a "
             "drop-in for lmcache_server; no authentication (default off; 0 picks a free one)",
         ),
-        ("--lmcache-host", "LMCache port listen address (default 127.0.0.1, not --host)"),
+        ("--lmcache-host", "LMCache port listen address, not --host's (default 127.0.0.1)"),
         ("--lmcache-max-connections", "LMCache connections served at once (default 256)"),
         ("--memory-bytes", "memory tier budget, e.g. 2GiB (default 1GiB)"),
         ("--memory-codec", "memory tier codec: raw, fp16, int8, int4, cachegen (default raw)"),
