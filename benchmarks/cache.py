@@ -56,7 +56,11 @@ _FULL = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--quick", action="store_true", help="small op counts: a run of about two minutes")
-    add("--systems", default="kvfuse,redis,lmcache", help="systems to compare")
+    add(
+        "--systems",
+        default="kvfuse,redis,lmcache,kvfuse-lm",
+        help="systems to compare (kvfuse-lm: kvfuse's LMCache port, driven as lmcache)",
+    )
     add("--concurrency", default="1,4,16", help="concurrent client processes, comma-separated")
     add("--tokens", type=int, default=512, help="tokens per chunk")
     add(

@@ -30,7 +30,8 @@ _CODEC_SPEED = (
     "put_p99_ms",
     "get_p99_ms",
 )
-_COLORS = {"kvfuse": "tab:blue", "redis": "tab:red", "lmcache": "tab:green"}
+_COLORS = {"kvfuse": "tab:blue", "redis": "tab:red", "lmcache": "tab:green",
+           "kvfuse-lm": "tab:purple"}  # fmt: skip
 
 
 def check_targets(

@@ -25,6 +25,7 @@ from benchmarks.cache_servers import (
     wait_redis,
 )
 from kvfuse.errors import KvfuseError
+from kvfuse.procs import free_port
 
 GiB = 1 << 30
 KVFUSE_MEMORY_BYTES = 4 * GiB
@@ -55,7 +56,7 @@ class Systems:
         wanted = [s for s in settings["systems"].split(",") if s]
         self._stack, self._settings = stack, settings
         self._spawned: dict[str, ServerProc] = {}
-        self._redis_port = 0
+        self._redis_port = self._lm_port = 0
         self.info: dict[str, dict[str, Any]] = {}
         if "kvfuse" in wanted:
             self._spawn(
@@ -66,6 +67,10 @@ class Systems:
                 self._spawn(
                     name, spawn_kvfuse(workdir, KVFUSE_MEMORY_BYTES, memory_codec=codec, name=name)
                 )
+        if "kvfuse-lm" in wanted:
+            self._lm_port = free_port()
+            self._spawn("kvfuse-lm", spawn_kvfuse(workdir, KVFUSE_MEMORY_BYTES, name="kvfuse-lm",
+                        disk_dir=workdir / "disk-lm", lmcache_port=self._lm_port))  # fmt: skip
         if settings["rss_objects"]:
             self._spawn("kvfuse-rss", spawn_kvfuse(workdir, rss_memory_bytes, name="kvfuse-rss"))
         if "redis" in wanted:
@@ -114,6 +119,14 @@ class Systems:
                 "available": True,
                 "how": "python -m cache_server (memory 4 GiB"
                 " + disk tiers), SDK CacheClient.put / .get (GetLayers)",
+            }
+        if "kvfuse-lm" in self._spawned:
+            kvfuse_address(self._spawned["kvfuse-lm"])  # listening: its LMCache port is open
+            self.addresses["kvfuse-lm"] = str(self._lm_port)
+            self.info["kvfuse-lm"] = {
+                "available": True,
+                "how": "python -m cache_server --lmcache-port (memory 4 GiB + disk tiers), "
+                "the lmcache client below: LMCache's wire protocol",
             }
         if "redis" in self._spawned:
             wait_redis(self._spawned["redis"], self._redis_port)
