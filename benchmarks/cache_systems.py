@@ -5,7 +5,8 @@ Compared side by side: kvfuse (`python -m cache_server`, 4 GiB memory tier + dis
 on demand with `--lmcache setup`; when it cannot be set up or started, the reason is recorded
 and the run goes on without it). Besides them: one kvfuse server per codec whose memory tier
 stores that codec (so put/get per codec moves the client's records as they are), and a fresh
-one for the RSS check.
+one for the RSS check; and, for the working-set section (`benchmarks.cache_working_set`), a
+fresh kvfuse with its LMCache port and a small memory budget beside a fresh lmcache_server.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Systems:
         stack: contextlib.ExitStack,
         codecs: list[str],
         rss_memory_bytes: int,
+        working_set_memory_bytes: int,
     ) -> None:
         wanted = [s for s in settings["systems"].split(",") if s]
         self._stack, self._settings = stack, settings
@@ -76,10 +78,25 @@ class Systems:
         if "redis" in wanted:
             proc, self._redis_port = spawn_redis(workdir, REDIS_MAXMEMORY_BYTES)
             self._spawn("redis", proc)
+        self._lmcache_python: Path | None = None
         self._lmcache_port = self._spawn_lmcache(workdir) if "lmcache" in wanted else 0
+        self._working_set_ports: dict[str, int] = {}
+        if settings["lm_objects"] and "kvfuse-lm" in wanted:
+            self._spawn_working_set(workdir, working_set_memory_bytes)
         self.addresses: dict[str, str] = {}
         self.codec_addresses = {c: "" for c in codecs if "kvfuse" in wanted}
         self.rss: tuple[ServerProc, str] | None = None
+        self.working_set: dict[str, tuple[ServerProc, str]] = {}
+
+    def _spawn_working_set(self, workdir: Path, memory_bytes: int) -> None:
+        port = free_port()
+        self._spawn("kvfuse-lm-ws", spawn_kvfuse(workdir, memory_bytes, name="kvfuse-lm-ws",
+                    disk_dir=workdir / "disk-lm-ws", lmcache_port=port))  # fmt: skip
+        self._working_set_ports["kvfuse-lm"] = port
+        if self._lmcache_python is not None:
+            proc, port = lmcache_server.spawn_lmcache(self._lmcache_python, workdir, "lmcache-ws")
+            self._spawn("lmcache-ws", proc)
+            self._working_set_ports["lmcache"] = port
 
     def _spawn(self, name: str, proc: ServerProc) -> None:
         self._spawned[name] = proc
@@ -102,6 +119,7 @@ class Systems:
             self.info["lmcache"]["reason"] = f"{type(exc).__name__}: {exc}"[:2000]
             return 0
         self._spawn("lmcache", proc)
+        self._lmcache_python = python
         version = lmcache_server.lmcache_version(python)
         self.info["lmcache"].update(
             version=version,
@@ -145,8 +163,21 @@ class Systems:
                 self.info["lmcache"]["reason"] = f"{type(exc).__name__}: {exc}"[:2000]
         for codec in self.codec_addresses:
             self.codec_addresses[codec] = kvfuse_address(self._spawned[f"kvfuse-{codec}"])
+        self._wait_working_set()
         if "kvfuse-rss" in self._spawned:
             self.rss = (self._spawned["kvfuse-rss"], kvfuse_address(self._spawned["kvfuse-rss"]))
+
+    def _wait_working_set(self) -> None:
+        for system, port in self._working_set_ports.items():
+            proc = self._spawned[f"{system}-ws"]
+            if system == "lmcache":
+                try:
+                    lmcache_server.wait_lmcache(proc, port)
+                except KvfuseError:
+                    continue  # the run goes on without it, as without the main one
+            else:
+                kvfuse_address(proc)
+            self.working_set[system] = (proc, str(port))
 
 
 def clearer(system: str, address: str) -> Clear:

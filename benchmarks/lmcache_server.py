@@ -102,12 +102,12 @@ def _server_imports(python: Path) -> bool:
     return done.returncode == 0
 
 
-def spawn_lmcache(python: Path, workdir: Path) -> tuple[ServerProc, int]:
-    """Spawns `lmcache_server 127.0.0.1 <port> cpu` from the venv; (process, port). Then
-    `wait_lmcache`."""
+def spawn_lmcache(python: Path, workdir: Path, name: str = "lmcache") -> tuple[ServerProc, int]:
+    """Spawns `lmcache_server 127.0.0.1 <port> cpu` from the venv, logging to
+    `<workdir>/<name>.log`; (process, port). Then `wait_lmcache`."""
     port = free_port()
     argv = [str(python), "-m", "lmcache.v1.server", "127.0.0.1", str(port), "cpu"]
-    return ServerProc("lmcache_server", argv, workdir / "lmcache.log", lmcache_env()), port
+    return ServerProc(name, argv, workdir / f"{name}.log", lmcache_env()), port
 
 
 def wait_lmcache(server: ServerProc, port: int) -> None:
