@@ -163,6 +163,23 @@ def test_objects_demoted_to_disk_come_back_identical(
         conn.close()
 
 
+def test_objects_demoted_to_redis_come_back_identical(tmp_path: Path, redis_server: Any) -> None:
+    payloads = [bytes([i]) * 300_000 for i in range(6)]  # 6 x 300 kB into 1 MiB of memory
+    info = FP16_KV._replace(shape=(150_000, 0, 0, 0))
+    keys = [f"r@1@0@{i:x}@half".encode() for i in range(6)]
+    settings = {"memory_bytes": "1MiB", "disk_dir": None, "redis_url": redis_server.url}
+    with make_server(tmp_path, **settings) as server:  # Redis stores int8 K/V: not these bytes
+        conn = Conn(server.lmcache_port)
+        for key, payload in zip(keys, payloads, strict=True):
+            conn.put(key, payload, info)
+        assert conn.ask(wire.Command.HEALTH, b"")[0] == 200
+        tiers = [server.store.lookup(storage_key(k)) for k in keys]
+        assert sum(t is not None and t.tier == "redis" for t in tiers) >= 3
+        for key, payload in zip(keys, payloads, strict=True):
+            assert conn.get(key) == (info._replace(length=len(payload)), payload)
+        conn.close()
+
+
 HOSTILE = {
     "unknown command": (9, 0, FP16_KV.shape),
     "negative length": (wire.Command.PUT, -1, FP16_KV.shape),
