@@ -21,8 +21,6 @@ from kvfuse.cli import main
 from kvfuse.errors import ServiceUnavailableError
 from kvfuse.transport import lmcache_wire as wire
 
-LMCACHE_VENV = Path(__file__).resolve().parents[2] / "bench" / ".venvs" / "lmcache"
-
 
 def _layers(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """3 layers of K, V [4, 3, 64] fp16."""
@@ -198,12 +196,8 @@ def test_lmcache_request_header_matches_its_protocol() -> None:
     assert fields[:9] == (1, 10, 1, 2, 0, 2, 30, 512, 192)
 
 
-@pytest.mark.skipif(
-    not lmcache_server.venv_python(LMCACHE_VENV).exists(),
-    reason="LMCache's venv is made by `kvfuse bench cache --lmcache setup`",
-)
-def test_lmcache_client_against_the_real_server(tmp_path: Path) -> None:
-    server, port = lmcache_server.spawn_lmcache(lmcache_server.venv_python(LMCACHE_VENV), tmp_path)
+def test_lmcache_client_against_the_real_server(tmp_path: Path, lmcache_python: Path) -> None:
+    server, port = lmcache_server.spawn_lmcache(lmcache_python, tmp_path)
     with server:
         lmcache_server.wait_lmcache(server, port)
         with lmcache_server.LMCacheClient(port, timeout_s=30) as client:

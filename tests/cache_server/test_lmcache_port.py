@@ -20,11 +20,9 @@ from cache_server.lmcache_port import LMCachePort
 from cache_server.serve import add_arguments, load_config
 from cache_server.server import CacheServer
 from kvfuse.client import CacheClient
-from kvfuse.errors import ServiceUnavailableError
 from kvfuse.transport import lmcache_wire as wire
 
 ROOT = Path(__file__).resolve().parents[2]
-LMCACHE_VENV = ROOT / "bench" / ".venvs" / "lmcache"
 CONNECTOR_SCRIPT = ROOT / "tests" / "helpers" / "lmcache_connector_client.py"
 KEY = b"vllm-model@1@0@1a2b3c@half"
 SHAPE = (2, 3, 16, 192)  # [2, L, T, H_kv * D]
@@ -266,15 +264,6 @@ def test_the_port_is_off_by_default_and_loopback_when_on(tmp_path: Path) -> None
     assert load_config(parser.parse_args([]), env=env).lmcache_host == "0.0.0.0"
     with make_server(tmp_path, lmcache_port=None) as server:
         assert server.lmcache_port is None
-
-
-@pytest.fixture(scope="module")
-def lmcache_python() -> Path:
-    """LMCache's venv (created on first use, as `kvfuse bench cache` does)."""
-    try:
-        return lmcache_server.ensure_venv(LMCACHE_VENV)
-    except ServiceUnavailableError as exc:  # PyPI out of reach: nothing else fails this way
-        pytest.skip(f"LMCache's venv cannot be created: {exc}")
 
 
 def _connector(python: Path, port: int | None, mode: str, num: int) -> dict[str, Any]:
