@@ -12,7 +12,8 @@ server's upload budget before reading its payload; when the budget is full the p
 and dropped (a PUT has no reply: the client learns it from a later EXIST), so the stream stays
 in step. A header that does not parse (unknown command, bad key, negative or oversized length,
 impossible shape) gets a FAIL reply and the connection is closed; so does a peer that stalls
-mid-request for `io_timeout_s`. An idle connection is kept for good (LMCache's client opens one
+mid-request for `io_timeout_s`, or whose PUT payload takes longer than that in all. An idle
+connection is kept for good (LMCache's client opens one
 at start and never reconnects), at most `max_connections` at once.
 """
 
@@ -67,7 +68,8 @@ class LMCachePort:
         metrics: requests by command and result, bytes received and sent.
         max_object_bytes: the largest payload a PUT may announce.
         max_connections: connections served at once; more are closed at accept.
-        io_timeout_s: how long a request may stall part-way (between requests: no limit).
+        io_timeout_s: how long a request may stall part-way, and a PUT's payload take in all
+            (between requests: no limit).
     """
 
     def __init__(
@@ -172,11 +174,11 @@ class LMCachePort:
                 RECORD_HEAD.size + length, f"LMCache PUT of {length} bytes"
             )
         except CapacityError as exc:
-            log.info("LMCache port: dropping a PUT: %s", exc)
+            log.debug("LMCache port: dropping a PUT: %s", exc)  # counted in the metrics
             _discard(conn, length)
             return "RESOURCE_EXHAUSTED"
-        with reservation:
-            record = _receive_record(conn, request)
+        with reservation:  # a trickle of bytes must not hold it for long: one deadline
+            record = _receive_record(conn, request, time.monotonic() + self._io_timeout_s)
             reservation.received_total(len(record))
             self._metrics.received_bytes.labels("LMCachePut").inc(length)
             try:
@@ -218,11 +220,12 @@ class LMCachePort:
         return "SUCCESS"
 
 
-def _receive_record(conn: socket.socket, request: Request) -> bytes:
-    """The record of a PUT: the LMCache head, then the payload read from `conn` into it."""
+def _receive_record(conn: socket.socket, request: Request, deadline: float) -> bytes:
+    """The record of a PUT: the LMCache head, then the payload read from `conn` into it by
+    `deadline` (time.monotonic())."""
     record, view = _new_bytes(RECORD_HEAD.size + request.info.length)
     view[: RECORD_HEAD.size] = pack_head(request.info)
-    _recv_exact(conn, view[RECORD_HEAD.size :])
+    _recv_exact(conn, view[RECORD_HEAD.size :], deadline)
     return record
 
 
@@ -236,14 +239,17 @@ def _new_bytes(num_bytes: int) -> tuple[bytes, memoryview]:
     return record, memoryview((ctypes.c_char * num_bytes).from_address(address or 0)).cast("B")
 
 
-def _recv_exact(conn: socket.socket, view: memoryview) -> None:
-    """Fills `view` from `conn`. Raises ConnectionError if the stream ends first."""
+def _recv_exact(conn: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fills `view` from `conn`. Raises ConnectionError if the stream ends first, TimeoutError
+    if `deadline` (time.monotonic()) passes first."""
     got, size = 0, len(view)
     while got < size:
         num = conn.recv_into(view[got:])
         if num == 0:
             raise ConnectionError(f"connection closed after {got} of {size} bytes")
         got += num
+        if deadline is not None and got < size and time.monotonic() > deadline:
+            raise TimeoutError(f"{got} of {size} bytes arrived in the time allowed")
 
 
 def _discard(conn: socket.socket, num_bytes: int) -> None:

@@ -6,6 +6,7 @@ import json
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,15 @@ def test_stalled_requests_and_extra_connections_are_closed(server: CacheServer) 
         assert second.closed()  # beyond max_connections
         first.sock.sendall(wire.pack_request(wire.Command.GET, KEY)[:10])  # then nothing
         assert first.closed()  # dropped after io_timeout_s
+        trickle = Conn(port.port)
+        trickle.send(wire.Command.PUT, KEY, FP16_KV)  # 36 kB announced, then 1 byte at a time
+        for _ in range(100):  # 100 x 20 ms: far past the 0.5 s a payload may take in all
+            try:
+                trickle.sock.sendall(b"\x00")
+            except OSError:  # closed by the server, as expected
+                break
+            time.sleep(0.02)  # pacing the trickle, not waiting for the server
+        assert trickle.closed() and server.uploads.reserved_bytes == 0
         third = Conn(port.port)
         assert third.ask(wire.Command.HEALTH, b"")[0] == 200
         third.close()
