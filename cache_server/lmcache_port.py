@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
 
 from cache_server.budget import UploadBudget
 from cache_server.lmcache_objects import RECORD_HEAD, from_stored, pack_head, storage_key, to_stored
@@ -50,7 +51,19 @@ log = logging.getLogger(__name__)
 IO_TIMEOUT_S = 60.0
 _DISCARD_BYTES = 1 << 20
 _COMMANDS = {c.value: c.name.lower() for c in Command}  # the metrics' command label
-Handler = Callable[[socket.socket, Request], str]
+
+
+class Outcome(StrEnum):
+    """What became of a request: the `code` label of its metrics."""
+
+    SUCCESS = "SUCCESS"  # answered SUCCESS; a PUT: stored
+    FAIL = "FAIL"  # answered FAIL (a miss); a PUT: no tier kept it (admission, no room below)
+    INVALID = "INVALID"  # the header did not parse: FAIL, then the connection was closed
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # a PUT over the upload budget, or no tier had room
+    UNAVAILABLE = "UNAVAILABLE"  # a PUT no tier was reachable for
+
+
+Handler = Callable[[socket.socket, Request], Outcome]
 _PY_BYTES_NEW = ctypes.pythonapi.PyBytes_FromStringAndSize
 _PY_BYTES_NEW.restype = ctypes.py_object
 _PY_BYTES_NEW.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
@@ -149,7 +162,7 @@ class LMCachePort:
         except InvalidRequestError as exc:
             log.warning("LMCache port: closing a connection after a bad request: %s", exc)
             command = _COMMANDS.get(int.from_bytes(head[:4], "little", signed=True), "unknown")
-            self._metrics.observe_lmcache(command, "INVALID", time.perf_counter() - start)
+            self._metrics.observe_lmcache(command, Outcome.INVALID, time.perf_counter() - start)
             conn.sendall(pack_reply(ReturnCode.FAIL))
             return False
         code = self._handlers[request.command](conn, request)
@@ -167,7 +180,7 @@ class LMCachePort:
         _recv_exact(conn, view[got:])
         return True
 
-    def _put(self, conn: socket.socket, request: Request) -> str:
+    def _put(self, conn: socket.socket, request: Request) -> Outcome:
         length = request.info.length
         try:
             reservation = self._uploads.reserve(
@@ -176,7 +189,7 @@ class LMCachePort:
         except CapacityError as exc:
             log.debug("LMCache port: dropping a PUT: %s", exc)  # counted in the metrics
             _discard(conn, length)
-            return "RESOURCE_EXHAUSTED"
+            return Outcome.RESOURCE_EXHAUSTED
         with reservation:  # a trickle of bytes must not hold it for long: one deadline
             record = _receive_record(conn, request, time.monotonic() + self._io_timeout_s)
             reservation.received_total(len(record))
@@ -184,40 +197,39 @@ class LMCachePort:
             try:
                 placement = self._store.put(to_stored(request.key, record))
             except CapacityError:
-                return "RESOURCE_EXHAUSTED"
+                return Outcome.RESOURCE_EXHAUSTED
             except TierUnavailableError:
-                return "UNAVAILABLE"
-        return "SUCCESS" if placement.stored else "FAIL"
+                return Outcome.UNAVAILABLE
+        return Outcome.SUCCESS if placement.stored else Outcome.FAIL
 
-    def _get(self, conn: socket.socket, request: Request) -> str:
+    def _get(self, conn: socket.socket, request: Request) -> Outcome:
         obj = self._store.get(storage_key(request.key))
         if obj is None:
             conn.sendall(pack_reply(ReturnCode.FAIL))
-            return "FAIL"
+            return Outcome.FAIL
         try:
             info, payload = from_stored(obj)
         except InvalidObjectError as exc:  # not written by this port: never expected
             log.error("LMCache port: %s", exc)
             conn.sendall(pack_reply(ReturnCode.FAIL))
-            return "FAIL"
+            return Outcome.FAIL
         conn.sendall(pack_reply(ReturnCode.SUCCESS, info))
         conn.sendall(payload)  # a view of the stored record: no copy
         self._metrics.sent_bytes.labels("LMCacheGet").inc(info.length)
-        return "SUCCESS"
+        return Outcome.SUCCESS
 
-    def _exist(self, conn: socket.socket, request: Request) -> str:
+    def _exist(self, conn: socket.socket, request: Request) -> Outcome:
         found = self._store.lookup(storage_key(request.key)) is not None
-        code = ReturnCode.SUCCESS if found else ReturnCode.FAIL
-        conn.sendall(pack_reply(code))
-        return code.name
+        conn.sendall(pack_reply(ReturnCode.SUCCESS if found else ReturnCode.FAIL))
+        return Outcome.SUCCESS if found else Outcome.FAIL
 
-    def _list(self, conn: socket.socket, request: Request) -> str:
+    def _list(self, conn: socket.socket, request: Request) -> Outcome:
         conn.sendall(pack_reply(ReturnCode.FAIL))  # LMCache's own server never implemented it
-        return "FAIL"
+        return Outcome.FAIL
 
-    def _health(self, conn: socket.socket, request: Request) -> str:
+    def _health(self, conn: socket.socket, request: Request) -> Outcome:
         conn.sendall(pack_reply(ReturnCode.SUCCESS))
-        return "SUCCESS"
+        return Outcome.SUCCESS
 
 
 def _receive_record(conn: socket.socket, request: Request, deadline: float) -> bytes:
