@@ -21,6 +21,7 @@ from cache_server.lmcache_port import LMCachePort
 from cache_server.serve import add_arguments, load_config
 from cache_server.server import CacheServer
 from kvfuse.client import CacheClient
+from kvfuse.errors import ConfigError
 from kvfuse.transport import lmcache_wire as wire
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -274,6 +275,10 @@ def test_the_port_is_off_by_default_and_loopback_when_on(tmp_path: Path) -> None
     assert load_config(parser.parse_args([]), env=env).lmcache_host == "0.0.0.0"
     with make_server(tmp_path, lmcache_port=None) as server:
         assert server.lmcache_port is None
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = make_server(tmp_path, lmcache_port=taken.getsockname()[1])
+        with pytest.raises(ConfigError, match="cannot listen on LMCache port"):
+            busy.start()
 
 
 def _connector(python: Path, port: int | None, mode: str, num: int) -> dict[str, Any]:
