@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -64,6 +65,8 @@ class Outcome(StrEnum):
 
 
 Handler = Callable[[socket.socket, Request], Outcome]
+_TIMEVAL = struct.Struct("@ll")  # struct timeval of SO_RCVTIMEO / SO_SNDTIMEO (Linux)
+_NO_TIMEOUT = _TIMEVAL.pack(0, 0)
 _PY_BYTES_NEW = ctypes.pythonapi.PyBytes_FromStringAndSize
 _PY_BYTES_NEW.restype = ctypes.py_object
 _PY_BYTES_NEW.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
@@ -99,6 +102,8 @@ class LMCachePort:
         self._store, self._uploads, self._metrics = store, uploads, metrics
         self._max_object_bytes, self._max_connections = max_object_bytes, max_connections
         self._io_timeout_s = io_timeout_s
+        seconds = int(io_timeout_s)
+        self._io_timeval = _TIMEVAL.pack(seconds, int((io_timeout_s - seconds) * 1e6))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host, port), family=family)
         self.port: int = self._listener.getsockname()[1]
@@ -142,6 +147,11 @@ class LMCachePort:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # finds vanished peers
+            # Blocking, with the kernel's timeouts rather than Python's: one send() or
+            # recv(MSG_WAITALL) moves a whole payload, where a socket with a Python timeout
+            # polls and wakes for every buffer's worth (GETs were ~5% slower that way).
+            conn.settimeout(None)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._io_timeval)
             head = bytearray(REQUEST.size)
             while self._serve_one(conn, head):
                 pass
@@ -172,11 +182,13 @@ class LMCachePort:
     def _recv_header(self, conn: socket.socket, head: bytearray) -> bool:
         """Reads the next request header into `head`; False at a clean end of stream."""
         view = memoryview(head)
-        conn.settimeout(None)  # between requests: an LMCache client may idle for hours
+        # between requests: no limit (an LMCache client may idle for hours)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
         got = conn.recv_into(view)
         if got == 0:
             return False
-        conn.settimeout(self._io_timeout_s)  # within a request: a stalled peer is dropped
+        # within a request: a peer that stalls for io_timeout_s is dropped
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._io_timeval)
         _recv_exact(conn, view[got:])
         return True
 
@@ -256,7 +268,7 @@ def _recv_exact(conn: socket.socket, view: memoryview, deadline: float | None = 
     if `deadline` (time.monotonic()) passes first."""
     got, size = 0, len(view)
     while got < size:
-        num = conn.recv_into(view[got:])
+        num = conn.recv_into(view[got:], 0, socket.MSG_WAITALL)  # short only on timeout or EOF
         if num == 0:
             raise ConnectionError(f"connection closed after {got} of {size} bytes")
         got += num
