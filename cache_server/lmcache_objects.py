@@ -3,7 +3,7 @@
 An LMCache PUT carries a key string, a memory format, a dtype, a 4-d shape and `length` payload
 bytes. It is stored as a `StoredObject` with a single layer record:
 
-    record = "LMC1" | fmt | dtype | shape[4]   (28 bytes, little-endian int32s) | payload
+    record = "LMC1" | fmt | dtype | shape[4] | 0   (32 bytes, little-endian int32s) | payload
 
 under the storage key `_lmcache/<SHA-256 of the key string>` (`LMCACHE_NAMESPACE`, which no
 tenant can name). Its metadata has codec `lmcache` (every tier stores the record as it is:
@@ -23,7 +23,9 @@ from kvfuse.errors import InvalidObjectError
 from kvfuse.transport.crc import crc32
 from kvfuse.transport.lmcache_wire import ObjectInfo
 
-RECORD_HEAD = struct.Struct("<4siiiiii")  # magic, fmt, dtype, shape[4]
+# magic, fmt, dtype, shape[4], reserved (0): 32 bytes, so the payload keeps the record's 16-byte
+# alignment (a bytes object's data), as the tensors viewed over it would want.
+RECORD_HEAD = struct.Struct("<4siiiiiii")
 MAGIC = b"LMC1"
 
 
@@ -35,7 +37,7 @@ def storage_key(key: bytes) -> str:
 
 def pack_head(info: ObjectInfo) -> bytes:
     """The record's first `RECORD_HEAD.size` bytes for an object described by `info`."""
-    return RECORD_HEAD.pack(MAGIC, info.fmt, info.dtype, *info.shape)
+    return RECORD_HEAD.pack(MAGIC, info.fmt, info.dtype, *info.shape, 0)
 
 
 def to_stored(key: bytes, record: bytes) -> StoredObject:
@@ -59,7 +61,7 @@ def from_stored(obj: StoredObject) -> tuple[ObjectInfo, memoryview]:
         raise InvalidObjectError(f"{obj.meta.key} is not an LMCache object")
     if len(record) < RECORD_HEAD.size:
         raise InvalidObjectError(f"{obj.meta.key}: LMCache record of {len(record)} bytes")
-    magic, fmt, dtype, *dims = RECORD_HEAD.unpack_from(record)
+    magic, fmt, dtype, *dims, _reserved = RECORD_HEAD.unpack_from(record)
     if magic != MAGIC:
         raise InvalidObjectError(f"{obj.meta.key}: LMCache record has magic {magic!r}")
     payload = memoryview(record)[RECORD_HEAD.size :]
