@@ -3,10 +3,12 @@
 Every system runs as its own OS process on 127.0.0.1 and is driven by the same worker processes
 (`benchmarks.cache_workers`) with the same chunk: by default the KV of a real SmolLM2 chunk of
 512 tokens (30 layers x K,V x 512 x 3 x 64, fp16, 11.8 MB). Sections: put/get throughput and
-p50/p99 latency at each concurrency per system; the codec table (size, error and speed of each
-codec from `benchmarks.codecs`, plus kvfuse put/get throughput per codec at 4 clients); the
-memory tier's RSS against the bytes it stores; and single-client per-tier latency. Results go
-to `<out>/cache.json` and `<out>/cache.png`.
+p50/p99 latency at each concurrency per system (`kvfuse-lm` is kvfuse's LMCache port, driven by
+the same client as `lmcache`); the codec table (size, error and speed of each codec from
+`benchmarks.codecs`, plus kvfuse put/get throughput per codec at 4 clients); the memory tier's
+RSS against the bytes it stores; LMCache's protocol over a working set twice kvfuse's memory
+budget (`benchmarks.cache_working_set`); and single-client per-tier latency. Results go to
+`<out>/cache.json` and `<out>/cache.png`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import cache_report, cache_rss
+from benchmarks import cache_report, cache_rss, cache_working_set
 from benchmarks.cache_chunks import HEAD_DIM, NUM_KV_HEADS, NUM_LAYERS, chunks
 from benchmarks.cache_clients import Layers, fp16_nbytes
 from benchmarks.cache_systems import Systems, clearer
@@ -40,6 +42,7 @@ _QUICK = {
     "codec_chunks": 1,
     "codec_repeats": 1,
     "tier_repeats": 2,
+    "lm_objects": 16,
 }
 _FULL = {
     "ops": 96,
@@ -50,13 +53,18 @@ _FULL = {
     "codec_chunks": 3,
     "codec_repeats": 3,
     "tier_repeats": 5,
+    "lm_objects": 128,
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--quick", action="store_true", help="small op counts: a run of about two minutes")
-    add("--systems", default="kvfuse,redis,lmcache", help="systems to compare")
+    add(
+        "--systems",
+        default="kvfuse,redis,lmcache,kvfuse-lm",
+        help="systems to compare (kvfuse-lm: kvfuse's LMCache port, driven as lmcache)",
+    )
     add("--concurrency", default="1,4,16", help="concurrent client processes, comma-separated")
     add("--tokens", type=int, default=512, help="tokens per chunk")
     add(
@@ -73,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--codec-chunks", type=int, help="real chunks the codec table averages over")
     add("--codec-repeats", type=int, help="timed codec round trips per chunk (median)")
     add("--rss-objects", type=int, help="objects filled into a fresh server for the RSS check")
+    add(
+        "--lm-objects",
+        type=int,
+        help="chunks of the LMCache working-set section, twice kvfuse's memory budget there "
+        "(default 128, quick 16; 0 skips it)",
+    )
+    add("--lm-concurrency", type=int, default=4, help="clients of the working-set section")
     add("--tiers", help="tiers of the latency table (default memory,disk; quick and '' skip it)")
     add("--tier-codecs", default="raw,int8", help="wire codecs of the latency table")
     add("--tier-repeats", type=int)
@@ -209,7 +224,8 @@ def _measure(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             object_nbytes = NUM_LAYERS * 2 * settings["tokens"] * NUM_KV_HEADS * HEAD_DIM * 2
             rss_budget = cache_rss.memory_budget(settings["rss_objects"], object_nbytes)
-            systems = Systems(settings, workdir, stack, _codecs(settings), rss_budget)
+            ws_budget = cache_working_set.memory_budget(settings["lm_objects"], object_nbytes)
+            systems = Systems(settings, workdir, stack, _codecs(settings), rss_budget, ws_budget)
             num_chunks = max(1, settings["codec_chunks"])
             layers, kvs = chunks(settings["kv"], settings["tokens"], num_chunks)
             pool.load(workdir / "kv.bin", write_chunks(workdir / "kv.bin", layers))
@@ -225,10 +241,25 @@ def _measure(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
             if systems.rss is not None:
                 _log(f"RSS with {settings['rss_objects']} objects")
                 rss = cache_rss.measure(pool, *systems.rss, settings["rss_objects"])
+            working_set = _working_set(pool, settings, systems, ws_budget)
     finally:
         pool.close()
     return {"layers": layers, "kvs": kvs, "systems": systems.info, "cells": cells,
-            "codec_cells": codec_cells, "tiers": tiers, "rss": rss}  # fmt: skip
+            "codec_cells": codec_cells, "tiers": tiers, "rss": rss,
+            "working_set": working_set}  # fmt: skip
+
+
+def _working_set(
+    pool: WorkerPool, settings: dict[str, Any], systems: Systems, memory_bytes: int
+) -> dict[str, Any] | None:
+    if not systems.working_set:
+        return None
+    num, conc = settings["lm_objects"], min(settings["lm_concurrency"], pool.num_workers)
+    _log(
+        f"LMCache protocol: {num} chunks at {conc} clients, kvfuse memory {memory_bytes >> 20} MiB"
+    )
+    rows = cache_working_set.measure(pool, systems.working_set, num, conc)
+    return {"kvfuse_memory_bytes": memory_bytes, "concurrency": conc, "rows": rows}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,8 +287,11 @@ def run(args: argparse.Namespace) -> int:
         "codecs": codec_rows,
         "rss": measured["rss"],
         "tiers": measured["tiers"],
+        "working_set": measured["working_set"],
     }  # fmt: skip
-    payload["targets"] = cache_report.check_targets(measured["cells"], codec_rows, measured["rss"])
+    payload["targets"] = cache_report.check_targets(
+        measured["cells"], codec_rows, measured["rss"], measured["working_set"]
+    )
     cache_report.print_tables(payload)
     out = Path(settings["out"])
     write_json(out / "cache.json", payload)

@@ -10,6 +10,8 @@
 - `lmcache`: LMCache's wire protocol, one fp16 [2, L, T, H_kv * D] object per chunk (LMCache's
   own layout, the same values), gathered from the per-layer tensors on every put as LMCache's
   connector does; reads wrap the bytes in a tensor without a copy. LMCache has no checksums.
+- `kvfuse-lm`: the same client against kvfuse's LMCache port (`--lmcache-port`), i.e. what an
+  LMCache-enabled vLLM pod does when its `remote_url` points at kvfuse instead.
 
 Every client is single-threaded: one per worker process. `put`/`get` return the bytes that
 crossed the wire, so throughput can be counted in stored-payload bytes.
@@ -25,7 +27,7 @@ import torch
 from kvfuse.errors import CacheError
 
 Layers = Sequence[tuple[torch.Tensor, torch.Tensor]]
-SYSTEMS = ("kvfuse", "redis", "lmcache")
+SYSTEMS = ("kvfuse", "redis", "lmcache", "kvfuse-lm")
 REDIS_MODES = ("mget", "hash")
 
 
@@ -166,11 +168,11 @@ class LMCacheBench:
 def make_client(
     system: str, address: str, layers: Layers, codec: str, redis_mode: str
 ) -> BenchClient:
-    """The client of `system` ("kvfuse" at "host:port"; "redis"/"lmcache" at a port number)."""
+    """The client of `system` ("kvfuse" at "host:port"; the others at a port number)."""
     if system == "kvfuse":
         return KvfuseBench(address, layers, codec)
     if system == "redis":
         return RedisBench(int(address), layers, redis_mode)
-    if system == "lmcache":
+    if system in ("lmcache", "kvfuse-lm"):  # the same protocol: an LMCache port number
         return LMCacheBench(int(address), layers)
     raise CacheError(f"unknown system {system!r} (known: {', '.join(SYSTEMS)})")

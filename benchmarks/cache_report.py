@@ -30,14 +30,18 @@ _CODEC_SPEED = (
     "put_p99_ms",
     "get_p99_ms",
 )
-_COLORS = {"kvfuse": "tab:blue", "redis": "tab:red", "lmcache": "tab:green"}
+_COLORS = {"kvfuse": "tab:blue", "redis": "tab:red", "lmcache": "tab:green",
+           "kvfuse-lm": "tab:purple"}  # fmt: skip
 
 
 def check_targets(
-    cells: Sequence[Cell], codec_rows: Sequence[dict[str, Any]], rss: dict[str, Any] | None
+    cells: Sequence[Cell],
+    codec_rows: Sequence[dict[str, Any]],
+    rss: dict[str, Any] | None,
+    working_set: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """The issue's targets as rows: name, measured, target, ok (None when not measured)."""
-    rows = []
+    """The issues' targets as rows: name, measured, target, ok (None when not measured)."""
+    rows = _lmcache_targets(cells, working_set)
     gets = {(c.system, c.concurrency): c.gb_s for c in cells if c.op == "get" and c.codec == "raw"}
     for (system, conc), redis_gb_s in sorted(gets.items()):
         if system != "redis":
@@ -74,6 +78,40 @@ def check_targets(
     return rows
 
 
+def _target(name: str, measured: float | None, required: float | None) -> dict[str, Any]:
+    """A ">=" target row (None when either side was not measured)."""
+    ok = None if measured is None or required is None else measured >= required
+    return {"target": name, "measured": measured, "required": required, "ok": ok}
+
+
+def _lmcache_targets(
+    cells: Sequence[Cell], working_set: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """kvfuse's LMCache port against lmcache_server: throughput at each concurrency, and over
+    a working set twice its memory budget, throughput and an RSS bound (the budget's)."""
+    gb_s = {(c.system, c.op, c.concurrency): c.gb_s for c in cells if c.codec == "raw"}
+    rows = []
+    for (system, op, conc), value in sorted(gb_s.items()):
+        if system == "lmcache":
+            name = f"LMCache port {op} GB/s at c={conc} >= lmcache_server"
+            rows.append(_target(name, gb_s.get(("kvfuse-lm", op, conc)), value))
+    if working_set is None:
+        return rows
+    mine = {r["system"]: r for r in working_set["rows"]}
+    kvfuse, lmcache = mine.get("kvfuse-lm"), mine.get("lmcache")
+    for op in ("put", "get"):
+        name = f"LMCache port {op} GB/s over 2x its memory >= lmcache_server"
+        measured = None if kvfuse is None else kvfuse[f"{op}_gb_s"]
+        rows.append(_target(name, measured, None if lmcache is None else lmcache[f"{op}_gb_s"]))
+    if kvfuse is not None:
+        worst = max(kvfuse["rss_after_put_bytes"], kvfuse["rss_after_get_bytes"])
+        limit = RSS_SLOPE * working_set["kvfuse_memory_bytes"] + RSS_SLACK_BYTES
+        name = "LMCache port RSS MB <= 1.15 x memory budget + 300"
+        rows.append({"target": name, "measured": worst / 1e6, "required": limit / 1e6,
+                     "ok": worst <= limit})  # fmt: skip
+    return rows
+
+
 def print_tables(payload: dict[str, Any]) -> None:
     """The throughput, codec, RSS, tier and target tables of a result payload."""
     obj = payload["object"]
@@ -102,6 +140,17 @@ def print_tables(payload: dict[str, Any]) -> None:
     if payload["rss"] is not None:
         rss = {k: v / 1e6 if k.endswith("_bytes") else v for k, v in payload["rss"].items()}
         print_table([rss], list(rss), title="kvfuse memory tier RSS (MB)")
+    if payload.get("working_set"):
+        ws = payload["working_set"]
+        rows = [{k: v / 1e6 if k.endswith("_bytes") else v for k, v in r.items()}
+                for r in ws["rows"]]  # fmt: skip
+        print_table(
+            rows,
+            list(rows[0]),
+            title=f"LMCache protocol over a working set > kvfuse's memory "
+            f"({ws['kvfuse_memory_bytes'] / 1e6:.0f} MB), {ws['concurrency']} clients "
+            "(MB, GB/s, ms)",
+        )
     if payload["tiers"]:
         print_table(payload["tiers"], list(payload["tiers"][0]), title="kvfuse per tier, 1 client")
     systems = [{"system": k, **v} for k, v in payload["systems"].items()]

@@ -135,14 +135,18 @@ def spawn_kvfuse(
     memory_codec: str = "raw",
     disk_dir: Path | None = None,
     name: str = "kvfuse-cache",
+    lmcache_port: int | None = None,
 ) -> ServerProc:
     """Spawns a kvfuse cache server (`python -m cache_server`) with its default settings except:
     a memory tier of `memory_bytes` storing `memory_codec`, a disk tier in `disk_dir` if given
-    (16 GiB), no metrics port, a free port. Log: `<workdir>/<name>.log`. Then `kvfuse_address`."""
+    (16 GiB), the LMCache port on `lmcache_port` if given, no metrics port, a free port. Log:
+    `<workdir>/<name>.log`. Then `kvfuse_address`."""
     argv = [sys.executable, "-m", "cache_server", "--port", "0", "--metrics-port", "off"]
     argv += ["--memory-bytes", str(memory_bytes), "--memory-codec", memory_codec]
     if disk_dir is not None:
         argv += ["--disk-dir", str(disk_dir), "--disk-bytes", str(16 << 30)]
+    if lmcache_port is not None:
+        argv += ["--lmcache-port", str(lmcache_port)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return ServerProc(f"kvfuse cache server {name}", argv, workdir / f"{name}.log", env)
 

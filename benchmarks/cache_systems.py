@@ -5,7 +5,8 @@ Compared side by side: kvfuse (`python -m cache_server`, 4 GiB memory tier + dis
 on demand with `--lmcache setup`; when it cannot be set up or started, the reason is recorded
 and the run goes on without it). Besides them: one kvfuse server per codec whose memory tier
 stores that codec (so put/get per codec moves the client's records as they are), and a fresh
-one for the RSS check.
+one for the RSS check; and, for the working-set section (`benchmarks.cache_working_set`), a
+fresh kvfuse with its LMCache port and a small memory budget beside a fresh lmcache_server.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from benchmarks.cache_servers import (
     wait_redis,
 )
 from kvfuse.errors import KvfuseError
+from kvfuse.procs import free_port
 
 GiB = 1 << 30
 KVFUSE_MEMORY_BYTES = 4 * GiB
@@ -51,11 +53,12 @@ class Systems:
         stack: contextlib.ExitStack,
         codecs: list[str],
         rss_memory_bytes: int,
+        working_set_memory_bytes: int,
     ) -> None:
         wanted = [s for s in settings["systems"].split(",") if s]
         self._stack, self._settings = stack, settings
         self._spawned: dict[str, ServerProc] = {}
-        self._redis_port = 0
+        self._redis_port = self._lm_port = 0
         self.info: dict[str, dict[str, Any]] = {}
         if "kvfuse" in wanted:
             self._spawn(
@@ -66,15 +69,34 @@ class Systems:
                 self._spawn(
                     name, spawn_kvfuse(workdir, KVFUSE_MEMORY_BYTES, memory_codec=codec, name=name)
                 )
+        if "kvfuse-lm" in wanted:
+            self._lm_port = free_port()
+            self._spawn("kvfuse-lm", spawn_kvfuse(workdir, KVFUSE_MEMORY_BYTES, name="kvfuse-lm",
+                        disk_dir=workdir / "disk-lm", lmcache_port=self._lm_port))  # fmt: skip
         if settings["rss_objects"]:
             self._spawn("kvfuse-rss", spawn_kvfuse(workdir, rss_memory_bytes, name="kvfuse-rss"))
         if "redis" in wanted:
             proc, self._redis_port = spawn_redis(workdir, REDIS_MAXMEMORY_BYTES)
             self._spawn("redis", proc)
+        self._lmcache_python: Path | None = None
         self._lmcache_port = self._spawn_lmcache(workdir) if "lmcache" in wanted else 0
+        self._working_set_ports: dict[str, int] = {}
+        if settings["lm_objects"] and "kvfuse-lm" in wanted:
+            self._spawn_working_set(workdir, working_set_memory_bytes)
         self.addresses: dict[str, str] = {}
         self.codec_addresses = {c: "" for c in codecs if "kvfuse" in wanted}
         self.rss: tuple[ServerProc, str] | None = None
+        self.working_set: dict[str, tuple[ServerProc, str]] = {}
+
+    def _spawn_working_set(self, workdir: Path, memory_bytes: int) -> None:
+        port = free_port()
+        self._spawn("kvfuse-lm-ws", spawn_kvfuse(workdir, memory_bytes, name="kvfuse-lm-ws",
+                    disk_dir=workdir / "disk-lm-ws", lmcache_port=port))  # fmt: skip
+        self._working_set_ports["kvfuse-lm"] = port
+        if self._lmcache_python is not None:
+            proc, port = lmcache_server.spawn_lmcache(self._lmcache_python, workdir, "lmcache-ws")
+            self._spawn("lmcache-ws", proc)
+            self._working_set_ports["lmcache"] = port
 
     def _spawn(self, name: str, proc: ServerProc) -> None:
         self._spawned[name] = proc
@@ -97,6 +119,7 @@ class Systems:
             self.info["lmcache"]["reason"] = f"{type(exc).__name__}: {exc}"[:2000]
             return 0
         self._spawn("lmcache", proc)
+        self._lmcache_python = python
         version = lmcache_server.lmcache_version(python)
         self.info["lmcache"].update(
             version=version,
@@ -115,6 +138,14 @@ class Systems:
                 "how": "python -m cache_server (memory 4 GiB"
                 " + disk tiers), SDK CacheClient.put / .get (GetLayers)",
             }
+        if "kvfuse-lm" in self._spawned:
+            kvfuse_address(self._spawned["kvfuse-lm"])  # listening: its LMCache port is open
+            self.addresses["kvfuse-lm"] = str(self._lm_port)
+            self.info["kvfuse-lm"] = {
+                "available": True,
+                "how": "python -m cache_server --lmcache-port (memory 4 GiB + disk tiers), "
+                "the lmcache client below: LMCache's wire protocol",
+            }
         if "redis" in self._spawned:
             wait_redis(self._spawned["redis"], self._redis_port)
             self.addresses["redis"] = str(self._redis_port)
@@ -132,8 +163,21 @@ class Systems:
                 self.info["lmcache"]["reason"] = f"{type(exc).__name__}: {exc}"[:2000]
         for codec in self.codec_addresses:
             self.codec_addresses[codec] = kvfuse_address(self._spawned[f"kvfuse-{codec}"])
+        self._wait_working_set()
         if "kvfuse-rss" in self._spawned:
             self.rss = (self._spawned["kvfuse-rss"], kvfuse_address(self._spawned["kvfuse-rss"]))
+
+    def _wait_working_set(self) -> None:
+        for system, port in self._working_set_ports.items():
+            proc = self._spawned[f"{system}-ws"]
+            if system == "lmcache":
+                try:
+                    lmcache_server.wait_lmcache(proc, port)
+                except KvfuseError:
+                    continue  # the run goes on without it, as without the main one
+            else:
+                kvfuse_address(proc)
+            self.working_set[system] = (proc, str(port))
 
 
 def clearer(system: str, address: str) -> Clear:

@@ -1,14 +1,16 @@
 """LMCache's own CPU cache server (`lmcache_server`, PyPI `lmcache`) in its own venv, and a client.
 
-`ensure_venv` installs `lmcache` with `--no-deps` plus only what `lmcache.v1.server` imports into
+`ensure_venv` installs `lmcache` with `--no-deps` plus only what `lmcache.v1.server` and LMCache's
+own `lm://` client (`LMCServerConnector`, which the tests drive) import into
 `bench/.venvs/lmcache/`; torch comes from the kvfuse venv through a `.pth` line (PyPI's torch is
 the CUDA build, which this CPU machine neither needs nor has room for). Usage telemetry is off
 (`LMCACHE_TRACK_USAGE=false`).
 
-`LMCacheClient` speaks the server's wire protocol (lmcache/v1/protocol.py of lmcache 0.5.6) the
-way LMCache's own `LMCServerConnector` does: one TCP connection, a 186-byte request header
-(`iiiiiiiii150s`: command, length, memory format, dtype, location, 4-d shape, key), the payload,
-and a 36-byte reply header (`iiiiiiiii`) before GET data. A chunk is one object of shape
+`LMCacheClient` speaks the server's wire protocol (`kvfuse.transport.lmcache_wire`, from
+lmcache/v1/protocol.py of lmcache 0.5.6) the way LMCache's own `LMCServerConnector` does: one TCP
+connection, a 186-byte request header (`iiiiiiiii150s`: command, length, memory format, dtype,
+location, 4-d shape, key), the payload, and a 36-byte reply header (`iiiiiiiii`) before GET
+data. It talks to kvfuse's LMCache port the same way. A chunk is one object of shape
 [2, L, T, H_kv * D] (format KV_2LTD), as LMCache stores it. PUT has no reply; `put` follows it
 with EXIST on the same connection, which the server answers only after it stored the PUT, so a
 put's latency covers the store.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import subprocess
 import sys
 import sysconfig
@@ -28,17 +29,17 @@ from benchmarks.cache_servers import ServerProc
 from kvfuse.closing import Closing
 from kvfuse.errors import CacheError, ServiceUnavailableError
 from kvfuse.procs import free_port
+from kvfuse.transport import lmcache_wire as wire
 
 LMCACHE_VERSION = "0.5.6"
 # What `lmcache.v1.server` needs beyond torch (found by importing it in a bare venv).
 SERVER_DEPS = ("sortedcontainers", "cachetools", "numba", "psutil", "py-cpuinfo", "aiohttp")
+# ... and what its `lm://` connector needs on top (lmcache.v1.storage_backend imports them all).
+CONNECTOR_DEPS = ("aiofile", "msgspec", "pyzmq", "cryptography")
+_IMPORT_CHECK = (
+    "import lmcache.v1.server.__main__, lmcache.v1.storage_backend.connector.lm_connector"
+)
 SETUP_TIMEOUT_S = 900.0
-
-_REQUEST = struct.Struct("iiiiiiiii150s")  # ClientMetaMessage
-_REPLY = struct.Struct("iiiiiiiii")  # ServerMetaMessage: code, length, fmt, dtype, shape, loc
-_PUT, _GET, _EXIST, _HEALTH = 1, 2, 3, 5  # ClientCommand
-_SUCCESS = 200  # ServerReturnCode
-_KV_2LTD, _FLOAT16 = 1, 2  # MemoryFormat.KV_2LTD, DTYPE_TO_INT[torch.float16]
 
 
 def venv_python(venv: Path) -> Path:
@@ -46,7 +47,8 @@ def venv_python(venv: Path) -> Path:
 
 
 def ensure_venv(venv: Path) -> Path:
-    """The venv's python, creating the venv first if it has no importable `lmcache` server.
+    """The venv's python, creating the venv first if it has no importable `lmcache` server and
+    `lm://` connector.
 
     Side effects: creates `venv`, runs pip (PyPI) into it, logs to `<venv>.log`.
 
@@ -62,7 +64,7 @@ def ensure_venv(venv: Path) -> Path:
     steps = [
         [sys.executable, "-m", "venv", "--clear", str(venv)],
         [str(python), "-m", "pip", "install", "-q", "--no-deps", f"lmcache=={LMCACHE_VERSION}"],
-        [str(python), "-m", "pip", "install", "-q", *SERVER_DEPS],
+        [str(python), "-m", "pip", "install", "-q", *SERVER_DEPS, *CONNECTOR_DEPS],
     ]
     with log.open("ab") as out:
         for argv in steps:
@@ -78,7 +80,9 @@ def ensure_venv(venv: Path) -> Path:
             if argv[1] == "-m" and argv[2] == "venv":
                 (_site_packages(venv) / "zz_kvfuse_torch.pth").write_text(site + "\n")
     if not _server_imports(python):
-        raise ServiceUnavailableError(f"lmcache venv: lmcache.v1.server does not import; see {log}")
+        raise ServiceUnavailableError(
+            f"lmcache venv: lmcache's server or lm:// connector does not import; see {log}"
+        )
     return python
 
 
@@ -87,22 +91,23 @@ def _site_packages(venv: Path) -> Path:
     return venv / "lib" / version / "site-packages"
 
 
-def _env() -> dict[str, str]:
+def lmcache_env() -> dict[str, str]:
+    """The environment LMCache's processes run in (usage telemetry off, unbuffered output)."""
     return {**os.environ, "LMCACHE_TRACK_USAGE": "false", "PYTHONUNBUFFERED": "1"}
 
 
 def _server_imports(python: Path) -> bool:
-    argv = [str(python), "-c", "import lmcache.v1.server.__main__"]
-    done = subprocess.run(argv, env=_env(), capture_output=True, timeout=300, check=False)
+    argv = [str(python), "-c", _IMPORT_CHECK]
+    done = subprocess.run(argv, env=lmcache_env(), capture_output=True, timeout=300, check=False)
     return done.returncode == 0
 
 
-def spawn_lmcache(python: Path, workdir: Path) -> tuple[ServerProc, int]:
-    """Spawns `lmcache_server 127.0.0.1 <port> cpu` from the venv; (process, port). Then
-    `wait_lmcache`."""
+def spawn_lmcache(python: Path, workdir: Path, name: str = "lmcache") -> tuple[ServerProc, int]:
+    """Spawns `lmcache_server 127.0.0.1 <port> cpu` from the venv, logging to
+    `<workdir>/<name>.log`; (process, port). Then `wait_lmcache`."""
     port = free_port()
     argv = [str(python), "-m", "lmcache.v1.server", "127.0.0.1", str(port), "cpu"]
-    return ServerProc("lmcache_server", argv, workdir / "lmcache.log", _env()), port
+    return ServerProc(name, argv, workdir / f"{name}.log", lmcache_env()), port
 
 
 def wait_lmcache(server: ServerProc, port: int) -> None:
@@ -125,35 +130,28 @@ def lmcache_version(python: Path) -> str:
 
 
 class LMCacheClient(Closing):
-    """One connection to an LMCache server. Not thread-safe (one per thread or process).
+    """One connection to an LMCache server (or kvfuse's LMCache port). Not thread-safe (one
+    per thread or process).
 
     Keys are `kvfuse-bench@1@0@<64 hex>@half` (LMCache's CacheEngineKey string: model, world
     size, worker id, chunk hash, dtype).
     """
 
-    def __init__(self, port: int, timeout_s: float = 300.0) -> None:
-        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+    def __init__(self, port: int, timeout_s: float = 300.0, host: str = "127.0.0.1") -> None:
+        self._sock = socket.create_connection((host, port), timeout=timeout_s)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @staticmethod
     def engine_key(key_hex: str) -> bytes:
-        return f"kvfuse-bench@1@0@{key_hex}@half".encode().ljust(150)
+        return f"kvfuse-bench@1@0@{key_hex}@half".encode().ljust(wire.MAX_KEY_LENGTH)
 
     def _send(
-        self,
-        command: int,
-        key_hex: str,
-        length: int = 0,
-        shape: tuple[int, int, int, int] = (0, 0, 0, 0),
+        self, command: wire.Command, key_hex: str, info: wire.ObjectInfo = wire.EMPTY
     ) -> None:
-        head = _REQUEST.pack(
-            command, length, _KV_2LTD, _FLOAT16, 0, *shape, self.engine_key(key_hex)
-        )
-        self._sock.sendall(head)
+        self._sock.sendall(wire.pack_request(command, self.engine_key(key_hex), info))
 
-    def _reply(self) -> tuple[int, int]:
-        code, length, *_ = _REPLY.unpack(self._recv_exactly(bytearray(_REPLY.size)))
-        return code, length
+    def _reply(self) -> tuple[int, wire.ObjectInfo]:
+        return wire.unpack_reply(self._recv_exactly(bytearray(wire.REPLY.size)))
 
     def _recv_exactly(self, buf: bytearray) -> bytearray:
         view, received = memoryview(buf), 0
@@ -166,26 +164,29 @@ class LMCacheClient(Closing):
 
     def put(self, key_hex: str, data: bytes | memoryview, shape: tuple[int, int, int, int]) -> None:
         """Stores `data` (fp16 [2, L, T, H_kv * D]) and waits until the server holds it."""
-        self._send(_PUT, key_hex, memoryview(data).nbytes, shape)
+        info = wire.ObjectInfo(
+            wire.MemoryFormat.KV_2LTD, wire.FLOAT16, shape, memoryview(data).nbytes
+        )
+        self._send(wire.Command.PUT, key_hex, info)
         self._sock.sendall(data)
         if not self.exists(key_hex):
             raise CacheError(f"lmcache server does not hold {key_hex} after PUT")
 
     def get(self, key_hex: str) -> bytearray | None:
         """The stored bytes, None on a miss."""
-        self._send(_GET, key_hex)
-        code, length = self._reply()
-        if code != _SUCCESS:
+        self._send(wire.Command.GET, key_hex)
+        code, info = self._reply()
+        if code != wire.ReturnCode.SUCCESS:
             return None
-        return self._recv_exactly(bytearray(length))
+        return self._recv_exactly(bytearray(info.length))
 
     def exists(self, key_hex: str) -> bool:
-        self._send(_EXIST, key_hex)
-        return self._reply()[0] == _SUCCESS
+        self._send(wire.Command.EXIST, key_hex)
+        return self._reply()[0] == wire.ReturnCode.SUCCESS
 
     def health(self) -> bool:
-        self._send(_HEALTH, "0" * 64)
-        return self._reply()[0] == _SUCCESS
+        self._send(wire.Command.HEALTH, "0" * 64)
+        return self._reply()[0] == wire.ReturnCode.SUCCESS
 
     def close(self) -> None:
         self._sock.close()

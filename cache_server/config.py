@@ -46,6 +46,14 @@ class CacheServerConfig:
         bulk_port: bulk-read socket on `host` (GetLayers without gRPC, see `bulk`); None
             disables, 0 (the default) picks a free port. Clients learn it from Stats (a
             Kubernetes Service must expose it under the same port number).
+        lmcache_port: a listener speaking LMCache's remote protocol (`lm://host:port`, a
+            drop-in for `lmcache_server`, see `cache_server.lmcache_port`); None (the default)
+            disables it, 0 picks a free port. It has no authentication.
+        lmcache_host: its listen address: 127.0.0.1 by default (not `host`), since anyone
+            who reaches it reads and writes every LMCache object; set it (e.g. 0.0.0.0) in a
+            cluster, behind a NetworkPolicy.
+        lmcache_max_connections: LMCache connections served at once (each vLLM worker keeps
+            one for good); more are closed at accept.
         memory_bytes, memory_codec: memory tier byte budget and codec.
         disk_dir, disk_bytes, disk_codec: local disk tier; None disables it.
         redis_url, redis_bytes, redis_codec: Redis tier; None disables it.
@@ -77,6 +85,9 @@ class CacheServerConfig:
     port: int = 50051
     metrics_port: int | None = 9464
     bulk_port: int | None = 0
+    lmcache_port: int | None = None
+    lmcache_host: str = "127.0.0.1"
+    lmcache_max_connections: int = 256
     memory_bytes: int = 1 << 30
     memory_codec: str = "raw"
     disk_dir: Path | None = None
@@ -109,12 +120,13 @@ class CacheServerConfig:
         check_port("port", self.port)
         check_port("metrics_port", self.metrics_port)
         check_port("bulk_port", self.bulk_port)
+        check_port("lmcache_port", self.lmcache_port)
         for name in ("memory_bytes", "disk_bytes", "redis_bytes", "max_object_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}")
-        for name in ("max_batch_keys", "max_list_page", "num_workers"):
+        for name in ("max_batch_keys", "max_list_page", "num_workers", "lmcache_max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         if self.max_upload_bytes < 0:
@@ -164,6 +176,9 @@ _PARSERS: dict[str, Parser] = {
     "port": parse_int,
     "metrics_port": optional(parse_int),
     "bulk_port": optional(parse_int),
+    "lmcache_port": optional(parse_int),
+    "lmcache_host": str,
+    "lmcache_max_connections": parse_int,
     "memory_bytes": parse_bytes,
     "memory_codec": str,
     "disk_dir": optional(Path),

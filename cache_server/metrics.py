@@ -19,7 +19,8 @@ class CacheMetrics:
     """The server's metrics on a private registry (several servers can share one process).
 
     Labels are bounded: `op` is a CacheService method name, `code` a gRPC status name, `tier`
-    a configured tier name, `codec` a kvfuse codec name. Thread-safe (prometheus-client is).
+    a configured tier name, `codec` a kvfuse codec name; the LMCache port's `command` and
+    `code` come from fixed lists (`cache_server.lmcache_port`). Thread-safe (prometheus-client is).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -45,6 +46,12 @@ class CacheMetrics:
         self.sent_bytes = Counter(
             "kvfuse_cache_sent_bytes", "Layer-record bytes sent.", ["op"], registry=r
         )
+        self.lmcache_request_seconds = Histogram(
+            "kvfuse_cache_lmcache_request_duration_seconds",
+            "LMCache-port requests by command (put, get, exist, list, health, unknown) and "
+            "result (SUCCESS, FAIL, INVALID, RESOURCE_EXHAUSTED, UNAVAILABLE).",
+            ["command", "code"], registry=r, buckets=_SECONDS_BUCKETS,
+        )  # fmt: skip
         self.compression_ratio = Histogram(
             "kvfuse_codec_compression_ratio",
             "Uncompressed K/V bytes over encoded bytes, per layer record received or transcoded.",
@@ -61,6 +68,9 @@ class CacheMetrics:
 
     def observe_request(self, op: str, code: str, seconds: float) -> None:
         self.request_seconds.labels(op, code).observe(seconds)
+
+    def observe_lmcache(self, command: str, code: str, seconds: float) -> None:
+        self.lmcache_request_seconds.labels(command, code).observe(seconds)
 
     def watch_store(self, store: TieredStore) -> None:
         """Exports the store's and tiers' own counters, read at every scrape."""

@@ -11,8 +11,14 @@ from kvfuse.service.auth import TENANT_REGEX
 from kvfuse.transport.crc import check_record
 from kvfuse.transport.protocol import CHUNK_KEY_REGEX, DTYPES
 
-# Storage keys are what the server stores under: "<tenant>/<64 hex chunk key>" or a bare key.
-KEY_PATTERN = re.compile(f"^(?:{TENANT_REGEX}/)?{CHUNK_KEY_REGEX}$")
+# Storage keys are what the server stores under: "<tenant>/<64 hex chunk key>", a bare key, or
+# "_lmcache/<64 hex>" for the LMCache port's objects: no tenant name starts with "_", so no
+# kvfuse client can name, read or overwrite them (nor they a tenant's chunks).
+LMCACHE_NAMESPACE = "_lmcache"
+KEY_PATTERN = re.compile(f"^(?:(?:{TENANT_REGEX}|{LMCACHE_NAMESPACE})/)?{CHUNK_KEY_REGEX}$")
+# The codec name of an LMCache object's single record (LMCache's header + its payload, see
+# cache_server.lmcache_objects): not K/V, so every tier stores it as it is, whatever its codec.
+LMCACHE_CODEC = "lmcache"
 MAX_LAYERS = 1024
 
 

@@ -22,6 +22,13 @@ _FLAGS = FlagTable(
             "bulk-read socket port (default 0: a free one, announced to clients in Stats; "
             "'off' disables)",
         ),
+        (
+            "--lmcache-port",
+            "serve LMCache's remote protocol (remote_url lm://host:port) on this port, a "
+            "drop-in for lmcache_server; no authentication (default off; 0 picks a free one)",
+        ),
+        ("--lmcache-host", "LMCache port listen address, not --host's (default 127.0.0.1)"),
+        ("--lmcache-max-connections", "LMCache connections served at once (default 256)"),
         ("--memory-bytes", "memory tier budget, e.g. 2GiB (default 1GiB)"),
         ("--memory-codec", "memory tier codec: raw, fp16, int8, int4, cachegen (default raw)"),
         ("--disk-dir", "enable the disk tier in this directory"),
@@ -83,9 +90,10 @@ def serve(config: CacheServerConfig, out: TextIO = sys.stdout) -> int:
         tiers = "+".join(s.name for s in server.store.stats())
         metrics = "off" if server.metrics_port is None else f"port {server.metrics_port}"
         bulk = "off" if server.bulk_port is None else f"port {server.bulk_port}"
+        lmcache = "off" if server.lmcache_port is None else f"{server.lmcache_address} (no auth)"
         return (
             f"tls {'on' if config.tls_cert else 'off'}, auth {'on' if config.tokens else 'off'}, "
-            f"tiers {tiers}, metrics {metrics}, bulk {bulk}"
+            f"tiers {tiers}, metrics {metrics}, bulk {bulk}, lmcache {lmcache}"
         )
 
     return run_until_signal(server, "kvfuse cache server", details, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 
@@ -9,6 +10,7 @@ from cache_server.budget import UploadBudget
 from cache_server.bulk import BulkServer
 from cache_server.config import CacheServerConfig
 from cache_server.interceptors import SERVICE_PREFIX, ObservingInterceptor
+from cache_server.lmcache_port import LMCachePort
 from cache_server.metrics import CacheMetrics
 from cache_server.servicer import CacheServicer
 from cache_server.store import TieredStore
@@ -82,6 +84,7 @@ class CacheServer(GrpcService):
         )
         cache_pb2_grpc.add_CacheServiceServicer_to_server(self._servicer, grpc_server.server)  # type: ignore[no-untyped-call]
         self._bulk: BulkServer | None = None
+        self._lmcache: LMCachePort | None = None
         self._auth = auth
 
     @property
@@ -89,11 +92,25 @@ class CacheServer(GrpcService):
         """The bound bulk-read port (after `start`); None when it is off."""
         return None if self._bulk is None else self._bulk.port
 
+    @property
+    def lmcache_port(self) -> int | None:
+        """The bound LMCache port (after `start`); None when it is off."""
+        return None if self._lmcache is None else self._lmcache.port
+
+    @property
+    def lmcache_address(self) -> str | None:
+        """ "host:port" of the LMCache port (after `start`); None when it is off."""
+        port = self.lmcache_port
+        return None if port is None else f"{self.config.lmcache_host}:{port}"
+
     def start(self) -> CacheServer:
         self.grpc.start()  # first: its port may be a fixed one that a bulk port 0 could take
         try:
             self._bulk = self._start_bulk()
+            self._lmcache = self._start_lmcache()
         except BaseException:
+            if self._bulk is not None:
+                self._bulk.stop()
             self.grpc.stop(0)
             raise
         log.debug("cache server listening on %s", self.address)
@@ -131,7 +148,37 @@ class CacheServer(GrpcService):
         self._servicer.bulk_port = bulk.port
         return bulk
 
+    def _start_lmcache(self) -> LMCachePort | None:
+        config = self.config
+        if config.lmcache_port is None:
+            return None
+        try:
+            port = LMCachePort(
+                config.lmcache_host,
+                config.lmcache_port,
+                self.store,
+                self.uploads,
+                self.metrics,
+                max_object_bytes=config.max_object_bytes,
+                max_connections=config.lmcache_max_connections,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on LMCache port {config.lmcache_host}:{config.lmcache_port}: {exc}"
+            ) from exc
+        port.start()
+        if not _is_loopback(config.lmcache_host):
+            log.warning(
+                "LMCache port %s:%d has no authentication: every client that reaches it can "
+                "read and overwrite every LMCache object (restrict it with a NetworkPolicy)",
+                config.lmcache_host,
+                port.port,
+            )
+        return port
+
     def close(self) -> None:
+        if self._lmcache is not None:
+            self._lmcache.stop()
         if self._bulk is not None:
             self._bulk.stop()
         try:
@@ -160,3 +207,11 @@ class CacheServer(GrpcService):
                 "shutdown drain: %d objects copied from memory to %s in %.1f s, %d already there",
                 report.num_copied, below, seconds, report.num_present,
             )  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a listen address only this machine reaches (localhost or a loopback IP)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

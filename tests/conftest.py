@@ -150,3 +150,16 @@ def warm_engine(engine: Engine, warm_objects: dict[str, ChunkKV]) -> Engine:
     for key, kv in warm_objects.items():
         engine.store.put(key, kv)
     return engine
+
+
+@pytest.fixture(scope="session")
+def lmcache_python() -> Path:
+    """The python of LMCache's venv (`bench/.venvs/lmcache`, created on first use, ~20 s from
+    PyPI, as `kvfuse bench cache` does): its `lmcache_server` and `lm://` connector."""
+    from benchmarks import lmcache_server
+    from kvfuse.errors import ServiceUnavailableError
+
+    try:
+        return lmcache_server.ensure_venv(REPO / "bench" / ".venvs" / "lmcache")
+    except ServiceUnavailableError as exc:  # PyPI out of reach: nothing else fails this way
+        pytest.skip(f"LMCache's venv cannot be created: {exc}")

@@ -19,8 +19,7 @@ from benchmarks.cache_throughput import Cell, object_keys, percentile, split_key
 from benchmarks.cache_workers import serve, write_chunks
 from kvfuse.cli import main
 from kvfuse.errors import ServiceUnavailableError
-
-LMCACHE_VENV = Path(__file__).resolve().parents[2] / "bench" / ".venvs" / "lmcache"
+from kvfuse.transport import lmcache_wire as wire
 
 
 def _layers(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -39,13 +38,14 @@ def test_bench_cache_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
             "--ops", "2", "--gets", "4", "--codecs", "raw,int8", "--codec-concurrency", "2",
             "--codec-ops", "2", "--codec-chunks", "1", "--codec-repeats", "1",
             "--rss-objects", "2", "--tiers", "memory", "--tier-codecs", "raw",
-            "--tier-repeats", "1", "--lmcache", "off", "--out", str(tmp_path)]  # fmt: skip
+            "--tier-repeats", "1", "--lmcache", "off", "--lm-objects", "4",
+            "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     result = json.loads((tmp_path / "cache.json").read_text())
     assert (tmp_path / "cache.png").stat().st_size > 0
     cells = {(c["system"], c["op"], c["concurrency"]): c for c in result["throughput"]}
-    assert set(cells) == {(s, op, c) for s in ("kvfuse", "redis") for op in ("put", "get")
-                          for c in (1, 2)}  # fmt: skip
+    assert set(cells) == {(s, op, c) for s in ("kvfuse", "redis", "kvfuse-lm")
+                          for op in ("put", "get") for c in (1, 2)}  # fmt: skip
     for (_, op, _), cell in cells.items():
         assert cell["num_ops"] == (2 if op == "put" else 4)
         assert cell["gb_s"] > 0 and cell["p99_ms"] >= cell["p50_ms"] > 0
@@ -55,6 +55,11 @@ def test_bench_cache_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert codecs["int8"]["ratio_vs_fp16"] > 1.5 and codecs["raw"]["k_rel_rms"] == 0
     assert codecs["int8"]["get_gb_s"] > 0 and codecs["int8"]["put_wire_gb_s"] > 0
     assert {c["codec"] for c in result["codec_throughput"]} == {"raw", "int8"}
+    [working_set] = result["working_set"]["rows"]  # kvfuse's LMCache port (LMCache is off)
+    assert working_set["system"] == "kvfuse-lm" and working_set["get_gb_s"] > 0
+    assert working_set["working_set_bytes"] == 4 * result["object"]["fp16_bytes"]
+    targets = {t["target"]: t for t in result["targets"]}
+    assert targets["LMCache port RSS MB <= 1.15 x memory budget + 300"]["ok"]
     rss = result["rss"]
     assert rss["num_objects"] == 2 and rss["stored_bytes"] > 2 * result["object"]["fp16_bytes"]
     assert rss["rss_after_fill_bytes"] > 0
@@ -108,6 +113,23 @@ def test_targets() -> None:
     ]
     assert check_targets([], [], None) == [
         {"target": "cachegen x smaller than fp16", "measured": None, "required": 3.5, "ok": None}
+    ]
+
+
+def test_lmcache_port_targets() -> None:
+    cells = [_cell("kvfuse-lm", 1, 2.0), _cell("lmcache", 1, 1.0), _cell("lmcache", 4, 3.0)]
+    kvfuse = {"system": "kvfuse-lm", "put_gb_s": 1.0, "get_gb_s": 0.5,
+              "rss_after_put_bytes": 1.2e9, "rss_after_get_bytes": 1.3e9}  # fmt: skip
+    lmcache = {"system": "lmcache", "put_gb_s": 0.9, "get_gb_s": 4.0}
+    working_set = {"kvfuse_memory_bytes": 1e9, "rows": [kvfuse, lmcache]}
+    rows = check_targets(cells, [], None, working_set)
+    assert [(r["target"], r["ok"]) for r in rows] == [
+        ("LMCache port get GB/s at c=1 >= lmcache_server", True),
+        ("LMCache port get GB/s at c=4 >= lmcache_server", None),  # kvfuse-lm not measured
+        ("LMCache port put GB/s over 2x its memory >= lmcache_server", True),
+        ("LMCache port get GB/s over 2x its memory >= lmcache_server", False),
+        ("LMCache port RSS MB <= 1.15 x memory budget + 300", True),  # 1300 <= 1450
+        ("cachegen x smaller than fp16", None),
     ]
 
 
@@ -165,21 +187,17 @@ def test_server_that_exits_is_reported_with_its_log(tmp_path: Path) -> None:
 def test_lmcache_request_header_matches_its_protocol() -> None:
     # lmcache/v1/protocol.py: ClientMetaMessage.packlength() == 4 * 9 + MAX_KEY_LENGTH (150),
     # ServerMetaMessage.packlength() == 4 * 9.
-    assert lmcache_server._REQUEST.size == 4 * 9 + 150 and lmcache_server._REPLY.size == 36
+    assert wire.REQUEST.size == 4 * 9 + 150 and wire.REPLY.size == 36
     key = lmcache_server.LMCacheClient.engine_key("ab" * 32)
     assert key.decode().strip().split("@") == ["kvfuse-bench", "1", "0", "ab" * 32, "half"]
-    fields: tuple[Any, ...] = lmcache_server._REQUEST.unpack(
+    fields: tuple[Any, ...] = wire.REQUEST.unpack(
         struct.pack("iiiiiiiii150s", 1, 10, 1, 2, 0, 2, 30, 512, 192, key)
     )
     assert fields[:9] == (1, 10, 1, 2, 0, 2, 30, 512, 192)
 
 
-@pytest.mark.skipif(
-    not lmcache_server.venv_python(LMCACHE_VENV).exists(),
-    reason="LMCache's venv is made by `kvfuse bench cache --lmcache setup`",
-)
-def test_lmcache_client_against_the_real_server(tmp_path: Path) -> None:
-    server, port = lmcache_server.spawn_lmcache(lmcache_server.venv_python(LMCACHE_VENV), tmp_path)
+def test_lmcache_client_against_the_real_server(tmp_path: Path, lmcache_python: Path) -> None:
+    server, port = lmcache_server.spawn_lmcache(lmcache_python, tmp_path)
     with server:
         lmcache_server.wait_lmcache(server, port)
         with lmcache_server.LMCacheClient(port, timeout_s=30) as client:
