@@ -20,7 +20,6 @@ at start and never reconnects), at most `max_connections` at once.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import socket
 import struct
@@ -67,9 +66,6 @@ class Outcome(StrEnum):
 Handler = Callable[[socket.socket, Request], Outcome]
 _TIMEVAL = struct.Struct("@ll")  # struct timeval of SO_RCVTIMEO / SO_SNDTIMEO (Linux)
 _NO_TIMEOUT = _TIMEVAL.pack(0, 0)
-_PY_BYTES_NEW = ctypes.pythonapi.PyBytes_FromStringAndSize
-_PY_BYTES_NEW.restype = ctypes.py_object
-_PY_BYTES_NEW.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
 
 
 class LMCachePort:
@@ -247,20 +243,13 @@ class LMCachePort:
 def _receive_record(conn: socket.socket, request: Request, deadline: float) -> bytes:
     """The record of a PUT: the LMCache head, then the payload read from `conn` into it by
     `deadline` (time.monotonic())."""
-    record, view = _new_bytes(RECORD_HEAD.size + request.info.length)
-    view[: RECORD_HEAD.size] = pack_head(request.info)
-    _recv_exact(conn, view[RECORD_HEAD.size :], deadline)
-    return record
-
-
-def _new_bytes(num_bytes: int) -> tuple[bytes, memoryview]:
-    """An uninitialized bytes object and a writable view of its contents, to be filled before
-    anyone else sees it: the C API's `PyBytes_FromStringAndSize(NULL, n)`, which builds bytes
-    without a copy. Stored records must be `bytes` (tiers keep references to immutable data);
-    receiving into a buffer and copying it into bytes cost a sixth of a PUT's time."""
-    record: bytes = _PY_BYTES_NEW(None, num_bytes)
-    address = ctypes.cast(ctypes.c_char_p(record), ctypes.c_void_p).value
-    return record, memoryview((ctypes.c_char * num_bytes).from_address(address or 0)).cast("B")
+    buffer = bytearray(RECORD_HEAD.size + request.info.length)
+    buffer[: RECORD_HEAD.size] = pack_head(request.info)
+    _recv_exact(conn, memoryview(buffer)[RECORD_HEAD.size :], deadline)
+    # Stored records are immutable bytes (tiers keep references): one copy. Filling a bytes
+    # object in place through ctypes saved it (a sixth of a PUT) but writes into immutable
+    # memory, which no reader of this code should have to trust.
+    return bytes(buffer)
 
 
 def _recv_exact(conn: socket.socket, view: memoryview, deadline: float | None = None) -> None:
