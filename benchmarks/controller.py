@@ -42,7 +42,7 @@ from kvfuse.stack import KvfuseStack, Topology
 
 SYSTEMS = ("controller", "fixed", "memory_lru", "disk")
 KINDS = ("zipf", "flood", "probe")
-NUM_POPULAR = 12  # probes draw from the most popular passages
+NUM_POPULAR = 12  # probes draw from the most popular passages (~14 MB each in bf16)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--num-measured", type=int, default=60, help="Zipf requests measured")
     add("--flood-every", type=int, default=2, help="a flood request after every N Zipf ones")
     add("--probe-every", type=int, default=3, help="a probe after every N Zipf ones")
-    add("--memory-bytes", default="96MiB", help="memory tier (the popular set fits)")
+    add("--memory-bytes", default="256MiB", help="memory tier (the popular set fits)")
     add("--disk-bytes", default="4GiB")
     add("--redis-bytes", default="2GiB")
     add("--redis-codec", default="int8", help="the Redis tier's codec")
@@ -103,7 +103,9 @@ def cache_args(
 ) -> list[str]:
     """The cache server's tiers for `system`."""
     memory = "64KiB" if system == "disk" else args.memory_bytes
-    flags = ["--memory-bytes", memory]
+    # uploads get their own budget: the default (the memory budget) would refuse every put
+    # of the all-on-disk system
+    flags = ["--memory-bytes", memory, "--max-upload-bytes", "1GiB"]
     if system != "memory_lru":
         flags += ["--disk-dir", str(work / "disk"), "--disk-bytes", args.disk_bytes]
     if redis_url and system in ("controller", "fixed"):

@@ -21,7 +21,8 @@ from kvfuse.service.auth import Authenticator
 from kvfuse.transport.protocol import check_chunk_key
 from kvfuse.v1 import cache_pb2, cache_pb2_grpc
 
-MAX_HEAT_OBJECTS = 10_000  # per Heat call
+MAX_HEAT_OBJECTS = 10_000  # per Heat or Protect call
+MAX_LEASE_S = 3600.0
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
@@ -160,6 +161,17 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             if location is not None:
                 objects.append(wire.object_heat(key, location, heat))
         return cache_pb2.HeatResponse(objects=objects)
+
+    def Protect(
+        self, request: cache_pb2.ProtectRequest, context: grpc.ServicerContext
+    ) -> cache_pb2.ProtectResponse:
+        self._check_admin(context)
+        if not 0 < request.ttl_s <= MAX_LEASE_S:
+            raise InvalidRequestError(f"ttl_s must be in (0, {MAX_LEASE_S}]")
+        if len(request.storage_keys) > MAX_HEAT_OBJECTS:
+            raise InvalidRequestError(f"at most {MAX_HEAT_OBJECTS} keys")
+        num = self._store.protect(list(request.storage_keys), request.ttl_s)
+        return cache_pb2.ProtectResponse(num_protected=num)
 
     def _check_admin(self, context: grpc.ServicerContext) -> None:
         if self._tenant(context) != self._config.admin_tenant:

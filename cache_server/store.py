@@ -183,6 +183,13 @@ class TieredStore:
                 self._count(f"unavailable:{tier.name}")
         return iter(sorted(found))
 
+    def protect(self, keys: Sequence[str], ttl_s: float) -> int:
+        """The placement's lease on the first tier: for `ttl_s`, eviction there passes over
+        `keys` (replacing the previous lease); returns how many are covered."""
+        for key in keys:
+            check_key(key)
+        return self.tiers[0].protect(keys, time.monotonic() + ttl_s)
+
     def keys_in(self, tier: str) -> list[str]:
         """Keys `tier` holds (a snapshot); InvalidRequestError for an unknown tier."""
         names = [t.name for t in self.tiers]

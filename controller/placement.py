@@ -5,8 +5,8 @@ Each tier but the last is kept at or below `fill` of its capacity by moving its 
 objects (not pinned, not hot) one tier down, where that tier's codec applies (the Redis tier's
 compressed one, say); the hottest objects (heat at least `hot_min`, as many as fit in the
 first tier's share) are moved up into the first tier. Demotions that make room come first,
-so a promotion never evicts a hot object. The memory tier's own admission keeps one-off
-chunks from flushing it between rounds; these moves restore the order after a flood.
+so a promotion never evicts a hot object. Between rounds the hot set holds a lease on the
+first tier (`Protect`): one-off chunks put meanwhile cannot evict it and go a tier down.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def plan_moves(
     if len(tiers) < 2 or not all(t.up for t in tiers[:2]):
         return []
     first = tiers[0]
-    hot = _hot_set(hottest, int(first.capacity_bytes * params.fill), params.hot_min)
+    hot = hot_set(hottest, first.capacity_bytes, params)
     promotions = [
         Move(o.storage_key, first.name, o.nbytes, f"hot ({o.heat:.1f})")
         for o in hottest
@@ -87,11 +87,15 @@ def plan_moves(
     return (moves + promotions)[: params.max_moves]
 
 
-def _hot_set(hottest: Sequence[ObjectHeat], budget_bytes: int, hot_min: float) -> set[str]:
-    """The hottest objects (heat >= hot_min) whose sizes fit the first tier's share."""
+def hot_set(
+    hottest: Sequence[ObjectHeat], capacity_bytes: int, params: PlacementParams
+) -> set[str]:
+    """The hottest objects (heat >= hot_min) whose sizes fit `fill` of the first tier: the
+    ones it should hold (and the controller leases there between rounds)."""
     hot: set[str] = set()
+    budget_bytes = int(capacity_bytes * params.fill)
     for obj in hottest:
-        if obj.heat < hot_min or obj.nbytes > budget_bytes:
+        if obj.heat < params.hot_min or obj.nbytes > budget_bytes:
             continue
         hot.add(obj.storage_key)
         budget_bytes -= obj.nbytes

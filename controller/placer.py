@@ -10,12 +10,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from controller.metrics import ControllerMetrics
-from controller.placement import Move, PlacementParams, TierState, plan_moves
+from controller.placement import Move, PlacementParams, TierState, hot_set, plan_moves
 from kvfuse.client import CacheClient
 from kvfuse.control.policy import CacheMember
 from kvfuse.errors import KvfuseError
 
 log = logging.getLogger(__name__)
+LEASE_ROUNDS = 3  # the hot set's lease lasts this many rounds
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class Placer:
         hottest = client.heat(limit=limit)
         coldest = {t.name: client.heat(t.name, limit, coldest=True) for t in tiers[:-1] if t.up}
         made = []
-        for move in plan_moves(tiers, hottest, coldest, self.options.params):
+        params = self.options.params
+        for move in plan_moves(tiers, hottest, coldest, params):
             try:
                 if client.move_stored(move.storage_key, move.tier):
                     made.append(move)
@@ -81,6 +83,9 @@ class Placer:
             except KvfuseError as exc:  # e.g. the target tier declined it: next round
                 self._metrics.move_errors.inc()
                 log.debug("move of %s to %s failed: %s", move.storage_key, move.tier, exc)
+        if tiers and tiers[0].up:  # the lease outlives a late round, not a dead controller
+            hot = hot_set(hottest, tiers[0].capacity_bytes, params)
+            client.protect(sorted(hot), LEASE_ROUNDS * self.options.interval_s)
         return made
 
     def _client(self, address: str) -> CacheClient:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from cache_server.objects import ObjectMeta, StoredObject
@@ -81,6 +81,13 @@ class Tier(ABC):
     @abstractmethod
     def is_pinned(self, key: str) -> bool:
         """True if `key` is stored here and pinned."""
+
+    def protect(self, keys: Iterable[str], until: float) -> int:
+        """A lease: until `until` (time.monotonic()), eviction passes over `keys` (those stored
+        here), replacing the previous lease. Returns how many it covers; tiers that do not
+        evict by recency keep nothing (0)."""
+        del keys, until
+        return 0
 
     @abstractmethod
     def keys(self) -> Iterator[str]:

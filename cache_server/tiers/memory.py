@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from cache_server.admission import FrequencySketch
 from cache_server.objects import ObjectMeta, StoredObject
@@ -72,6 +73,8 @@ class MemoryTier(Tier):
         self._sketch = FrequencySketch() if admission else None
         self._objects: OrderedDict[str, tuple[StoredObject, int]] = OrderedDict()
         self._pinned: set[str] = set()
+        self._protected: frozenset[str] = frozenset()  # the placement's lease (`protect`)
+        self._protected_until = 0.0
         self._stored_bytes = 0
         self._lock = threading.Lock()
         self._num_evictions = self._num_rejected = 0
@@ -112,11 +115,12 @@ class MemoryTier(Tier):
             )
         use_admission = self._sketch is not None and not resident
         freq = self._sketch.estimate(key) if self._sketch is not None else 0
+        leased = self._protected if time.monotonic() < self._protected_until else frozenset()
         victims: list[str] = []
         for victim, (_, victim_bytes) in self._objects.items():
             if needed_bytes <= self.low_bytes:
                 break
-            if victim == key or victim in self._pinned:
+            if victim == key or victim in self._pinned or victim in leased:
                 continue
             if use_admission and self._sketch is not None and self._sketch.estimate(victim) > freq:
                 if needed_bytes > self.high_bytes:
@@ -124,6 +128,8 @@ class MemoryTier(Tier):
                 break  # it fits already; do not flush hotter objects just for headroom
             victims.append(victim)
             needed_bytes -= victim_bytes
+        if needed_bytes > self.high_bytes:
+            return None  # the rest is leased to hotter objects: the newcomer goes down a tier
         return victims
 
     def _remove(self, key: str, keep_pin: bool = False) -> StoredObject:
@@ -185,6 +191,12 @@ class MemoryTier(Tier):
                 return False
             self._pinned.discard(key)
             return True
+
+    def protect(self, keys: Iterable[str], until: float) -> int:
+        with self._lock:
+            self._protected = frozenset(k for k in keys if k in self._objects)
+            self._protected_until = until
+            return len(self._protected)
 
     def is_pinned(self, key: str) -> bool:
         with self._lock:

@@ -187,6 +187,12 @@ class CacheClient(ClientBase, Closing):
         response = self._must(self._stub.Heat, lambda: request)
         return [from_message(o, wire.ObjectHeat) for o in response.objects]
 
+    def protect(self, storage_keys: Sequence[str], ttl_s: float) -> int:
+        """Admin tenant only: for `ttl_s`, the memory tier's eviction passes over these
+        objects (replacing the previous lease); returns how many it holds and protects."""
+        request = cache_pb2.ProtectRequest(storage_keys=list(storage_keys), ttl_s=ttl_s)
+        return int(self._must(self._stub.Protect, lambda: request).num_protected)
+
     def stats(self) -> list[wire.TierInfo]:
         """Every tier, fastest first; its counters only for the server's admin tenant (for
         other tenants they are 0 and `counters_hidden` is set)."""

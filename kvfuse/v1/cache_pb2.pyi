@@ -256,3 +256,17 @@ class HeatResponse(_message.Message):
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     objects: _containers.RepeatedCompositeFieldContainer[ObjectHeat]
     def __init__(self, objects: _Optional[_Iterable[_Union[ObjectHeat, _Mapping]]] = ...) -> None: ...
+
+class ProtectRequest(_message.Message):
+    __slots__ = ("storage_keys", "ttl_s")
+    STORAGE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    storage_keys: _containers.RepeatedScalarFieldContainer[str]
+    ttl_s: float
+    def __init__(self, storage_keys: _Optional[_Iterable[str]] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class ProtectResponse(_message.Message):
+    __slots__ = ("num_protected",)
+    NUM_PROTECTED_FIELD_NUMBER: _ClassVar[int]
+    num_protected: int
+    def __init__(self, num_protected: _Optional[int] = ...) -> None: ...

@@ -89,6 +89,11 @@ class CacheServiceStub:
                 request_serializer=kvfuse_dot_v1_dot_cache__pb2.HeatRequest.SerializeToString,
                 response_deserializer=kvfuse_dot_v1_dot_cache__pb2.HeatResponse.FromString,
                 _registered_method=True)
+        self.Protect = channel.unary_unary(
+                '/kvfuse.v1.CacheService/Protect',
+                request_serializer=kvfuse_dot_v1_dot_cache__pb2.ProtectRequest.SerializeToString,
+                response_deserializer=kvfuse_dot_v1_dot_cache__pb2.ProtectResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -174,6 +179,14 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Protect(self, request, context):
+        """Admin tenant only: a lease on the memory tier's eviction for the controller's hot set
+        (replacing the previous one; it lapses by itself if the controller goes away).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +239,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Heat,
                     request_deserializer=kvfuse_dot_v1_dot_cache__pb2.HeatRequest.FromString,
                     response_serializer=kvfuse_dot_v1_dot_cache__pb2.HeatResponse.SerializeToString,
+            ),
+            'Protect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Protect,
+                    request_deserializer=kvfuse_dot_v1_dot_cache__pb2.ProtectRequest.FromString,
+                    response_serializer=kvfuse_dot_v1_dot_cache__pb2.ProtectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -503,6 +521,33 @@ class CacheService:
             '/kvfuse.v1.CacheService/Heat',
             kvfuse_dot_v1_dot_cache__pb2.HeatRequest.SerializeToString,
             kvfuse_dot_v1_dot_cache__pb2.HeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Protect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvfuse.v1.CacheService/Protect',
+            kvfuse_dot_v1_dot_cache__pb2.ProtectRequest.SerializeToString,
+            kvfuse_dot_v1_dot_cache__pb2.ProtectResponse.FromString,
             options,
             channel_credentials,
             insecure,

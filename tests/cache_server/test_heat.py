@@ -14,7 +14,7 @@ from cache_server.config import CacheServerConfig
 from cache_server.heat import Heat
 from cache_server.server import CacheServer
 from kvfuse.client import CacheClient
-from kvfuse.errors import PermissionDeniedError
+from kvfuse.errors import InvalidRequestError, PermissionDeniedError
 
 ADMIN, TEAM = "admin-token", "team-token"
 
@@ -102,3 +102,20 @@ def test_heat_ranks_every_tenant_and_admin_moves_them(server: CacheServer) -> No
             team.heat()
         with pytest.raises(PermissionDeniedError):
             team.move_stored(ranked[1].storage_key, "disk")
+
+
+def test_protect_is_admin_only_and_bounded(server: CacheServer) -> None:
+    with (
+        CacheClient(server.address, token=TEAM) as team,
+        CacheClient(server.address, token=ADMIN) as admin,
+    ):
+        team.put(key_of("p"), layers(7))
+        stored = f"team/{key_of('p')}"
+        assert admin.protect([stored, f"team/{key_of('absent')}"], 30.0) == 1
+        with pytest.raises(PermissionDeniedError):
+            team.protect([stored], 30.0)
+        for ttl in (0.0, -1.0, 7200.0):
+            with pytest.raises(InvalidRequestError):
+                admin.protect([stored], ttl)
+        with pytest.raises(InvalidRequestError):
+            admin.protect(["not a key"], 30.0)

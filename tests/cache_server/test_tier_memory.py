@@ -218,3 +218,19 @@ def test_rejects_bad_configuration() -> None:
         MemoryTier(0)
     with pytest.raises(ConfigError):
         MemoryTier(100, high_watermark=0.5, low_watermark=0.8)
+
+
+def test_leased_objects_are_passed_over_until_the_lease_ends(objects: Make) -> None:
+    import time
+
+    tier = sized_tier(objects, 3, high_watermark=1.0, low_watermark=1.0, admission=False)
+    for seed in range(3):
+        tier.put(objects(seed))
+    keys = [objects(seed).meta.key for seed in range(3)]
+    assert tier.protect([keys[0], keys[1], "absent"], time.monotonic() + 60) == 2
+    assert [o.meta.key for o in tier.put(objects(3))] == [keys[2]]  # 0, 1 leased: 2 goes
+    assert tier.protect([keys[0], keys[1], objects(3).meta.key], time.monotonic() + 60) == 3
+    assert tier.put(objects(4)) == [objects(4)]  # everything leased: declined, a tier down
+    tier.protect([keys[0]], time.monotonic() - 1)  # lapsed: plain LRU again
+    assert [o.meta.key for o in tier.put(objects(5))] == [keys[0]]
+    tier.check_integrity()
