@@ -128,7 +128,6 @@ def run_system(
     cache_metrics, controller_metrics = free_port(), free_port()
     flags = [*cache_args(args, system, work, redis_url), "--metrics-port", str(cache_metrics)]
     controller_flags = ["--metrics-port", str(controller_metrics), "--r-quality", str(args.ratio)]
-    controller_flags += ["--placement-interval-s", "2"]
     if args.calibration:
         controller_flags += ["--calibration", str(args.calibration)]
     ratio = None if system == "controller" else args.ratio

@@ -21,12 +21,13 @@ LEASE_ROUNDS = 3  # the hot set's lease lasts this many rounds
 
 @dataclass(frozen=True)
 class PlacerOptions:
-    """interval_s: seconds between rounds; heat_limit: objects read per ranking; token and
-    tls_ca: how to reach the cache servers as their admin tenant."""
+    """interval_s: seconds between rounds; heat_limit: objects read per ranking (each costs
+    the cache server a lookup: enough to cover the memory tier's hot set, no more); token
+    and tls_ca: how to reach the cache servers as their admin tenant."""
 
     interval_s: float
     params: PlacementParams
-    heat_limit: int = 2000
+    heat_limit: int = 256
     token: str | None = None
     tls_ca: str | None = None
 
