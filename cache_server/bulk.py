@@ -11,17 +11,16 @@ the server: at most `max_connections` connections are served, the rest are refus
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import ssl
-import threading
 import time
 
 import grpc
 
 from cache_server import status
 from cache_server.download import iter_frames, open_download
+from cache_server.listener import SocketListener
 from cache_server.metrics import CacheMetrics
 from cache_server.records import RecordCodec
 from cache_server.store import TieredStore
@@ -34,11 +33,9 @@ log = logging.getLogger(__name__)
 OP = "GetLayersBulk"  # the op label of its metrics
 
 
-class BulkServer:
-    """Listens on the bulk port and serves each connection on its own daemon thread.
-
-    Lifecycle: construct, `start` (binds; `port` is then the bound port), `stop` (closes the
-    listener and every open connection). Thread-safe.
+class BulkServer(SocketListener):
+    """Serves GetLayers on the bulk port (a `SocketListener`: binds on construction, `start`,
+    `stop`). Thread-safe.
 
     Args:
         host, port: listen address (port 0 picks a free one).
@@ -63,58 +60,18 @@ class BulkServer:
         max_connections: int,
         idle_timeout_s: float = 300.0,
     ) -> None:
+        super().__init__("bulk port", host, port, max_connections)
         self._store, self._codecs, self._max_batch_keys = store, codecs, max_batch_keys
         self._auth, self._metrics, self._tls = auth, metrics, tls
-        self._max_connections, self._idle_timeout_s = max_connections, idle_timeout_s
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, port), family=family)
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._stopped = threading.Event()
+        self._idle_timeout_s = idle_timeout_s
 
-    def start(self) -> None:
-        threading.Thread(target=self._accept_loop, name="kvfuse-bulk", daemon=True).start()
-
-    def stop(self) -> None:
-        """Closes the listener and all connections (their requests end mid-stream)."""
-        self._stopped.set()
-        _close(self._listener)  # shutdown first: a bare close leaves a blocked accept() running
-        with self._lock:
-            connections, self._connections = list(self._connections), set()
-        for conn in connections:
-            _close(conn)
-
-    def _accept_loop(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return  # the listener was closed by stop()
-            with self._lock:
-                full = len(self._connections) >= self._max_connections
-                if not full:
-                    self._connections.add(conn)
-            if full:
-                log.warning("bulk port: refusing a connection beyond %d", self._max_connections)
-                _close(conn)
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self._idle_timeout_s)
-            if self._tls is not None:
-                conn = self._tls.wrap_socket(conn, server_side=True)
-            while self._serve_one(conn):
-                pass
-        except (OSError, ValueError) as exc:
-            log.debug("bulk connection ended: %s", exc)
-        finally:
-            with self._lock:
-                self._connections.discard(conn)
-            _close(conn)
+    def serve(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(self._idle_timeout_s)
+        if self._tls is not None:
+            conn = self._tls.wrap_socket(conn, server_side=True)
+        while self._serve_one(conn):
+            pass
 
     def _serve_one(self, conn: socket.socket) -> bool:
         """Answers one request; False when the connection should close."""
@@ -154,9 +111,3 @@ class BulkServer:
             send_message(conn, reply)
             conn.sendall(frame.data)
             sent_bytes.inc(len(frame.data))
-
-
-def _close(conn: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # already closed or never connected
-        conn.shutdown(socket.SHUT_RDWR)
-    conn.close()

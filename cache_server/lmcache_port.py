@@ -19,16 +19,15 @@ at start and never reconnects), at most `max_connections` at once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
 
 from cache_server.budget import UploadBudget
+from cache_server.listener import SocketListener
 from cache_server.lmcache_objects import RECORD_HEAD, from_stored, pack_head, storage_key, to_stored
 from cache_server.metrics import CacheMetrics
 from cache_server.store import TieredStore
@@ -68,7 +67,7 @@ _TIMEVAL = struct.Struct("@ll")  # struct timeval of SO_RCVTIMEO / SO_SNDTIMEO (
 _NO_TIMEOUT = _TIMEVAL.pack(0, 0)
 
 
-class LMCachePort:
+class LMCachePort(SocketListener):
     """Listens for LMCache clients and serves each connection on its own daemon thread.
 
     Lifecycle: construct (binds; `port` is then the bound port), `start`, `stop` (closes the
@@ -95,68 +94,27 @@ class LMCachePort:
         max_connections: int,
         io_timeout_s: float = IO_TIMEOUT_S,
     ) -> None:
+        super().__init__("LMCache port", host, port, max_connections)
         self._store, self._uploads, self._metrics = store, uploads, metrics
-        self._max_object_bytes, self._max_connections = max_object_bytes, max_connections
-        self._io_timeout_s = io_timeout_s
+        self._max_object_bytes, self._io_timeout_s = max_object_bytes, io_timeout_s
         seconds = int(io_timeout_s)
         self._io_timeval = _TIMEVAL.pack(seconds, int((io_timeout_s - seconds) * 1e6))
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, port), family=family)
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._stopped = threading.Event()
         self._handlers: dict[Command, Handler] = {
             Command.PUT: self._put, Command.GET: self._get, Command.EXIST: self._exist,
             Command.LIST: self._list, Command.HEALTH: self._health,
         }  # fmt: skip
 
-    def start(self) -> None:
-        threading.Thread(target=self._accept_loop, name="kvfuse-lmcache", daemon=True).start()
-
-    def stop(self) -> None:
-        """Closes the listener and all connections (requests in flight end mid-stream)."""
-        self._stopped.set()
-        _close(self._listener)
-        with self._lock:
-            connections, self._connections = list(self._connections), set()
-        for conn in connections:
-            _close(conn)
-
-    def _accept_loop(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return  # the listener was closed by stop()
-            with self._lock:
-                full = len(self._connections) >= self._max_connections
-                if not full:
-                    self._connections.add(conn)
-            if full:
-                log.warning("LMCache port: refusing a connection beyond %d", self._max_connections)
-                _close(conn)
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # finds vanished peers
-            # Blocking, with the kernel's timeouts rather than Python's: one send() or
-            # recv(MSG_WAITALL) moves a whole payload, where a socket with a Python timeout
-            # polls and wakes for every buffer's worth (GETs were ~5% slower that way).
-            conn.settimeout(None)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._io_timeval)
-            head = bytearray(REQUEST.size)
-            while self._serve_one(conn, head):
-                pass
-        except OSError as exc:  # includes timeouts and peers closing mid-request
-            log.debug("LMCache connection ended: %s", exc)
-        finally:
-            with self._lock:
-                self._connections.discard(conn)
-            _close(conn)
+    def serve(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # finds vanished peers
+        # Blocking, with the kernel's timeouts rather than Python's: one send() or
+        # recv(MSG_WAITALL) moves a whole payload, where a socket with a Python timeout
+        # polls and wakes for every buffer's worth (GETs were ~5% slower that way).
+        conn.settimeout(None)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._io_timeval)
+        head = bytearray(REQUEST.size)
+        while self._serve_one(conn, head):
+            pass
 
     def _serve_one(self, conn: socket.socket, head: bytearray) -> bool:
         """Answers one request; False when the connection should close."""
@@ -273,9 +231,3 @@ def _discard(conn: socket.socket, num_bytes: int) -> None:
         if num == 0:
             raise ConnectionError("connection closed inside a refused PUT")
         num_bytes -= num
-
-
-def _close(conn: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # already closed or never connected
-        conn.shutdown(socket.SHUT_RDWR)
-    conn.close()
