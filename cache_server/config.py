@@ -23,6 +23,7 @@ from kvfuse.service.config import (
     check_port,
     check_tls_files,
     optional,
+    parse_bool,
     parse_bytes,
     parse_float,
     parse_int,
@@ -56,7 +57,17 @@ class CacheServerConfig:
             one for good); more are closed at accept.
         memory_bytes, memory_codec: memory tier byte budget and codec.
         disk_dir, disk_bytes, disk_codec: local disk tier; None disables it.
+        disk_fsync: fsync each disk object and its directory entry, so a power loss keeps
+            every acknowledged object. Off (the default), a crash may lose the newest
+            objects; checksums catch any incomplete file (quarantined, a miss), so nothing
+            wrong is ever served.
         redis_url, redis_bytes, redis_codec: Redis tier; None disables it.
+        promote_after_hits: recent reads of an object below the memory tier before a
+            whole-object read (Get, LMCache GET) copies it up into memory; 2 keeps a scan of
+            once-read objects from flushing the memory tier, 1 promotes on every such read.
+        write_back_from: the memory tier's fill fraction above which a background thread
+            copies its least recently used objects into the next tier ahead of eviction, so
+            evicting them writes nothing and puts do not wait on the disk; None disables it.
         auth_token: a bearer token for tenant "default".
         auth_tokens: token → tenant (config file only; kept out of repr).
         auth_tokens_file: lines `<tenant> <token>` (lines starting with '#' are comments).
@@ -93,9 +104,12 @@ class CacheServerConfig:
     disk_dir: Path | None = None
     disk_bytes: int = 10 << 30
     disk_codec: str = "raw"
+    disk_fsync: bool = False
     redis_url: str | None = field(default=None, repr=False)
     redis_bytes: int = 1 << 30
     redis_codec: str = "int8"
+    promote_after_hits: int = 2
+    write_back_from: float | None = 0.7
     auth_token: str | None = field(default=None, repr=False)
     auth_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
     auth_tokens_file: Path | None = None
@@ -126,9 +140,13 @@ class CacheServerConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}")
-        for name in ("max_batch_keys", "max_list_page", "num_workers", "lmcache_max_connections"):
+        names = ("max_batch_keys", "max_list_page", "num_workers", "lmcache_max_connections",
+                 "promote_after_hits")  # fmt: skip
+        for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if self.write_back_from is not None and not 0.0 <= self.write_back_from <= 1.0:
+            raise ConfigError("write_back_from must be a fraction in [0, 1] (or off)")
         if self.max_upload_bytes < 0:
             raise ConfigError("max_upload_bytes must be >= 0 (0: the memory budget)")
         for name in ("grace_s", "drain_s"):
@@ -184,9 +202,12 @@ _PARSERS: dict[str, Parser] = {
     "disk_dir": optional(Path),
     "disk_bytes": parse_bytes,
     "disk_codec": str,
+    "disk_fsync": parse_bool,
     "redis_url": optional(str),
     "redis_bytes": parse_bytes,
     "redis_codec": str,
+    "promote_after_hits": parse_int,
+    "write_back_from": optional(parse_float),
     "auth_token": optional(str),
     "auth_tokens": parse_tokens_map,
     "auth_tokens_file": optional(Path),

@@ -130,6 +130,11 @@ class StoreCollector(Collector):
                 "Evicted objects stored into a lower tier.",
                 counts.num_demotions,
             ),
+            (
+                "kvfuse_cache_write_backs",
+                "Memory-tier objects copied into the next tier ahead of their eviction.",
+                counts.num_write_backs,
+            ),
             ("kvfuse_cache_dropped", "Evicted objects no lower tier took.", counts.num_dropped),
             (
                 "kvfuse_cache_transcodes",

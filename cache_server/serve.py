@@ -34,9 +34,24 @@ _FLAGS = FlagTable(
         ("--disk-dir", "enable the disk tier in this directory"),
         ("--disk-bytes", "disk tier budget (default 10GiB)"),
         ("--disk-codec", "disk tier codec (default raw)"),
+        (
+            "--disk-fsync",
+            "fsync every disk object (true/false, default false: a crash may lose the newest "
+            "objects; checksums keep anything incomplete from being served)",
+        ),
         ("--redis-url", "enable the Redis tier, e.g. redis://127.0.0.1:6379/0"),
         ("--redis-bytes", "Redis tier budget (default 1GiB)"),
         ("--redis-codec", "Redis tier codec (default int8)"),
+        (
+            "--promote-after-hits",
+            "recent reads below the memory tier before a whole-object read copies an object "
+            "up (default 2; 1 promotes on every such read)",
+        ),
+        (
+            "--write-back-from",
+            "memory fill fraction above which its least recently used objects are copied to "
+            "the next tier ahead of eviction (default 0.7; 'off' disables)",
+        ),
         ("--token", "bearer token of tenant 'default' (or KVFUSE_AUTH_TOKEN)"),
         ("--tokens-file", "file of '<tenant> <token>' lines"),
         (

@@ -33,7 +33,14 @@ def build_tiers(config: CacheServerConfig) -> list[Tier]:
     if config.disk_dir is not None:
         from cache_server.tiers.disk import DiskTier
 
-        tiers.append(DiskTier(config.disk_dir, config.disk_bytes, codec=config.disk_codec))
+        tiers.append(
+            DiskTier(
+                config.disk_dir,
+                config.disk_bytes,
+                codec=config.disk_codec,
+                fsync=config.disk_fsync,
+            )
+        )
     if config.redis_url is not None:
         from cache_server.tiers.redis_tier import RedisTier
 
@@ -53,7 +60,11 @@ class CacheServer(GrpcService):
     def __init__(self, config: CacheServerConfig, tiers: list[Tier] | None = None) -> None:
         self.config = config
         tiers = build_tiers(config) if tiers is None else tiers
-        self.store = TieredStore(tiers)
+        self.store = TieredStore(
+            tiers,
+            promote_after_hits=config.promote_after_hits,
+            write_back_from=config.write_back_from,
+        )
         self.uploads = UploadBudget(config.upload_budget_bytes)
         self.metrics = CacheMetrics()
         self.metrics.watch_store(self.store)

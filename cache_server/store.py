@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple, TypeVar
 
+from cache_server.admission import FrequencySketch
 from cache_server.objects import ObjectMeta, StoredObject, check_key
-from cache_server.tiers.base import Tier, TierStats
+from cache_server.tiers.base import Staged, Tier, TierStats
 from cache_server.tiers.transcode import transcode
+from cache_server.writeback import Background
 from kvfuse.errors import CapacityError, ConfigError, InvalidRequestError, TierUnavailableError
 
 T = TypeVar("T")
@@ -78,6 +80,7 @@ class StoreCounters:
         num_misses: reads no tier could serve.
         num_promotions: objects copied up into the first tier after a hit below it.
         num_demotions: evicted (or declined) objects stored into a lower tier.
+        num_write_backs: first-tier objects copied into the second tier ahead of eviction.
         num_dropped: evicted objects no lower tier took (off the end of the chain).
         num_transcodes: objects re-encoded to another codec.
         num_unavailable: calls that found a tier down and skipped it, per tier name.
@@ -87,6 +90,7 @@ class StoreCounters:
     num_misses: int
     num_promotions: int
     num_demotions: int
+    num_write_backs: int
     num_dropped: int
     num_transcodes: int
     num_unavailable: dict[str, int]
@@ -107,8 +111,13 @@ class TieredStore:
     - Objects a tier evicts (or declines through admission) are demoted to the next tier that
       takes them, transcoded to its codec (skipped when it already holds the same object); off
       the end they are dropped.
-    - `get` reads from the highest tier that has the key and promotes it into the first tier
-      (best effort; the lower copy stays, so caching is inclusive). Pins travel with promotion.
+    - `get` reads from the highest tier that has the key and, from its `promote_after_hits`-th
+      recent hit below the first tier on, promotes it into the first tier (best effort; the
+      lower copy stays, so caching is inclusive). Pins travel with promotion. Waiting for a
+      second hit keeps a scan of once-read objects from flushing the first tier.
+    - Write-back (`write_back_from`): a background thread keeps the first tier's least
+      recently used objects, the part of it above that fill fraction, copied into the second
+      tier, so their eviction later writes nothing and puts do not wait on the disk.
     - A tier that is down (TierUnavailableError) is skipped, never fatal. Deletes it missed
       are remembered (tombstones) and replayed before it serves that key again.
     - `delete` removes the key from every tier; `pin`/`unpin` act on every tier holding it.
@@ -119,21 +128,47 @@ class TieredStore:
 
     Locking: one store lock serializes mutations (put, delete, pin, unpin, move, promotion
     and the demotions they cause), so concurrent puts of one key commit exactly one object
-    and a delete cannot be undone by an in-flight demotion. Reads (lookup, get, get_layer) and
-    the transcoding of incoming objects run outside the lock; each tier guards itself.
+    and a delete cannot be undone by an in-flight demotion. Reads (lookup, get, get_layer),
+    the transcoding of incoming objects and the write-back's file writes (`Tier.stage`) run
+    outside the lock; each tier guards itself.
+
+    Args:
+        tiers: fastest first.
+        promote_after_hits: recent hits below the first tier (a frequency sketch) before a
+            `get` promotes the object; 1 promotes on every such hit.
+        write_back_from: the first tier's fill fraction above which its least recently used
+            objects are written back to the second tier; None (or one tier) disables it.
     """
 
-    def __init__(self, tiers: Sequence[Tier]) -> None:
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        *,
+        promote_after_hits: int = 1,
+        write_back_from: float | None = None,
+    ) -> None:
         if not tiers:
             raise ConfigError("a store needs at least one tier")
         if len({t.name for t in tiers}) != len(tiers):
             raise ConfigError("tier names must be unique")
+        if promote_after_hits < 1:
+            raise ConfigError("promote_after_hits must be at least 1")
+        if write_back_from is not None and not 0.0 <= write_back_from <= 1.0:
+            raise ConfigError("write_back_from must be a fraction in [0, 1]")
         self.tiers: tuple[Tier, ...] = tuple(tiers)
         self._lock = threading.RLock()
         self._tombstones: list[OrderedDict[str, None]] = [OrderedDict() for _ in tiers]
         self._num_deletes = 0  # promotions that raced a delete are dropped
         self._counts: Counter[str] = Counter()
         self._count_lock = threading.Lock()
+        self._promote_after = promote_after_hits
+        self._lower_hits = FrequencySketch()  # guarded by _count_lock
+        self._write_back_from = write_back_from
+        self._writer = (
+            Background("kvfuse-write-back", self._write_back_all)
+            if write_back_from is not None and len(self.tiers) > 1
+            else None
+        )
 
     def lookup(self, key: str) -> Location | None:
         """The highest tier holding `key` with its metadata; None on a miss. No promotion."""
@@ -154,9 +189,17 @@ class TieredStore:
             return None
         idx, obj = found
         self._count(f"hit:{self.tiers[idx].name}")
-        if idx > 0:
+        if idx > 0 and self._hit_below(key):
             self._promote(obj, idx, num_deletes)
         return obj
+
+    def _hit_below(self, key: str) -> bool:
+        """Counts a hit below the first tier; True once `key` has had enough to be promoted."""
+        if self._promote_after == 1:
+            return True
+        with self._count_lock:
+            self._lower_hits.increment(key)
+            return self._lower_hits.estimate(key) >= self._promote_after
 
     def get_layer(self, key: str, layer_idx: int, tier: str | None = None) -> bytes | None:
         """One verified layer record from `tier` (default: the highest that has it), or None.
@@ -219,6 +262,7 @@ class TieredStore:
             num_misses=counts.get("miss", 0),
             num_promotions=counts.get("promotion", 0),
             num_demotions=counts.get("demotion", 0),
+            num_write_backs=counts.get("write_back", 0),
             num_dropped=counts.get("dropped", 0),
             num_transcodes=counts.get("transcode", 0),
             num_unavailable=per_tier("unavailable"),
@@ -242,8 +286,72 @@ class TieredStore:
                     continue
                 if landed is not None:
                     self._drop_other_copies(obj.meta.key, landed.idx)
+                    self._wake_writer()
                     return self._placement(landed)
         raise refused or TierUnavailableError("no tier is reachable")
+
+    def write_back(self, from_fraction: float) -> int:
+        """Copies the first tier's least recently used objects into the second tier, those
+        beyond `from_fraction` of its capacity (by size in the first tier), unless the
+        second tier holds them already; returns how many it copied.
+
+        Each copy is written outside the store lock (`Tier.stage`) and committed under it,
+        only if the first tier still holds that very object (not deleted or replaced
+        meanwhile). The first tier keeps its copy; evicting it later finds the second
+        tier's and writes nothing. The background writer calls this after puts.
+        """
+        if len(self.tiers) < 2:
+            return 0
+        first = self.tiers[0]
+        try:
+            stats = first.stats()
+            keys = list(first.keys())  # least recently used first (as `drain` relies on)
+        except TierUnavailableError:
+            return 0
+        excess = stats.stored_bytes - int(from_fraction * stats.capacity_bytes)
+        if excess <= 0:
+            return 0
+        held = [obj for key in keys if (obj := self._read(0, first.peek, key)) is not None]
+        # the tier accounts more than the records (metadata, overhead): take the same share
+        excess = excess * sum(o.meta.total_nbytes for o in held) // max(1, stats.stored_bytes)
+        num_copied = 0
+        for obj in held:
+            if excess <= 0:
+                break
+            excess -= obj.meta.total_nbytes
+            num_copied += self._write_back_one(obj)
+        return num_copied
+
+    def _write_back_one(self, obj: StoredObject) -> bool:
+        key, below = obj.meta.key, self.tiers[1]
+        copy = self._transcode(obj, below.codec)
+        if self._read(1, below.get_meta, key) == copy.meta:
+            return False  # clean already
+        try:
+            staged = below.stage(copy)
+        except (CapacityError, TierUnavailableError):
+            return False
+        try:
+            with self._lock:
+                if self._read(0, self.tiers[0].get_meta, key) != obj.meta:
+                    return False  # deleted or replaced while we wrote: the copy is stale
+                landed = self._store_into(1, copy, staged=staged)
+        except CapacityError:
+            return False
+        finally:
+            below.discard(staged)
+        if landed is None or landed.idx != 1:
+            return False
+        self._count("write_back")
+        return True
+
+    def _write_back_all(self) -> None:
+        if self._write_back_from is not None:
+            self.write_back(self._write_back_from)
+
+    def _wake_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.notify()
 
     def _placement(self, landed: _Landing) -> Placement:
         if landed.idx >= len(self.tiers) or landed.meta is None:
@@ -345,6 +453,8 @@ class TieredStore:
         return "copied"
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
         for tier in self.tiers:
             tier.close()
 
@@ -355,8 +465,11 @@ class TieredStore:
                 return idx, obj
         return None
 
-    def _store_into(self, idx: int, obj: StoredObject, pin: bool = False) -> _Landing | None:
-        """Puts `obj` into tier `idx` and demotes what it evicts.
+    def _store_into(
+        self, idx: int, obj: StoredObject, pin: bool = False, staged: Staged | None = None
+    ) -> _Landing | None:
+        """Puts `obj` into tier `idx` (committing `staged`, its stage there, if given) and
+        demotes what it evicts.
 
         Returns where `obj` is now: tier `idx`, or a lower one if admission declined it, or
         len(tiers) with the reason if it was dropped; None if tier `idx` is down. Raises
@@ -364,7 +477,7 @@ class TieredStore:
         """
         tier = self.tiers[idx]
         try:
-            evicted = tier.put(obj)
+            evicted = tier.put(obj) if staged is None else tier.commit(staged)
         except TierUnavailableError:
             self._count(f"unavailable:{tier.name}")
             return None
@@ -418,6 +531,7 @@ class TieredStore:
                 return
             if landed is not None and landed.idx == 0:
                 self._count("promotion")
+                self._wake_writer()
 
     def _drop_other_copies(self, key: str, landed: int) -> None:
         """After a put: deletes older copies of `key` in other tiers, keeping their pin."""

@@ -18,6 +18,7 @@ from kvfuse.service.config import (
     check_tls_files,
     optional,
     parse_addrs,
+    parse_bool,
     parse_float,
     parse_int,
 )
@@ -170,18 +171,6 @@ class PrefillConfig:
         return replace(cls(), **_LAYERS.parse(values))
 
 
-def _parse_bool(name: str, value: object) -> bool:
-    """True/False, or "on"/"off", "true"/"false", "yes"/"no", "1"/"0" (any case)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "on", "yes"):
-        return True
-    if text in ("0", "false", "off", "no"):
-        return False
-    raise ConfigError(f"{name} must be on or off, got {value!r}")
-
-
 _PARSERS: dict[str, Parser] = {
     "host": str,
     "port": parse_int,
@@ -200,7 +189,7 @@ _PARSERS: dict[str, Parser] = {
     "tenant_salt": str,
     "default_ratio": optional(parse_float),
     "miss_policy": MissPolicy,
-    "pipeline": lambda value: _parse_bool("pipeline", value),
+    "pipeline": parse_bool,
     "write_behind_size": parse_int,
     "max_chunks": parse_int,
     "lookup_deadline_s": parse_float,

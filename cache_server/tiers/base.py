@@ -10,6 +10,13 @@ from cache_server.objects import ObjectMeta, StoredObject
 
 
 @dataclass(frozen=True)
+class Staged:
+    """A put prepared by `Tier.stage` for `Tier.commit` (tiers subclass it with their state)."""
+
+    obj: StoredObject
+
+
+@dataclass(frozen=True)
 class TierStats:
     """A snapshot of one tier's counters (monotonic counters since start)."""
 
@@ -65,6 +72,25 @@ class Tier(ABC):
     @abstractmethod
     def get(self, key: str) -> StoredObject | None:
         """The whole verified object, or None. Counts as an access."""
+
+    def peek(self, key: str) -> StoredObject | None:
+        """The whole object like `get`, but not counted as an access (a copy made for the
+        tier's own housekeeping must not make an object look hot)."""
+        return self.get(key)
+
+    def stage(self, obj: StoredObject) -> Staged:
+        """The slow half of `put(obj)` (writing the bytes), to run outside the caller's locks;
+        `commit` makes it visible, `discard` releases what a commit did not take. Raises
+        CapacityError early when `obj` cannot fit. Tiers without a slow half stage nothing and
+        store in `commit`."""
+        return Staged(obj)
+
+    def commit(self, staged: Staged) -> list[StoredObject]:
+        """Stores the staged object: `put`'s result and errors."""
+        return self.put(staged.obj)
+
+    def discard(self, staged: Staged) -> None:  # noqa: B027 - optional hook
+        """Releases a staged put (after `commit`, or instead of it); idempotent."""
 
     @abstractmethod
     def delete(self, key: str) -> bool:

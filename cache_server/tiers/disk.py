@@ -11,11 +11,12 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from cache_server.objects import ObjectMeta, StoredObject, check_key
 from cache_server.tiers import diskfile
-from cache_server.tiers.base import Tier, TierStats
+from cache_server.tiers.base import Staged, Tier, TierStats
 from cache_server.tiers.diskfile import Entry
 from kvfuse.errors import (
     CapacityError,
@@ -25,6 +26,15 @@ from kvfuse.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _StagedFile(Staged):
+    """An object written to `tmp` (its data starting at `data_offset`; `nbytes` in all)."""
+
+    tmp: Path
+    data_offset: int
+    nbytes: int
 
 
 class DiskTier(Tier):
@@ -37,11 +47,14 @@ class DiskTier(Tier):
         pins.json                 pinned keys (rewritten atomically on pin/unpin)
         lock                      flock held while a tier has the directory open
 
-    A put writes a tmp file, fsyncs it, renames it into place and fsyncs the directory, so an
-    object is either entirely visible or absent, even across a crash. Opening the tier deletes
-    leftovers in tmp/, validates every file's header and size (failures → quarantine/), and
-    rebuilds the LRU order from file mtimes (accesses touch the mtime). Layer reads seek to
-    one record and verify its CRC32; a mismatch quarantines the file. Every quarantined file
+    A put writes a tmp file and fsyncs it (`stage`, outside every lock), then renames it into
+    place and fsyncs the directory (`commit`), so an object is either entirely visible or
+    absent, even across a crash. With `fsync=False` a crash may leave a committed file
+    incomplete; its header, size and CRC checks then quarantine it (a miss, never bad data).
+    Opening the tier deletes leftovers in tmp/, validates every file's header and size
+    (failures → quarantine/), and rebuilds the LRU order from file mtimes (accesses touch the
+    mtime). Layer reads seek to one record and verify its CRC32; a mismatch quarantines the
+    file. Every quarantined file
     is counted in num_corrupt and logged at WARNING with its path and the reason.
     Big reads and writes run outside the lock; only index updates and renames run under it.
     One process per directory (enforced with flock).
@@ -102,38 +115,51 @@ class DiskTier(Tier):
         diskfile.save_keys(self._pins_path, self._pinned, self.root / "tmp", self._fsync)
 
     def put(self, obj: StoredObject) -> list[StoredObject]:
-        key = obj.meta.key
+        staged = self.stage(obj)
+        try:
+            return self.commit(staged)
+        finally:
+            self.discard(staged)
+
+    def stage(self, obj: StoredObject) -> Staged:
+        """Writes `obj` to a tmp file (fsynced if configured), outside every lock."""
         header = diskfile.encode_header(obj.meta)
         nbytes = len(header) + obj.meta.total_nbytes
         with self._lock:
-            self._choose_victims(key, nbytes)  # fail fast before writing anything
-        tmp = self.root / "tmp" / f"{diskfile.file_name(key)}.{uuid.uuid4().hex}"
+            self._choose_victims(obj.meta.key, nbytes)  # fail fast before writing anything
+        tmp = self.root / "tmp" / f"{diskfile.file_name(obj.meta.key)}.{uuid.uuid4().hex}"
         try:
             diskfile.write_file(tmp, [header, *obj.layers], self._fsync)
-            evicting = self._commit(tmp, obj.meta, len(header), nbytes)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise diskfile.os_error(self.name, exc) from exc
+        return _StagedFile(obj, tmp, len(header), nbytes)
+
+    def commit(self, staged: Staged) -> list[StoredObject]:
+        """Renames the staged file into place after moving LRU victims aside."""
+        if not isinstance(staged, _StagedFile):
+            raise TypeError(f"{self.name} tier cannot commit {staged!r}")
+        meta = staged.obj.meta
+        path = diskfile.object_path(self.root / "objects", meta.key)
+        try:
+            with self._lock:
+                victims = self._choose_victims(meta.key, staged.nbytes)
+                evicting = [self._evict_to_tmp(victim) for victim in victims]
+                path.parent.mkdir(exist_ok=True)
+                os.replace(staged.tmp, path)
+                if self._fsync:
+                    diskfile.fsync_dir(path.parent)
+                old = self._index.pop(meta.key, None)
+                self._stored_bytes += staged.nbytes - (old.nbytes if old else 0)
+                ino = path.stat().st_ino
+                self._index[meta.key] = Entry(meta, path, staged.data_offset, staged.nbytes, ino)
         except OSError as exc:
             raise diskfile.os_error(self.name, exc) from exc
-        finally:
-            tmp.unlink(missing_ok=True)
         return self._read_evicted(evicting)
 
-    def _commit(
-        self, tmp: Path, meta: ObjectMeta, data_offset: int, nbytes: int
-    ) -> list[tuple[Entry, Path]]:
-        """Renames the written file into place after moving LRU victims aside."""
-        key = meta.key
-        path = diskfile.object_path(self.root / "objects", key)
-        with self._lock:
-            victims = self._choose_victims(key, nbytes)
-            evicting = [self._evict_to_tmp(victim) for victim in victims]
-            path.parent.mkdir(exist_ok=True)
-            os.replace(tmp, path)
-            if self._fsync:
-                diskfile.fsync_dir(path.parent)
-            old = self._index.pop(key, None)
-            self._stored_bytes += nbytes - (old.nbytes if old else 0)
-            self._index[key] = Entry(meta, path, data_offset, nbytes, path.stat().st_ino)
-        return evicting
+    def discard(self, staged: Staged) -> None:
+        if isinstance(staged, _StagedFile):
+            staged.tmp.unlink(missing_ok=True)  # gone already once committed
 
     def _choose_victims(self, key: str, nbytes: int) -> list[str]:
         old = self._index.get(key)

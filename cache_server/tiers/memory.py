@@ -171,6 +171,11 @@ class MemoryTier(Tier):
             self._objects.move_to_end(key)
             return entry[0]
 
+    def peek(self, key: str) -> StoredObject | None:
+        with self._lock:
+            entry = self._objects.get(key)
+            return entry[0] if entry else None
+
     def delete(self, key: str) -> bool:
         with self._lock:
             if key not in self._objects:

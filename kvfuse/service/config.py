@@ -46,6 +46,18 @@ def parse_float(value: object) -> float:
         raise ConfigError(f"not a number: {value!r}") from exc
 
 
+def parse_bool(value: object) -> bool:
+    """True/False, or "on"/"off", "true"/"false", "yes"/"no", "1"/"0" (any case)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "on", "yes"):
+        return True
+    if text in ("0", "false", "off", "no"):
+        return False
+    raise ConfigError(f"not on or off: {value!r}")
+
+
 def optional(parse: Parser) -> Parser:
     """`parse`, except that None, False and the OFF_VALUES strings ("off", "none", …) → None."""
 

@@ -63,6 +63,9 @@ def test_tokens_from_env_file_and_config(tmp_path: Path) -> None:
         {"max_upload_bytes": -1},
         {"drain_s": -1},
         {"admin_tenant": "Not A Tenant"},
+        {"promote_after_hits": 0},
+        {"write_back_from": 1.5},
+        {"disk_fsync": "maybe"},
     ],
 )
 def test_invalid_settings_raise_config_error(values: dict[str, object]) -> None:
@@ -91,3 +94,16 @@ def test_upload_budget_defaults_to_the_memory_budget() -> None:
     config = CacheServerConfig.load(env=env, flags={"admin_tenant": "ops"})
     assert config.upload_budget_bytes == 2 << 30 and config.drain_s == 0
     assert config.admin_tenant == "ops" and CacheServerConfig().admin_tenant == "default"
+
+
+def test_disk_write_policies_parse_from_env() -> None:
+    env = {"KVFUSE_CACHE_DISK_FSYNC": "on", "KVFUSE_CACHE_WRITE_BACK_FROM": "off",
+           "KVFUSE_CACHE_PROMOTE_AFTER_HITS": "1"}  # fmt: skip
+    config = CacheServerConfig.load(env=env)
+    assert (config.disk_fsync, config.write_back_from, config.promote_after_hits) == (True, None, 1)
+    default = CacheServerConfig()
+    assert (default.disk_fsync, default.write_back_from, default.promote_after_hits) == (
+        False,
+        0.7,
+        2,
+    )
