@@ -28,7 +28,7 @@ from enum import StrEnum
 
 from cache_server.budget import UploadBudget
 from cache_server.listener import SocketListener
-from cache_server.lmcache_objects import RECORD_HEAD, from_stored, pack_head, storage_key, to_stored
+from cache_server.lmcache_objects import RECORD_HEAD, from_stored, storage_key, to_stored
 from cache_server.metrics import CacheMetrics
 from cache_server.store import TieredStore
 from kvfuse.errors import (
@@ -157,11 +157,11 @@ class LMCachePort(SocketListener):
             _discard(conn, length)
             return Outcome.RESOURCE_EXHAUSTED
         with reservation:  # a trickle of bytes must not hold it for long: one deadline
-            record = _receive_record(conn, request, time.monotonic() + self._io_timeout_s)
-            reservation.received_total(len(record))
+            payload = _receive_payload(conn, length, time.monotonic() + self._io_timeout_s)
+            reservation.received_total(RECORD_HEAD.size + length)
             self._metrics.received_bytes.labels("LMCachePut").inc(length)
             try:
-                placement = self._store.put(to_stored(request.key, record))
+                placement = self._store.put(to_stored(request.key, request.info, payload))
             except CapacityError:
                 return Outcome.RESOURCE_EXHAUSTED
             except TierUnavailableError:
@@ -180,7 +180,7 @@ class LMCachePort(SocketListener):
             conn.sendall(pack_reply(ReturnCode.FAIL))
             return Outcome.FAIL
         conn.sendall(pack_reply(ReturnCode.SUCCESS, info))
-        conn.sendall(payload)  # a view of the stored record: no copy
+        conn.sendall(payload)  # the stored bytes: no copy
         self._metrics.sent_bytes.labels("LMCacheGet").inc(info.length)
         return Outcome.SUCCESS
 
@@ -198,15 +198,21 @@ class LMCachePort(SocketListener):
         return Outcome.SUCCESS
 
 
-def _receive_record(conn: socket.socket, request: Request, deadline: float) -> bytes:
-    """The record of a PUT: the LMCache head, then the payload read from `conn` into it by
-    `deadline` (time.monotonic())."""
-    buffer = bytearray(RECORD_HEAD.size + request.info.length)
-    buffer[: RECORD_HEAD.size] = pack_head(request.info)
-    _recv_exact(conn, memoryview(buffer)[RECORD_HEAD.size :], deadline)
-    # Stored records are immutable bytes (tiers keep references): one copy. Filling a bytes
-    # object in place through ctypes saved it (a sixth of a PUT) but writes into immutable
-    # memory, which no reader of this code should have to trust.
+def _receive_payload(conn: socket.socket, length: int, deadline: float) -> bytes:
+    """A PUT's `length` payload bytes from `conn`, by `deadline` (time.monotonic()).
+
+    One recv(MSG_WAITALL) fills a new bytes object, which the tiers then keep as it is (no
+    copy). It comes back short only when the peer stalls past the socket's timeout or goes
+    away: then the rest is gathered piecewise, with one more copy, off the fast path.
+    """
+    first = conn.recv(length, socket.MSG_WAITALL)
+    if len(first) == length:
+        return first
+    if not first:
+        raise ConnectionError(f"connection closed before a {length}-byte payload")
+    buffer = bytearray(length)
+    buffer[: len(first)] = first
+    _recv_exact(conn, memoryview(buffer)[len(first) :], deadline)
     return bytes(buffer)
 
 

@@ -311,15 +311,18 @@ class TieredStore:
         excess = stats.stored_bytes - int(from_fraction * stats.capacity_bytes)
         if excess <= 0:
             return 0
-        held = [obj for key in keys if (obj := self._read(0, first.peek, key)) is not None]
+        # metadata only: holding the objects would keep evicted ones alive for the whole pass
+        metas = [meta for key in keys if (meta := self._read(0, first.get_meta, key))]
         # the tier accounts more than the records (metadata, overhead): take the same share
-        excess = excess * sum(o.meta.total_nbytes for o in held) // max(1, stats.stored_bytes)
+        excess = excess * sum(m.total_nbytes for m in metas) // max(1, stats.stored_bytes)
         num_copied = 0
-        for obj in held:
+        for meta in metas:
             if excess <= 0:
                 break
-            excess -= obj.meta.total_nbytes
-            num_copied += self._write_back_one(obj)
+            excess -= meta.total_nbytes
+            obj = self._read(0, first.peek, meta.key)
+            if obj is not None and obj.meta == meta:
+                num_copied += self._write_back_one(obj)
         return num_copied
 
     def _write_back_one(self, obj: StoredObject) -> bool:

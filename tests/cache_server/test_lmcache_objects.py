@@ -25,13 +25,22 @@ INFO = wire.ObjectInfo(wire.MemoryFormat.KV_2LTD, 3, (2, 2, 4, 8), 256)  # bf16
 
 def test_round_trip_keeps_bytes_and_metadata() -> None:
     payload = bytes(range(256))
-    obj = to_stored(b"m@1@0@ab@bfloat16", pack_head(INFO) + payload)
-    assert obj.meta.codec == LMCACHE_CODEC and obj.meta.num_layers == 1
-    assert obj.meta.layer_crc32 == (crc32(obj.layers[0]),)
+    obj = to_stored(b"m@1@0@ab@bfloat16", INFO, payload)
+    assert obj.meta.codec == LMCACHE_CODEC and obj.meta.num_layers == 2
+    assert obj.meta.layer_crc32 == (crc32(pack_head(INFO)), crc32(payload))
     obj.verify()
-    info, view = from_stored(obj)
-    assert info == INFO and bytes(view) == payload
-    assert len(obj.layers[0]) == RECORD_HEAD.size + 256
+    info, stored = from_stored(obj)
+    assert info == INFO and stored is payload  # kept as received: no copy
+    assert obj.meta.layer_nbytes == (RECORD_HEAD.size, 256)
+
+
+def test_objects_of_the_one_record_layout_still_read_back() -> None:
+    record = pack_head(INFO) + bytes(range(256))
+    two = to_stored(b"k", INFO, bytes(range(256)))
+    meta = replace(two.meta, num_layers=1, layer_nbytes=(len(record),),
+                   layer_crc32=(crc32(record),))  # fmt: skip
+    info, payload = from_stored(StoredObject(meta, (record,)))
+    assert info == INFO and bytes(payload) == bytes(range(256))
 
 
 def test_keys_live_where_no_tenant_can_reach() -> None:
@@ -43,9 +52,10 @@ def test_keys_live_where_no_tenant_can_reach() -> None:
 
 
 def test_other_objects_are_not_lmcache_objects() -> None:
-    obj = to_stored(b"k", pack_head(INFO) + bytes(256))
+    obj = to_stored(b"k", INFO, bytes(256))
     with pytest.raises(InvalidObjectError, match="not an LMCache object"):
         from_stored(StoredObject(replace(obj.meta, codec="raw"), obj.layers))
-    bad = b"XXXX" + obj.layers[0][4:]
+    bad = (b"XXXX" + obj.layers[0][4:], obj.layers[1])
+    meta = replace(obj.meta, layer_crc32=tuple(crc32(r) for r in bad))
     with pytest.raises(InvalidObjectError, match="magic"):
-        from_stored(to_stored(b"k", bad))
+        from_stored(StoredObject(meta, bad))
