@@ -36,6 +36,14 @@ class Deviation(str, Enum):
     # Not a deviation: the attention the forced rows (the query) pay each token at the check
     # layer, so the recompute budget goes to the tokens the question reads.
     QUERY_ATTENTION = "q_attn"
+    # Both: the query's attention to a token times the L2 norm of its V deviation, a
+    # first-order estimate of how much the stale row moves the query's attention output.
+    QUERY_WEIGHTED_V = "q_attn_v_l2"
+
+    @property
+    def needs_query(self) -> bool:
+        """True when the metric reads the forced rows' attention (q at the check layers)."""
+        return self in (Deviation.QUERY_ATTENTION, Deviation.QUERY_WEIGHTED_V)
 
 
 class MaskKind(str, Enum):

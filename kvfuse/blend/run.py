@@ -135,7 +135,7 @@ class BlendRun:
         return (
             layer_idx in self.schedule
             and self.cached_kv is not None
-            and self.metric is not Deviation.QUERY_ATTENTION
+            and not self.metric.needs_query
         )
 
     def _row_attention(self, rows: Tensor) -> RowAttention:
@@ -148,7 +148,7 @@ class BlendRun:
         """One layer's fused KV (cached rows, then the computed `rows` written over them).
 
         At a check layer also selects the rows that go on: indices into `rows`, else None.
-        `q` is needed only for `Deviation.QUERY_ATTENTION`.
+        `q` is needed only for the metrics that read the query's attention.
         Shape: q [H, S, D], k/v [H_kv, S, D] -> [H_kv, N, D] ×2, [S'].
         """
         if self.cached_kv is None:
@@ -161,17 +161,21 @@ class BlendRun:
             k_all.index_copy_(1, rows, k)
             v_all.index_copy_(1, rows, v)
             return k_all, v_all, None
-        score = None
+        score: Tensor | None = None
         if self.metric is not Deviation.QUERY_ATTENTION:
             cached = (k_all.index_select(1, rows), v_all.index_select(1, rows))
-            score = deviation(self.metric, (k, v), cached)
+            kind = Deviation.V_L2 if self.metric is Deviation.QUERY_WEIGHTED_V else self.metric
+            score = deviation(kind, (k, v), cached)
         k_all.index_copy_(1, rows, k)
         v_all.index_copy_(1, rows, v)
         candidate = self.plan.eligible.to(rows.device)[rows]
-        if score is None:
+        if self.metric.needs_query:
             if q is None:
-                raise RuntimeError("the q_attn deviation needs q at its check layers")
-            score = query_attention(q[:, ~candidate], k_all, rows[~candidate])[rows]
+                raise RuntimeError(f"the {self.metric.value} metric needs q at its check layers")
+            attention = query_attention(q[:, ~candidate], k_all, rows[~candidate])[rows]
+            score = attention if score is None else attention * score.sqrt()
+        if score is None:
+            raise RuntimeError(f"no score for the {self.metric.value} metric")
         num_eligible = int(self.plan.eligible.sum())
         keep = select_rows(score, candidate, math.floor(self.schedule[layer_idx] * num_eligible))
         self.stats.num_selected_per_check.append(int(keep.numel()))

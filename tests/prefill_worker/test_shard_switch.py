@@ -46,7 +46,10 @@ def test_departed_server_loses_only_its_keys(
         worker = make_server(engine, controller=controller.address, report_interval_s=0.05)
         poll(lambda: worker.pipeline.shards.names == tuple(sorted(addrs)), 30, "3 shards")
         prompt = engine.prepare([SYSTEM, *DOCS, QUESTION])
-        request = PrefillRequest("shards", prompt.segments)
+        # a ratio of its own: the controller's ratio policy could otherwise compute these
+        # short chunks in place (loads slower than compute on a busy box), and hits are
+        # what this test counts
+        request = PrefillRequest("shards", prompt.segments, recompute_ratio=0.15)
         assert _prefill(worker.address, request).stats.num_chunk_hits == 0
         assert worker.writer.wait_idle(120)
         assert _prefill(worker.address, request).stats.num_chunk_hits == len(DOCS)

@@ -80,11 +80,13 @@ def assert_layers_close(a: list[FusedLayer], b: list[FusedLayer], tol: float) ->
         torch.testing.assert_close(x.v, y.v, atol=tol, rtol=0)
 
 
-def test_ratio_one_equals_full_prefill(tiny_engine: Engine) -> None:
+@pytest.mark.parametrize("metric", list(Deviation))
+def test_ratio_one_equals_full_prefill(tiny_engine: Engine, metric: Deviation) -> None:
     prompt = make_prompt(tiny_engine)
     tiny_engine.warm(prompt)
     full_layers, full = run(tiny_engine, prompt, Mode.FULL_PREFILL, BlendConfig())
-    blend_layers, blend = run(tiny_engine, prompt, Mode.BLEND, BlendConfig(recompute_ratio=1.0))
+    cfg = BlendConfig(recompute_ratio=1.0, deviation=metric)
+    blend_layers, blend = run(tiny_engine, prompt, Mode.BLEND, cfg)
     assert blend.stats.num_recomputed_tokens == NUM_CHUNKS * CHUNK_LEN
     torch.testing.assert_close(blend.last_logits, full.last_logits, atol=TOL, rtol=0)
     assert_layers_close(blend_layers, full_layers, TOL)
