@@ -1,7 +1,9 @@
 """`kvfuse bench blend`: answer quality and TTFT of every prefill mode on RAG questions.
 
 Chunks are precomputed before each question (what a warm cache holds); then the same prompt is
-answered in every mode, one after the other, so timings are ratios taken side by side.
+answered in every mode, one after the other, so timings are ratios taken side by side. The
+blend runs once per selection method (`--selections`) and ratio, so the plot shows each
+method's quality–speed frontier beside full prefill and full reuse.
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-context", default="prefix", choices=["none", "bos", "prefix"])
     parser.add_argument("--check-layers", default="1", help="e.g. 1 or 1,2,3 (gradual)")
     parser.add_argument("--gradual-ratios", default="", help="per check layer, × final ratio")
-    parser.add_argument("--deviation", default="v_l2", choices=[d.value for d in Deviation])
+    parser.add_argument(
+        "--selections",
+        default=Deviation.V_L2.value,
+        help="blend row-selection metrics to compare, comma-separated: "
+        + ", ".join(d.value for d in Deviation),
+    )
     parser.add_argument("--mask", default="exact", choices=[m.value for m in MaskKind])
     parser.add_argument(
         "--forced-chunk-start",
@@ -43,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="first tokens of every cached chunk always recomputed (on top of the ratio)",
     )
+    parser.add_argument(
+        "--coverage",
+        type=float,
+        help="adaptive ratio: keep the fewest rows covering this share of the selection score, "
+        "between --min-ratio and each ratio of --ratios (default off)",
+    )
+    parser.add_argument("--min-ratio", type=float, default=0.0, help="the adaptive ratio's floor")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--musique-path", type=Path, default=DEFAULT_MUSIQUE)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -60,8 +74,16 @@ def _examples(name: str, args: argparse.Namespace) -> list[RagExample]:
     return make_factqa(args.questions, num_docs=args.docs, seed=0)
 
 
-def blend_config(args: argparse.Namespace, ratio: float) -> BlendConfig:
-    """The benchmark's blend settings at final ratio `ratio`."""
+def selections(args: argparse.Namespace) -> list[Deviation]:
+    """The selection metrics to compare (ValueError names an unknown one)."""
+    return [Deviation(name.strip()) for name in args.selections.split(",") if name.strip()]
+
+
+def blend_config(
+    args: argparse.Namespace, ratio: float, selection: Deviation | None = None
+) -> BlendConfig:
+    """The benchmark's blend settings at final ratio `ratio`, selecting rows by `selection`
+    (default: the first of `--selections`)."""
     layers = tuple(int(x) for x in args.check_layers.split(","))
     scale = [float(x) for x in args.gradual_ratios.split(",") if x]
     ratios = tuple(min(1.0, ratio * s) for s in scale) if scale else ()
@@ -69,16 +91,20 @@ def blend_config(args: argparse.Namespace, ratio: float) -> BlendConfig:
         recompute_ratio=ratio,
         check_layers=layers,
         ratios=ratios,
-        deviation=Deviation(args.deviation),
+        deviation=selection or selections(args)[0],
         mask=MaskKind(args.mask),
         num_forced_chunk_start=args.forced_chunk_start,
+        coverage=args.coverage,
+        min_ratio=args.min_ratio,
     )
 
 
-def _modes(args: argparse.Namespace) -> list[tuple[str, float | None]]:
+def _modes(args: argparse.Namespace) -> list[tuple[str, float | None, Deviation | None]]:
+    """(mode, ratio, selection): the baselines, then the blend per selection and ratio."""
     baselines = dict.fromkeys(["full_prefill", *args.baselines.split(",")])
-    blends = [("blend", float(r)) for r in args.ratios.split(",") if r]
-    return [*((m, None) for m in baselines if m), *blends]
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    blends = [("blend", r, metric) for metric in selections(args) for r in ratios]
+    return [*((m, None, None) for m in baselines if m), *blends]
 
 
 @dataclass(frozen=True)
@@ -97,6 +123,8 @@ class Record:
     f1_vs_full: float
     kl_vs_full: float | None  # None when full prefill's answer is empty
     top1_vs_full: float | None
+    selection: str | None = None  # the blend's selection metric
+    num_chunk_tokens: int = 0  # the prompt's chunk tokens (what a ratio is a fraction of)
 
 
 def answer_all(engine: Engine, example: RagExample, args: argparse.Namespace) -> list[Record]:
@@ -110,12 +138,14 @@ def answer_all(engine: Engine, example: RagExample, args: argparse.Namespace) ->
     segments = [example.system, *example.documents, example.question]
     golds = list(example.answers)
     engine.store.clear()
-    engine.warm(engine.prepare(segments))
+    prompt = engine.prepare(segments)
+    engine.warm(prompt)
+    num_chunk_tokens = sum(map(len, prompt.segments.chunk_ids))
     records: list[Record] = []
     full_ids: list[int] = []
     reference: Tensor | None = None  # full prefill's log-probs along its own answer
-    for mode, ratio in _modes(args):
-        cfg = blend_config(args, ratio if ratio is not None else 0.15)
+    for mode, ratio, selection in _modes(args):
+        cfg = blend_config(args, ratio if ratio is not None else 0.15, selection)
         out = engine.generate(
             segments, mode=mode, max_tokens=args.max_tokens, store_misses=False, blend=cfg
         )
@@ -140,6 +170,8 @@ def answer_all(engine: Engine, example: RagExample, args: argparse.Namespace) ->
                 *quality,
                 kl,
                 top1,
+                None if selection is None else selection.value,
+                num_chunk_tokens,
             )
         )
     if args.oracle and reference is not None:
@@ -158,7 +190,8 @@ def _oracle_records(
     """One `oracle` record per blend ratio (benchmarks.oracle), scored like the modes."""
     prompt = engine.prepare([example.system, *example.documents, example.question])
     records = []
-    for _, ratio in (m for m in _modes(args) if m[0] == "blend"):
+    ratios = dict.fromkeys(ratio for mode, ratio, _ in _modes(args) if mode == "blend")
+    for ratio in ratios:
         assert ratio is not None
         answer = oracle_answer(engine, prompt, blend_config(args, ratio), args.max_tokens, full_ids)
         text = engine.tokenizer.decode(answer.token_ids)
@@ -190,6 +223,13 @@ def distance(reference: Tensor, logprobs: Tensor) -> tuple[float, float]:
     return float(kl), float(top1)
 
 
+def _recomputed(record: Record) -> float | None:
+    """The share of the prompt's chunk tokens a record recomputed (None: no chunks)."""
+    if not record.num_chunk_tokens:
+        return None
+    return record.num_recomputed_tokens / record.num_chunk_tokens
+
+
 def _mean_of_measured(values: list[float | None]) -> float | None:
     measured = [v for v in values if v is not None]
     return statistics.fmean(measured) if measured else None
@@ -199,8 +239,8 @@ def summarize(records: list[Record], dataset: str, dtype: str) -> list[ModeResul
     """Per-mode medians and means; TTFT ratio is against full prefill on the same prompts."""
     full_ttft = statistics.median(r.ttft_s for r in records if r.mode == "full_prefill")
     results = []
-    for mode, ratio in dict.fromkeys((r.mode, r.ratio) for r in records):
-        rows = [r for r in records if r.mode == mode and r.ratio == ratio]
+    for mode, ratio, selection in dict.fromkeys((r.mode, r.ratio, r.selection) for r in records):
+        rows = [r for r in records if (r.mode, r.ratio, r.selection) == (mode, ratio, selection)]
         ttft = statistics.median(r.ttft_s for r in rows)
         results.append(
             ModeResult(
@@ -216,6 +256,8 @@ def summarize(records: list[Record], dataset: str, dtype: str) -> list[ModeResul
                 num_questions=len(rows),
                 kl_vs_full=_mean_of_measured([r.kl_vs_full for r in rows]),
                 top1_vs_full=_mean_of_measured([r.top1_vs_full for r in rows]),
+                selection=selection,
+                recomputed=_mean_of_measured([_recomputed(r) for r in rows]),
             )
         )
     return results
@@ -238,7 +280,9 @@ def run(args: argparse.Namespace) -> int:
             write_results(args, results, raw)
         del engine
     rows = [asdict(r) for r in results]
-    print_table(rows, list(rows[0]), title="blend benchmark (SmolLM2-135M, CPU)")
+    columns = list(rows[0])
+    columns.insert(columns.index("ratio"), columns.pop(columns.index("selection")))
+    print_table(rows, columns, title="blend benchmark (SmolLM2-135M, CPU)")
     print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.png')}")
     return 0
 

@@ -40,6 +40,9 @@ class ModeResult:
             full prefill's answer (teacher forced), nats per token; None if not measured.
         top1_vs_full: Fraction of those positions where this mode's most likely next token
             is full prefill's.
+        selection: the blend's row-selection metric (a `Deviation` value); None otherwise.
+        recomputed: mean share of the chunk tokens recomputed (the ratio a request used,
+            which an adaptive ratio chooses per request).
     """
 
     dataset: str
@@ -54,6 +57,11 @@ class ModeResult:
     num_questions: int
     kl_vs_full: float | None = None
     top1_vs_full: float | None = None
+    selection: str | None = None
+    recomputed: float | None = None
+
+
+_TEXT_COLUMNS = ("dataset", "dtype", "mode", "selection")
 
 
 def report_console() -> Console:
@@ -72,9 +80,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> N
     """
     table = Table(title=title)
     for column in columns:
-        table.add_column(
-            column, justify="left" if column in ("dataset", "dtype", "mode") else "right"
-        )
+        table.add_column(column, justify="left" if column in _TEXT_COLUMNS else "right")
     for row in rows:
         table.add_row(*(_cell(row.get(column)) for column in columns))
     report_console().print(table)
@@ -102,13 +108,13 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
 
 
 def plot_blend(path: str | Path, results: Sequence[ModeResult]) -> None:
-    """Plots quality and TTFT against the blend recompute ratio, one row per (dataset, dtype).
+    """Plots the quality–speed frontier, one row of panels per (dataset, dtype).
 
-    Left panel: F1 (solid) and accuracy (dotted, where present) of blend at each ratio; middle
-    panel: KL from full prefill's next-token distributions (blend, and the oracle selection of
-    `benchmarks.oracle` where measured); right panel: median TTFT.
-    Baselines (full prefill, full reuse, prefix caching) are horizontal dashed lines in the
-    same colours on every panel. Results of any other mode are not drawn.
+    Panels: accuracy, F1 and KL from full prefill's next-token distributions, each against
+    median TTFT. Every blend selection method is a line through its ratios (each point
+    labelled with its ratio), the oracle selection of `benchmarks.oracle` a dash-dotted one
+    where measured, and the baselines (full prefill, full reuse, prefix caching) single
+    markers. Up and to the left is better for accuracy and F1, down and to the left for KL.
 
     Args:
         path: Output PNG; parent directories are created.
@@ -123,26 +129,61 @@ def plot_blend(path: str | Path, results: Sequence[ModeResult]) -> None:
     from matplotlib.figure import Figure
 
     groups = list(dict.fromkeys((r.dataset, r.dtype) for r in results))
-    fig = Figure(figsize=(18, 4.2 * len(groups)))
+    fig = Figure(figsize=(19, 4.6 * len(groups)))
     FigureCanvasAgg(fig)  # Agg canvas without pyplot: no global backend state, no GUI.
-    axes = fig.subplots(len(groups), 3, squeeze=False)
-    for (dataset, dtype), (ax_quality, ax_kl, ax_ttft) in zip(groups, axes, strict=True):
+    axes = fig.subplots(len(groups), len(_FRONTIER), squeeze=False)
+    for (dataset, dtype), row in zip(groups, axes, strict=True):
         group = [r for r in results if r.dataset == dataset and r.dtype == dtype]
-        _plot_quality(ax_quality, group, f"{dataset} ({dtype}): answer quality")
-        _plot_divergence(ax_kl, group, f"{dataset} ({dtype}): distance from full prefill")
-        _plot_ttft(ax_ttft, group, f"{dataset} ({dtype}): time to first token")
+        for ax, (field, label) in zip(row, _FRONTIER, strict=True):
+            _plot_frontier(ax, group, field, label, f"{dataset} ({dtype}): {label} vs TTFT")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
 
-def _blend_points(group: Sequence[ModeResult], mode: str = "blend") -> list[ModeResult]:
-    """Results of `mode` (blend, or the oracle selection) sorted by recompute ratio."""
-    return sorted(
-        (r for r in group if r.mode == mode and r.ratio is not None),
-        key=lambda r: r.ratio or 0.0,
-    )
+_FRONTIER = (
+    ("accuracy", "accuracy"),
+    ("f1", "answer F1"),
+    ("kl_vs_full", "KL(full ‖ mode), nats/token"),
+)
+_LINE_COLORS = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+
+
+def _lines(group: Sequence[ModeResult]) -> list[tuple[str, list[ModeResult]]]:
+    """(label, points sorted by ratio) per blend selection method, then the oracle."""
+    lines = []
+    keys = dict.fromkeys((r.mode, r.selection) for r in group if r.ratio is not None)
+    for mode, selection in keys:
+        points = [r for r in group if (r.mode, r.selection) == (mode, selection)]
+        label = mode if selection is None else f"{mode} {selection}"
+        lines.append((label, sorted(points, key=lambda r: r.ratio or 0.0)))
+    return sorted(lines, key=lambda line: line[0].startswith("oracle"))
+
+
+def _plot_frontier(
+    ax: Any, group: Sequence[ModeResult], field: str, label: str, title: str
+) -> None:
+    def value(result: ModeResult) -> float:
+        measured = getattr(result, field)
+        return math.nan if measured is None else float(measured)
+
+    for idx, (name, points) in enumerate(_lines(group)):
+        oracle = name.startswith("oracle")
+        color = "tab:gray" if oracle else _LINE_COLORS[idx % len(_LINE_COLORS)]
+        xs, ys = [r.ttft_median_s for r in points], [value(r) for r in points]
+        ax.plot(xs, ys, "^-." if oracle else "o-", color=color, label=name)
+        for point, x, y in zip(points, xs, ys, strict=True):
+            ax.annotate(f"{point.ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize="x-small", color=color)  # fmt: skip
+    for base in _baselines(group):
+        color, name = _BASELINE_STYLE[base.mode]
+        ax.plot([base.ttft_median_s], [value(base)], "D", color=color, markersize=8, label=name)
+    ax.set(title=title, xlabel="median TTFT (s)", ylabel=label)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
 
 
 def _baselines(group: Sequence[ModeResult]) -> list[ModeResult]:
@@ -150,65 +191,3 @@ def _baselines(group: Sequence[ModeResult]) -> list[ModeResult]:
     return sorted(
         (r for r in group if r.mode in BASELINE_MODES), key=lambda r: BASELINE_MODES.index(r.mode)
     )
-
-
-def _plot_quality(ax: Any, group: Sequence[ModeResult], title: str) -> None:
-    """F1 and accuracy of blend vs ratio, baselines as dashed (F1) / dotted (accuracy) lines."""
-    points = _blend_points(group)
-    ratios = [r.ratio for r in points]
-    ax.plot(ratios, [r.f1 for r in points], "o-", color="tab:blue", label="blend F1")
-    if any(r.accuracy is not None for r in points):
-        accuracy = [r.accuracy if r.accuracy is not None else float("nan") for r in points]
-        ax.plot(ratios, accuracy, "s:", color="tab:purple", label="blend accuracy")
-    for base in _baselines(group):
-        color, name = _BASELINE_STYLE[base.mode]
-        ax.axhline(base.f1, color=color, linestyle="--", label=f"{name} F1")
-        if base.accuracy is not None:
-            ax.axhline(base.accuracy, color=color, linestyle=":", label=f"{name} accuracy")
-    ax.set(title=title, xlabel="recompute ratio (fraction of chunk tokens)", ylabel="score (0-1)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
-
-
-def _plot_divergence(ax: Any, group: Sequence[ModeResult], title: str) -> None:
-    """KL from full prefill of blend (and of the oracle selection, if measured) vs ratio,
-    baselines as dashed lines."""
-    for mode, style, label in (("blend", "o-", "blend"), ("oracle", "^-.", "oracle selection")):
-        points = _blend_points(group, mode)
-        kl = [math.nan if r.kl_vs_full is None else r.kl_vs_full for r in points]
-        if points:
-            ax.plot([r.ratio for r in points], kl, style, color="tab:blue", label=label)
-    for base in _baselines(group):
-        if base.kl_vs_full is not None:
-            color, name = _BASELINE_STYLE[base.mode]
-            ax.axhline(base.kl_vs_full, color=color, linestyle="--", label=name)
-    ax.set(
-        title=title,
-        xlabel="recompute ratio (fraction of chunk tokens)",
-        ylabel="KL(full ‖ mode), nats/token (teacher forced)",
-    )
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
-
-
-def _plot_ttft(ax: Any, group: Sequence[ModeResult], title: str) -> None:
-    """Median TTFT of blend vs ratio, baselines as dashed lines."""
-    points = _blend_points(group)
-    ax.plot(
-        [r.ratio for r in points],
-        [r.ttft_median_s for r in points],
-        "o-",
-        color="tab:blue",
-        label="blend",
-    )
-    for base in _baselines(group):
-        color, name = _BASELINE_STYLE[base.mode]
-        ax.axhline(base.ttft_median_s, color=color, linestyle="--", label=name)
-    ax.set(
-        title=title, xlabel="recompute ratio (fraction of chunk tokens)", ylabel="median TTFT (s)"
-    )
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")

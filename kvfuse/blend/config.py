@@ -64,6 +64,13 @@ class BlendConfig:
         mask: exact causal by position, or the bottom-right-aligned variant.
         num_forced_chunk_start: the first tokens of every cached chunk are always recomputed
             (they were computed without the preceding chunks; cf. EPIC's chunk-start repair).
+        coverage: adaptive ratio. None: each check layer keeps its ratio's share of the
+            eligible rows. Else it keeps the fewest top-scoring rows whose scores add up to
+            this share of all candidates' (e.g. 0.8 of the query's attention to the chunks),
+            but at least `min_ratio` (capped by the layer's ratio) and at most the layer's ratio
+            of the eligible rows;
+            `BlendStats.num_recomputed_tokens` says what a request used.
+        min_ratio: the adaptive ratio's floor.
     """
 
     recompute_ratio: float = 0.15
@@ -72,8 +79,14 @@ class BlendConfig:
     deviation: Deviation = Deviation.V_L2
     mask: MaskKind = MaskKind.EXACT
     num_forced_chunk_start: int = 0
+    coverage: float | None = None
+    min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.coverage is not None and not 0.0 < self.coverage <= 1.0:
+            raise ConfigError(f"coverage must be in (0, 1], got {self.coverage}")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ConfigError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
         if self.num_forced_chunk_start < 0:
             raise ConfigError("num_forced_chunk_start must be ≥ 0")
         if not 0.0 <= self.recompute_ratio <= 1.0 or math.isnan(self.recompute_ratio):

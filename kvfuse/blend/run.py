@@ -26,7 +26,7 @@ from torch import Tensor
 from kvfuse.blend.attention import RowAttention
 from kvfuse.blend.config import Deviation, MaskKind
 from kvfuse.blend.plan import RowPlan
-from kvfuse.blend.select import deviation, query_attention, select_rows
+from kvfuse.blend.select import deviation, num_covering, query_attention, select_rows
 from kvfuse.errors import ConfigError
 from kvfuse.model.transformer import Transformer
 
@@ -83,6 +83,8 @@ class BlendRun:
         schedule: dict[int, float],
         mask: MaskKind = MaskKind.EXACT,
         metric: Deviation = Deviation.V_L2,
+        coverage: float | None = None,
+        min_ratio: float = 0.0,
     ) -> None:
         num_cached = int(plan.cached.sum())
         if num_cached != (cached_kv.num_tokens if cached_kv is not None else 0):
@@ -90,6 +92,7 @@ class BlendRun:
         self.model, self.plan = model, plan
         self.cached_kv = cached_kv if num_cached else None
         self.schedule, self.mask_kind, self.metric = schedule, mask, metric
+        self.coverage, self.min_ratio = coverage, min_ratio  # see BlendConfig
         self.stats = BlendStats(num_tokens=plan.num_tokens, num_cached_tokens=num_cached)
         self._logits: Tensor | None = None
 
@@ -177,6 +180,10 @@ class BlendRun:
         if score is None:
             raise RuntimeError(f"no score for the {self.metric.value} metric")
         num_eligible = int(self.plan.eligible.sum())
-        keep = select_rows(score, candidate, math.floor(self.schedule[layer_idx] * num_eligible))
+        num_keep = math.floor(self.schedule[layer_idx] * num_eligible)
+        if self.coverage is not None:
+            low = min(num_keep, math.floor(self.min_ratio * num_eligible))
+            num_keep = num_covering(score, candidate, self.coverage, low, num_keep)
+        keep = select_rows(score, candidate, num_keep)
         self.stats.num_selected_per_check.append(int(keep.numel()))
         return k_all, v_all, keep

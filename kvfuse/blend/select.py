@@ -23,6 +23,17 @@ def select_rows(deviation: Tensor, candidate: Tensor, num_keep: int) -> Tensor:
     return keep.nonzero().squeeze(1)
 
 
+def num_covering(score: Tensor, candidate: Tensor, coverage: float, low: int, high: int) -> int:
+    """The fewest top-scoring candidates whose (non-negative) scores reach `coverage` of all
+    candidates' total, clamped to [low, high]. Shape: score [S] fp32, candidate [S] bool."""
+    ranked = torch.sort(score[candidate].clamp(min=0), descending=True).values
+    total = float(ranked.sum())
+    if total <= 0.0:
+        return low
+    reached = int((torch.cumsum(ranked, 0) < coverage * total).sum()) + 1
+    return max(low, min(high, reached))
+
+
 def deviation(
     kind: Deviation, fresh: tuple[Tensor, Tensor], cached: tuple[Tensor, Tensor]
 ) -> Tensor:

@@ -135,4 +135,6 @@ class PrefillCompute:
             planned.schedule,
             blend.mask,
             blend.deviation,
+            blend.coverage,
+            blend.min_ratio,
         )

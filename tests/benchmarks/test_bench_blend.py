@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import blend as bench_blend
 from benchmarks.datasets import RagExample
+from kvfuse.blend import Deviation
 from kvfuse.engine import Engine
 
 
@@ -28,8 +29,9 @@ def fake_records(example: RagExample, args: argparse.Namespace) -> list[bench_bl
             1.0,
             0.0 if ratio is None else 0.2,
             1.0 if ratio is None else 0.9,
+            None if selection is None else selection.value,
         )
-        for mode, ratio in bench_blend._modes(args)
+        for mode, ratio, selection in bench_blend._modes(args)
     ]
 
 
@@ -88,3 +90,27 @@ def test_blend_config_takes_the_selection_options() -> None:
     assert config.check_layers == (1, 2) and config.ratios == (0.3, 0.15)
     assert config.num_forced_chunk_start == 8 and config.recompute_ratio == 0.15
     assert bench_blend.blend_config(parser.parse_args([]), 0.3).num_forced_chunk_start == 0
+
+
+def test_each_selection_runs_every_ratio_after_the_baselines() -> None:
+    parser = argparse.ArgumentParser()
+    bench_blend.add_arguments(parser)
+    args = parser.parse_args(["--selections", "v_l2,q_attn_v_l2", "--ratios", "0.15,0.3"])
+    modes = bench_blend._modes(args)
+    assert [m for m, _, _ in modes[:3]] == ["full_prefill", "prefix_cache", "full_reuse"]
+    blends = [(r, s.value if s else None) for m, r, s in modes if m == "blend"]
+    assert blends == [(0.15, "v_l2"), (0.3, "v_l2"), (0.15, "q_attn_v_l2"), (0.3, "q_attn_v_l2")]
+    config = bench_blend.blend_config(args, 0.3, Deviation.QUERY_WEIGHTED_V)
+    assert config.deviation is Deviation.QUERY_WEIGHTED_V and config.recompute_ratio == 0.3
+    assert bench_blend.blend_config(args, 0.3).deviation is Deviation.V_L2
+    with pytest.raises(ValueError):
+        bench_blend.selections(parser.parse_args(["--selections", "nope"]))
+
+
+def test_adaptive_flags_reach_the_blend_config() -> None:
+    parser = argparse.ArgumentParser()
+    bench_blend.add_arguments(parser)
+    args = parser.parse_args(["--coverage", "0.6", "--min-ratio", "0.05"])
+    config = bench_blend.blend_config(args, 0.5)
+    assert (config.coverage, config.min_ratio, config.recompute_ratio) == (0.6, 0.05, 0.5)
+    assert bench_blend.blend_config(parser.parse_args([]), 0.5).coverage is None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import report
 from benchmarks.report import ModeResult, plot_blend, print_table, write_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -65,3 +66,11 @@ def test_print_table(capsys: pytest.CaptureFixture[str]) -> None:
     print_table(rows, ["mode", "ratio", "f1"], title="fake")
     out = capsys.readouterr().out
     assert "full_prefill" in out and "0.55" in out and "-" in out
+
+
+def test_frontier_draws_one_line_per_selection_then_the_oracle() -> None:
+    results = _fake_results()
+    results.append(ModeResult(**{**asdict(results[3]), "selection": "q_attn"}))
+    lines = report._lines(results)
+    assert [name for name, _ in lines] == ["blend", "blend q_attn", "oracle"]
+    assert [r.ratio for r in lines[0][1]] == [0.05, 0.15]  # sorted along the ratio sweep

@@ -16,7 +16,7 @@ from kvfuse.blend import (
     MaskKind,
     Mode,
 )
-from kvfuse.blend.select import select_rows
+from kvfuse.blend.select import num_covering, select_rows
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.errors import ConfigError
@@ -65,9 +65,7 @@ def run(
     engine: Engine, prompt: PreparedPrompt, mode: Mode, cfg: BlendConfig
 ) -> tuple[list[FusedLayer], BlendRun]:
     planned = engine.plan(prompt, mode, cfg)
-    blend = BlendRun(
-        engine.model, planned.plan, planned.cached_kv, planned.schedule, cfg.mask, cfg.deviation
-    )
+    blend = engine.compute.run(planned, cfg)
     with torch.inference_mode():
         layers = [FusedLayer(f.layer_idx, f.k.clone(), f.v.clone()) for f in blend]
     return layers, blend
@@ -255,6 +253,40 @@ def test_select_rows_keeps_forced_sorted_unique_and_breaks_ties_by_index() -> No
     assert select_rows(dev, candidate, num_keep=100).tolist() == list(range(7))
 
 
+def test_num_covering_takes_the_fewest_rows_reaching_the_share() -> None:
+    score = torch.tensor([5.0, 1.0, 3.0, 1.0, 9.0])
+    candidate = torch.tensor([True, True, True, True, False])  # total over candidates: 10
+    assert num_covering(score, candidate, 0.5, 0, 4) == 1  # 5 of 10
+    assert num_covering(score, candidate, 0.8, 0, 4) == 2  # 8
+    assert num_covering(score, candidate, 0.85, 0, 4) == 3  # 9
+    assert num_covering(score, candidate, 1.0, 0, 4) == 4
+    assert num_covering(score, candidate, 0.5, 2, 4) == 2  # the floor
+    assert num_covering(score, candidate, 1.0, 0, 3) == 3  # the ceiling
+    assert num_covering(torch.zeros(5), candidate, 0.5, 1, 4) == 1  # nothing to cover
+
+
+def test_adaptive_ratio_stays_in_its_bounds_and_equals_full_prefill_at_full_coverage(
+    tiny_engine: Engine,
+) -> None:
+    prompt = make_prompt(tiny_engine)
+    tiny_engine.warm(prompt)
+    eligible = NUM_CHUNKS * CHUNK_LEN
+    used = []
+    for coverage in (0.2, 0.6, 0.95):
+        cfg = BlendConfig(recompute_ratio=0.5, deviation=Deviation.QUERY_ATTENTION,
+                          coverage=coverage, min_ratio=0.1)  # fmt: skip
+        _, blend = run(tiny_engine, prompt, Mode.BLEND, cfg)
+        used.append(blend.stats.num_recomputed_tokens)
+    assert all(int(0.1 * eligible) <= n <= int(0.5 * eligible) for n in used)
+    assert used == sorted(used) and used[0] < used[-1]  # more coverage, more rows
+    full_layers, full = run(tiny_engine, prompt, Mode.FULL_PREFILL, BlendConfig())
+    cfg = BlendConfig(recompute_ratio=1.0, deviation=Deviation.QUERY_WEIGHTED_V, coverage=1.0)
+    layers, blend = run(tiny_engine, prompt, Mode.BLEND, cfg)
+    assert blend.stats.num_recomputed_tokens == eligible
+    torch.testing.assert_close(blend.last_logits, full.last_logits, atol=TOL, rtol=0)
+    assert_layers_close(layers, full_layers, TOL)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -265,6 +297,9 @@ def test_select_rows_keeps_forced_sorted_unique_and_breaks_ties_by_index() -> No
         {"check_layers": ()},
         {"check_layers": (1, 2), "ratios": (0.1, 0.3)},
         {"check_layers": (1, 2), "ratios": (0.3,)},
+        {"coverage": 0.0},
+        {"coverage": 1.2},
+        {"min_ratio": -0.1},
     ],
 )
 def test_bad_blend_config_is_refused(kwargs: dict[str, object]) -> None:
