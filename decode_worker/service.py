@@ -20,7 +20,7 @@ from kvfuse.blend import Mode
 from kvfuse.blend.precompute import ChunkContext
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
-from kvfuse.model.loader import LoadedModel, load_model
+from kvfuse.model.loader import LoadedModel, load_configured
 from kvfuse.prefill import WarmResult
 from kvfuse.segments import PromptSegments
 from kvfuse.service.threads import io_thread, on_temporary_thread
@@ -88,9 +88,7 @@ class DecodeService:
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         loaded = on_temporary_thread(  # its torch team must not outlive it: service/threads.py
-            lambda: load_model(
-                settings.model, settings.cache_dir, settings.torch_dtype, settings.device
-            )
+            lambda: load_configured(settings)
         )
         if config.prefill_url:
             backend = remote_backend(

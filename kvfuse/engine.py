@@ -26,7 +26,7 @@ from kvfuse.chunk_store import ChunkStore
 from kvfuse.decode.step import KVCache, generate_tokens, score_continuation
 from kvfuse.errors import InvalidRequestError
 from kvfuse.keys import KeySpace, PreparedPrompt
-from kvfuse.model.loader import LoadedModel, load_model
+from kvfuse.model.loader import LoadedModel, load_configured
 from kvfuse.model.sampling import Sampler, SamplingParams
 from kvfuse.prefill.compute import PrefillCompute
 from kvfuse.prefill.observer import PrefillObserver
@@ -108,9 +108,7 @@ class Engine:
         settings = settings or Settings.from_env(model=str(model) if model else None, **overrides)
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
-        loaded = load_model(
-            settings.model, settings.cache_dir, settings.torch_dtype, settings.device
-        )
+        loaded = load_configured(settings)
         store, policy = ChunkStore(settings.store_capacity_bytes), MissPolicy(miss_policy)
         return cls(loaded, store, ChunkContext(chunk_context), blend, miss_policy=policy)
 

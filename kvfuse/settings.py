@@ -26,6 +26,8 @@ class Settings:
         cache_dir: where converted weights are kept (KVFUSE_CACHE_DIR).
         store_capacity_bytes: byte budget of the in-process chunk store.
         num_threads: torch intra-op threads; 0 keeps torch's default.
+        fused_kernels: run the model's norms and RoPE as fused C++ kernels, built once per
+            machine (KVFUSE_FUSED_KERNELS; off: the eager torch ops).
     """
 
     model: str | None = None
@@ -34,6 +36,7 @@ class Settings:
     cache_dir: Path = Path.home() / ".cache" / "kvfuse"
     store_capacity_bytes: int = 2 << 30
     num_threads: int = 0
+    fused_kernels: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
@@ -48,7 +51,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
-        """Reads KVFUSE_MODEL, KVFUSE_DEVICE, KVFUSE_DTYPE, KVFUSE_CACHE_DIR; flags override."""
+        """Reads KVFUSE_MODEL, KVFUSE_DEVICE, KVFUSE_DTYPE, KVFUSE_CACHE_DIR and
+        KVFUSE_FUSED_KERNELS (0, off, false or no turn them off); flags override."""
         env = os.environ if env is None else env
         base = cls()
         values: dict[str, Any] = {
@@ -58,6 +62,8 @@ class Settings:
             "cache_dir": Path(env["KVFUSE_CACHE_DIR"])
             if "KVFUSE_CACHE_DIR" in env
             else base.cache_dir,
+            "fused_kernels": env.get("KVFUSE_FUSED_KERNELS", "1").strip().lower()
+            not in ("0", "off", "false", "no"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(base, **values)

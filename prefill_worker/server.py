@@ -15,7 +15,7 @@ from kvfuse.chunk_store import ChunkStore
 from kvfuse.client.controller import ControllerClient
 from kvfuse.control.policy import WorkerPolicy
 from kvfuse.keys import KeySpace
-from kvfuse.model.loader import load_model
+from kvfuse.model.loader import load_configured
 from kvfuse.prefill.compute import PrefillCompute
 from kvfuse.prefill.pipeline import PipelineOptions, PrefillPipeline
 from kvfuse.prefill.sources import (
@@ -48,7 +48,7 @@ def build_compute(config: PrefillConfig) -> PrefillCompute:
     settings = Settings.from_env(model=config.model, device=config.device, dtype=config.dtype)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    loaded = load_model(settings.model, settings.cache_dir, settings.torch_dtype, settings.device)
+    loaded = load_configured(settings)
     fingerprints = (loaded.fingerprint, loaded.tokenizer.fingerprint)
     keys = KeySpace(*fingerprints, ChunkContext(config.chunk_context), config.tenant_salt)
     return PrefillCompute(loaded.model, keys, bos_token_id=loaded.tokenizer.bos_token_id)

@@ -107,7 +107,7 @@ class BlendRun:
         model, plan = self.model, self.plan
         device, num_tokens = model.device, plan.num_tokens
         cos, sin = model.cos_sin(torch.arange(num_tokens, device=device))  # [N, D] fp32
-        cos, sin = cos.to(model.dtype), sin.to(model.dtype)  # what apply_rope casts them to
+        cos, sin = cos.to(model.dtype), sin.to(model.dtype)  # what the RoPE kernels cast them to
         rows = (~plan.exact).nonzero().squeeze(1).to(device)  # computed rows, ascending
         h = model.embed(plan.token_ids.to(device)[rows])  # [S, hidden]
         rows_cos, rows_sin, attend = cos[rows], sin[rows], self._row_attention(rows)

@@ -25,7 +25,10 @@ def select_rows(deviation: Tensor, candidate: Tensor, num_keep: int) -> Tensor:
 
 def num_covering(score: Tensor, candidate: Tensor, coverage: float, low: int, high: int) -> int:
     """The fewest top-scoring candidates whose (non-negative) scores reach `coverage` of all
-    candidates' total, clamped to [low, high]. Shape: score [S] fp32, candidate [S] bool."""
+    candidates' total, clamped to [low, high]; all of them (`high`) at coverage 1, whatever
+    the rounding of the running sum. Shape: score [S] fp32, candidate [S] bool."""
+    if coverage >= 1.0:
+        return high
     ranked = torch.sort(score[candidate].clamp(min=0), descending=True).values
     total = float(ranked.sum())
     if total <= 0.0:

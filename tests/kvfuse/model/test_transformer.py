@@ -12,6 +12,7 @@ from torch import Tensor
 from kvfuse.blend import BlendRun
 from kvfuse.blend.plan import RowPlan
 from kvfuse.decode.step import KVCache, decode_step
+from kvfuse.errors import InvalidRequestError
 from kvfuse.model.loader import LoadedModel, load_model
 from kvfuse.model.transformer import Linear, Transformer
 
@@ -199,16 +200,17 @@ def test_decode_step_refuses_a_full_cache(tiny: Callable[[str], LoadedModel]) ->
     cache = KVCache(model, capacity=2)
     decode_step(model, cache, 5)
     decode_step(model, cache, 6)
-    with pytest.raises(RuntimeError, match="full"):
+    with pytest.raises(InvalidRequestError, match="full"):
         decode_step(model, cache, 7)
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_linear_one_row_equals_the_matmul(bias: bool, dtype: torch.dtype) -> None:
-    """The one-row path (`torch.mv` in bf16) gives the matmul's values, row by row."""
+    """A row alone (a decode step) gives the batch's values, on the packed bf16 weight too."""
     torch.manual_seed(0)
     layer = Linear(96, 160, bias=bias).to(dtype)
+    layer.pack()
     rows = torch.randn(5, 96, dtype=dtype)
     with torch.inference_mode():
         batch = layer(rows)

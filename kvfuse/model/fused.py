@@ -1,0 +1,146 @@
+"""The decoder's pointwise work: RMSNorm, residual add + RMSNorm and RoPE on heads, eager or fused.
+
+Eagerly each of these is several passes over a [S, hidden] tensor, and on CPU they cost as much
+as the matmuls around them (SmolLM2 bf16, 2,048 tokens, 2 cores: the RMSNorm alone 1.1 ms a
+call, the fused kernel 0.23 ms). `csrc/fused.cpp` does each in one pass over the rows; it is
+compiled once per machine on first use (torch's extension builder, g++ and ninja; about 25 s,
+then cached) and registered as `torch.ops.kvfuse.*`.
+
+The functions here define the results. The fused kernels round exactly where these do, so
+they agree bit for bit except for the RMS norm's sum, which they add up in another order (an
+ulp in a few rows, bounded in the tests). `KERNELS` is what the model calls: the fused kernels
+after `use_fused_kernels()` succeeded, these otherwise, and these for any tensor the kernels do
+not take (float16, CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "fused.cpp"
+# -ffp-contract=off: no fused multiply-adds, so each product rounds as the eager op's does.
+_CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+# The instruction set follows torch's own CPU capability, never -march=native: a build cache
+# shared by machines (a home directory, an image) must not hold code one of them cannot run.
+_ARCH_FLAGS = {
+    "AVX512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
+    "AVX2": ["-march=x86-64-v3"],
+}
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Root-mean-square norm over the last dimension in fp32, scaled in x's dtype (as
+    transformers' Llama). Shape: [..., n] -> same."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(h: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual add and the next norm. Shape: [S, n] ×2 -> (h + delta, its norm)."""
+    h = h + delta
+    return h, rms_norm(h, weight, eps)
+
+
+def rope_heads(x: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> Tensor:
+    """Splits projected rows into heads and rotates them.
+
+    `x·cos + rotate_half(x)·sin` computed in x's dtype (as transformers does), with
+    rotate_half's sign moved onto the small sin table (a negated product is exact).
+    Shape: x [S, heads·D] (rows may be strided), cos/sin [S, D] -> [heads, S, D].
+    """
+    x = x.view(x.shape[0], num_heads, -1).transpose(0, 1)  # [H, S, D]
+    half = x.shape[-1] // 2
+    sin = sin.to(x.dtype)
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # [S, D]
+    return x * cos.to(x.dtype) + x.roll(half, dims=-1) * signed_sin
+
+
+def _fusable(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype in _FUSED_DTYPES for t in tensors)
+
+
+def _fused_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if not _fusable(x) or weight.dtype != x.dtype:
+        return rms_norm(x, weight, eps)
+    rows = x.reshape(-1, x.shape[-1])  # a view unless x's rows are not evenly strided
+    return torch.ops.kvfuse.rms_norm(rows, weight, eps).view(x.shape)
+
+
+def _fused_add_rms_norm(
+    h: Tensor, delta: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    if h.dim() != 2 or not _fusable(h) or not (h.dtype == delta.dtype == weight.dtype):
+        return add_rms_norm(h, delta, weight, eps)
+    total, normed = torch.ops.kvfuse.add_rms_norm(h, delta, weight, eps)
+    return total, normed
+
+
+def _fused_rope_heads(x: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> Tensor:
+    if x.dim() != 2 or not _fusable(x):
+        return rope_heads(x, cos, sin, num_heads)
+    out: Tensor = torch.ops.kvfuse.rope_heads(x, cos.to(x.dtype), sin.to(x.dtype), num_heads)
+    return out
+
+
+class Kernels:
+    """The implementations the model calls: eager until `use_fused_kernels` succeeds."""
+
+    def __init__(self) -> None:
+        self.use_eager()
+
+    def use_eager(self) -> None:
+        self.rms_norm, self.add_rms_norm, self.rope_heads = rms_norm, add_rms_norm, rope_heads
+        self.fused = False
+
+    def use_fused(self) -> None:
+        self.rms_norm, self.add_rms_norm = _fused_rms_norm, _fused_add_rms_norm
+        self.rope_heads = _fused_rope_heads
+        self.fused = True
+
+
+KERNELS = Kernels()
+
+
+def build_fused_kernels() -> bool:
+    """Builds (first time on this machine) and loads the fused kernels; True when loaded.
+
+    The build goes where torch keeps extensions (TORCH_EXTENSIONS_DIR, by default
+    ~/.cache/torch_extensions), keyed by the source's hash, under a file lock so concurrent
+    processes build it once. Any failure (no g++, no ninja) is logged and leaves eager.
+    """
+    if hasattr(torch.ops.kvfuse, "rms_norm"):
+        return True
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        log.warning("no C++ compiler found: the model's pointwise kernels stay eager")
+        return False
+    from torch.utils.cpp_extension import load
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _CFLAGS + _ARCH_FLAGS.get(capability, [])
+    name = f"kvfuse_fused_{capability.lower()}"
+    start = time.perf_counter()
+    try:
+        load(name, [str(_SOURCE)], extra_cflags=flags, is_python_module=False)
+    except (OSError, RuntimeError, ImportError) as e:
+        log.warning("building the fused kernels failed, they stay eager: %s", e)
+        return False
+    log.info("fused kernels loaded in %.1f s", time.perf_counter() - start)
+    return True
+
+
+def use_fused_kernels() -> bool:
+    """Switches `KERNELS` to the fused kernels when they build; returns whether they are used."""
+    if build_fused_kernels():
+        KERNELS.use_fused()
+    return KERNELS.fused

@@ -1,0 +1,142 @@
+"""The fused C++ kernels agree with the eager ops they replace, and the prepacked bf16 linear
+is bit for bit `F.linear`; the whole model gives the same logits either way."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvfuse.model import fused
+from kvfuse.model.loader import LoadedModel
+from kvfuse.model.transformer import Linear
+
+DTYPES = [torch.float32, torch.bfloat16]
+# The RMS norm's sum is added in another order: a few ulp in fp32; in bf16 the normed value
+# can round one step the other way, and the product with the weight once more.
+RMS_RTOL = {torch.float32: 4e-6, torch.bfloat16: 2.0**-6}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels() -> Iterator[None]:
+    if not fused.build_fused_kernels():
+        if os.environ.get("CI"):
+            pytest.fail("the fused kernels must build in CI (g++ and ninja are installed there)")
+        pytest.skip("the fused kernels did not build here (no C++ compiler or ninja)")
+    was_fused = fused.KERNELS.fused
+    fused.KERNELS.use_fused()
+    yield
+    if not was_fused:
+        fused.KERNELS.use_eager()
+
+
+def _rows(num_rows: int, width: int, dtype: torch.dtype, seed: int, pad: int = 0) -> torch.Tensor:
+    """[num_rows, width], rows strided by `width + pad` when pad > 0 (a slice of a wider
+    tensor, as q/k are slices of the fused projection)."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = (torch.randn(num_rows, width + pad, generator=gen) * 3).to(dtype)
+    return wide[:, :width]
+
+
+def _assert_rms_close(fused_out: torch.Tensor, eager_out: torch.Tensor) -> None:
+    diff = (fused_out.float() - eager_out.float()).abs()
+    bound = RMS_RTOL[eager_out.dtype] * eager_out.float().abs() + 1e-30
+    assert bool((diff <= bound).all()), float((diff / bound).max())
+    assert float((fused_out != eager_out).float().mean()) < 0.01 or eager_out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads", [9, 3])
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+def test_rope_heads_equals_eager_bit_for_bit(
+    dtype: torch.dtype, num_heads: int, num_tokens: int
+) -> None:
+    x = _rows(num_tokens, num_heads * 64, dtype, seed=num_tokens, pad=128)
+    angles = torch.rand(num_tokens, 32, generator=torch.Generator().manual_seed(1)) * 100
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    out = fused.KERNELS.rope_heads(x, cos, sin, num_heads)
+    assert out.shape == (num_heads, num_tokens, 64)
+    assert torch.equal(out, fused.rope_heads(x, cos, sin, num_heads))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (300, 576), (5, 9, 64)])
+def test_rms_norm_matches_eager(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    x = _rows(shape[0], int(torch.tensor(shape[1:]).prod()), dtype, seed=3, pad=64)
+    x = x.reshape(shape) if len(shape) == 3 else x
+    weight = torch.rand(shape[-1], generator=torch.Generator().manual_seed(4)).to(dtype) + 0.5
+    out = fused.KERNELS.rms_norm(x, weight, 1e-5)
+    assert out.shape == x.shape and out.dtype == dtype
+    _assert_rms_close(out, fused.rms_norm(x, weight, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_adds_exactly_and_norms_as_eager(dtype: torch.dtype) -> None:
+    h, delta = _rows(200, 576, dtype, seed=5, pad=32), _rows(200, 576, dtype, seed=6)
+    weight = torch.rand(576, generator=torch.Generator().manual_seed(7)).to(dtype)
+    total, normed = fused.KERNELS.add_rms_norm(h, delta, weight, 1e-5)
+    eager_total, eager_normed = fused.add_rms_norm(h, delta, weight, 1e-5)
+    assert torch.equal(total, eager_total)
+    _assert_rms_close(normed, eager_normed)
+
+
+def test_other_dtypes_fall_back_to_eager() -> None:
+    x = _rows(4, 64, torch.float16, seed=8)
+    weight = torch.ones(64, dtype=torch.float16)
+    assert torch.equal(fused.KERNELS.rms_norm(x, weight, 1e-5), fused.rms_norm(x, weight, 1e-5))
+
+
+def test_kernels_refuse_bad_shapes_with_a_clear_error() -> None:
+    x = torch.randn(4, 64)
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        torch.ops.kvfuse.rms_norm(x, torch.ones(32), 1e-5)
+    with pytest.raises(RuntimeError, match="heads"):
+        torch.ops.kvfuse.rope_heads(x, torch.ones(4, 64), torch.ones(4, 64), 3)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.kvfuse.rms_norm(x.double(), torch.ones(64).double(), 1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("num_rows", [1, 3, 64])
+def test_packed_bf16_linear_equals_f_linear_bit_for_bit(bias: bool, num_rows: int) -> None:
+    torch.manual_seed(num_rows)
+    layer = Linear(576, 960, bias=bias).to(torch.bfloat16)
+    x = torch.randn(num_rows, 576).to(torch.bfloat16)
+    expected = F.linear(x, layer.weight, layer.bias)
+    layer.pack()
+    assert layer.packed is not None or not torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)
+    layer.unpack()
+
+
+def test_fp32_linear_is_never_packed() -> None:
+    layer = Linear(8, 8)
+    layer.pack()
+    assert layer.packed is None
+
+
+def test_model_logits_match_with_fused_and_eager_kernels(smollm: LoadedModel) -> None:
+    model = smollm.model
+    token_ids = torch.randint(100, 5000, (96,), generator=torch.Generator().manual_seed(9))
+
+    @torch.inference_mode()
+    def logits() -> torch.Tensor:
+        positions = torch.arange(token_ids.numel())
+        cos, sin = model.cos_sin(positions)
+        h = model.embed(token_ids)
+        for block in model.blocks:
+            q, k, v = block.qkv(h, cos, sin)
+            h = block.finish(h, block.attend(q, k, v, None, True))
+        return model.logits(h)
+
+    with_fused = logits()
+    fused.KERNELS.use_eager()
+    try:
+        eager = logits()
+    finally:
+        fused.KERNELS.use_fused()
+    torch.testing.assert_close(with_fused, eager, atol=2e-4, rtol=0)
