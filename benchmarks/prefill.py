@@ -304,7 +304,7 @@ def plot(path: Path, results: dict[str, dict[str, Any]], ratio: float) -> None:
             style: dict[str, Any] = {"linestyle": dash, "color": color, "marker": "o"}
             name = f"{system} {dtype}"
             _line(ax_prefill, data["prefill"], "num_tokens", "tokens_per_s", name, **style)
-            _line(ax_decode, data["decode"], "batch", "step_s", name, **style)
+            _line(ax_decode, data["decode"], "batch", "step_s", name, scale=1e3, **style)
             if system == "vllm_cpu":
                 _line(ax_ttft, data["prefill"], "num_tokens", "seconds", f"vLLM prefill {dtype}",
                       **style)  # fmt: skip

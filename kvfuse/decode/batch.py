@@ -35,7 +35,8 @@ def decode_batch(model: Transformer, caches: Sequence[KVCache], token_ids: Seque
     _check_batch(caches, token_ids)
     device = model.device
     positions = [cache.num_tokens for cache in caches]
-    cos, sin = model.cos_sin(torch.tensor(positions, device=device))  # [B, D]
+    cos, sin = model.cos_sin(torch.tensor(positions, device=device))  # [B, D] fp32
+    cos, sin = cos.to(model.dtype), sin.to(model.dtype)  # once, not in every layer's RoPE
     h = model.embed(torch.tensor(list(token_ids), device=device))  # [B, hidden]
     for layer_idx, block in enumerate(model.blocks):
         q, k, v = block.qkv(h, cos, sin)  # [H, B, D], [H_kv, B, D] ×2
@@ -72,7 +73,7 @@ def _attend(
             enable_gqa=q.shape[0] != k.shape[0],
         )
         outs.append(out[0])
-    return torch.cat(outs, dim=1)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def _check_batch(caches: Sequence[KVCache], token_ids: Sequence[int]) -> None:
