@@ -2,8 +2,8 @@
 
 The new tokens of B sequences share every row-wise op as one [B, hidden] batch (embedding,
 norms, Q/K/V projections, RoPE with per-row positions, output projection, MLP, LM head);
-attention alone runs per sequence over its own cache, so sequences of any lengths mix without
-padding. `decode_step` is
+attention alone runs per sequence over its own cache (`KERNELS.decode_attention`), so sequences
+of any lengths mix without padding. `decode_step` is
 `decode_batch` with B = 1.
 """
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kvfuse.decode.cache import KVCache
 from kvfuse.errors import InvalidRequestError
+from kvfuse.model.fused import KERNELS
 from kvfuse.model.transformer import Transformer
 
 
@@ -42,38 +42,11 @@ def decode_batch(model: Transformer, caches: Sequence[KVCache], token_ids: Seque
         q, k, v = block.qkv(h, cos, sin)  # [H, B, D], [H_kv, B, D] ×2
         k_caches = [cache.k[layer_idx] for cache in caches]
         v_caches = [cache.v[layer_idx] for cache in caches]
-        attn = _attend(q, k, v, k_caches, v_caches, positions)  # [H, B, D]
+        attn = KERNELS.decode_attention(q, k, v, k_caches, v_caches, positions)  # [H, B, D]
         h = block.finish(h, block.self_attn.project(attn))  # [B, hidden]
     for cache, pos in zip(caches, positions, strict=True):
         cache.num_tokens = pos + 1
     return model.logits(h)  # [B, vocab]
-
-
-def _attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_caches: Sequence[Tensor],
-    v_caches: Sequence[Tensor],
-    positions: Sequence[int],
-) -> Tensor:
-    """One decode step's attention for B sequences, each over its own cache: row b of k/v is
-    written at `positions[b]` of cache b, then query row b attends over keys 0..positions[b].
-
-    Shape: q [H, B, D], k/v [H_kv, B, D], caches [H_kv, capacity, D] -> [H, B, D].
-    """
-    outs = []
-    for row, (k_cache, v_cache, pos) in enumerate(zip(k_caches, v_caches, positions, strict=True)):
-        k_cache[:, pos : pos + 1] = k[:, row : row + 1]
-        v_cache[:, pos : pos + 1] = v[:, row : row + 1]
-        out = F.scaled_dot_product_attention(
-            q[None, :, row : row + 1],
-            k_cache[None, :, : pos + 1],
-            v_cache[None, :, : pos + 1],
-            enable_gqa=q.shape[0] != k.shape[0],
-        )
-        outs.append(out[0])
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def _check_batch(caches: Sequence[KVCache], token_ids: Sequence[int]) -> None:

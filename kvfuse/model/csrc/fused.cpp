@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -198,16 +199,58 @@ at::Tensor rope_heads(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return out;
 }
 
+// One decode step's attention for B sequences, each over its own cache, as the eager loop in
+// kvfuse/decode/batch.py does it (the same ATen calls, so bit for bit its results) without
+// ten Python-dispatched operators per sequence and layer. Row b of k/v is written at
+// positions[b] of cache b, then query row b attends over that cache's keys 0..positions[b].
+// Shape: q [H, B, D], k/v [H_kv, B, D], caches [H_kv, capacity, D] -> [H, B, D].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            at::TensorList k_caches, at::TensorList v_caches,
+                            at::IntArrayRef positions) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k and v must be 3-D");
+  const int64_t batch = q.size(1);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == batch && k.size(2) == q.size(2),
+              "k and v must be [H_kv, B, D] like q");
+  TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == batch &&
+                  static_cast<int64_t>(v_caches.size()) == batch &&
+                  static_cast<int64_t>(positions.size()) == batch,
+              "one K cache, V cache and position per sequence");
+  const bool gqa = q.size(0) != k.size(0);
+  std::vector<at::Tensor> outs;
+  outs.reserve(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const at::Tensor& k_cache = k_caches[b];
+    const at::Tensor& v_cache = v_caches[b];
+    const int64_t pos = positions[b];
+    TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() &&
+                    k_cache.size(0) == k.size(0) && k_cache.size(2) == k.size(2),
+                "each cache must be [H_kv, capacity, D]");
+    TORCH_CHECK(pos >= 0 && pos < k_cache.size(1), "cache ", b, " is full");
+    k_cache.narrow(1, pos, 1).copy_(k.narrow(1, b, 1));
+    v_cache.narrow(1, pos, 1).copy_(v.narrow(1, b, 1));
+    at::Tensor out = at::scaled_dot_product_attention(
+        q.narrow(1, b, 1).unsqueeze(0), k_cache.narrow(1, 0, pos + 1).unsqueeze(0),
+        v_cache.narrow(1, 0, pos + 1).unsqueeze(0), /*attn_mask=*/std::nullopt,
+        /*dropout_p=*/0.0, /*is_causal=*/false, /*scale=*/std::nullopt, /*enable_gqa=*/gqa);
+    outs.push_back(out.squeeze(0));
+  }
+  return batch == 1 ? outs[0] : at::cat(outs, 1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kvfuse, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor h, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rope_heads(Tensor x, Tensor cos, Tensor sin, int num_heads) -> Tensor");
+  m.def(
+      "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!)[] k_caches, "
+      "Tensor(b!)[] v_caches, int[] positions) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvfuse, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_heads", &rope_heads);
+  m.impl("decode_attention", &decode_attention);
 }

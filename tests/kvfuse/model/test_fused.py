@@ -140,3 +140,36 @@ def test_model_logits_match_with_fused_and_eager_kernels(smollm: LoadedModel) ->
     finally:
         fused.KERNELS.use_fused()
     torch.testing.assert_close(with_fused, eager, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_is_the_eager_loop_bit_for_bit(dtype: torch.dtype) -> None:
+    """Sequences of different lengths in one call: the same cache rows written and the same
+    outputs as the per-sequence sdpa loop (the kernel makes the same ATen calls)."""
+    gen = torch.Generator().manual_seed(10)
+    positions = [0, 5, 300, 37]
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    q = rand(len(positions), 9, 64).transpose(0, 1)  # [H, B, D], strided as the model's
+    k, v = rand(3, len(positions), 64), rand(3, len(positions), 64)
+    caches = [(rand(3, 320, 64), rand(3, 320, 64)) for _ in positions]
+    copies = [(kc.clone(), vc.clone()) for kc, vc in caches]
+    with torch.inference_mode():
+        got = fused.KERNELS.decode_attention(
+            q, k, v, [c[0] for c in caches], [c[1] for c in caches], positions
+        )
+        want = fused.decode_attention(
+            q, k, v, [c[0] for c in copies], [c[1] for c in copies], positions
+        )
+    assert torch.equal(got, want)
+    for (k_got, v_got), (k_want, v_want) in zip(caches, copies, strict=True):
+        assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
+
+
+def test_decode_attention_refuses_a_full_cache() -> None:
+    q, k = torch.randn(9, 1, 64), torch.randn(3, 1, 64)
+    cache = torch.zeros(3, 4, 64)
+    with pytest.raises(RuntimeError, match="full"):
+        torch.ops.kvfuse.decode_attention(q, k, k, [cache], [cache.clone()], [4])
