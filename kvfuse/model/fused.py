@@ -20,8 +20,9 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,16 +124,11 @@ def _fused_rope_heads(x: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> Te
     return out
 
 
-def _fused_decode_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_caches: Sequence[Tensor],
-    v_caches: Sequence[Tensor],
-    positions: Sequence[int],
-) -> Tensor:
+def _fused_decode_attention(q: Tensor, *rest: Any) -> Tensor:
+    """`decode_attention` as one C++ call on the CPU (same arguments)."""
     if q.device.type != "cpu":
-        return decode_attention(q, k, v, k_caches, v_caches, positions)
+        return decode_attention(q, *rest)
+    k, v, k_caches, v_caches, positions = rest
     out: Tensor = torch.ops.kvfuse.decode_attention(
         q, k, v, list(k_caches), list(v_caches), list(positions)
     )
@@ -141,6 +137,8 @@ def _fused_decode_attention(
 
 class Kernels:
     """The implementations the model calls: eager until `use_fused_kernels` succeeds."""
+
+    decode_attention: Callable[..., Tensor]  # see `decode_attention`
 
     def __init__(self) -> None:
         self.use_eager()
