@@ -3,7 +3,7 @@ step's attention over per-sequence caches, eager or fused.
 
 Eagerly each of these is several passes over a [S, hidden] tensor, and on CPU they cost as much
 as the matmuls around them (SmolLM2 bf16, 2,048 tokens, 2 cores: the RMSNorm alone 1.1 ms a
-call, the fused kernel 0.23 ms). `csrc/fused.cpp` does each in one pass over the rows; it is
+call, the fused kernel 0.3 ms). `csrc/fused.cpp` does each in one pass over the rows; it is
 compiled once per machine on first use (torch's extension builder, g++ and ninja; about 25 s,
 then cached) and registered as `torch.ops.kvfuse.*`.
 
