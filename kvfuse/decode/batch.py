@@ -3,8 +3,7 @@
 The new tokens of B sequences share every row-wise op as one [B, hidden] batch (embedding,
 norms, Q/K/V projections, RoPE with per-row positions, output projection, MLP, LM head);
 attention alone runs per sequence over its own cache (`KERNELS.decode_attention`), so sequences
-of any lengths mix without padding. `decode_step` is
-`decode_batch` with B = 1.
+of any lengths mix without padding. `decode_step` is `decode_batch` with B = 1.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvfuse.blend.plan import RowPlan
+from kvfuse.blend.run import BlendRun
 from kvfuse.model import fused
 from kvfuse.model.loader import LoadedModel
 from kvfuse.model.transformer import Linear
@@ -120,18 +122,15 @@ def test_fp32_linear_is_never_packed() -> None:
 
 
 def test_model_logits_match_with_fused_and_eager_kernels(smollm: LoadedModel) -> None:
-    model = smollm.model
     token_ids = torch.randint(100, 5000, (96,), generator=torch.Generator().manual_seed(9))
+    nothing = torch.zeros(96, dtype=torch.bool)
 
-    @torch.inference_mode()
     def logits() -> torch.Tensor:
-        positions = torch.arange(token_ids.numel())
-        cos, sin = model.cos_sin(positions)
-        h = model.embed(token_ids)
-        for block in model.blocks:
-            q, k, v = block.qkv(h, cos, sin)
-            h = block.finish(h, block.attend(q, k, v, None, True))
-        return model.logits(h)
+        """The last token's logits of a full prefill (the prefill path every mode runs)."""
+        run = BlendRun(smollm.model, RowPlan(token_ids, nothing, nothing, ~nothing), None, {})
+        with torch.inference_mode():
+            list(run)
+        return run.last_logits
 
     with_fused = logits()
     fused.KERNELS.use_eager()
