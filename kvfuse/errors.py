@@ -69,3 +69,8 @@ class PermissionDeniedError(AuthError):
 
 class ServiceUnavailableError(CacheError):
     """A remote kvfuse service did not answer in time or is down (after retries)."""
+
+
+class HandoffError(KvfuseError):
+    """A fused KV held for a decode engine cannot be taken: unknown, expired or already taken
+    id, other token ids, or its prefill failed. The decode engine computes the prompt itself."""

@@ -75,6 +75,11 @@ class PrefillConfig:
         member_id: this worker's id at the controller (default: host:port; in a cluster the
             pod name).
         report_interval_s: how often measurements go to the controller.
+        handoff_bytes: most bytes of fused KV held for decode engines to take (hand-off
+            prefills, the vLLM decode engine); the oldest entries are dropped beyond it.
+        handoff_ttl_s: how long a held fused KV waits for its taker.
+        advertise_address: `host:port` a decode engine's KV connector reaches this worker at
+            to take a hand-off (in a cluster the pod's address); default: host:port.
     """
 
     host: str = "127.0.0.1"
@@ -109,6 +114,9 @@ class PrefillConfig:
     controller_tls_ca: Path | None = None
     member_id: str | None = None
     report_interval_s: float = 2.0
+    handoff_bytes: int = 1 << 30
+    handoff_ttl_s: float = 60.0
+    advertise_address: str | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -142,8 +150,10 @@ class PrefillConfig:
             host, sep, port = addr.rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ConfigError(f"cache and controller addresses must be host:port: {addr!r}")
-        if not self.report_interval_s > 0:
-            raise ConfigError("report_interval_s must be positive")
+        if not self.report_interval_s > 0 or not self.handoff_ttl_s > 0:
+            raise ConfigError("report_interval_s and handoff_ttl_s must be positive")
+        if self.handoff_bytes <= 0:
+            raise ConfigError("handoff_bytes must be positive")
 
     @property
     def effective_cache_token(self) -> str | None:
@@ -204,6 +214,9 @@ _PARSERS: dict[str, Parser] = {
     "controller_tls_ca": optional(Path),
     "member_id": optional(str),
     "report_interval_s": parse_float,
+    "handoff_bytes": parse_int,
+    "handoff_ttl_s": parse_float,
+    "advertise_address": optional(str),
 }
 assert set(_PARSERS) == {f.name for f in fields(PrefillConfig)}
 

@@ -17,6 +17,7 @@ from kvfuse.control.policy import WorkerPolicy
 from kvfuse.keys import KeySpace
 from kvfuse.model.loader import load_configured
 from kvfuse.prefill.compute import PrefillCompute
+from kvfuse.prefill.handoff import HandoffBoard
 from kvfuse.prefill.pipeline import PipelineOptions, PrefillPipeline
 from kvfuse.prefill.sources import (
     CacheServerSource,
@@ -131,7 +132,8 @@ class PrefillServer(GrpcService):
             thread_name_prefix="kvfuse-prefill",
             interceptors=[
                 AuthInterceptor(Authenticator(tokens), SERVICE_PREFIX, deny),
-                PreEncodedInterceptor([f"{SERVICE_PREFIX}Prefill"]),  # layer frames are bytes
+                # layer frames are bytes
+                PreEncodedInterceptor([f"{SERVICE_PREFIX}Prefill", f"{SERVICE_PREFIX}TakeFused"]),
             ],
             tls_cert=config.tls_cert,
             tls_key=config.tls_key,
@@ -140,13 +142,19 @@ class PrefillServer(GrpcService):
         )
         super().__init__(grpc_server, config.grace_s)
         self.warmer = Warmer(compute, self.shards, compute_lock, self.metrics)
-        servicer = PrefillServicer(self.pipeline, self.warmer, self.metrics)
+        self.handoffs = HandoffBoard(config.handoff_bytes, config.handoff_ttl_s)
+        servicer = PrefillServicer(
+            self.pipeline, self.warmer, self.metrics, self.handoffs, self._advertised_address
+        )
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, grpc_server.server)  # type: ignore[no-untyped-call]
         linger_s = config.fetch_deadline_s + config.put_deadline_s
         self.shard_switch = ShardSwitch(
             self.shards, lambda addr: cache_source(config, addr), self._install, linger_s
         )
         self.link: ControllerLink | None = None
+
+    def _advertised_address(self) -> str:
+        return self.config.advertise_address or self.address
 
     def _install(self, shards: Shards) -> None:
         """New shards for requests, warm calls and stores from now on."""

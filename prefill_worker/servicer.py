@@ -1,16 +1,18 @@
-"""PrefillService over gRPC: translates messages, streams the pipeline's layers, maps errors."""
+"""PrefillService over gRPC: translates messages, streams the pipeline's layers (or holds them
+for a decode engine to take), maps errors."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from kvfuse.blend import FusedLayer
-from kvfuse.errors import KvfuseError
-from kvfuse.prefill import check_request_id
+from kvfuse.errors import InvalidRequestError, KvfuseError
+from kvfuse.prefill import PrefillRequest, PrefillResult, check_request_id
+from kvfuse.prefill.handoff import DIGEST_BYTES, HandoffBoard
 from kvfuse.prefill.pipeline import PrefillPipeline
 from kvfuse.prefill.warm import Warmer
 from kvfuse.service.threads import io_thread
@@ -23,16 +25,32 @@ from prefill_worker.metrics import PrefillMetrics
 log = logging.getLogger(__name__)
 
 
+MAX_HANDOFF_WAIT_S = 60.0  # longest a TakeFused waits for its Prefill, then for each layer
+
+
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
-    """Serves `Prefill` (layers are serialized on the RPC thread while the next one computes)
-    and `Warm` (computed on the RPC thread, at I/O priority: requests come first).
+    """Serves `Prefill` (layers are serialized on the RPC thread while the next one computes, or
+    held on `board` for `TakeFused` when the request names a hand-off id) and `Warm` (computed
+    on the RPC thread, at I/O priority: requests come first).
 
     A cancelled call (client closed its iterator, deadline) cancels the request's compute and
     fetches through `context.add_callback`. Thread-safe.
+
+    Args:
+        address: where a hand-off's taker reaches this worker (sent in HandoffAccepted); called
+            per hand-off, since the port is known only once the server listens.
     """
 
-    def __init__(self, prefiller: PrefillPipeline, warmer: Warmer, metrics: PrefillMetrics) -> None:
+    def __init__(
+        self,
+        prefiller: PrefillPipeline,
+        warmer: Warmer,
+        metrics: PrefillMetrics,
+        board: HandoffBoard,
+        address: Callable[[], str],
+    ) -> None:
         self._prefiller, self._warmer, self._metrics = prefiller, warmer, metrics
+        self._board, self._address = board, address
 
     def Prefill(
         self, request: prefill_pb2.PrefillRequest, context: grpc.ServicerContext
@@ -46,13 +64,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             mode = req.mode.value
             stream = self._prefiller.stream(req)
             context.add_callback(stream.cancel)
-            for item in stream:
-                if isinstance(item, FusedLayer):
-                    for frame, num_bytes in layer_frames(item):
-                        self._metrics.sent_bytes.inc(num_bytes)
-                        yield frame  # already serialized (PreEncodedInterceptor)
-                else:
-                    yield messages.done_to_proto(item, self._prefiller.layout.num_layers)
+            if req.handoff_id:
+                yield from self._hand_off(req, stream)
+            else:
+                for item in stream:
+                    yield from self._encode(item)
             if not context.is_active():
                 code = grpc.StatusCode.CANCELLED
         except KvfuseError as exc:
@@ -72,6 +88,53 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             self._metrics.in_flight.dec()
             self._metrics.requests.labels(code.name).inc()
             self._metrics.request_seconds.labels(mode).observe(time.perf_counter() - start_s)
+
+    def _encode(
+        self, item: FusedLayer | PrefillResult
+    ) -> Iterator[prefill_pb2.PrefillResponse | bytes]:
+        if isinstance(item, FusedLayer):
+            for frame, num_bytes in layer_frames(item):
+                self._metrics.sent_bytes.inc(num_bytes)
+                yield frame  # already serialized (PreEncodedInterceptor)
+        else:
+            yield messages.done_to_proto(item, self._prefiller.layout.num_layers)
+
+    def _hand_off(
+        self, req: PrefillRequest, stream: Iterator[FusedLayer | PrefillResult]
+    ) -> Iterator[prefill_pb2.PrefillResponse]:
+        """The layers go to the board for `TakeFused`; the caller gets where, then the result."""
+        entry = self._board.open(req.handoff_id, req.segments.token_ids)
+        try:
+            yield prefill_pb2.PrefillResponse(
+                handoff=prefill_pb2.HandoffAccepted(address=self._address())
+            )
+            for item in stream:
+                if isinstance(item, FusedLayer):
+                    self._board.put(entry, item)
+                else:
+                    entry.finish(item)
+                    yield messages.done_to_proto(item, self._prefiller.layout.num_layers)
+        finally:
+            if not entry.done:
+                self._board.discard(entry, "its prefill failed or was cancelled")
+
+    def TakeFused(
+        self, request: prefill_pb2.TakeFusedRequest, context: grpc.ServicerContext
+    ) -> Iterator[prefill_pb2.PrefillResponse | bytes]:
+        io_thread()
+        try:
+            check_request_id(request.handoff_id)
+            if len(request.token_digest) != DIGEST_BYTES:
+                raise InvalidRequestError(f"token_digest must be {DIGEST_BYTES} bytes")
+            wait_s = min(max(request.wait_s, 0.0), MAX_HANDOFF_WAIT_S)
+            entry = self._board.take(
+                request.handoff_id, request.token_digest, request.num_tokens, wait_s
+            )
+            for item in entry.read(wait_s or MAX_HANDOFF_WAIT_S):
+                yield from self._encode(item)
+        except KvfuseError as exc:
+            log.info("take-fused %s failed: %s", request.handoff_id, exc)
+            status.abort(context, exc)
 
     def Warm(
         self, request: prefill_pb2.WarmRequest, context: grpc.ServicerContext

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from kvfuse.blend import FusedLayer
 from kvfuse.closing import Closing
-from kvfuse.errors import CodecError, InvalidObjectError, ServiceUnavailableError
+from kvfuse.errors import (
+    CodecError,
+    InvalidObjectError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+)
 from kvfuse.prefill import Cancel, PrefillRequest, PrefillResult, WarmResult
+from kvfuse.prefill.handoff import prompt_digest
 from kvfuse.segments import PromptSegments
 from kvfuse.service.auth import bearer_metadata
 from kvfuse.service.grpc_channel import open_channel
@@ -21,6 +28,7 @@ from kvfuse.v1 import prefill_pb2
 
 PREFILL_METHOD = "/kvfuse.v1.PrefillService/Prefill"
 WARM_METHOD = "/kvfuse.v1.PrefillService/Warm"
+TAKE_FUSED_METHOD = "/kvfuse.v1.PrefillService/TakeFused"
 
 
 def _parse_chunk(raw: bytes) -> prefill_frames.LayerChunkView | None:
@@ -30,16 +38,23 @@ def _parse_chunk(raw: bytes) -> prefill_frames.LayerChunkView | None:
         raise CodecError(f"malformed prefill frame: {exc}") from exc
 
 
-def _result(raw: bytes, assembler: prefill_frames.LayerAssembler) -> PrefillResult:
-    """The result a non-layer response must be, after all the layers it counts."""
+def _result(
+    raw: bytes, assembler: prefill_frames.LayerAssembler, handoff: bool
+) -> PrefillResult | str:
+    """What a non-layer response must be: the result, after all the layers it counts (none in a
+    hand-off), or a hand-off's address (before any)."""
     try:
         response = prefill_pb2.PrefillResponse.FromString(raw)
     except DecodeError as exc:
         raise CodecError(f"malformed PrefillResponse: {exc}") from exc
-    if response.WhichOneof("kind") != "done":
-        raise CodecError("empty PrefillResponse")
+    kind = response.WhichOneof("kind")
+    if kind == "handoff" and assembler.num_layers == 0 and not assembler.in_progress:
+        return response.handoff.address
+    if kind != "done":
+        raise CodecError(f"unexpected PrefillResponse {kind or 'empty'}")
     done = response.done
-    if assembler.in_progress or assembler.num_layers != done.num_layers:
+    num_layers = 0 if handoff else done.num_layers
+    if assembler.in_progress or assembler.num_layers != num_layers:
         raise CodecError(f"result after {assembler.num_layers} of {done.num_layers} layers")
     return prefill_messages.result_from_proto(done)
 
@@ -84,6 +99,12 @@ class PrefillClient(Closing):
             response_deserializer=None,  # bytes: layer data is read in place (prefill_frames)
             _registered_method=True,
         )
+        self._take_fused = self._channel.unary_stream(
+            TAKE_FUSED_METHOD,
+            request_serializer=prefill_pb2.TakeFusedRequest.SerializeToString,
+            response_deserializer=None,
+            _registered_method=True,
+        )
         self._warm = self._channel.unary_unary(
             WARM_METHOD,
             request_serializer=prefill_pb2.WarmRequest.SerializeToString,
@@ -100,11 +121,49 @@ class PrefillClient(Closing):
         """The `Prefiller` protocol: fused layers in order, then exactly one result. Setting
         `cancel` cancels the call at once (the worker stops computing); the iterator then
         raises ServiceUnavailableError."""
-        call = self._prefill(
-            prefill_messages.request_to_proto(request),
-            timeout=self._timeout_s,
-            metadata=self._metadata,
+        if request.handoff_id:
+            raise InvalidRequestError("a hand-off prefill goes through hand_off()")
+        for item in self._stream(self._prefill, prefill_messages.request_to_proto(request), cancel):
+            if isinstance(item, str):
+                raise CodecError("a hand-off address in a plain prefill")
+            yield item
+
+    def hand_off(
+        self, request: PrefillRequest, cancel: Cancel | None = None
+    ) -> Generator[str | PrefillResult, None, None]:
+        """A prefill whose fused layers stay on the worker under `request.handoff_id` for a
+        decode engine to take (`take_fused`): yields the worker's address for that first (before
+        any compute), then the result once the prefill is done. Errors as `prefill`'s."""
+        if not request.handoff_id:
+            raise InvalidRequestError("hand_off needs a request with a handoff_id")
+        pb = prefill_messages.request_to_proto(request)
+        for item in self._stream(self._prefill, pb, cancel, handoff=True):
+            if isinstance(item, FusedLayer):
+                raise CodecError("a fused layer in a hand-off prefill")
+            yield item
+
+    def take_fused(
+        self, handoff_id: str, token_ids: Sequence[int], wait_s: float, cancel: Cancel | None = None
+    ) -> Generator[FusedLayer | PrefillResult, None, None]:
+        """The fused KV a hand-off prefill left on the worker, for the prompt `token_ids`:
+        layers in order as they are computed, then the result. Raises HandoffError when the
+        worker holds no such hand-off (in `wait_s`), or one for other tokens; else as `prefill`."""
+        pb = prefill_pb2.TakeFusedRequest(
+            handoff_id=handoff_id,
+            token_digest=prompt_digest(token_ids),
+            num_tokens=len(token_ids),
+            wait_s=wait_s,
         )
+        for item in self._stream(self._take_fused, pb, cancel):
+            if isinstance(item, str):
+                raise CodecError("a hand-off address in a take-fused stream")
+            yield item
+
+    def _stream(
+        self, method: Any, pb: Message, cancel: Cancel | None, handoff: bool = False
+    ) -> Generator[FusedLayer | PrefillResult | str, None, None]:
+        """A PrefillResponse stream read: layers assembled in place, then the result."""
+        call = method(pb, timeout=self._timeout_s, metadata=self._metadata)
         if cancel is not None:
             cancel.on_cancel(call.cancel)
         assembler = prefill_frames.LayerAssembler(self._max_layer_bytes)
@@ -112,7 +171,10 @@ class PrefillClient(Closing):
             for raw in call:
                 chunk = _parse_chunk(raw)
                 if chunk is None:
-                    yield _result(raw, assembler)
+                    item = _result(raw, assembler, handoff)
+                    yield item
+                    if isinstance(item, str):
+                        continue
                     for _extra in call:  # waits for the OK status so the call ends cleanly
                         raise CodecError("message after the result")
                     return

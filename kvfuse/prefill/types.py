@@ -78,6 +78,8 @@ class PrefillRequest:
         mode: blend, full_prefill, full_reuse or prefix_cache.
         recompute_ratio: None uses the prefiller's default (controller policy).
         sampling: used for the first token only (its seed makes it repeatable).
+        handoff_id: set: a remote prefill keeps the fused layers under this id for a decode
+            engine's KV connector to take (`kvfuse.prefill.handoff`) instead of sending them.
     """
 
     request_id: str
@@ -85,6 +87,7 @@ class PrefillRequest:
     mode: Mode = Mode.BLEND
     recompute_ratio: float | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    handoff_id: str = ""
 
 
 @dataclass(frozen=True)

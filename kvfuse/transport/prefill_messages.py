@@ -12,7 +12,13 @@ from collections.abc import Iterable, Sequence
 from kvfuse.blend import Mode
 from kvfuse.errors import CodecError, InvalidRequestError
 from kvfuse.model.sampling import SamplingParams
-from kvfuse.prefill import PrefillRequest, PrefillResult, PrefillStats, WarmResult
+from kvfuse.prefill import (
+    PrefillRequest,
+    PrefillResult,
+    PrefillStats,
+    WarmResult,
+    check_request_id,
+)
 from kvfuse.segments import PromptSegments
 from kvfuse.transport.messages import from_message, to_message
 from kvfuse.v1 import prefill_pb2
@@ -45,6 +51,7 @@ def request_to_proto(request: PrefillRequest) -> prefill_pb2.PrefillRequest:
         chunks=_segments_to_proto(seg.chunk_ids),
         query_ids=seg.query_ids,
         mode=_MODE_CODES[Mode(request.mode)],
+        handoff_id=request.handoff_id,
         sampling=prefill_pb2.SamplingParams(
             max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p
         ),
@@ -73,7 +80,10 @@ def request_from_proto(pb: prefill_pb2.PrefillRequest) -> PrefillRequest:
         query_ids=tuple(pb.query_ids),
     )
     ratio = pb.recompute_ratio if pb.HasField("recompute_ratio") else None
-    return PrefillRequest(pb.request_id, segments, _MODES[pb.mode], ratio, sampling)
+    check_request_id(pb.handoff_id)
+    return PrefillRequest(
+        pb.request_id, segments, _MODES[pb.mode], ratio, sampling, handoff_id=pb.handoff_id
+    )
 
 
 def warm_request_to_proto(request_id: str, seg: PromptSegments) -> prefill_pb2.WarmRequest:

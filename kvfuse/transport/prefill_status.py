@@ -10,6 +10,7 @@ import grpc
 from kvfuse.errors import (
     AuthError,
     ConfigError,
+    HandoffError,
     InvalidRequestError,
     KvfuseError,
     PromptTooLongError,
@@ -22,6 +23,7 @@ _CODES: tuple[tuple[type[KvfuseError], grpc.StatusCode], ...] = (
     (ServiceUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (HandoffError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 # A PromptTooLongError travels as INVALID_ARGUMENT with this prefix so the client can rebuild it.
 TOO_LONG_PREFIX = "prompt too long: "
@@ -58,6 +60,8 @@ def error_from_rpc(exc: grpc.RpcError, service: str = "prefill worker") -> Kvfus
             if len(counts) == 2 and all(c.isdigit() for c in counts):
                 return PromptTooLongError(int(counts[0]), int(counts[1]))
         return InvalidRequestError(details)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return HandoffError(details)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AuthError(details)
     if code in (

@@ -24,33 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvfuse/v1/prefill.proto\x12\tkvfuse.v1\"!\n\x0cTokenSegment\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"d\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xf9\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprefix_ids\x18\x02 \x03(\r\x12\'\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x17.kvfuse.v1.TokenSegment\x12\x11\n\tquery_ids\x18\x04 \x03(\r\x12$\n\x04mode\x18\x05 \x01(\x0e\x32\x16.kvfuse.v1.PrefillMode\x12\x1c\n\x0frecompute_ratio\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12+\n\x08sampling\x18\x07 \x01(\x0b\x32\x19.kvfuse.v1.SamplingParamsB\x12\n\x10_recompute_ratio\"\x9f\x01\n\nLayerChunk\x12\x11\n\tlayer_idx\x18\x01 \x01(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x15\n\rrecord_nbytes\x18\x06 \x01(\x04\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\"\xd9\x02\n\x0cPrefillStats\x12\x19\n\x11num_prompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x1d\n\x15num_recomputed_tokens\x18\x03 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_chunks\x18\x05 \x01(\r\x12\x16\n\x0enum_chunk_hits\x18\x06 \x01(\r\x12\x11\n\tprefill_s\x18\x07 \x01(\x01\x12\x10\n\x08\x66\x61llback\x18\x08 \x01(\t\x12\x1e\n\x16num_precomputed_tokens\x18\t \x01(\r\x12\x1e\n\x16num_chunks_precomputed\x18\n \x01(\r\x12\x17\n\x0frecompute_ratio\x18\x0b \x01(\x01\x12\x14\n\x0cratio_source\x18\x0c \x01(\t\x12\x17\n\x0fnum_memory_hits\x18\r \x01(\r\"a\n\x0bPrefillDone\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.kvfuse.v1.PrefillStats\x12\x12\n\nnum_layers\x18\x03 \x01(\r\"i\n\x0fPrefillResponse\x12&\n\x05layer\x18\x01 \x01(\x0b\x32\x15.kvfuse.v1.LayerChunkH\x00\x12&\n\x04\x64one\x18\x02 \x01(\x0b\x32\x16.kvfuse.v1.PrefillDoneH\x00\x42\x06\n\x04kind\"^\n\x0bWarmRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprefix_ids\x18\x02 \x03(\r\x12\'\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x17.kvfuse.v1.TokenSegment\"\x8d\x01\n\x0cWarmResponse\x12\x13\n\x0bnum_objects\x18\x01 \x01(\r\x12\x13\n\x0bnum_present\x18\x02 \x01(\r\x12\x12\n\nnum_stored\x18\x03 \x01(\r\x12\x12\n\nnum_failed\x18\x04 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\r\x12\x0e\n\x06warm_s\x18\x06 \x01(\x01*\x9e\x01\n\x0bPrefillMode\x12\x1c\n\x18PREFILL_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12PREFILL_MODE_BLEND\x10\x01\x12\x1d\n\x19PREFILL_MODE_FULL_PREFILL\x10\x02\x12\x1b\n\x17PREFILL_MODE_FULL_REUSE\x10\x03\x12\x1d\n\x19PREFILL_MODE_PREFIX_CACHE\x10\x04\x32\x8d\x01\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x19.kvfuse.v1.PrefillRequest\x1a\x1a.kvfuse.v1.PrefillResponse0\x01\x12\x37\n\x04Warm\x12\x16.kvfuse.v1.WarmRequest\x1a\x17.kvfuse.v1.WarmResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvfuse/v1/prefill.proto\x12\tkvfuse.v1\"!\n\x0cTokenSegment\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"d\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x8d\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprefix_ids\x18\x02 \x03(\r\x12\'\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x17.kvfuse.v1.TokenSegment\x12\x11\n\tquery_ids\x18\x04 \x03(\r\x12$\n\x04mode\x18\x05 \x01(\x0e\x32\x16.kvfuse.v1.PrefillMode\x12\x1c\n\x0frecompute_ratio\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12+\n\x08sampling\x18\x07 \x01(\x0b\x32\x19.kvfuse.v1.SamplingParams\x12\x12\n\nhandoff_id\x18\x08 \x01(\tB\x12\n\x10_recompute_ratio\"\"\n\x0fHandoffAccepted\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"`\n\x10TakeFusedRequest\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\x12\x14\n\x0ctoken_digest\x18\x02 \x01(\x0c\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\"\x9f\x01\n\nLayerChunk\x12\x11\n\tlayer_idx\x18\x01 \x01(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x15\n\rrecord_nbytes\x18\x06 \x01(\x04\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\"\xd9\x02\n\x0cPrefillStats\x12\x19\n\x11num_prompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x1d\n\x15num_recomputed_tokens\x18\x03 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_chunks\x18\x05 \x01(\r\x12\x16\n\x0enum_chunk_hits\x18\x06 \x01(\r\x12\x11\n\tprefill_s\x18\x07 \x01(\x01\x12\x10\n\x08\x66\x61llback\x18\x08 \x01(\t\x12\x1e\n\x16num_precomputed_tokens\x18\t \x01(\r\x12\x1e\n\x16num_chunks_precomputed\x18\n \x01(\r\x12\x17\n\x0frecompute_ratio\x18\x0b \x01(\x01\x12\x14\n\x0cratio_source\x18\x0c \x01(\t\x12\x17\n\x0fnum_memory_hits\x18\r \x01(\r\"a\n\x0bPrefillDone\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.kvfuse.v1.PrefillStats\x12\x12\n\nnum_layers\x18\x03 \x01(\r\"\x98\x01\n\x0fPrefillResponse\x12&\n\x05layer\x18\x01 \x01(\x0b\x32\x15.kvfuse.v1.LayerChunkH\x00\x12&\n\x04\x64one\x18\x02 \x01(\x0b\x32\x16.kvfuse.v1.PrefillDoneH\x00\x12-\n\x07handoff\x18\x03 \x01(\x0b\x32\x1a.kvfuse.v1.HandoffAcceptedH\x00\x42\x06\n\x04kind\"^\n\x0bWarmRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprefix_ids\x18\x02 \x03(\r\x12\'\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x17.kvfuse.v1.TokenSegment\"\x8d\x01\n\x0cWarmResponse\x12\x13\n\x0bnum_objects\x18\x01 \x01(\r\x12\x13\n\x0bnum_present\x18\x02 \x01(\r\x12\x12\n\nnum_stored\x18\x03 \x01(\r\x12\x12\n\nnum_failed\x18\x04 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\r\x12\x0e\n\x06warm_s\x18\x06 \x01(\x01*\x9e\x01\n\x0bPrefillMode\x12\x1c\n\x18PREFILL_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12PREFILL_MODE_BLEND\x10\x01\x12\x1d\n\x19PREFILL_MODE_FULL_PREFILL\x10\x02\x12\x1b\n\x17PREFILL_MODE_FULL_REUSE\x10\x03\x12\x1d\n\x19PREFILL_MODE_PREFIX_CACHE\x10\x04\x32\xd5\x01\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x19.kvfuse.v1.PrefillRequest\x1a\x1a.kvfuse.v1.PrefillResponse0\x01\x12\x37\n\x04Warm\x12\x16.kvfuse.v1.WarmRequest\x1a\x17.kvfuse.v1.WarmResponse\x12\x46\n\tTakeFused\x12\x1b.kvfuse.v1.TakeFusedRequest\x1a\x1a.kvfuse.v1.PrefillResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvfuse.v1.prefill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFILLMODE']._serialized_start=1384
-  _globals['_PREFILLMODE']._serialized_end=1542
+  _globals['_PREFILLMODE']._serialized_start=1586
+  _globals['_PREFILLMODE']._serialized_end=1744
   _globals['_TOKENSEGMENT']._serialized_start=38
   _globals['_TOKENSEGMENT']._serialized_end=71
   _globals['_SAMPLINGPARAMS']._serialized_start=73
   _globals['_SAMPLINGPARAMS']._serialized_end=173
   _globals['_PREFILLREQUEST']._serialized_start=176
-  _globals['_PREFILLREQUEST']._serialized_end=425
-  _globals['_LAYERCHUNK']._serialized_start=428
-  _globals['_LAYERCHUNK']._serialized_end=587
-  _globals['_PREFILLSTATS']._serialized_start=590
-  _globals['_PREFILLSTATS']._serialized_end=935
-  _globals['_PREFILLDONE']._serialized_start=937
-  _globals['_PREFILLDONE']._serialized_end=1034
-  _globals['_PREFILLRESPONSE']._serialized_start=1036
-  _globals['_PREFILLRESPONSE']._serialized_end=1141
-  _globals['_WARMREQUEST']._serialized_start=1143
-  _globals['_WARMREQUEST']._serialized_end=1237
-  _globals['_WARMRESPONSE']._serialized_start=1240
-  _globals['_WARMRESPONSE']._serialized_end=1381
-  _globals['_PREFILLSERVICE']._serialized_start=1545
-  _globals['_PREFILLSERVICE']._serialized_end=1686
+  _globals['_PREFILLREQUEST']._serialized_end=445
+  _globals['_HANDOFFACCEPTED']._serialized_start=447
+  _globals['_HANDOFFACCEPTED']._serialized_end=481
+  _globals['_TAKEFUSEDREQUEST']._serialized_start=483
+  _globals['_TAKEFUSEDREQUEST']._serialized_end=579
+  _globals['_LAYERCHUNK']._serialized_start=582
+  _globals['_LAYERCHUNK']._serialized_end=741
+  _globals['_PREFILLSTATS']._serialized_start=744
+  _globals['_PREFILLSTATS']._serialized_end=1089
+  _globals['_PREFILLDONE']._serialized_start=1091
+  _globals['_PREFILLDONE']._serialized_end=1188
+  _globals['_PREFILLRESPONSE']._serialized_start=1191
+  _globals['_PREFILLRESPONSE']._serialized_end=1343
+  _globals['_WARMREQUEST']._serialized_start=1345
+  _globals['_WARMREQUEST']._serialized_end=1439
+  _globals['_WARMRESPONSE']._serialized_start=1442
+  _globals['_WARMRESPONSE']._serialized_end=1583
+  _globals['_PREFILLSERVICE']._serialized_start=1747
+  _globals['_PREFILLSERVICE']._serialized_end=1960
 # @@protoc_insertion_point(module_scope)

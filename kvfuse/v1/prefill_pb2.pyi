@@ -39,7 +39,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prefix_ids", "chunks", "query_ids", "mode", "recompute_ratio", "sampling")
+    __slots__ = ("request_id", "prefix_ids", "chunks", "query_ids", "mode", "recompute_ratio", "sampling", "handoff_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_IDS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class PrefillRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_RATIO_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prefix_ids: _containers.RepeatedScalarFieldContainer[int]
     chunks: _containers.RepeatedCompositeFieldContainer[TokenSegment]
@@ -54,7 +55,26 @@ class PrefillRequest(_message.Message):
     mode: PrefillMode
     recompute_ratio: float
     sampling: SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., prefix_ids: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Iterable[_Union[TokenSegment, _Mapping]]] = ..., query_ids: _Optional[_Iterable[int]] = ..., mode: _Optional[_Union[PrefillMode, str]] = ..., recompute_ratio: _Optional[float] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    handoff_id: str
+    def __init__(self, request_id: _Optional[str] = ..., prefix_ids: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Iterable[_Union[TokenSegment, _Mapping]]] = ..., query_ids: _Optional[_Iterable[int]] = ..., mode: _Optional[_Union[PrefillMode, str]] = ..., recompute_ratio: _Optional[float] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., handoff_id: _Optional[str] = ...) -> None: ...
+
+class HandoffAccepted(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
+
+class TakeFusedRequest(_message.Message):
+    __slots__ = ("handoff_id", "token_digest", "num_tokens", "wait_s")
+    HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    handoff_id: str
+    token_digest: bytes
+    num_tokens: int
+    wait_s: float
+    def __init__(self, handoff_id: _Optional[str] = ..., token_digest: _Optional[bytes] = ..., num_tokens: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class LayerChunk(_message.Message):
     __slots__ = ("layer_idx", "dtype", "num_kv_heads", "num_tokens", "head_dim", "record_nbytes", "offset", "data")
@@ -117,12 +137,14 @@ class PrefillDone(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., stats: _Optional[_Union[PrefillStats, _Mapping]] = ..., num_layers: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("layer", "done")
+    __slots__ = ("layer", "done", "handoff")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_FIELD_NUMBER: _ClassVar[int]
     layer: LayerChunk
     done: PrefillDone
-    def __init__(self, layer: _Optional[_Union[LayerChunk, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ...) -> None: ...
+    handoff: HandoffAccepted
+    def __init__(self, layer: _Optional[_Union[LayerChunk, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ..., handoff: _Optional[_Union[HandoffAccepted, _Mapping]] = ...) -> None: ...
 
 class WarmRequest(_message.Message):
     __slots__ = ("request_id", "prefix_ids", "chunks")

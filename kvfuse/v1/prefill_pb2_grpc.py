@@ -48,6 +48,11 @@ class PrefillServiceStub:
                 request_serializer=kvfuse_dot_v1_dot_prefill__pb2.WarmRequest.SerializeToString,
                 response_deserializer=kvfuse_dot_v1_dot_prefill__pb2.WarmResponse.FromString,
                 _registered_method=True)
+        self.TakeFused = channel.unary_stream(
+                '/kvfuse.v1.PrefillService/TakeFused',
+                request_serializer=kvfuse_dot_v1_dot_prefill__pb2.TakeFusedRequest.SerializeToString,
+                response_deserializer=kvfuse_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -77,6 +82,18 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TakeFused(self, request, context):
+        """Takes the fused KV a Prefill with a handoff_id left on this worker (the decode side of
+        prefill/decode disaggregation: kvfuse's vLLM KV connector calls it). Waits up to wait_s for
+        that Prefill to start, then streams LayerChunk frames for layers 0 .. L-1 as they are
+        computed and one PrefillDone. An entry can be taken once. Errors: INVALID_ARGUMENT (empty
+        id, digest not 32 bytes), FAILED_PRECONDITION (no such hand-off in time, already taken or
+        expired, made for other token ids, or its prefill failed), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +106,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.Warm,
                     request_deserializer=kvfuse_dot_v1_dot_prefill__pb2.WarmRequest.FromString,
                     response_serializer=kvfuse_dot_v1_dot_prefill__pb2.WarmResponse.SerializeToString,
+            ),
+            'TakeFused': grpc.unary_stream_rpc_method_handler(
+                    servicer.TakeFused,
+                    request_deserializer=kvfuse_dot_v1_dot_prefill__pb2.TakeFusedRequest.FromString,
+                    response_serializer=kvfuse_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -149,6 +171,33 @@ class PrefillService:
             '/kvfuse.v1.PrefillService/Warm',
             kvfuse_dot_v1_dot_prefill__pb2.WarmRequest.SerializeToString,
             kvfuse_dot_v1_dot_prefill__pb2.WarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeFused(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvfuse.v1.PrefillService/TakeFused',
+            kvfuse_dot_v1_dot_prefill__pb2.TakeFusedRequest.SerializeToString,
+            kvfuse_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
             options,
             channel_credentials,
             insecure,
