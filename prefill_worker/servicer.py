@@ -25,7 +25,7 @@ from prefill_worker.metrics import PrefillMetrics
 log = logging.getLogger(__name__)
 
 
-MAX_HANDOFF_WAIT_S = 60.0  # longest a TakeFused waits for its Prefill, then for each layer
+MAX_HANDOFF_WAIT_S = 60.0  # longest a TakeFused waits for its Prefill, or for a next layer
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
@@ -130,7 +130,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             entry = self._board.take(
                 request.handoff_id, request.token_digest, request.num_tokens, wait_s
             )
-            for item in entry.read(wait_s or MAX_HANDOFF_WAIT_S):
+            for item in entry.read(MAX_HANDOFF_WAIT_S):  # the caller's deadline bounds it
                 yield from self._encode(item)
         except KvfuseError as exc:
             log.info("take-fused %s failed: %s", request.handoff_id, exc)

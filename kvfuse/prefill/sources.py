@@ -78,7 +78,7 @@ class StoreSource:
 
 
 class CacheServerSource:
-    """One cache server through the client SDK.
+    """One cache server through the client SDK; puts encode with `codec`.
 
     Three clients share nothing but the address so each call kind has its own deadline: a
     lookup must answer fast (else the request computes), a stream may take longer, a
@@ -93,7 +93,8 @@ class CacheServerSource:
         fetch_deadline_s: float,
         put_deadline_s: float,
         max_message_bytes: int = 16 << 20,
-        tls_root_cert: Path | None = None,
+        tls_root_cert: Path | str | None = None,
+        codec: str = "raw",
     ) -> None:
         from kvfuse.client import CacheClient, RetryPolicy
 
@@ -107,7 +108,7 @@ class CacheServerSource:
                 tls_root_cert=tls_root_cert,
             )
 
-        self.addr = addr
+        self.addr, self.codec = addr, codec
         # No retry on the request path: a failed lookup or stream costs the request a full
         # compute, a retry could cost it more than that.
         self._lookup = client(lookup_deadline_s, 1)
@@ -125,7 +126,7 @@ class CacheServerSource:
         """True: stored now, False: already stored. Raises CapacityError with the server's
         reason when it kept the object in no tier (e.g. its admission declined it)."""
         layers = [kv.layer(idx) for idx in range(kv.num_layers)]  # [T, H_kv, D] each
-        result = self._put.put(key, layers, position_offset=int(kv.positions[0]))
+        result = self._put.put(key, layers, codec=self.codec, position_offset=int(kv.positions[0]))
         if not result.stored:
             raise CapacityError(f"{key[:12]}: {self.addr} did not store it ({result.reason})")
         return result.created
