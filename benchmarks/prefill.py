@@ -32,8 +32,6 @@ from typing import Any
 import torch
 
 from benchmarks.datasets import make_factqa
-from benchmarks.vllm_cpu import VLLM_CPU_SPEC, VllmOptions, ensure_venv, prepare_model_dir
-from benchmarks.vllm_cpu import server_env as vllm_env
 from kvfuse.blend.plan import RowPlan
 from kvfuse.blend.run import BlendRun, FusedLayer
 from kvfuse.chunk_store import ChunkStore
@@ -47,6 +45,8 @@ from kvfuse.model.transformer import Transformer
 from kvfuse.procs import run_logged
 from kvfuse.service.malloc import tune_malloc
 from kvfuse.settings import DTYPES, Settings
+from kvfuse.vllm_process import VLLM_CPU_SPEC, VllmOptions, ensure_venv, prepare_model_dir
+from kvfuse.vllm_process import server_env as vllm_env
 
 _OFFLINE_SCRIPT = Path(__file__).with_name("vllm_offline.py")
 _WORDS_PER_DOC = 170  # ~256 SmolLM2 tokens a document

@@ -40,19 +40,19 @@ from benchmarks.serve_plan import (
     main_phases,
     make_plan,
 )
-from benchmarks.vllm_cpu import (
-    VLLM_CPU_SPEC,
-    VllmOptions,
-    VllmServer,
-    ensure_venv,
-    prepare_model_dir,
-)
 from benchmarks.workload import RagRequest
 from kvfuse.client.warm import warm_documents
 from kvfuse.errors import KvfuseError
 from kvfuse.service.config import parse_bytes
 from kvfuse.settings import Settings
 from kvfuse.stack import KvfuseStack, Topology
+from kvfuse.vllm_process import (
+    VLLM_CPU_SPEC,
+    VllmOptions,
+    VllmServer,
+    ensure_venv,
+    prepare_model_dir,
+)
 
 _WRITE_BEHIND_TIMEOUT_S = 120.0
 

