@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,12 +31,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvfuse.client.prefill import PrefillClient
 from kvfuse.connector.config import ConnectorConfig
 from kvfuse.connector.paged import PagedKV
 from kvfuse.connector.plan import BlockLayout, StepPlan
 from kvfuse.connector.scheduler import ConnectorScheduler
-from kvfuse.connector.worker import ConnectorWorker
+from kvfuse.connector.worker import ConnectorWorker, PrefillClients
 from kvfuse.errors import ConfigError
 from kvfuse.prefill.sources import CacheServerSource, ChunkSource, Shards, shard_name
 
@@ -91,37 +89,6 @@ def _shards(config: ConnectorConfig) -> Shards | None:
     return Shards(sources, [shard_name(addr) for addr in config.cache_servers])
 
 
-class _PrefillClients:
-    """One PrefillClient per prefill-worker address a hand-off named. Thread-safe."""
-
-    def __init__(self, config: ConnectorConfig) -> None:
-        self._config, self._clients, self._lock = (
-            config,
-            dict[str, PrefillClient](),
-            threading.Lock(),
-        )
-
-    def take_fused(
-        self, address: str, handoff_id: str, token_ids: tuple[int, ...], wait_s: float
-    ) -> Iterator[object]:
-        with self._lock:
-            client = self._clients.get(address)
-            if client is None:
-                client = self._clients[address] = PrefillClient(
-                    address,
-                    token=self._config.prefill_token,
-                    timeout_s=self._config.load_deadline_s,
-                    tls_root_cert=self._config.prefill_tls_ca,
-                )
-        return client.take_fused(handoff_id, token_ids, wait_s)
-
-    def close(self) -> None:
-        with self._lock:
-            for client in self._clients.values():
-                client.close()
-            self._clients.clear()
-
-
 class KVFuseConnector(KVConnectorBase_V1):
     """The vLLM side of kvfuse: hand-offs loaded for decode, a prefix store for the rest."""
 
@@ -143,7 +110,7 @@ class KVFuseConnector(KVConnectorBase_V1):
         self._sched: ConnectorScheduler | None = None
         self._idle_step = False
         self._worker: ConnectorWorker | None = None
-        self._prefill = _PrefillClients(self.config)
+        self._prefill = PrefillClients(self.config)
         shards = _shards(self.config)
         if role == KVConnectorRole.SCHEDULER:
             lookup = None if shards is None else (lambda keys: _lookup(shards, keys))

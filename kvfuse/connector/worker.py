@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from kvfuse.blend import FusedLayer
+from kvfuse.client.prefill import PrefillClient
 from kvfuse.closing import Closing
 from kvfuse.connector.config import ConnectorConfig
 from kvfuse.connector.paged import PagedKV, slot_mapping
@@ -30,6 +31,38 @@ log = logging.getLogger(__name__)
 
 # (handoff id, token ids, wait_s) → the fused layers, then anything else (the result)
 TakeFused = Callable[[str, str, tuple[int, ...], float], Iterator[object]]
+
+
+class PrefillClients(Closing):
+    """One PrefillClient per prefill-worker address a hand-off named; `take_fused` is the
+    worker's `TakeFused`. Thread-safe."""
+
+    def __init__(self, config: ConnectorConfig) -> None:
+        self._config, self._clients, self._lock = (
+            config,
+            dict[str, PrefillClient](),
+            threading.Lock(),
+        )
+
+    def take_fused(
+        self, address: str, handoff_id: str, token_ids: tuple[int, ...], wait_s: float
+    ) -> Iterator[object]:
+        with self._lock:
+            client = self._clients.get(address)
+            if client is None:
+                client = self._clients[address] = PrefillClient(
+                    address,
+                    token=self._config.prefill_token,
+                    timeout_s=self._config.load_deadline_s,
+                    tls_root_cert=self._config.prefill_tls_ca,
+                )
+        return client.take_fused(handoff_id, token_ids, wait_s)
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
 
 
 class ConnectorWorker(Closing):
