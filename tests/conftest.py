@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
 
 REPO = Path(__file__).resolve().parents[1]
+# tests/vllm runs in vLLM's venv (tests/kvfuse/connector/test_in_vllm.py), not here
+collect_ignore = ["vllm"]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
