@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
@@ -17,7 +18,9 @@ H, BS, D = 3, 128, 64
 def test_writes_match_vllms_cache_write(dtype: torch.dtype) -> None:
     isa = _get_attn_isa(dtype, BS, D, "auto")
 
-    def vllm_write(k, v, key_cache, value_cache, slots):  # type: ignore[no-untyped-def]
+    def vllm_write(
+        k: Tensor, v: Tensor, key_cache: Tensor, value_cache: Tensor, slots: Tensor
+    ) -> None:
         ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
 
     caches = [torch.zeros(6, H, BS, 2 * D, dtype=dtype)]

@@ -32,8 +32,9 @@ def request(request_id: str, params: dict[str, Any] | None = None) -> Request:
 def schedule(scheduler: Scheduler, req: Request) -> StepPlan:
     scheduler.add_request(req)
     output = scheduler.schedule()
-    scheduler.last_output = output  # type: ignore[attr-defined]
-    return output.kv_connector_metadata.plan  # type: ignore[no-any-return,union-attr]
+    scheduler.last_output = output
+    plan: StepPlan = output.kv_connector_metadata.plan
+    return plan
 
 
 def store_blocks(address: str, req: Request, num_blocks: int) -> None:
@@ -82,7 +83,7 @@ def test_a_failed_load_is_computed_by_vllm(make_scheduler: MakeScheduler) -> Non
     req = request("r1", HandoffParams("h1", "127.0.0.1:50052").to_params())
     schedule(scheduler, req)
     failed = KVConnectorOutput(finished_recving={"r1"}, failed_recving={"r1"})
-    last = scheduler.last_output  # type: ignore[attr-defined]
+    last = scheduler.last_output
     scheduler.update_from_output(last, ModelRunnerOutput.with_kv_conn_output_only(failed))
     output = scheduler.schedule()
     assert req.status == RequestStatus.RUNNING
