@@ -173,3 +173,17 @@ def test_the_prefix_store_loads_what_a_request_stored(
     second = stack.complete(token_ids)  # prefix caching is off: only kvfuse can supply it
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == num_blocks * 128
     assert second["choices"][0]["text"] == first["choices"][0]["text"]
+
+
+def test_a_blend_at_ratio_015_decodes_like_the_embedded_decoder(
+    stack: Stack, engine: Engine
+) -> None:
+    texts = [SYSTEM, *(list(DOCS) * 2), "Where was Marla Quistenby born?"]
+    segments = engine.prepare(texts).segments
+    with PrefillClient(stack.prefill_addr) as client:
+        client.warm_chunks(segments)  # every chunk a hit on the worker ...
+    engine.generate(texts, Mode.BLEND, 0.15, max_tokens=1)  # ... and in the engine's store
+    embedded = engine.generate(texts, Mode.BLEND, 0.15, max_tokens=MAX_TOKENS)
+    assert embedded.stats.num_chunk_hits == len(segments.chunk_ids)
+    got = stack.via_handoff(segments, Mode.BLEND, 0.15)
+    assert got == embedded.text
