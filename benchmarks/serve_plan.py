@@ -22,6 +22,14 @@ KVFUSE_MODES = ("full_prefill", "prefix_cache", "full_reuse", "blend")
 # blend on a stack whose most popular passages were stored first (POST /kvfuse/warm), as a RAG
 # deployment stores its documents at ingest
 INGEST = "blend_ingest"
+# vLLM with KVFuseConnector as its prefix store (a kvfuse cache server beside its own cache)
+VLLM_STORE = "vllm_store"
+# kvfuse's front and prefill worker blending, vLLM decoding from the hand-off (without and
+# with ingest)
+BLEND_VLLM = "blend_vllm"
+BLEND_VLLM_INGEST = "blend_vllm_ingest"
+VLLM_SYSTEMS = ("vllm", VLLM_STORE)
+SYSTEMS = (*KVFUSE_MODES, INGEST, BLEND_VLLM, BLEND_VLLM_INGEST, *VLLM_SYSTEMS)
 DEFAULT_SYSTEMS = f"full_prefill,prefix_cache,blend,{INGEST},vllm"
 HOT = "hot"
 STEADY = "steady"
@@ -64,7 +72,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     """Resolves --quick defaults and draws the workload. Raises ConfigError on bad options."""
     base = QUICK if args.quick else FULL
     systems = csv(args.systems)
-    unknown = set(systems) - {*KVFUSE_MODES, INGEST, "vllm"}
+    unknown = set(systems) - set(SYSTEMS)
     if unknown or not systems:
         raise ConfigError(f"unknown systems: {sorted(unknown)}")
     concurrency = tuple(int(c) for c in csv(args.concurrency or base.concurrency))
