@@ -47,6 +47,13 @@ _FLAGS = FlagTable(
         ("--controller-tls-ca", "CA (PEM) of the controller's certificate; enables TLS to it"),
         ("--member-id", "this worker's id at the controller (default host:port; the pod name)"),
         ("--report-interval-s", "seconds between reports to the controller (default 2)"),
+        ("--handoff-bytes", "fused KV held for decode engines to take (default 1 GiB)"),
+        ("--handoff-ttl-s", "how long a held fused KV waits for its taker (default 60)"),
+        (
+            "--advertise-address",
+            "host:port a decode engine's KV connector takes hand-offs at (default host:port; "
+            "in a cluster the pod's address)",
+        ),
     ),
     renamed={"token": "auth_token", "cache": "cache_addrs"},  # flag dest → field
     config_help="TOML/JSON settings file (or KVFUSE_PREFILL_CONFIG)",
