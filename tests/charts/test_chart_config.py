@@ -86,6 +86,7 @@ def test_prefill_worker_loads_its_config(path: Path | None, tmp_path: Path) -> N
     controller_on = values_of(path).get("controller", {}).get("enabled", True)
     assert config.controller == ("kv-kvfuse-controller:50061" if controller_on else None)
     assert config.member_id == POD_FIELDS["metadata.name"]
+    assert config.advertise_address == POD_FIELDS["status.podIP"] + ":50052"
 
 
 def test_controller_loads_its_config(tmp_path: Path) -> None:

@@ -154,7 +154,7 @@ def secrets_of(manifests: list[Manifest]) -> dict[tuple[str, str], str]:
 
 
 # what the kubelet would fill in for a pod's field references
-POD_FIELDS = {"metadata.namespace": NAMESPACE, "metadata.name": "pod-0"}
+POD_FIELDS = {"metadata.namespace": NAMESPACE, "metadata.name": "pod-0", "status.podIP": "10.1.2.3"}
 
 
 def container_env(container: dict[str, Any], manifests: list[Manifest]) -> dict[str, str]:
