@@ -187,3 +187,28 @@ def test_a_blend_at_ratio_015_decodes_like_the_embedded_decoder(
     assert embedded.stats.num_chunk_hits == len(segments.chunk_ids)
     got = stack.via_handoff(segments, Mode.BLEND, 0.15)
     assert got == embedded.text
+
+
+@pytest.mark.slow
+def test_a_second_vllm_instance_hits_the_prefixes_the_first_stored(
+    stack: Stack, engine: Engine, cache_server: CacheServer, vllm_python: Path,
+    vllm_model_dir: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    token_ids = prompt(engine, 3, "Which city did Marla Quistenby move to?").token_ids
+    first = stack.complete(token_ids)
+    num_blocks = len(token_ids) // 128
+    poll(lambda: sum(t.num_objects for t in cache_server.store.stats()) >= num_blocks)
+    extra = {"cache_servers": [cache_server.address]}
+    second = VllmServer(
+        vllm_python, vllm_model_dir, "float32", VllmOptions(kv_cache_gib=1, single_process=True),
+        tmp_path / "vllm-2.log", kv_transfer=connector_config(extra),
+    )  # fmt: skip
+    second.process.argv.append("--enable-prompt-tokens-details")
+    second.start()
+    try:
+        other = Stack(second, stack.prefill, stack.prefill_addr)
+        answer = other.complete(token_ids)
+    finally:
+        second.stop()
+    assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == num_blocks * 128
+    assert answer["choices"][0]["text"] == first["choices"][0]["text"]
