@@ -89,6 +89,7 @@ def create_app(service: DecodeService) -> FastAPI:
             yield
         finally:
             service.stop()
+            await service.aclose()
 
     app = FastAPI(title="kvfuse decode worker", lifespan=lifespan)
     errors.install(app)
@@ -98,9 +99,10 @@ def create_app(service: DecodeService) -> FastAPI:
 
     @app.get("/health")
     def health() -> Response:  # sync: FastAPI runs it in a thread (a remote probe may block)
-        if service.ready():
+        problem = service.health()
+        if problem is None:
             return Response(status_code=200)
-        return errors.error_response(ServiceUnavailableError("the prefill worker is not ready"))
+        return errors.error_response(ServiceUnavailableError(problem))
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -179,4 +181,4 @@ async def _generate(
 ) -> Response:
     fmt = ResponseFormat(chat=chat, request_id=gen.prefill.request_id, model=service.model_name)
     include_usage = options is not None and options.include_usage
-    return await respond(request, OutputStream(service.scheduler, gen), fmt, stream, include_usage)
+    return await respond(request, OutputStream(service.engine, gen), fmt, stream, include_usage)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ SHARED_ENV = {
     "cache_dir": "KVFUSE_CACHE_DIR",
 }
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+ENGINES = ("embedded", "vllm")  # what decodes: this process's own decoder, or a vLLM server
 # Fields not named here are strings. Builtin int/float: a bad value reads "bad value for <name>".
 _PARSERS: dict[str, Parser] = {
     "port": int,
@@ -46,6 +48,7 @@ _PARSERS: dict[str, Parser] = {
     "max_stop_chars": int,
     "max_warm_documents": int,
     "prefill_timeout_s": float,
+    "vllm_timeout_s": float,
     "default_temperature": float,
     "default_recompute_ratio": optional(float),
     "kv_cache_bytes": parse_bytes,
@@ -99,6 +102,14 @@ class DecodeConfig:
         max_segment_tokens: most tokens in one segment (400); 0 = the context length.
         max_stop_strings, max_stop_chars: most stop strings, and characters in one (400).
         max_warm_documents: most documents in one `/kvfuse/warm` call (400; ≤ 256).
+        engine: `embedded` (this process decodes; the default) or `vllm`: a vLLM server with
+            kvfuse's KV connector decodes from the prefill worker's hand-off
+            (`decode_worker.vllm_engine`; needs `prefill_url`, loads no weights here);
+            `max_batch`, `max_waiting` and `kv_cache_bytes` (set it to vLLM's) then bound
+            what is sent to vLLM at once.
+        vllm_url: the vLLM server's `http://host:port`; vllm_model: the name it serves
+            (empty: ask its `/v1/models`); vllm_timeout_s: longest wait to connect to it, for
+            each piece of its answer, and for it to answer at start-up.
         log_level: Python logging level name.
     """
 
@@ -135,6 +146,10 @@ class DecodeConfig:
     max_stop_strings: int = 16
     max_stop_chars: int = 256
     max_warm_documents: int = MAX_WARM_CHUNKS
+    engine: str = "embedded"
+    vllm_url: str = ""
+    vllm_model: str = ""
+    vllm_timeout_s: float = 300.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -159,6 +174,23 @@ class DecodeConfig:
         ratio = self.default_recompute_ratio
         require(ratio is None or 0.0 <= ratio <= 1.0, "default_recompute_ratio must be in [0, 1]")
         self._check_limits()
+        self._check_engine()
+
+    def _check_engine(self) -> None:
+        require(
+            self.engine in ENGINES, f"engine must be one of {list(ENGINES)}, got {self.engine!r}"
+        )
+        require(self.vllm_timeout_s > 0, "vllm_timeout_s must be positive")
+        if self.engine != "vllm":
+            return
+        require(
+            bool(self.prefill_url),
+            "engine vllm takes the prompt's KV from a prefill worker's hand-off: set prefill_url",
+        )
+        require(
+            re.fullmatch(r"https?://[^/\s]+(/\S*)?", self.vllm_url) is not None,
+            f"engine vllm needs vllm_url, vLLM's http://host:port (got {self.vllm_url!r})",
+        )
 
     def _check_limits(self) -> None:
         require(self.prepare_threads >= 1, "prepare_threads must be ≥ 1")
@@ -261,6 +293,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-stop-strings", type=int, help="stop strings per request (default 16)")
     add("--max-stop-chars", type=int, help="characters per stop string (default 256)")
     add("--max-warm-documents", type=int, help="documents per /kvfuse/warm call (default 256)")
+    add("--engine", choices=ENGINES, help="what decodes: embedded (default) or a vLLM server")
+    add("--vllm-url", help="engine vllm: the vLLM server's http://host:port")
+    add("--vllm-model", help="engine vllm: the model vLLM serves (default: ask its /v1/models)")
+    add("--vllm-timeout-s", type=float, help="engine vllm: connect/read timeout (default 300)")
     add("--log-level", help="debug, info, warning, error (default info)")
 
 

@@ -114,7 +114,8 @@ class DecodeMetrics:
         self.aborted = self._counter("aborted_requests", "Requests whose client went away.")
         self.fallbacks = Counter(
             "kvfuse_decode_fallbacks",
-            "Prefills that computed chunks instead of fetching them, by reason.",
+            "Prefills that computed chunks instead of fetching them (engine vllm: prompts "
+            "vLLM computed itself), by reason.",
             ["reason"],
             registry=reg,
         )
@@ -139,12 +140,22 @@ class DecodeMetrics:
         self.gpu_cache_usage.labels(name).set_function(lambda: state.kv_usage)
 
     def on_first_token(self, stats: PrefillStats, ttft_s: float) -> None:
+        """The embedded decoder sent a sequence's first token, sampled by its prefill."""
+        self.on_ttft(ttft_s, stats.num_prompt_tokens)
+        self.on_prefill(stats)
+        self.on_tokens(1)
+
+    def on_ttft(self, ttft_s: float, num_prompt_tokens: int) -> None:
+        """A request's first token, `ttft_s` after it arrived, for a prompt of that many."""
         name = self.model_name
         self.vllm_ttft.labels(name).observe(ttft_s)
         self.ttft.observe(ttft_s)
+        self.vllm_prompt_tokens.labels(name).inc(num_prompt_tokens)
+        self.prompt_tokens.inc(num_prompt_tokens)
+
+    def on_prefill(self, stats: PrefillStats) -> None:
+        """What a prefill reused and computed."""
         self.prefill_seconds.observe(stats.prefill_s)
-        self.vllm_prompt_tokens.labels(name).inc(stats.num_prompt_tokens)
-        self.prompt_tokens.inc(stats.num_prompt_tokens)
         self.cached_tokens.inc(stats.num_cached_tokens)
         self.recomputed_tokens.inc(stats.num_recomputed_tokens)
         self.precomputed_tokens.inc(stats.num_precomputed_tokens)
@@ -152,9 +163,12 @@ class DecodeMetrics:
         self.chunks.inc(stats.num_chunks)
         self.chunk_hits.inc(stats.num_chunk_hits)
         if stats.fallback:
-            reason = stats.fallback if _REASON.fullmatch(stats.fallback) else "other"
-            self.fallbacks.labels(reason).inc()
-        self.on_tokens(1)
+            self.on_fallback(stats.fallback)
+
+    def on_fallback(self, reason: str) -> None:
+        """A prompt computed without what it should have reused (e.g. the prefill worker was
+        down and vLLM computed it)."""
+        self.fallbacks.labels(reason if _REASON.fullmatch(reason) else "other").inc()
 
     def on_tokens(self, num_tokens: int) -> None:
         self.vllm_generation_tokens.labels(self.model_name).inc(num_tokens)

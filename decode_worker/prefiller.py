@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from decode_worker.handoff import HandOff
 from kvfuse.blend import FusedLayer
 from kvfuse.client.prefill import PrefillClient
 from kvfuse.engine import Engine
@@ -31,7 +32,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PrefillBackend:
-    """A Prefiller and ChunkWarmer with its readiness probe (for /health) and its cleanup."""
+    """A Prefiller and ChunkWarmer with its readiness probe (for /health) and its cleanup.
+
+    Attributes:
+        hand_off: a remote worker's hand-off prefill (`PrefillClient.hand_off`, refused at
+            once while the worker is unhealthy), for engine vllm; None in process.
+    """
 
     prefiller: Prefiller
     warmer: ChunkWarmer
@@ -40,6 +46,7 @@ class PrefillBackend:
     name: str
     remote: bool = False
     shares_cores: bool = True  # the prefill computes on this machine's cores
+    hand_off: HandOff | None = None
 
 
 def is_loopback(target: str) -> bool:
@@ -79,7 +86,14 @@ def remote_backend(
 
     name, local = f"remote {target}", is_loopback(target)
     return PrefillBackend(
-        guarded, guarded, probe.ready, close, name, remote=True, shares_cores=local
+        guarded,
+        guarded,
+        probe.ready,
+        close,
+        name,
+        remote=True,
+        shares_cores=local,
+        hand_off=guarded.hand_off,
     )
 
 
@@ -116,6 +130,12 @@ class FailFast:
     ) -> Iterator[FusedLayer | PrefillResult]:
         self._check()
         return self.inner.prefill(request, cancel)
+
+    def hand_off(
+        self, request: PrefillRequest, cancel: Cancel | None = None
+    ) -> Iterator[str | PrefillResult]:
+        self._check()
+        return self.inner.hand_off(request, cancel)
 
     def warm_chunks(self, segments: PromptSegments, request_id: str = "") -> WarmResult:
         self._check()

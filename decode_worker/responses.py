@@ -26,8 +26,10 @@ class Completion:
     def add(self, out: SequenceOutput) -> None:
         self.text += out.text
         self.num_generated_tokens = max(self.num_generated_tokens, out.num_generated_tokens)
-        if out.prefill is not None:
-            self.prefill, self.ttft_s = out.prefill, out.ttft_s
+        if out.prefill is not None:  # with the first token, or later (engine vllm)
+            self.prefill = out.prefill
+        if out.ttft_s is not None:
+            self.ttft_s = out.ttft_s
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason.value
         self.error = out.error or self.error

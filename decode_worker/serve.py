@@ -28,6 +28,7 @@ def serve(config: DecodeConfig) -> None:
     from decode_worker.service import DecodeService
 
     configure_logging(config.log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # engine vllm: a line per request
     app = create_app(DecodeService.from_config(config))
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]

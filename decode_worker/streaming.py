@@ -1,7 +1,9 @@
-"""Bridges a sequence's outputs from the scheduler threads to an HTTP response (JSON or SSE).
+"""Bridges a sequence's outputs from the engine (the scheduler threads, or vLLM requests on the
+event loop) to an HTTP response (JSON or SSE).
 
 A client that goes away — mid-stream, or while waiting for a non-streamed answer — aborts its
-sequence, which frees its batch slot and KV room at the scheduler's next step.
+sequence, which frees its batch slot and KV room at the scheduler's next step (or closes its
+vLLM stream).
 """
 
 from __future__ import annotations
@@ -9,18 +11,32 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from decode_worker.errors import error_body
 from decode_worker.responses import SSE_DONE, Completion, ResponseFormat, sse
-from decode_worker.scheduler import Scheduler
-from decode_worker.sequence import GenerationRequest, SequenceOutput
+from decode_worker.sequence import GenerationRequest, OutputSink, SequenceOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+H = TypeVar("H")
+
+
+class Engine(Protocol[H]):
+    """What decodes: the embedded `Scheduler` or the `VllmEngine`.
+
+    `submit` queues a request whose outputs go to `sink` in order (the last one with a finish
+    reason or an error), from any thread; it returns the request's handle or raises
+    (PromptTooLongError, ServiceUnavailableError when full or stopping). `abort(handle)` ends
+    a request whose client went away (no-op once it finished).
+    """
+
+    def submit(self, request: GenerationRequest, sink: OutputSink) -> H: ...
+
+    def abort(self, handle: H, /) -> None: ...
 
 
 class ClientDisconnected(Exception):
@@ -30,15 +46,15 @@ class ClientDisconnected(Exception):
 class OutputStream:
     """One submitted sequence's outputs, awaited on the event loop that created it."""
 
-    def __init__(self, scheduler: Scheduler, request: GenerationRequest) -> None:
+    def __init__(self, engine: Engine[Any], request: GenerationRequest) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[SequenceOutput] = asyncio.Queue()
-        self._scheduler = scheduler
-        self.seq = scheduler.submit(request, self._put)  # raises when the queue is full
+        self._engine = engine
+        self.seq = engine.submit(request, self._put)  # raises when the queue is full
         self.result = Completion(request)
 
     def _put(self, out: SequenceOutput) -> None:
-        """Called from scheduler threads."""
+        """Called from scheduler threads (or the loop itself)."""
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
         except RuntimeError:  # the event loop is closed: the server is going down
@@ -53,7 +69,7 @@ class OutputStream:
     def close(self) -> None:
         """Aborts the sequence unless it already finished."""
         if not self.result.done:
-            self._scheduler.abort(self.seq)
+            self._engine.abort(self.seq)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -113,7 +113,7 @@ _SERVICES = (
     ("prefill", "the gRPC prefill worker (fetch, blend)", "prefill_worker.serve"),
     ("decode", "the OpenAI-compatible HTTP decode worker", "decode_worker.serve"),
     ("controller", "the gRPC controller (ratio policy, placement, membership)", "controller.serve"),
-    ("all", "all three services as local processes", "kvfuse.serve_all"),
+    ("all", "all services as local processes (--engine vllm: vLLM decodes)", "kvfuse.serve_all"),
 )
 
 

