@@ -9,6 +9,8 @@ from typing import Any
 from kvfuse.codecs import CODEC_NAMES
 from kvfuse.errors import ConfigError
 
+HANDOFF_LOADS = ("async", "layerwise")
+
 
 @dataclass(frozen=True)
 class ConnectorConfig:
@@ -36,6 +38,10 @@ class ConnectorConfig:
             front opens it before it calls vLLM, so this covers clock skew between processes,
             not the prefill).
         max_pending_saves: blocks queued for storing; beyond it new saves are dropped.
+        handoff_load: how a hand-off loads. `async` (default): the request waits outside the
+            batch until every layer is in, other requests keep decoding. `layerwise`: the
+            request joins the next step at once and each attention layer waits for its layer
+            of fused KV, so the load overlaps the step (and holds up the whole batch).
     """
 
     cache_servers: tuple[str, ...] = ()
@@ -51,6 +57,7 @@ class ConnectorConfig:
     load_deadline_s: float = 30.0
     handoff_wait_s: float = 2.0
     max_pending_saves: int = 256
+    handoff_load: str = "async"
 
     def __post_init__(self) -> None:
         for addr in self.cache_servers:
@@ -62,6 +69,8 @@ class ConnectorConfig:
         for name in ("lookup_deadline_s", "load_deadline_s", "handoff_wait_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.handoff_load not in HANDOFF_LOADS:
+            raise ConfigError(f"handoff_load must be one of {HANDOFF_LOADS}")
         if self.max_pending_saves < 0:
             raise ConfigError("max_pending_saves must be >= 0")
 

@@ -74,7 +74,8 @@ class BlockLayout:
 
 @dataclass(frozen=True)
 class FusedLoad:
-    """A hand-off's fused layers into the prompt positions [start, end) of a request."""
+    """A hand-off's fused layers into the prompt positions [start, end) of a request;
+    `layerwise`: this step's forward waits for each layer (else the load runs between steps)."""
 
     request_id: str
     handoff: HandoffParams
@@ -82,6 +83,7 @@ class FusedLoad:
     start: int
     end: int
     block_ids: tuple[int, ...]
+    layerwise: bool = False
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,11 @@ class ConnectorScheduler:
         save: store the full prompt blocks vLLM computes for requests without a hand-off.
     """
 
-    def __init__(self, layout: BlockLayout, lookup: Lookup | None, save: bool) -> None:
+    def __init__(
+        self, layout: BlockLayout, lookup: Lookup | None, save: bool, layerwise: bool = False
+    ) -> None:
         self.layout, self._lookup, self._save = layout, lookup, save and lookup is not None
+        self._layerwise = layerwise  # hand-offs load during the step (`handoff_load`)
         self._requests: dict[str, _Request] = {}
         self._loads = StepPlan()
 
@@ -65,22 +68,25 @@ class ConnectorScheduler:
         block_hashes: Sequence[bytes],
         params: Mapping[str, Any] | None,
         num_computed: int,
-    ) -> int:
-        """Prompt tokens after `num_computed` (vLLM's local hit) to load asynchronously: all of
-        them for a hand-off, the run of stored blocks for the prefix store, 0 after a load was
-        tried once (a failed load's retry computes in vLLM)."""
+    ) -> tuple[int, bool]:
+        """Prompt tokens after `num_computed` (vLLM's local hit) to load, and whether they load
+        between steps: all of them for a hand-off (all but the last when it loads during the
+        step, which vLLM requires), the run of stored blocks for the prefix store, 0 after a
+        load was tried once (a failed load's retry computes in vLLM)."""
         req = self._requests.get(request_id)
         if req is None:
             req = _Request(prompt_token_ids, block_hashes, HandoffParams.from_params(params))
             self._requests[request_id] = req
         req.num_local = num_computed
         if req.load_tried:
-            return 0
+            return 0, False
+        layerwise = req.handoff is not None and self._layerwise
         if req.handoff is not None:
-            req.claimed_end = len(prompt_token_ids)
+            req.claimed_end = len(prompt_token_ids) - layerwise
         else:
             req.claimed_end, req.hit_keys = self._stored_run(req, num_computed)
-        return max(req.claimed_end - num_computed, 0)
+        num = max(req.claimed_end - num_computed, 0)
+        return num, num > 0 and not layerwise
 
     def _stored_run(self, req: _Request, num_computed: int) -> tuple[int, tuple[str, ...]]:
         """The end of the stored blocks that follow vLLM's local hit, and their keys."""
@@ -113,7 +119,7 @@ class ConnectorScheduler:
             self._loads.fused_loads.append(
                 FusedLoad(
                     request_id, req.handoff, tuple(req.prompt_token_ids), start, end,
-                    tuple(block_ids),
+                    tuple(block_ids), layerwise=self._layerwise,
                 )
             )  # fmt: skip
             return

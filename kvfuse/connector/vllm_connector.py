@@ -8,8 +8,9 @@ Load it with
 makes vLLM compute the prompt itself; vLLM's default, `"fail"`, would fail the request.
 
 This module only translates between vLLM's interface and `ConnectorScheduler` /
-`ConnectorWorker`; both roles load asynchronously (`get_num_new_matched_tokens` returns
-`(n, True)`, completions come back through `get_transfer_results`).
+`ConnectorWorker`. Loads are asynchronous (`get_num_new_matched_tokens` returns `(n, True)`,
+completions come back through `get_transfer_results`), except hand-offs with `handoff_load`
+`layerwise`: those join the step and `wait_for_layer_load` waits for each layer.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ class KVFuseConnector(KVConnectorBase_V1):
         shards = _shards(self.config)
         if role == KVConnectorRole.SCHEDULER:
             lookup = None if shards is None else (lambda keys: _lookup(shards, keys))
-            self._sched = ConnectorScheduler(self.layout, lookup, self.config.save)
+            layerwise = self.config.handoff_load == "layerwise"
+            self._sched = ConnectorScheduler(self.layout, lookup, self.config.save, layerwise)
         else:
             self._worker = ConnectorWorker(self.config, shards, self._prefill.take_fused)
 
@@ -128,11 +130,10 @@ class KVFuseConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         assert self._sched is not None
-        num = self._sched.num_matched(
+        return self._sched.num_matched(
             request.request_id, request.prompt_token_ids or (), request.block_hashes,
             request.kv_transfer_params, num_computed_tokens,
         )  # fmt: skip
-        return num, num > 0
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -184,7 +185,12 @@ class KVFuseConnector(KVConnectorBase_V1):
         self._worker.start(self._plan())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are asynchronous: a loading request is not in the forward
+        assert self._worker is not None
+        self._worker.wait_layer(_layer_index(layer_name))  # only `layerwise` hand-offs wait
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.error_blocks()
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:  # fmt: skip

@@ -33,6 +33,30 @@ log = logging.getLogger(__name__)
 TakeFused = Callable[[str, str, tuple[int, ...], float], Iterator[object]]
 
 
+class _Gate:
+    """How many layers of a load the forward waits on are written, or that it failed."""
+
+    def __init__(self) -> None:
+        self.num_written, self.failed = 0, False
+        self._changed = threading.Condition()
+
+    def advance(self) -> None:
+        with self._changed:
+            self.num_written += 1
+            self._changed.notify_all()
+
+    def fail(self) -> None:
+        with self._changed:
+            self.failed = True
+            self._changed.notify_all()
+
+    def wait(self, num_layers: int, timeout_s: float) -> bool:
+        """True once `num_layers` are written; False when the load failed or timed out."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.failed or self.num_written >= num_layers, timeout_s)
+            return not self.failed and self.num_written >= num_layers
+
+
 class PrefillClients(Closing):
     """One PrefillClient per prefill-worker address a hand-off named; `take_fused` is the
     worker's `TakeFused`. Thread-safe."""
@@ -91,16 +115,26 @@ class ConnectorWorker(Closing):
         self._saver = threading.Thread(target=self._store_loop, name="kvfuse-save", daemon=True)
         self._saver.start()
         self.num_saves_dropped = 0
+        self._in_step: list[tuple[FusedLoad, _Gate]] = []  # layerwise loads of this step
+        self._error_blocks: set[int] = set()
 
     def register(self, paged: PagedKV) -> None:
         self.paged = paged
 
     def start(self, plan: StepPlan) -> None:
-        """Starts the plan's loads on loader threads."""
-        with self._lock:
-            self._num_loading += len(plan.fused_loads) + len(plan.block_loads)
+        """Starts the plan's loads on loader threads; layerwise ones gate this step's layers."""
+        self._in_step = []
         for fused in plan.fused_loads:
-            self._loads.submit(self._run, fused.request_id, partial(self._load_fused, fused))
+            gate = _Gate() if fused.layerwise else None
+            if gate is not None:
+                self._in_step.append((fused, gate))
+            else:
+                with self._lock:
+                    self._num_loading += 1
+            load = partial(self._load_fused, fused, gate)
+            self._loads.submit(self._run, fused.request_id, load, gate)
+        with self._lock:
+            self._num_loading += len(plan.block_loads)
         for blocks in plan.block_loads:
             self._loads.submit(self._run, blocks.request_id, partial(self._load_blocks, blocks))
 
@@ -115,6 +149,21 @@ class ConnectorWorker(Closing):
                 continue
             self._saves.put((save, self.paged.copy_blocks(save.block_ids)))
 
+    def wait_layer(self, layer_idx: int) -> None:
+        """Blocks until every layerwise load of this step has written layer `layer_idx`; the
+        blocks of a load that failed or timed out go to `error_blocks` (vLLM recomputes them)."""
+        for load, gate in self._in_step:
+            if not gate.wait(layer_idx + 1, self.config.load_deadline_s):
+                self._error_blocks.update(load.block_ids[load.start // self._block_size() :])
+
+    def error_blocks(self) -> set[int]:
+        """Blocks whose layerwise load failed since the last call."""
+        errors, self._error_blocks = self._error_blocks, set()
+        return errors
+
+    def _block_size(self) -> int:
+        return self._paged().block_size
+
     def results(self, wait_s: float = 0.0) -> tuple[set[str], set[str]]:
         """Loads finished since the last call: (all of them, the failed ones among them).
         With `wait_s`, waits that long for one to finish if none has and some are running
@@ -126,7 +175,7 @@ class ConnectorWorker(Closing):
             self._done, self._failed = set(), set()
         return done, failed
 
-    def _run(self, request_id: str, load: Callable[[], None]) -> None:
+    def _run(self, request_id: str, load: Callable[[], None], gate: _Gate | None = None) -> None:
         torch.set_num_threads(1)  # leave the cores to vLLM's step
         ok = False
         try:
@@ -136,6 +185,10 @@ class ConnectorWorker(Closing):
             log.warning("kvfuse load for %s failed, vLLM computes it: %s", request_id, exc)
         except Exception:
             log.exception("kvfuse load for %s failed, vLLM computes it", request_id)
+        if gate is not None:  # in-step: the forward learns of a failure through its gate
+            if not ok:
+                gate.fail()
+            return
         with self._lock:
             self._num_loading -= 1
             self._done.add(request_id)
@@ -143,7 +196,7 @@ class ConnectorWorker(Closing):
                 self._failed.add(request_id)
             self._lock.notify_all()
 
-    def _load_fused(self, load: FusedLoad) -> None:
+    def _load_fused(self, load: FusedLoad, gate: _Gate | None = None) -> None:
         paged = self._paged()
         slots = slot_mapping(load.block_ids, paged.block_size, load.start, load.end)
         offsets = paged.slot_offsets(slots)
@@ -165,6 +218,8 @@ class ConnectorWorker(Closing):
             rows = slice(load.start, load.end)
             paged.write(num_layers, k[:, rows], v[:, rows], offsets)
             num_layers += 1
+            if gate is not None:
+                gate.advance()
         if num_layers != len(paged.caches):
             raise HandoffError(f"{num_layers} fused layers for a {len(paged.caches)}-layer model")
 

@@ -35,12 +35,22 @@ class Store:
 def test_a_handoff_claims_every_token_after_the_local_hit() -> None:
     sched = ConnectorScheduler(LAYOUT, Store(3).lookup, save=True)
     params = HANDOFF.to_params()
-    assert sched.num_matched("r1", PROMPT, HASHES, params, num_computed=0) == 14
-    assert sched.num_matched("r2", PROMPT, HASHES, params, num_computed=8) == 6
+    assert sched.num_matched("r1", PROMPT, HASHES, params, num_computed=0) == (14, True)
+    assert sched.num_matched("r2", PROMPT, HASHES, params, num_computed=8) == (6, True)
     sched.allocated("r2", [7, 8, 9, 10], 6)
     (load,) = sched.plan({}, lambda _: []).fused_loads
     assert (load.start, load.end, load.block_ids, load.handoff) == (8, 14, (7, 8, 9, 10), HANDOFF)
     assert load.token_ids == tuple(PROMPT)
+
+
+def test_a_layerwise_handoff_joins_the_step_without_its_last_token() -> None:
+    sched = ConnectorScheduler(LAYOUT, None, save=False, layerwise=True)
+    params = HANDOFF.to_params()
+    assert sched.num_matched("r", PROMPT, HASHES, params, num_computed=0) == (13, False)
+    sched.allocated("r", [7, 8, 9, 10], 13)
+    (load,) = sched.plan({}, lambda _: []).fused_loads
+    assert (load.start, load.end, load.layerwise) == (0, 13, True)
+    assert sched.num_matched("p", PROMPT, HASHES, None, 0) == (0, False)  # prefix: async only
 
 
 @pytest.mark.parametrize(
@@ -56,19 +66,19 @@ def test_a_handoff_claims_every_token_after_the_local_hit() -> None:
 )
 def test_prefix_store_counts(num_stored: int, num_local: int, expected: int) -> None:
     sched = ConnectorScheduler(LAYOUT, Store(num_stored).lookup, save=True)
-    assert sched.num_matched("r", PROMPT, HASHES, None, num_local) == expected
+    assert sched.num_matched("r", PROMPT, HASHES, None, num_local) == (expected, expected > 0)
 
 
 def test_only_the_first_run_of_stored_blocks_counts() -> None:
     store = Store(3)
     store.stored.discard(LAYOUT.key(HASHES[1]))  # block 1 evicted, block 2 still there
     sched = ConnectorScheduler(LAYOUT, store.lookup, save=True)
-    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == 4
+    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == (4, True)
 
 
 def test_prefix_hits_plan_block_loads_into_the_allocated_blocks() -> None:
     sched = ConnectorScheduler(LAYOUT, Store(3).lookup, save=True)
-    assert sched.num_matched("r", PROMPT, HASHES, None, num_computed=4) == 8
+    assert sched.num_matched("r", PROMPT, HASHES, None, num_computed=4) == (8, True)
     sched.allocated("r", [20, 21, 22, 23], 8)  # block 20 is vLLM's own hit
     (load,) = sched.plan({}, lambda _: []).block_loads
     assert load.block_ids == (21, 22)
@@ -78,32 +88,31 @@ def test_prefix_hits_plan_block_loads_into_the_allocated_blocks() -> None:
 
 def test_a_down_cache_is_a_miss_and_no_prefix_store_means_no_lookup() -> None:
     sched = ConnectorScheduler(LAYOUT, Store(3, down=True).lookup, save=True)
-    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == 0
-    assert (
-        ConnectorScheduler(LAYOUT, None, save=True).num_matched("r", PROMPT, HASHES, None, 0) == 0
-    )
+    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == (0, False)
+    no_store = ConnectorScheduler(LAYOUT, None, save=True)
+    assert no_store.num_matched("r", PROMPT, HASHES, None, 0) == (0, False)
 
 
 def test_a_load_is_tried_once() -> None:
     store = Store(3)
     sched = ConnectorScheduler(LAYOUT, store.lookup, save=True)
-    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == 12
-    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == 12  # not allocated yet: asked again
+    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == (12, True)
+    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == (12, True)  # not allocated yet
     sched.allocated("r", [1, 2, 3, 4], 12)
     # vLLM asks again only after a failed load reset the request: it computes it now
-    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == 0
+    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == (0, False)
     sched.allocated("r", [1, 2, 3, 4], 0)
     assert len(sched.plan({}, lambda _: []).block_loads) == 1  # the first allocation's only
     handoff = ConnectorScheduler(LAYOUT, None, save=False)
-    assert handoff.num_matched("h", PROMPT, HASHES, HANDOFF.to_params(), 0) == 14
+    assert handoff.num_matched("h", PROMPT, HASHES, HANDOFF.to_params(), 0) == (14, True)
     handoff.allocated("h", [1, 2, 3, 4], 14)
-    assert handoff.num_matched("h", PROMPT, HASHES, HANDOFF.to_params(), 0) == 0
+    assert handoff.num_matched("h", PROMPT, HASHES, HANDOFF.to_params(), 0) == (0, False)
 
 
 def test_saves_follow_the_blocks_each_step_completes() -> None:
     sched = ConnectorScheduler(LAYOUT, Store(1).lookup, save=True)
     blocks = {"r": [30, 31, 32, 33]}
-    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == 4  # block 0 is stored
+    assert sched.num_matched("r", PROMPT, HASHES, None, 0) == (4, True)  # block 0 is stored
     sched.allocated("r", blocks["r"], 4)
     sched.plan({}, blocks.__getitem__)  # the load's step
     # chunked prefill: tokens 4..9 this step, 10..13 the next

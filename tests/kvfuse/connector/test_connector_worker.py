@@ -126,3 +126,34 @@ def test_saved_blocks_load_back_into_other_blocks(shards: Shards) -> None:
     worker.start(StepPlan(block_loads=[BlockLoad("r3", unknown, (4,))]))
     assert wait_results(worker, 1) == ({"r3"}, {"r3"})
     worker.close()
+
+
+def test_a_layerwise_load_gates_each_layer(engine: Engine, prefill_server: PrefillServer) -> None:
+    request = make_request(engine, mode=Mode.FULL_PREFILL)
+    token_ids = tuple(request.segments.token_ids)
+    num = len(token_ids) - 1  # vLLM computes the last token in the step
+    block_ids = tuple(range(-(-num // BS)))
+    paged = paged_kv(len(block_ids))
+    with PrefillClient(prefill_server.address) as client:
+        ref_layers, _ = split(list(client.prefill(request)))
+        clients = PrefillClients(ConnectorConfig())
+        worker = ConnectorWorker(ConnectorConfig(load_deadline_s=30), None, clients.take_fused)
+        worker.register(paged)
+        handoff = client.hand_off(replace(request, handoff_id="h-lw"))
+        params = HandoffParams("h-lw", str(next(handoff)))
+        rest = threading.Thread(target=lambda: list(handoff))
+        rest.start()
+        load = FusedLoad("r1", params, token_ids, 0, num, block_ids, layerwise=True)
+        worker.start(StepPlan(fused_loads=[load]))
+        for layer in ref_layers:  # as vLLM's attention layers do, in order
+            worker.wait_layer(layer.layer_idx)
+            k, _ = paged.unpack(paged.copy_blocks(block_ids)[layer.layer_idx])
+            assert torch.equal(k.reshape(-1, 3, 64)[:num].transpose(0, 1), layer.k[:, :num])
+        rest.join(30)
+        assert worker.error_blocks() == set() and worker.results() == (set(), set())
+        gone = replace(load, handoff=HandoffParams("gone", params.address))
+        worker.start(StepPlan(fused_loads=[gone]))
+        worker.wait_layer(0)
+        assert worker.error_blocks() == set(block_ids)  # vLLM recomputes them
+        worker.close()
+        clients.close()
