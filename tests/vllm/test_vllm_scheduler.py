@@ -89,3 +89,14 @@ def test_a_failed_load_is_computed_by_vllm(make_scheduler: MakeScheduler) -> Non
     assert req.status == RequestStatus.RUNNING
     assert output.num_scheduled_tokens["r1"] == len(PROMPT)  # computed from scratch
     assert not output.kv_connector_metadata.plan.fused_loads  # not tried again
+
+
+def test_a_layerwise_handoff_runs_in_the_next_step(make_scheduler: MakeScheduler) -> None:
+    scheduler = make_scheduler({"handoff_load": "layerwise"})
+    req = request("r1", HandoffParams("h1", "127.0.0.1:50052").to_params())
+    scheduler.add_request(req)
+    output = scheduler.schedule()
+    assert req.status == RequestStatus.RUNNING and output.has_sync_kv_loads
+    assert output.num_scheduled_tokens["r1"] == 1  # vLLM computes only the last prompt token
+    (load,) = output.kv_connector_metadata.plan.fused_loads
+    assert load.layerwise and (load.start, load.end) == (0, len(PROMPT) - 1)
