@@ -191,6 +191,21 @@ def test_health_models_auth_and_metrics(http: httpx.Client, front: DecodeProcess
     assert samples["vllm:num_requests_running"] == 0 and samples["vllm:kv_cache_usage_perc"] == 0
 
 
+def test_warmed_documents_are_hits_of_the_hand_off(http: httpx.Client) -> None:
+    docs = ["Ulla Brenn keeps bees in the village of Farrow.", "The Sorrel ferry sails at noon."]
+    warm = http.post(
+        "/kvfuse/warm", json={"model": MODEL, "documents": docs, "system": "Be brief."}
+    )
+    assert warm.status_code == 200 and warm.json()["stored"] == 3, warm.text  # prefix + docs
+    messages = [{"role": "system", "content": "Be brief."}]
+    messages.append({"role": "user", "content": "<|kvfuse_sep|>".join([*docs, "Who keeps bees?"])})
+    body = {"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0.0}
+    answer = http.post("/v1/chat/completions", json=body).json()
+    kvfuse = answer["usage"]["kvfuse"]
+    assert (kvfuse["chunk_hits"], kvfuse["chunks"], kvfuse["fallback"]) == (2, 2, None)
+    assert kvfuse["cached_tokens"] > 0 and answer["choices"][0]["message"]["content"]
+
+
 def vllm_completions(vllm: VllmServer) -> float:
     """Completions vLLM has answered (counted when each response ends)."""
     total = 0.0
