@@ -26,6 +26,8 @@ from benchmarks.datasets import RAG_SYSTEM
 from benchmarks.loadgen import run_phase
 from benchmarks.report import write_json
 from benchmarks.serve_plan import (
+    BLEND_VLLM,
+    BLEND_VLLM_INGEST,
     DEFAULT_MUSIQUE,
     DEFAULT_SYSTEMS,
     FULL,
@@ -100,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--vllm-threads-bind", default="", help="VLLM_CPU_OMP_THREADS_BIND (default all CPUs)")
     add("--vllm-max-model-len", type=int, default=8192)
     add("--vllm-args", default="", help="more vLLM server flags, shell-quoted")
+    add(
+        "--vllm-handoff-load",
+        default="async",
+        choices=["async", "layerwise"],
+        help="how blend_vllm's vLLM loads a hand-off (the connector's handoff_load)",
+    )
     add("--out", type=Path, default=Path("bench/results"))
     add("--name", default="serve", help="result file stem")
 
@@ -133,9 +141,15 @@ def measure(server: Server, plan: Plan, phases: Sequence[Phase]) -> list[dict[st
 
 @contextmanager
 def kvfuse_server(
-    args: argparse.Namespace, dtype: str, topology: Topology, log_dir: Path, extra: tuple[str, ...]
+    args: argparse.Namespace,
+    dtype: str,
+    topology: Topology,
+    log_dir: Path,
+    extra: tuple[str, ...],
+    vllm: bool = False,
 ) -> Iterator[tuple[str, str, str | None]]:
-    """A fresh kvfuse stack (or the given --endpoint) whose chunk stores all get --store-bytes;
+    """A fresh kvfuse stack (or the given --endpoint) whose chunk stores all get --store-bytes,
+    decoding with vLLM (`vllm`: KVFuseConnector, --vllm-handoff-load) or its own decoder;
     yields (url, served model name, cache-server address or None)."""
     if args.endpoint:
         yield args.endpoint.rstrip("/"), "", None
@@ -147,7 +161,15 @@ def kvfuse_server(
         "KVFUSE_PREFILL_LOCAL_STORE_BYTES": store_bytes,
     }
     cache_args = ("--memory-bytes", store_bytes)
-    with KvfuseStack(topology, dtype, log_dir, extra, cache_args=cache_args, env=env) as stack:
+    options = connector = None
+    if vllm:
+        options = replace(_vllm_options(args), single_process=True)
+        ensure_venv(options, log_dir.parent / "vllm-install.log")
+        connector = {"handoff_load": args.vllm_handoff_load}
+    with KvfuseStack(
+        topology, dtype, log_dir, extra, cache_args=cache_args, env=env, vllm=options,
+        connector_extra=connector,
+    ) as stack:  # fmt: skip
         yield stack.url, stack.model_name, stack.cache_addr
 
 
@@ -212,12 +234,13 @@ def run_system(
     if system in VLLM_SYSTEMS:
         with vllm_server(args, dtype, log_dir / f"{system}-{dtype}", system == VLLM_STORE) as vllm:
             return measure(Server(vllm.url, vllm.model_name, None, None), plan, main_phases(plan))
-    mode = "blend" if system == INGEST else system
+    with_vllm = system in (BLEND_VLLM, BLEND_VLLM_INGEST)
+    mode = "blend" if system in (INGEST, BLEND_VLLM, BLEND_VLLM_INGEST) else system
     ratio = plan.ratio if mode == "blend" else None
     topology = Topology(args.topology)
     where = log_dir / f"{system}-{dtype}"
-    with kvfuse_server(args, dtype, topology, where, ()) as (url, model, _):
-        if system == INGEST:
+    with kvfuse_server(args, dtype, topology, where, (), with_vllm) as (url, model, _):
+        if system in (INGEST, BLEND_VLLM_INGEST):
             ingest(url, model, plan.ingest)
         return measure(Server(url, model, mode, ratio), plan, main_phases(plan))
 

