@@ -9,10 +9,11 @@ bytes. It is stored as a `StoredObject` with two layer records:
 under the storage key `_lmcache/<SHA-256 of the key string>` (`LMCACHE_NAMESPACE`, which no
 tenant can name). Its metadata has codec `lmcache` (every tier stores the records as they are:
 nothing is transcoded, so a GET returns the same bytes from memory, disk or Redis) and the
-records' sizes and CRC-32s, which the disk and Redis tiers check on every read. The K/V fields
-of `ObjectMeta` do not apply to such an object and are fixed placeholders (1 token, 1 head,
-head_dim 1, float16); record 0 is the only source of LMCache's metadata. Objects stored by
-earlier versions as one record (header and payload back to back) still read back.
+records' sizes and CRC-32s, which the disk and Redis tiers check on every read (the disk tier
+over the mapped file, which a GET then sends from). The K/V fields of `ObjectMeta` do not
+apply to such an object and are fixed placeholders (1 token, 1 head, head_dim 1, float16);
+record 0 is the only source of LMCache's metadata. Objects stored by earlier versions as one
+record (header and payload back to back) still read back.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import struct
 
 from cache_server.objects import LMCACHE_CODEC, LMCACHE_NAMESPACE, ObjectMeta, StoredObject
+from cache_server.tiers.base import MappedObject
 from kvfuse.errors import InvalidObjectError
 from kvfuse.transport.crc import crc32
 from kvfuse.transport.lmcache_wire import ObjectInfo
@@ -51,8 +53,9 @@ def to_stored(key: bytes, info: ObjectInfo, payload: bytes) -> StoredObject:
     return StoredObject(meta, records)
 
 
-def from_stored(obj: StoredObject) -> tuple[ObjectInfo, bytes | memoryview]:
-    """LMCache's metadata of a stored object and its payload (the stored bytes, no copy).
+def from_stored(obj: StoredObject | MappedObject) -> tuple[ObjectInfo, bytes | memoryview]:
+    """LMCache's metadata of a stored object and its payload (the stored bytes, or a view of
+    the mapped file: no copy).
 
     Raises:
         InvalidObjectError: the object is not an LMCache object (another codec, a bad head).

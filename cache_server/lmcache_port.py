@@ -19,6 +19,7 @@ at start and never reconnects), at most `max_connections` at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -31,6 +32,7 @@ from cache_server.listener import SocketListener
 from cache_server.lmcache_objects import RECORD_HEAD, from_stored, storage_key, to_stored
 from cache_server.metrics import CacheMetrics
 from cache_server.store import TieredStore
+from cache_server.tiers.base import MappedObject
 from kvfuse.errors import (
     CapacityError,
     InvalidObjectError,
@@ -169,18 +171,19 @@ class LMCachePort(SocketListener):
         return Outcome.SUCCESS if placement.stored else Outcome.FAIL
 
     def _get(self, conn: socket.socket, request: Request) -> Outcome:
-        obj = self._store.get(storage_key(request.key))
-        if obj is None:
+        found = self._store.get_or_map(storage_key(request.key))
+        if found is None:
             conn.sendall(pack_reply(ReturnCode.FAIL))
             return Outcome.FAIL
-        try:
-            info, payload = from_stored(obj)
-        except InvalidObjectError as exc:  # not written by this port: never expected
-            log.error("LMCache port: %s", exc)
-            conn.sendall(pack_reply(ReturnCode.FAIL))
-            return Outcome.FAIL
-        conn.sendall(pack_reply(ReturnCode.SUCCESS, info))
-        conn.sendall(payload)  # the stored bytes: no copy
+        with found if isinstance(found, MappedObject) else contextlib.nullcontext():
+            try:
+                info, payload = from_stored(found)
+            except InvalidObjectError as exc:  # not written by this port: never expected
+                log.error("LMCache port: %s", exc)
+                conn.sendall(pack_reply(ReturnCode.FAIL))
+                return Outcome.FAIL
+            conn.sendall(pack_reply(ReturnCode.SUCCESS, info))
+            conn.sendall(payload)  # the stored bytes or the file's pages: no copy
         self._metrics.sent_bytes.labels("LMCacheGet").inc(info.length)
         return Outcome.SUCCESS
 

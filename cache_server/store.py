@@ -12,7 +12,7 @@ from typing import NamedTuple, TypeVar
 
 from cache_server.admission import FrequencySketch
 from cache_server.objects import ObjectMeta, StoredObject, check_key
-from cache_server.tiers.base import Staged, Tier, TierStats
+from cache_server.tiers.base import MappedObject, Staged, Tier, TierStats
 from cache_server.tiers.transcode import transcode
 from cache_server.writeback import Background
 from kvfuse.errors import CapacityError, ConfigError, InvalidRequestError, TierUnavailableError
@@ -115,6 +115,8 @@ class TieredStore:
       recent hit below the first tier on, promotes it into the first tier (best effort; the
       lower copy stays, so caching is inclusive). Pins travel with promotion. Waiting for a
       second hit keeps a scan of once-read objects from flushing the first tier.
+      `get_or_map` does the same, but hands out an object a tier keeps in a file as views of
+      that file, for sending it from the page cache without a copy.
     - Write-back (`write_back_from`): a background thread keeps the first tier's least
       recently used objects, the part of it above that fill fraction, copied into the second
       tier, so their eviction later writes nothing and puts do not wait on the disk.
@@ -181,17 +183,35 @@ class TieredStore:
 
     def get(self, key: str) -> StoredObject | None:
         """The whole verified object from the highest tier that has it, or None."""
+        found = self._find(key, map_files=False)
+        assert not isinstance(found, MappedObject)
+        return found
+
+    def get_or_map(self, key: str) -> StoredObject | MappedObject | None:
+        """Like `get`, but an object the highest tier keeps in a file comes back as views of
+        it (`Tier.get_mapped`: verified, read from the page cache without a copy), unless
+        this read promotes it. The caller closes it. For sending whole objects."""
+        return self._find(key, map_files=True)
+
+    def _find(self, key: str, map_files: bool) -> StoredObject | MappedObject | None:
         check_key(key)
         num_deletes = self._num_deletes
-        found = self._get_highest(key)
-        if found is None:
-            self._count("miss")
-            return None
-        idx, obj = found
-        self._count(f"hit:{self.tiers[idx].name}")
-        if idx > 0 and self._hit_below(key):
+        for idx, tier in enumerate(self.tiers):
+            view = self._read(idx, tier.get_mapped, key) if map_files else None
+            obj = None if view is not None else self._read(idx, tier.get, key)
+            if view is None and obj is None:
+                continue
+            self._count(f"hit:{tier.name}")
+            if idx == 0 or not self._hit_below(key):
+                return view or obj
+            if view is not None:  # promoting: a copy is kept after all
+                with view:
+                    obj = StoredObject(view.meta, tuple(bytes(r) for r in view.layers))
+            assert obj is not None
             self._promote(obj, idx, num_deletes)
-        return obj
+            return obj
+        self._count("miss")
+        return None
 
     def _hit_below(self, key: str) -> bool:
         """Counts a hit below the first tier; True once `key` has had enough to be promoted."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import mmap
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -14,6 +17,39 @@ class Staged:
     """A put prepared by `Tier.stage` for `Tier.commit` (tiers subclass it with their state)."""
 
     obj: StoredObject
+
+
+class MappedObject:
+    """A stored object whose records are views of a read-only file mapping: read from the
+    page cache with no copy into the process.
+
+    The mapping pins the file version it was made from: a replace, eviction or delete
+    unlinks the path, never the pages being read (files are never written in place). Close
+    it, or use it as a context manager, once the record views are no longer used.
+    """
+
+    def __init__(self, meta: ObjectMeta, mapping: mmap.mmap, data_offset: int) -> None:
+        self.meta = meta
+        self._mapping = mapping
+        self._view = memoryview(mapping)
+        self._offsets = list(itertools.accumulate(meta.layer_nbytes, initial=data_offset))
+
+    @property
+    def layers(self) -> tuple[memoryview, ...]:
+        """The layer records, as views into the mapping."""
+        ends = self._offsets
+        return tuple(self._view[start:end] for start, end in itertools.pairwise(ends))
+
+    def close(self) -> None:
+        self._view.release()
+        with contextlib.suppress(BufferError):  # a record view is still held: unmapped with it
+            self._mapping.close()
+
+    def __enter__(self) -> MappedObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -72,6 +108,13 @@ class Tier(ABC):
     @abstractmethod
     def get(self, key: str) -> StoredObject | None:
         """The whole verified object, or None. Counts as an access."""
+
+    def get_mapped(self, key: str) -> MappedObject | None:
+        """The whole verified object as views of its file (counted as an access), for tiers
+        that keep files; None on a miss or a quarantined file, and always for other tiers
+        (use `get`). The caller closes it."""
+        del key
+        return None
 
     def peek(self, key: str) -> StoredObject | None:
         """The whole object like `get`, but not counted as an access (a copy made for the

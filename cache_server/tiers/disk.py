@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cache_server.objects import ObjectMeta, StoredObject, check_key
 from cache_server.tiers import diskfile
-from cache_server.tiers.base import Staged, Tier, TierStats
+from cache_server.tiers.base import MappedObject, Staged, Tier, TierStats
 from cache_server.tiers.diskfile import Entry
 from kvfuse.errors import (
     CapacityError,
@@ -53,8 +53,9 @@ class DiskTier(Tier):
     incomplete; its header, size and CRC checks then quarantine it (a miss, never bad data).
     Opening the tier deletes leftovers in tmp/, validates every file's header and size
     (failures → quarantine/), and rebuilds the LRU order from file mtimes (accesses touch the
-    mtime). Layer reads seek to one record and verify its CRC32; a mismatch quarantines the
-    file. Every quarantined file
+    mtime). Every read verifies the CRC32 of what it returns; a mismatch quarantines the
+    file. Layer reads seek to one record; `get_mapped` maps the file and checks its records
+    in place, so a whole object is read from the page cache without a copy. Every quarantined file
     is counted in num_corrupt and logged at WARNING with its path and the reason.
     Big reads and writes run outside the lock; only index updates and renames run under it.
     One process per directory (enforced with flock).
@@ -253,6 +254,22 @@ class DiskTier(Tier):
             if obj is not None:
                 self._touch(key, entry)
                 return obj
+            self._forget_if_vanished(key, entry)
+        return None
+
+    def get_mapped(self, key: str) -> MappedObject | None:
+        for _ in range(3):
+            entry = self._lookup(key)
+            if entry is None:
+                return None
+            try:
+                mapped = diskfile.map_object(entry.path, entry.meta, entry.data_offset, entry.ino)
+            except CorruptRecordError as exc:
+                self._quarantine(key, entry, str(exc))
+                return None
+            if mapped is not None:
+                self._touch(key, entry)
+                return mapped
             self._forget_if_vanished(key, entry)
         return None
 

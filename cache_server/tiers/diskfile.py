@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import struct
 import uuid
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache_server.objects import ObjectMeta, StoredObject
+from cache_server.tiers.base import MappedObject
 from kvfuse.errors import (
     CapacityError,
     CorruptRecordError,
@@ -153,7 +155,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _open_version(path: Path, ino: int | None) -> int | None:
+def open_version(path: Path, ino: int | None) -> int | None:
     """An fd on `path` if it still is file `ino`; None if it is gone or was replaced."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -172,7 +174,7 @@ def read_layer(
 
     Raises CorruptRecordError if the record is short or fails its CRC32.
     """
-    fd = _open_version(path, ino)
+    fd = open_version(path, ino)
     if fd is None:
         return None
     try:
@@ -185,6 +187,29 @@ def read_layer(
     return record
 
 
+def map_object(path: Path, meta: ObjectMeta, data_offset: int, ino: int) -> MappedObject | None:
+    """Maps the file read-only and verifies every record over the mapping (no copy); None if
+    the file is gone or was replaced.
+
+    Raises CorruptRecordError if the file is short or a record fails its CRC32.
+    """
+    fd = open_version(path, ino)
+    if fd is None:
+        return None
+    try:
+        size = data_offset + meta.total_nbytes
+        if os.fstat(fd).st_size != size:
+            raise CorruptRecordError(f"{meta.key}: the file is not {size} bytes long")
+        mapped = MappedObject(meta, mmap.mmap(fd, size, prot=mmap.PROT_READ), data_offset)
+    finally:
+        os.close(fd)  # the mapping keeps the file
+    for idx, (record, expected) in enumerate(zip(mapped.layers, meta.layer_crc32, strict=True)):
+        if crc32(record) != expected:
+            mapped.close()
+            raise CorruptRecordError(f"{meta.key}: layer {idx} failed its checksum")
+    return mapped
+
+
 def read_object(
     path: Path, meta: ObjectMeta, data_offset: int, ino: int | None = None
 ) -> StoredObject | None:
@@ -192,7 +217,7 @@ def read_object(
 
     Raises CorruptRecordError if any record fails its CRC32.
     """
-    fd = _open_version(path, ino)
+    fd = open_version(path, ino)
     if fd is None:
         return None
     with open(fd, "rb") as f:

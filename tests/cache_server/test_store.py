@@ -16,6 +16,7 @@ import torch
 from cache_server.objects import ObjectMeta, StoredObject
 from cache_server.store import ADMISSION, CAPACITY, DrainReport, Placement, TieredStore
 from cache_server.tiers import diskfile
+from cache_server.tiers.base import MappedObject
 from cache_server.tiers.disk import DiskTier
 from cache_server.tiers.memory import MemoryTier, held_nbytes
 from cache_server.tiers.redis_tier import RedisTier
@@ -151,6 +152,31 @@ def test_hits_below_are_promoted_and_copies_stay_below(
     counters = store.counters()
     assert counters.num_promotions == 2
     assert counters.num_hits == {"memory": 0, "disk": 1, "redis": 1}
+
+
+def test_get_or_map_maps_disk_objects_until_a_read_promotes_them(
+    tmp_path: Path, objects: Make
+) -> None:
+    unit = len(diskfile.encode_header(objects(0).meta)) + objects(0).meta.total_nbytes
+    memory = MemoryTier(int(held_nbytes(objects(0)) * 1.5), high_watermark=1.0, low_watermark=1.0)
+    store = TieredStore([memory, DiskTier(tmp_path, unit * 10, fsync=False)], promote_after_hits=2)
+    for seed in range(3):
+        store.put(objects(seed))
+    assert store.get_or_map(objects("missing").meta.key) is None
+    in_memory = store.get_or_map(objects(2).meta.key)
+    assert isinstance(in_memory, StoredObject) and in_memory == objects(2)
+    mapped = store.get_or_map(objects(0).meta.key)  # first hit below: mapped, not promoted
+    assert isinstance(mapped, MappedObject)
+    with mapped:
+        assert StoredObject(mapped.meta, tuple(bytes(r) for r in mapped.layers)) == objects(0)
+    assert tier_of(store, objects(0)) == "disk"
+    promoted = store.get_or_map(objects(0).meta.key)  # second hit: promoted, a copy
+    assert isinstance(promoted, StoredObject) and promoted == objects(0)
+    assert tier_of(store, objects(0)) == "memory"
+    counters = store.counters()
+    assert counters.num_hits == {"memory": 1, "disk": 2} and counters.num_promotions == 1
+    assert counters.num_misses == 1
+    store.close()
 
 
 def test_pinned_objects_stay_and_pins_follow_promotion(

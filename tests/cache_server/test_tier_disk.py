@@ -161,6 +161,48 @@ def test_whole_object_read_verifies_every_layer(tmp_path: Path, objects: Make) -
     tier.close()
 
 
+def test_mapped_reads_return_the_records_and_outlive_the_file(
+    tmp_path: Path, objects: Make
+) -> None:
+    unit = file_nbytes(objects(0, num_layers=3))
+    tier = DiskTier(tmp_path, int(unit * 2.5), fsync=False)
+    first, second = objects(0, num_layers=3), objects(1, num_layers=3)
+    tier.put(first)
+    tier.put(second)
+    mapped = tier.get_mapped(first.meta.key)
+    assert mapped is not None
+    with mapped:
+        assert mapped.meta == first.meta
+        assert [bytes(r) for r in mapped.layers] == list(first.layers)
+        # counted as an access: `second` is now the least recently used
+        assert tier.put(objects(2, num_layers=3)) == [second]
+        assert tier.delete(first.meta.key)  # the path goes; the mapped pages stay
+        assert not object_path_exists(tmp_path, first)
+        assert [bytes(r) for r in mapped.layers] == list(first.layers)
+    assert tier.get_mapped(first.meta.key) is None
+    tier.close()
+
+
+def object_path_exists(root: Path, obj: StoredObject) -> bool:
+    return any((root / "objects").glob(f"*/{file_name(obj.meta.key)}"))
+
+
+@pytest.mark.parametrize("where", ["record", "truncate"])
+def test_mapped_read_verifies_every_record(tmp_path: Path, objects: Make, where: str) -> None:
+    tier = DiskTier(tmp_path, 1 << 20, fsync=False)
+    obj = objects("a", num_layers=3)
+    tier.put(obj)
+    path = object_path(tmp_path, obj)
+    if where == "record":
+        flip_byte(path, len(diskfile.encode_header(obj.meta)) + 2 * 200 + 5)  # in the last one
+    else:
+        os.truncate(path, path.stat().st_size - 1)
+    assert tier.get_mapped(obj.meta.key) is None
+    assert tier.stats().num_corrupt == 1 and tier.stats().num_objects == 0
+    assert len(list((tmp_path / "quarantine").iterdir())) == 1
+    tier.close()
+
+
 @pytest.mark.parametrize("damage", ["header", "truncate", "garbage", "wrong_name"])
 def test_damaged_files_are_quarantined_at_open(
     tmp_path: Path, objects: Make, damage: str, caplog: pytest.LogCaptureFixture
