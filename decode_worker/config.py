@@ -49,6 +49,7 @@ _PARSERS: dict[str, Parser] = {
     "max_warm_documents": int,
     "prefill_timeout_s": float,
     "vllm_timeout_s": float,
+    "handoff_timeout_s": float,
     "default_temperature": float,
     "default_recompute_ratio": optional(float),
     "kv_cache_bytes": parse_bytes,
@@ -109,7 +110,9 @@ class DecodeConfig:
             what is sent to vLLM at once.
         vllm_url: the vLLM server's `http://host:port`; vllm_model: the name it serves
             (empty: ask its `/v1/models`); vllm_timeout_s: longest wait to connect to it, for
-            each piece of its answer, and for it to answer at start-up.
+            each piece of its answer, and for it to answer at start-up; handoff_timeout_s:
+            longest wait for the prefill worker's hand-off address before vLLM is called, and
+            for its result after vLLM's last token (past it: a fallback, vLLM computed).
         log_level: Python logging level name.
     """
 
@@ -150,6 +153,7 @@ class DecodeConfig:
     vllm_url: str = ""
     vllm_model: str = ""
     vllm_timeout_s: float = 300.0
+    handoff_timeout_s: float = 5.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -181,6 +185,7 @@ class DecodeConfig:
             self.engine in ENGINES, f"engine must be one of {list(ENGINES)}, got {self.engine!r}"
         )
         require(self.vllm_timeout_s > 0, "vllm_timeout_s must be positive")
+        require(self.handoff_timeout_s > 0, "handoff_timeout_s must be positive")
         if self.engine != "vllm":
             return
         require(
@@ -297,6 +302,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--vllm-url", help="engine vllm: the vLLM server's http://host:port")
     add("--vllm-model", help="engine vllm: the model vLLM serves (default: ask its /v1/models)")
     add("--vllm-timeout-s", type=float, help="engine vllm: connect/read timeout (default 300)")
+    add(
+        "--handoff-timeout-s",
+        type=float,
+        help="engine vllm: wait for a hand-off's address, and its result after vLLM (default 5)",
+    )
     add("--log-level", help="debug, info, warning, error (default info)")
 
 

@@ -109,7 +109,9 @@ class DecodeService:
         config = self.config
         admission = Admission(config.max_batch, kv_budget_tokens, config.max_waiting)
         eos_token_ids = self.tokenizer.eos_token_ids
-        return VllmEngine(vllm, hand_off, admission, self.metrics, eos_token_ids)
+        return VllmEngine(
+            vllm, hand_off, admission, self.metrics, eos_token_ids, config.handoff_timeout_s
+        )
 
     @classmethod
     def from_config(cls, config: DecodeConfig) -> DecodeService:

@@ -34,8 +34,6 @@ from kvfuse.prefill import PrefillStats
 
 log = logging.getLogger(__name__)
 
-ADDRESS_TIMEOUT_S = 5.0  # the address comes before any compute: longer means a stuck worker
-RESULT_GRACE_S = 5.0  # after vLLM's last token (a taken hand-off's result precedes its first)
 # usage.kvfuse.fallback (and kvfuse_decode_fallbacks{reason}) when vLLM computed the prompt:
 NO_HANDOFF = "prefill_unavailable"  # the hand-off could not start (worker down, refused)
 HANDOFF_FAILED = "prefill_failed"  # the hand-off prefill failed after it started
@@ -82,8 +80,13 @@ class VllmEngine:
         admission: Admission,
         metrics: DecodeMetrics,
         eos_token_ids: tuple[int, ...],
+        handoff_timeout_s: float,
     ) -> None:
         self.client, self._hand_off = client, hand_off
+        # the address comes before any compute: a longer wait means a stuck worker; the
+        # result of a taken hand-off precedes vLLM's first token, so after its last one
+        # this is grace for the clocks, not compute
+        self._handoff_timeout_s = handoff_timeout_s
         self.admission, self.metrics = admission, metrics
         self.eos_token_ids = eos_token_ids
         # A hand-off holds a thread from its start to its result; one may outlive its request
@@ -194,7 +197,7 @@ class VllmEngine:
         request = replace(seq.request.prefill, handoff_id=uuid.uuid4().hex)
         try:
             seq.call = HandoffCall(self._hand_off, request, self._pool)
-            address = await seq.call.address(ADDRESS_TIMEOUT_S)
+            address = await seq.call.address(self._handoff_timeout_s)
         except (KvfuseError, TimeoutError) as exc:
             log.warning(
                 "request %s: no hand-off (%r); vLLM computes the prompt", request.request_id, exc
@@ -223,7 +226,7 @@ class VllmEngine:
         if fallback or seq.call is None:
             return self._fallen_back(seq, fallback or NO_HANDOFF)
         try:
-            result = await seq.call.result(RESULT_GRACE_S)
+            result = await seq.call.result(self._handoff_timeout_s)
         except TimeoutError:
             return self._fallen_back(seq, HANDOFF_LATE)
         except KvfuseError as exc:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from kvfuse.connector.config import TOKEN_ENV
 from kvfuse.errors import ConfigError, ServiceUnavailableError
 from kvfuse.procs import ServerProcess, free_port
 from kvfuse.settings import Settings
@@ -139,12 +140,13 @@ class KvfuseStack:
         if self.cache_addr:
             extra["cache_servers"] = [self.cache_addr]
         token = env.get("KVFUSE_AUTH_TOKEN")
-        if token:  # the connector calls the prefill worker and the cache server too
-            extra |= {"prefill_token": token, "cache_token": token}
+        # the connector calls the prefill worker and the cache server too: its tokens go in
+        # vLLM's environment, where `ps` does not show them
+        secrets = {name: token for name in TOKEN_ENV.values()} if token else {}
         model_dir = prepare_model_dir(Settings.from_env(env).cache_dir)
         server = self.vllm = VllmServer(
             venv_python(options.venv_dir), model_dir, dtype, options, log_dir / "vllm.log",
-            kv_transfer=connector_config(extra), prefix_caching=False,
+            kv_transfer=connector_config(extra), prefix_caching=False, env=secrets,
         )  # fmt: skip
         server.process.die_with_parent = True
         health = server.url + "/health"

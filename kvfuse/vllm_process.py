@@ -194,6 +194,7 @@ class VllmServer:
         prefix_caching: vLLM's own prefix cache; off where blended KV is loaded (it would be
             reused as if exact).
         port: 0 picks a free one.
+        env: added to its environment (secrets go here, not on its command line).
     """
 
     def __init__(
@@ -207,6 +208,7 @@ class VllmServer:
         prefix_caching: bool = True,
         port: int = 0,
         model_name: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.model_name = model_name or "vllm-" + model_dir.name
@@ -226,7 +228,7 @@ class VllmServer:
             argv += ["--kv-transfer-config", json.dumps(kv_transfer)]
         if options.single_process:
             argv += ["--distributed-executor-backend", "uni"]
-        self.process = ServerProcess("vllm", argv, log_path, server_env(options))
+        self.process = ServerProcess("vllm", argv, log_path, server_env(options) | dict(env or {}))
         self.timeout_s = options.startup_timeout_s
 
     @property

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from kvfuse.codecs import CODEC_NAMES
 from kvfuse.errors import ConfigError
 
 HANDOFF_LOADS = ("async", "layerwise")
+# A token's sources, first found wins: the key itself (visible in `ps`, as vLLM's command line
+# is), a file named by `<key>_file` (a mounted Secret), then this environment variable.
+TOKEN_ENV = {"cache_token": "KVFUSE_CONNECTOR_CACHE_TOKEN",
+             "prefill_token": "KVFUSE_CONNECTOR_PREFILL_TOKEN"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -20,9 +26,12 @@ class ConnectorConfig:
         cache_servers: kvfuse cache servers (`host:port`) of the prefix store, sharded by
             rendezvous hashing like the prefill workers shard. Empty: no prefix store (only
             hand-offs are loaded).
-        cache_token: bearer token for the cache servers.
+        cache_token: bearer token for the cache servers. Better kept off vLLM's command line:
+            `cache_token_file` names a file holding it (a mounted Secret), or vLLM's
+            environment carries it as KVFUSE_CONNECTOR_CACHE_TOKEN.
         cache_tls_ca: PEM file of the CA that signed the cache servers' certificates (TLS).
-        prefill_token: bearer token for the prefill workers a hand-off is taken from.
+        prefill_token: bearer token for the prefill workers a hand-off is taken from (or
+            `prefill_token_file`, or KVFUSE_CONNECTOR_PREFILL_TOKEN).
         prefill_tls_ca: PEM file of the CA of the prefill workers' certificates (TLS).
         model_id: what stored blocks are keyed to besides vLLM's block hash, the dtype and the
             KV geometry; instances that share blocks must agree on it (default: vLLM's served
@@ -45,9 +54,11 @@ class ConnectorConfig:
     """
 
     cache_servers: tuple[str, ...] = ()
-    cache_token: str | None = None
+    cache_token: str | None = field(default=None, repr=False)
+    cache_token_file: str | None = None
     cache_tls_ca: str | None = None
-    prefill_token: str | None = None
+    prefill_token: str | None = field(default=None, repr=False)
+    prefill_token_file: str | None = None
     prefill_tls_ca: str | None = None
     model_id: str = ""
     tenant_salt: str = ""
@@ -75,9 +86,13 @@ class ConnectorConfig:
             raise ConfigError("max_pending_saves must be >= 0")
 
     @classmethod
-    def from_extra_config(cls, extra: Mapping[str, Any]) -> ConnectorConfig:
-        """From vLLM's `kv_connector_extra_config` dict (JSON types); unknown keys and wrong
-        types are refused with ConfigError, so a typo never silently disables a role."""
+    def from_extra_config(
+        cls, extra: Mapping[str, Any], environ: Mapping[str, str] | None = None
+    ) -> ConnectorConfig:
+        """From vLLM's `kv_connector_extra_config` dict (JSON types), the tokens completed
+        from their files or `environ` (default: the process's); unknown keys, wrong types and
+        unreadable token files are refused with ConfigError, so a typo never silently
+        disables a role."""
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(extra) - set(known))
         if unknown:
@@ -85,7 +100,13 @@ class ConnectorConfig:
         values: dict[str, Any] = {}
         for name, value in extra.items():
             values[name] = _parse(name, value, cls.__dataclass_fields__[name].default)
-        return cls(**values)
+        config = cls(**values)
+        env = os.environ if environ is None else environ
+        return replace(
+            config,
+            cache_token=_token(config, "cache_token", env),
+            prefill_token=_token(config, "prefill_token", env),
+        )
 
 
 def _parse(name: str, value: Any, default: Any) -> Any:
@@ -109,3 +130,19 @@ def _parse(name: str, value: Any, default: Any) -> Any:
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"{name} must be a string")
     return value
+
+
+def _token(config: ConnectorConfig, name: str, environ: Mapping[str, str]) -> str | None:
+    """Token `name` from the key, else the file its `_file` key names, else the environment."""
+    token: str | None = getattr(config, name)
+    path: str | None = getattr(config, f"{name}_file")
+    if token and path:
+        raise ConfigError(f"set {name} or {name}_file, not both")
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_file: {exc}") from exc
+        if not token:
+            raise ConfigError(f"{name}_file {path} is empty")
+    return token or environ.get(TOKEN_ENV[name]) or None

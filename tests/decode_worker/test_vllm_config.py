@@ -23,19 +23,19 @@ def parse(argv: list[str], env: dict[str, str]) -> DecodeConfig:
 def test_the_embedded_decoder_is_the_default() -> None:
     config = DecodeConfig.load(env={})
     assert (config.engine, config.vllm_url, config.vllm_model) == ("embedded", "", "")
-    assert config.vllm_timeout_s == 300.0
+    assert config.vllm_timeout_s == 300.0 and config.handoff_timeout_s == 5.0
 
 
 def test_engine_vllm_from_flags_env_and_file(tmp_path: Path) -> None:
     argv = ["--engine", "vllm", "--vllm-url", "http://127.0.0.1:8100", "--prefill-url", "p:1"]
-    argv += ["--vllm-model", "served", "--vllm-timeout-s", "12.5"]
+    argv += ["--vllm-model", "served", "--vllm-timeout-s", "12.5", "--handoff-timeout-s", "9"]
     config = parse(argv, {})
     assert (config.engine, config.vllm_url, config.vllm_model) == (
         "vllm",
         "http://127.0.0.1:8100",
         "served",
     )
-    assert config.vllm_timeout_s == 12.5
+    assert config.vllm_timeout_s == 12.5 and config.handoff_timeout_s == 9.0
     env = {f"KVFUSE_DECODE_{k.upper()}": v for k, v in VLLM.items()}
     assert DecodeConfig.load(env=env).engine == "vllm"
     file = tmp_path / "decode.toml"
@@ -53,6 +53,7 @@ def test_engine_vllm_from_flags_env_and_file(tmp_path: Path) -> None:
         ({**VLLM, "vllm_url": "127.0.0.1:8100"}, "engine vllm needs vllm_url"),
         ({**VLLM, "engine": "sglang"}, "engine must be one of"),
         ({**VLLM, "vllm_timeout_s": "0"}, "vllm_timeout_s must be positive"),
+        ({**VLLM, "handoff_timeout_s": "-1"}, "handoff_timeout_s must be positive"),
     ],
 )
 def test_bad_engine_settings_are_refused(values: dict[str, str], message: str) -> None:
