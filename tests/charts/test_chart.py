@@ -30,7 +30,7 @@ WORKLOADS = ("StatefulSet", "Deployment")
 
 def test_ci_values_cover_the_representative_installs() -> None:
     names = {p.name.removesuffix("-values.yaml") for p in CI_VALUES}
-    assert {"gpu", "external-redis", "no-redis", "tls", "controller-off"} <= names
+    assert {"gpu", "external-redis", "no-redis", "tls", "controller-off", "vllm"} <= names
 
 
 @pytest.mark.parametrize("path", VALUE_SETS, ids=values_id)
@@ -204,6 +204,8 @@ def test_notes_tell_the_endpoint_and_the_metrics() -> None:
         ({"cacheServer": {"config": {"port": 1}}}, "cacheServer.config.port is set by the chart"),
         ({"decodeWorker": {"config": {"prefill_url": "x:1"}}}, "decodeWorker.config.prefill_url"),
         ({"redis": {"external": {"url": "redis://r:6379/0"}}}, "set redis.enabled=false"),
+        ({"decodeWorker": {"engine": "sglang"}}, "/decodeWorker/engine"),
+        ({"vllm": {"handoffLoad": "sync"}}, "/vllm/handoffLoad"),
     ],
 )
 def test_schema_refuses_bad_values(values: dict[str, Any], message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from helm_chart import (
     find,
     load_values,
     render,
+    render_error,
     values_id,
     values_of,
 )
@@ -27,6 +29,7 @@ from cache_server.serve import load_config as load_cache_config
 from controller.serve import load_config as load_controller_config
 from decode_worker.config import DecodeConfig, from_args
 from kvfuse.cli import build_parser
+from kvfuse.connector.config import ConnectorConfig
 from prefill_worker.config import PrefillConfig
 from prefill_worker.serve import load_config as load_prefill_config
 
@@ -128,3 +131,50 @@ def test_gpu_workers_run_on_cuda(tmp_path: Path) -> None:
     decode = from_args(*_load("-decode", gpu, tmp_path / "decode"))
     assert (prefill.device, prefill.dtype, prefill.default_ratio) == ("cuda", "bfloat16", 0.15)
     assert (decode.device, decode.max_batch, decode.kv_cache_bytes) == ("cuda", 32, 8 << 30)
+
+
+def test_engine_vllm_fronts_a_vllm_deployment_with_the_connector(tmp_path: Path) -> None:
+    values = load_values(ci_values("vllm"))
+    manifests = render(values)
+    decode = from_args(*_load("-decode", ci_values("vllm"), tmp_path / "decode"))
+    service = find(manifests, "Service", "-vllm")
+    (port,) = service["spec"]["ports"]
+    assert decode.engine == "vllm"
+    assert decode.vllm_url == f"http://{service['metadata']['name']}:{port['port']}"
+    assert decode.prefill_url == "kv-kvfuse-prefill:50052"
+
+    vllm = containers(find(manifests, "Deployment", "-vllm"))[0]
+    assert vllm["command"] == ["vllm", "serve"] and vllm["args"][0] == "/models/smollm2"
+    assert "--no-enable-prefix-caching" in vllm["args"]  # blended KV is never an exact prefix
+    [transfer] = [a.split("=", 1)[1] for a in vllm["args"] if a.startswith("--kv-transfer-config")]
+    transfer_config = json.loads(transfer)
+    assert transfer_config["kv_connector_module_path"] == "kvfuse.connector.vllm_connector"
+    assert transfer_config["kv_load_failure_policy"] == "recompute"
+    env = container_env(vllm, manifests)
+    # the connector reads its config as vLLM hands it over, tokens from the environment
+    connector = ConnectorConfig.from_extra_config(
+        transfer_config["kv_connector_extra_config"], environ=env
+    )
+    prefill, _ = _load("-prefill", ci_values("vllm"), tmp_path / "prefill")
+    assert connector.cache_servers == tuple(load_prefill_config(prefill, {}).cache_addrs)
+    assert connector.cache_tls_ca == "/etc/kvfuse/tls/ca.crt"
+    assert {"name": "tls", "mountPath": "/etc/kvfuse/tls", "readOnly": True} in vllm["volumeMounts"]
+    token = container_env(containers(find(manifests, "Deployment", "-decode"))[0], manifests)[
+        "KVFUSE_AUTH_TOKEN"
+    ]
+    assert connector.cache_token == connector.prefill_token == token
+    assert not any(token in arg for arg in vllm["args"])  # nothing secret on the command line
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"  # decodeWorker.kvCacheBytes, 1Gi
+    # a router in front finds the decode workers, never vLLM itself
+    pod_labels = find(manifests, "Deployment", "-vllm")["spec"]["template"]["metadata"]["labels"]
+    assert "model" not in pod_labels
+
+
+def test_engine_vllm_is_refused_without_what_it_needs() -> None:
+    values = load_values(ci_values("vllm"))
+    assert "set prefillWorker.enabled" in render_error(
+        {**values, "prefillWorker": {"enabled": False}}
+    )
+    no_model = {**values, "vllm": {**values["vllm"], "model": ""}}
+    assert "vllm.model: the safetensors model directory" in render_error(no_model)
+    assert not [m for m in render() if m["metadata"]["name"].endswith("-vllm")]  # embedded

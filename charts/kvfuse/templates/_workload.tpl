@@ -266,3 +266,15 @@ in values must hold the budget. */}}
 {{- end -}}
 {{- $label | default "SmolLM2-135M-Instruct" | trunc 63 | trimSuffix "-" | trimSuffix "." -}}
 {{- end -}}
+
+{{/* Every cache server's own address (its pod's DNS name under the headless Service), as a
+JSON list: what the prefill workers and vLLM's prefix store shard keys over. */}}
+{{- define "kvfuse.cacheAddrs" -}}
+{{- $c := .Values.cacheServer -}}
+{{- $cacheName := include "kvfuse.componentName" (dict "root" . "component" "cache") -}}
+{{- $addrs := list -}}
+{{- range $i := until (int $c.replicas) -}}
+{{- $addrs = append $addrs (printf "%s-%d.%s-headless.%s.svc.cluster.local:%d" $cacheName $i $cacheName $.Release.Namespace (int $c.ports.grpc)) -}}
+{{- end -}}
+{{- toJson $addrs -}}
+{{- end -}}
