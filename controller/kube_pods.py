@@ -38,15 +38,23 @@ def is_serving(pod: V1Pod) -> bool:
     return bool(status.phase == "Running" and ready and status.pod_ip)
 
 
-def pod_address(pod: V1Pod, port: int | str) -> str | None:
-    """`ip:port` (`[ip]:port` for IPv6) of a serving pod; None if it is not serving or lacks the
-    named port."""
+def pod_address(pod: V1Pod, port: int | str, cluster_domain: str = "cluster.local") -> str | None:
+    """The address of a serving pod; None if it is not serving or lacks the named port.
+
+    A pod with a hostname and a subdomain (a StatefulSet's, behind its headless Service) is
+    addressed by its stable DNS name, `<hostname>.<subdomain>.<namespace>.svc.<cluster_domain>`:
+    the name its TLS certificate carries and the one a static list names it by. Others by
+    `ip:port` (`[ip]:port` for IPv6).
+    """
     status = pod.status
     if status is None or not is_serving(pod):
         return None
     number = port if isinstance(port, int) else container_port(pod, port)
     if number is None:
         return None
+    spec, namespace = pod.spec, pod.metadata.namespace if pod.metadata is not None else None
+    if spec is not None and spec.hostname and spec.subdomain and namespace:
+        return f"{spec.hostname}.{spec.subdomain}.{namespace}.svc.{cluster_domain}:{number}"
     ip = str(status.pod_ip)
     return f"[{ip}]:{number}" if ":" in ip else f"{ip}:{number}"
 
@@ -73,12 +81,15 @@ class WatchSettings:
         backoff_max_s: the longest wait between tries while the API server is away.
         request_timeout_s: connect and read limit of a list; a watch may read for its own
             timeout plus this.
+        cluster_domain: the cluster's DNS domain, in the stable names of pods behind a
+            headless Service (`pod_address`).
     """
 
     resync_s: float = 300.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     request_timeout_s: float = 10.0
+    cluster_domain: str = "cluster.local"
 
     def __post_init__(self) -> None:
         if not (self.resync_s > 0 and self.request_timeout_s > 0):
@@ -233,7 +244,7 @@ class PodWatcher:
         self._on_pods(dict(self._pods))
 
     def _address(self, pod: V1Pod) -> str | None:
-        address = pod_address(pod, self._port)
+        address = pod_address(pod, self._port, self._settings.cluster_domain)
         name = pod_name(pod)
         if address is None and is_serving(pod) and name not in self._warned:
             self._warned.add(name)  # once per pod: a watch repeats its events

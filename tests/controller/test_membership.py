@@ -149,6 +149,11 @@ def test_pod_address_needs_running_ready_ip_and_no_deletion() -> None:
     assert address(ip=None) is None
     assert address(terminating=True) is None
     assert address(ports={"http": 8}) is None  # no port of that name
+    # a StatefulSet's pod: its stable name, which its TLS certificate carries
+    assert address(subdomain="kv-cache-headless", namespace="ns") == (
+        "p.kv-cache-headless.ns.svc.cluster.local:7"
+    )
+    assert address(subdomain="kv-cache-headless", ready=False) is None
 
 
 def test_pods_added_become_members(

@@ -21,9 +21,10 @@ def make_pod(
     ports: dict[str, int] | None = None,
     terminating: bool = False,
     namespace: str = "default",
+    subdomain: str | None = None,
 ) -> Pod:
     """A pod object as the API server returns it (the fields a membership reads, and the required
-    ones)."""
+    ones); `subdomain`: a StatefulSet's pod, hostname = name, behind that headless Service."""
     container_ports = [{"name": n, "containerPort": p} for n, p in (ports or {}).items()]
     metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels)}
     if terminating:
@@ -34,13 +35,12 @@ def make_pod(
     }
     if ip is not None:
         status["podIP"] = ip
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata,
-        "spec": {"containers": [{"name": "main", "image": "kvfuse", "ports": container_ports}]},
-        "status": status,
+    spec: dict[str, Any] = {
+        "containers": [{"name": "main", "image": "kvfuse", "ports": container_ports}]
     }
+    if subdomain is not None:
+        spec |= {"hostname": name, "subdomain": subdomain}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec, "status": status}
 
 
 def parse_selector(selector: str) -> Terms:
