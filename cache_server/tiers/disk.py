@@ -10,9 +10,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cache_server.objects import ObjectMeta, StoredObject, check_key
 from cache_server.tiers import diskfile
@@ -26,6 +27,7 @@ from kvfuse.errors import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -242,34 +244,28 @@ class DiskTier(Tier):
         return None
 
     def get(self, key: str) -> StoredObject | None:
-        for _ in range(3):
-            entry = self._lookup(key)
-            if entry is None:
-                return None
-            try:
-                obj = diskfile.read_object(entry.path, entry.meta, entry.data_offset, entry.ino)
-            except CorruptRecordError as exc:
-                self._quarantine(key, entry, str(exc))
-                return None
-            if obj is not None:
-                self._touch(key, entry)
-                return obj
-            self._forget_if_vanished(key, entry)
-        return None
+        return self._read_whole(key, diskfile.read_object)
 
     def get_mapped(self, key: str) -> MappedObject | None:
+        return self._read_whole(key, diskfile.map_object)
+
+    def _read_whole(
+        self, key: str, read: Callable[[Path, ObjectMeta, int, int], T | None]
+    ) -> T | None:
+        """`read(path, meta, data_offset, ino)` of `key`'s file, counted as an access; retried
+        when a concurrent replace removed the file looked up; a corrupt file is quarantined."""
         for _ in range(3):
             entry = self._lookup(key)
             if entry is None:
                 return None
             try:
-                mapped = diskfile.map_object(entry.path, entry.meta, entry.data_offset, entry.ino)
+                found = read(entry.path, entry.meta, entry.data_offset, entry.ino)
             except CorruptRecordError as exc:
                 self._quarantine(key, entry, str(exc))
                 return None
-            if mapped is not None:
+            if found is not None:
                 self._touch(key, entry)
-                return mapped
+                return found
             self._forget_if_vanished(key, entry)
         return None
 
