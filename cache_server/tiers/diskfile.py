@@ -200,7 +200,9 @@ def map_object(path: Path, meta: ObjectMeta, data_offset: int, ino: int) -> Mapp
         size = data_offset + meta.total_nbytes
         if os.fstat(fd).st_size != size:
             raise CorruptRecordError(f"{meta.key}: the file is not {size} bytes long")
-        mapped = MappedObject(meta, mmap.mmap(fd, size, prot=mmap.PROT_READ), data_offset)
+        # populated up front (one call, not a fault per page): every page is read anyway
+        flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
+        mapped = MappedObject(meta, mmap.mmap(fd, size, flags, mmap.PROT_READ), data_offset)
     finally:
         os.close(fd)  # the mapping keeps the file
     for idx, (record, expected) in enumerate(zip(mapped.layers, meta.layer_crc32, strict=True)):
