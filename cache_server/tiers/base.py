@@ -111,8 +111,8 @@ class Tier(ABC):
 
     def get_mapped(self, key: str) -> MappedObject | None:
         """The whole verified object as views of its file (counted as an access), for tiers
-        that keep files; None on a miss or a quarantined file, and always for other tiers
-        (use `get`). The caller closes it."""
+        that keep files; None on a miss, a quarantined file, where files cannot be mapped
+        safely, and always for other tiers (then use `get`). The caller closes it."""
         del key
         return None
 

@@ -247,7 +247,7 @@ class DiskTier(Tier):
         return self._read_whole(key, diskfile.read_object)
 
     def get_mapped(self, key: str) -> MappedObject | None:
-        return self._read_whole(key, diskfile.map_object)
+        return self._read_whole(key, diskfile.map_object) if diskfile.can_map() else None
 
     def _read_whole(
         self, key: str, read: Callable[[Path, ObjectMeta, int, int], T | None]

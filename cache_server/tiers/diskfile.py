@@ -41,6 +41,18 @@ MAGIC = b"KVFO"
 VERSION = 1
 HEAD = struct.Struct("<4sHHII")  # magic, version, reserved, meta_len, meta_crc32
 MAX_META_BYTES = 1 << 20
+# Linux's MADV_POPULATE_READ (5.14+; Python's mmap module does not name it): reads a mapping's
+# pages in and reports a failure as an error, where touching a page that cannot be read
+# raises SIGBUS. Pages of a mapped file can still be dropped and re-read under memory
+# pressure, and truncating a mapped file makes its pages fault: the directory belongs to the
+# disk tier alone (flock), whose files are written once and replaced by rename, never in place.
+MADV_POPULATE_READ = 22
+_can_map = True  # False once the kernel refused MADV_POPULATE_READ
+
+
+def can_map() -> bool:
+    """Whether `map_object` may still map files (the kernel has not refused to populate)."""
+    return _can_map
 
 
 @dataclass(frozen=True)
@@ -188,27 +200,39 @@ def read_layer(
 
 
 def map_object(path: Path, meta: ObjectMeta, data_offset: int, ino: int) -> MappedObject | None:
-    """Maps the file read-only and verifies every record over the mapping (no copy); None if
-    the file is gone or was replaced.
+    """Maps the file read-only, reads every page in and verifies every record over the
+    mapping (no copy); None if the file is gone or was replaced, or this kernel cannot read a
+    mapping in up front (before Linux 5.14: use `read_object`).
 
-    Raises CorruptRecordError if the file is short or a record fails its CRC32.
+    Raises CorruptRecordError if the file is short or a record fails its CRC32; OSError if a
+    page cannot be read (raised here, where a fault on a mapped page would kill the process).
     """
-    fd = open_version(path, ino)
+    global _can_map
+    fd = open_version(path, ino) if _can_map else None
     if fd is None:
         return None
     try:
         size = data_offset + meta.total_nbytes
         if os.fstat(fd).st_size != size:
             raise CorruptRecordError(f"{meta.key}: the file is not {size} bytes long")
-        # populated up front (one call, not a fault per page): every page is read anyway
-        flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
-        mapped = MappedObject(meta, mmap.mmap(fd, size, flags, mmap.PROT_READ), data_offset)
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
     finally:
         os.close(fd)  # the mapping keeps the file
-    for idx, (record, expected) in enumerate(zip(mapped.layers, meta.layer_crc32, strict=True)):
-        if crc32(record) != expected:
-            mapped.close()
-            raise CorruptRecordError(f"{meta.key}: layer {idx} failed its checksum")
+    mapped = MappedObject(meta, mapping, data_offset)
+    try:
+        mapping.madvise(MADV_POPULATE_READ)  # every page in now, a read error as an OSError
+        for idx, (record, expected) in enumerate(zip(mapped.layers, meta.layer_crc32, strict=True)):
+            if crc32(record) != expected:
+                raise CorruptRecordError(f"{meta.key}: layer {idx} failed its checksum")
+    except OSError as exc:
+        mapped.close()
+        if exc.errno == errno.EINVAL:  # no MADV_POPULATE_READ: not safe to send from a mapping
+            _can_map = False
+            return None
+        raise
+    except CorruptRecordError:
+        mapped.close()
+        raise
     return mapped
 
 

@@ -187,6 +187,20 @@ def object_path_exists(root: Path, obj: StoredObject) -> bool:
     return any((root / "objects").glob(f"*/{file_name(obj.meta.key)}"))
 
 
+def test_no_mapping_where_the_kernel_cannot_populate_one(
+    tmp_path: Path, objects: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = DiskTier(tmp_path, 1 << 20, fsync=False)
+    obj = objects("a", num_layers=2)
+    tier.put(obj)
+    monkeypatch.setattr(diskfile, "MADV_POPULATE_READ", 0x7FFF)  # advice it refuses: EINVAL
+    monkeypatch.setattr(diskfile, "_can_map", True)
+    assert tier.get_mapped(obj.meta.key) is None and not diskfile.can_map()
+    assert tier.get(obj.meta.key) == obj  # reads still work, into memory
+    assert tier.stats().num_corrupt == 0
+    tier.close()
+
+
 @pytest.mark.parametrize("where", ["record", "truncate"])
 def test_mapped_read_verifies_every_record(tmp_path: Path, objects: Make, where: str) -> None:
     tier = DiskTier(tmp_path, 1 << 20, fsync=False)
