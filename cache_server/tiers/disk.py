@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -56,8 +57,9 @@ class DiskTier(Tier):
     Opening the tier deletes leftovers in tmp/, validates every file's header and size
     (failures → quarantine/), and rebuilds the LRU order from file mtimes (accesses touch the
     mtime). Every read verifies the CRC32 of what it returns; a mismatch quarantines the
-    file. Layer reads seek to one record; `get_mapped` maps the file and checks its records
-    in place, so a whole object is read from the page cache without a copy. Every quarantined file
+    file, and so does a read the disk fails (EIO); other I/O errors raise TierUnavailableError.
+    Layer reads seek to one record; `get_mapped` maps the file and checks its records in place,
+    so a whole object is read from the page cache without a copy. Every quarantined file
     is counted in num_corrupt and logged at WARNING with its path and the reason.
     Big reads and writes run outside the lock; only index updates and renames run under it.
     One process per directory (enforced with flock).
@@ -236,6 +238,9 @@ class DiskTier(Tier):
             except CorruptRecordError as exc:
                 self._quarantine(key, entry, str(exc))
                 return None
+            except OSError as exc:
+                self._unreadable(key, entry, exc)
+                return None
             if record is not None:
                 if layer_idx == 0:
                     self._touch(key, entry)
@@ -263,6 +268,9 @@ class DiskTier(Tier):
             except CorruptRecordError as exc:
                 self._quarantine(key, entry, str(exc))
                 return None
+            except OSError as exc:
+                self._unreadable(key, entry, exc)
+                return None
             if found is not None:
                 self._touch(key, entry)
                 return found
@@ -288,6 +296,14 @@ class DiskTier(Tier):
                 self._drop(key)
                 self._num_corrupt += 1
                 log.warning("%s tier: %s vanished from under it; dropped", self.name, entry.path)
+
+    def _unreadable(self, key: str, entry: Entry, exc: OSError) -> None:
+        """A read that failed: a file the disk cannot read (EIO) is quarantined like a corrupt
+        one; any other I/O error (e.g. no file descriptors left) is the tier's, raised as
+        TierUnavailableError (or CapacityError)."""
+        if exc.errno != errno.EIO:
+            raise diskfile.os_error(self.name, exc) from exc
+        self._quarantine(key, entry, f"unreadable: {exc}")
 
     def _quarantine(self, key: str, entry: Entry, reason: str) -> None:
         with self._lock:

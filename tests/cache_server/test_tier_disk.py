@@ -19,7 +19,7 @@ from cache_server.objects import StoredObject
 from cache_server.tiers import diskfile
 from cache_server.tiers.disk import DiskTier
 from cache_server.tiers.diskfile import file_name
-from kvfuse.errors import CapacityError, ConfigError, InvalidObjectError
+from kvfuse.errors import CapacityError, ConfigError, InvalidObjectError, TierUnavailableError
 
 Make = Callable[..., StoredObject]
 REPO = Path(__file__).resolve().parents[2]
@@ -185,6 +185,37 @@ def test_mapped_reads_return_the_records_and_outlive_the_file(
 
 def object_path_exists(root: Path, obj: StoredObject) -> bool:
     return any((root / "objects").glob(f"*/{file_name(obj.meta.key)}"))
+
+
+@pytest.mark.parametrize("read", ["get", "get_mapped", "get_layer"])
+def test_a_file_the_disk_cannot_read_is_quarantined_other_errors_are_the_tiers(
+    tmp_path: Path, objects: Make, monkeypatch: pytest.MonkeyPatch, read: str
+) -> None:
+    tier = DiskTier(tmp_path, 1 << 20, fsync=False)
+    obj = objects("a", num_layers=2)
+    tier.put(obj)
+    real_open = diskfile.open_version
+
+    def failing(code: int) -> Callable[..., int | None]:
+        def open_version(path: Path, ino: int | None) -> int | None:
+            raise OSError(code, os.strerror(code))
+
+        return open_version
+
+    def attempt() -> object:
+        call = getattr(tier, read)
+        return call(obj.meta.key, 0) if read == "get_layer" else call(obj.meta.key)
+
+    monkeypatch.setattr(diskfile, "open_version", failing(errno.EMFILE))
+    with pytest.raises(TierUnavailableError, match="Too many open files"):
+        attempt()
+    assert tier.stats().num_objects == 1  # a passing shortage costs no object
+    monkeypatch.setattr(diskfile, "open_version", failing(errno.EIO))
+    assert attempt() is None
+    monkeypatch.setattr(diskfile, "open_version", real_open)
+    assert tier.stats().num_corrupt == 1 and tier.get(obj.meta.key) is None
+    assert len(list((tmp_path / "quarantine").iterdir())) == 1
+    tier.close()
 
 
 def test_no_mapping_where_the_kernel_cannot_populate_one(
