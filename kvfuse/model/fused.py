@@ -7,11 +7,15 @@ call, the fused kernel 0.3 ms). `csrc/fused.cpp` does each in one pass over the 
 compiled once per machine on first use (torch's extension builder, g++ and ninja; about 25 s,
 then cached) and registered as `torch.ops.kvfuse.*`.
 
-The functions here define the results. The fused kernels round exactly where these do, so
+The functions here define the results. The pointwise kernels round exactly where these do, so
 they agree bit for bit except for the RMS norm's sum, which they add up in another order (an
-ulp in a few rows, bounded in the tests). `KERNELS` is what the model calls: the fused kernels
-after `use_fused_kernels()` succeeded, these otherwise, and these for any tensor the kernels do
-not take (float16, CUDA).
+ulp in a few rows, bounded in the tests). The decode attention kernel is its own arithmetic:
+one task per sequence and KV head reads the keys and values once for the query heads that
+share them and keeps scores, probabilities and sums in fp32 (sdpa rounds the probabilities to
+bf16 before the weighted sum), so it is at least as close to exact attention as the sdpa loop
+here (bounded against fp64 in the tests) and at batch 8 takes half its time. `KERNELS` is what
+the model calls: the fused kernels after `use_fused_kernels()` succeeded, these otherwise, and
+these for any tensor the kernels do not take (float16, CUDA).
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def _fused_rope_heads(x: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> Te
 
 
 def _fused_decode_attention(q: Tensor, *rest: Any) -> Tensor:
-    """`decode_attention` as one C++ call on the CPU (same arguments)."""
+    """`decode_attention` in one C++ kernel on the CPU (same arguments, see the module doc)."""
     if q.device.type != "cpu":
         return decode_attention(q, *rest)
     k, v, k_caches, v_caches, positions = rest

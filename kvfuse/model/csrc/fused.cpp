@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <cstdint>
@@ -199,42 +200,161 @@ at::Tensor rope_heads(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return out;
 }
 
-// One decode step's attention for B sequences, each over its own cache, as the eager loop in
-// kvfuse/decode/batch.py does it (the same ATen calls, so bit for bit its results) without
-// ten Python-dispatched operators per sequence and layer. Row b of k/v is written at
-// positions[b] of cache b, then query row b attends over that cache's keys 0..positions[b].
-// Shape: q [H, B, D], k/v [H_kv, B, D], caches [H_kv, capacity, D] -> [H, B, D].
+// e^x for x ≤ 0 in plain arithmetic the compiler vectorises (libm's expf is a call per
+// element): x = n·ln2 + r with |r| ≤ ln2/2, e^r by its degree-6 Taylor polynomial (relative
+// error below 2e-7), 2^n built in the exponent bits. Below −87 the result is 0.
+// (Exact float rounding matters here: the build has FMA contraction off and no fast-math.)
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round: 1.5·2^23
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 in two parts
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x <= -87.f ? 0.f : p * scale;
+}
+
+constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head
+
+// The query heads of one KV head attend over one sequence's keys 0..len-1: scores and softmax
+// in fp32, the weighted sum of values in fp32, rounded once to the output dtype. `scores` holds
+// group × len floats. Shape: q rows [group][dim] (row stride q_stride), k/v [len, dim]
+// contiguous, out rows [group][dim] (stride out_stride).
+template <typename E>
+void attend_group(const typename E::Storage* q, int64_t q_stride, const typename E::Storage* k,
+                  const typename E::Storage* v, int64_t len, int64_t group, int64_t dim,
+                  float* scores, typename E::Storage* out, int64_t out_stride) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  float qf[kMaxGroup][kMaxHeadDim], row[kMaxHeadDim], acc[kMaxGroup][kMaxHeadDim];
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t d = 0; d < dim; ++d) qf[g][d] = E::load(q[g * q_stride + d]) * scale;
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const typename E::Storage* kj = k + j * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) row[d] = E::load(kj[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < dim; ++d) dot = std::fma(qf[g][d], row[d], dot);
+      scores[g * len + j] = dot;
+    }
+  }
+  float inv_sum[kMaxGroup];
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * len;
+    float top = s[0];
+    for (int64_t j = 1; j < len; ++j) top = s[j] > top ? s[j] : top;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) {
+      s[j] = exp_nonpositive(s[j] - top);
+      sum += s[j];
+    }
+    inv_sum[g] = 1.f / sum;
+    for (int64_t d = 0; d < dim; ++d) acc[g][d] = 0.f;
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const typename E::Storage* vj = v + j * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) row[d] = E::load(vj[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * len + j];
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) acc[g][d] = std::fma(p, row[d], acc[g][d]);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t d = 0; d < dim; ++d) out[g * out_stride + d] = E::store(acc[g][d] * inv_sum[g]);
+  }
+}
+
+// Sequences × KV heads below which one thread does all the work.
+constexpr int64_t kMinParallelTasks = 2;
+
+template <typename E>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           at::TensorList k_caches, at::TensorList v_caches,
+                           at::IntArrayRef positions, at::Tensor& out) {
+  using S = typename E::Storage;
+  const int64_t heads = q.size(0), batch = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k.size(0), group = heads / kv_heads;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, positions[b] + 1);
+  const S* qp = reinterpret_cast<const S*>(q.const_data_ptr());
+  const S* kp = reinterpret_cast<const S*>(k.const_data_ptr());
+  const S* vp = reinterpret_cast<const S*>(v.const_data_ptr());
+  S* op = reinterpret_cast<S*>(out.data_ptr());
+  const int64_t tasks = batch * kv_heads;
+#pragma omp parallel if (tasks >= kMinParallelTasks)
+  {
+    std::vector<float> scores(static_cast<size_t>(group * longest));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / kv_heads, h = t % kv_heads, first = h * group;
+      const int64_t pos = positions[b];
+      S* kc = reinterpret_cast<S*>(k_caches[b].data_ptr()) + h * k_caches[b].stride(0);
+      S* vc = reinterpret_cast<S*>(v_caches[b].data_ptr()) + h * v_caches[b].stride(0);
+      std::memcpy(kc + pos * dim, kp + h * k.stride(0) + b * k.stride(1), dim * sizeof(S));
+      std::memcpy(vc + pos * dim, vp + h * v.stride(0) + b * v.stride(1), dim * sizeof(S));
+      attend_group<E>(qp + first * q.stride(0) + b * q.stride(1), q.stride(0), kc, vc, pos + 1,
+                      group, dim, scores.data(),
+                      op + b * out.stride(1) + first * out.stride(0), out.stride(0));
+    }
+  }
+}
+
+// One decode step's attention for B sequences, each over its own cache. Row b of k/v is written
+// at positions[b] of cache b, then query row b attends over that cache's keys 0..positions[b]
+// (no mask: every key is in the past). Each (sequence, KV head) is one task that reads its keys
+// and values once for all its query heads (GQA), in fp32 throughout: no per-sequence sdpa call,
+// whose set-up cost more than the attention at decode sizes.
+// Shape: q [H, B, D], k/v [H_kv, B, D], caches [H_kv, capacity, D] -> [H, B, D] (a view of a
+// [B, H, D] tensor, so the output projection's transpose back is free).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             at::TensorList k_caches, at::TensorList v_caches,
                             at::IntArrayRef positions) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k and v must be 3-D");
-  const int64_t batch = q.size(1);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == batch && k.size(2) == q.size(2),
+  const int64_t batch = q.size(1), dim = q.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == batch && k.size(2) == dim,
               "k and v must be [H_kv, B, D] like q");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+              "q, k and v's last dimension must be contiguous");
+  TORCH_CHECK(k.size(0) > 0 && q.size(0) % k.size(0) == 0 && q.size(0) / k.size(0) <= kMaxGroup,
+              "query heads must be a multiple (at most ", kMaxGroup, "x) of KV heads");
+  TORCH_CHECK(dim <= kMaxHeadDim, "head dim above ", kMaxHeadDim);
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "q, k and v dtypes differ");
   TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == batch &&
                   static_cast<int64_t>(v_caches.size()) == batch &&
                   static_cast<int64_t>(positions.size()) == batch,
               "one K cache, V cache and position per sequence");
-  const bool gqa = q.size(0) != k.size(0);
-  std::vector<at::Tensor> outs;
-  outs.reserve(batch);
   for (int64_t b = 0; b < batch; ++b) {
-    const at::Tensor& k_cache = k_caches[b];
-    const at::Tensor& v_cache = v_caches[b];
-    const int64_t pos = positions[b];
-    TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() &&
-                    k_cache.size(0) == k.size(0) && k_cache.size(2) == k.size(2),
+    const at::Tensor& kc = k_caches[b];
+    const at::Tensor& vc = v_caches[b];
+    TORCH_CHECK(kc.dim() == 3 && vc.sizes() == kc.sizes() && kc.size(0) == k.size(0) &&
+                    kc.size(2) == dim,
                 "each cache must be [H_kv, capacity, D]");
-    TORCH_CHECK(pos >= 0 && pos < k_cache.size(1), "cache ", b, " is full");
-    k_cache.narrow(1, pos, 1).copy_(k.narrow(1, b, 1));
-    v_cache.narrow(1, pos, 1).copy_(v.narrow(1, b, 1));
-    at::Tensor out = at::scaled_dot_product_attention(
-        q.narrow(1, b, 1).unsqueeze(0), k_cache.narrow(1, 0, pos + 1).unsqueeze(0),
-        v_cache.narrow(1, 0, pos + 1).unsqueeze(0), /*attn_mask=*/std::nullopt,
-        /*dropout_p=*/0.0, /*is_causal=*/false, /*scale=*/std::nullopt, /*enable_gqa=*/gqa);
-    outs.push_back(out.squeeze(0));
+    TORCH_CHECK(kc.stride(2) == 1 && kc.stride(1) == dim && vc.strides() == kc.strides(),
+                "each cache's rows must be contiguous");
+    TORCH_CHECK(kc.scalar_type() == q.scalar_type() && vc.scalar_type() == q.scalar_type(),
+                "caches must have q's dtype");
+    TORCH_CHECK(positions[b] >= 0 && positions[b] < kc.size(1), "cache ", b, " is full");
   }
-  return batch == 1 ? outs[0] : at::cat(outs, 1);
+  at::Tensor out = at::empty({batch, q.size(0), dim}, q.options());
+  at::Tensor heads_first = out.transpose(0, 1);
+  by_dtype(q, [&](auto e) {
+    decode_attention_impl<decltype(e)>(q, k, v, k_caches, v_caches, positions, heads_first);
+  });
+  return heads_first;
 }
 
 }  // namespace

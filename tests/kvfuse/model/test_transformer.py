@@ -216,3 +216,33 @@ def test_linear_one_row_equals_the_matmul(bias: bool, dtype: torch.dtype) -> Non
         batch = layer(rows)
         for idx in range(rows.shape[0]):
             torch.testing.assert_close(layer(rows[idx : idx + 1]), batch[idx : idx + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_post_ops_equal_the_eager_ops(dtype: torch.dtype) -> None:
+    """silu/mul/add inside the packed bf16 matmul round once where the eager ops round twice.
+
+    So they agree to bf16's rounding of the result (2^-8 relative, plus the rounding of the
+    matmul before the eager op); fp32 runs the eager ops themselves, bit for bit. Each fused
+    op also gives a row alone (a decode step) the batch's values.
+    """
+    torch.manual_seed(0)
+    layer = Linear(96, 160, bias=False).to(dtype)
+    layer.pack()
+    rows, other = torch.randn(5, 96, dtype=dtype), torch.randn(5, 160, dtype=dtype)
+    plain = Linear(96, 160, bias=False).to(dtype)
+    plain.load_state_dict(layer.state_dict())
+    tol = {"rtol": 2**-6, "atol": 2**-6} if dtype == torch.bfloat16 else {"rtol": 0, "atol": 0}
+    with torch.inference_mode():
+        cases = {
+            "silu": (layer.silu(rows), torch.nn.functional.silu(plain(rows))),
+            "mul": (layer.mul(rows, other), plain(rows) * other),
+            "add": (layer.add(rows, other), plain(rows) + other),
+        }
+        for fused, eager in cases.values():
+            torch.testing.assert_close(fused, eager, **tol)
+        for idx in range(rows.shape[0]):
+            one = slice(idx, idx + 1)
+            torch.testing.assert_close(layer.silu(rows[one]), cases["silu"][0][one])
+            torch.testing.assert_close(layer.mul(rows[one], other[one]), cases["mul"][0][one])
+            torch.testing.assert_close(layer.add(rows[one], other[one]), cases["add"][0][one])
