@@ -70,7 +70,8 @@ class DecodeConfig:
         host, port: HTTP listen address (port 0 picks a free port); 127.0.0.1 unless set
             (`--host 0.0.0.0` in a container, with `auth_token`).
         model, device, dtype, cache_dir: the model and torch (see kvfuse Settings).
-        num_threads: torch threads of a local prefill (decode steps: see `Scheduler`).
+        num_threads: torch threads of the decode thread, which also runs a local prefill
+            (beside a prefill worker on this machine decode steps take one: see `Scheduler`).
         chunk_context, store_capacity_bytes: the in-process engine used for local prefill.
         miss_policy: local prefill only: `precompute` (default) computes a missing chunk once,
             standalone, reuses it and stores it; `forced` computes it in place and again to

@@ -1,12 +1,22 @@
 """Continuous batching: admit requests, stream their prefill in, decode all sequences as a batch.
 
 Lifecycle of a sequence: `submit` queues it (WAITING); the scheduler thread admits it in
-arrival order when a batch slot, a prefill slot and KV room are free (PREFILLING) and hands
-its prefill stream to a prefill thread, which copies each fused layer into the sequence's KV
-cache as it arrives and sends the first token to the client at once; the sequence then joins
-the decode batch (RUNNING), where every step appends one token to every running sequence
+arrival order when a batch slot, a prefill slot and KV room are free (PREFILLING) and runs its
+prefill: a remote prefill's stream on a prefill thread, a local prefill on the scheduler thread
+itself, between decode steps. The prefill copies each fused layer into the sequence's KV cache
+as it arrives and sends the first token to the client at once; the sequence then joins the
+decode batch (RUNNING), where every step appends one token to every running sequence
 (`kvfuse.decode.batch.decode_batch`), so a short request never waits behind a long one. A
 finished, failed or aborted sequence frees its KV room.
+
+A local prefill runs on the decode thread because two torch teams in one process on the same
+cores make both slow: libgomp counts every team's threads, and once they outnumber the cores
+its idle threads stop spinning and sleep, so each of a decode step's ~300 small parallel
+regions waits for a wake-up (bf16, 2 cores, 3,700 tokens of context: a two-thread step takes
+50 ms beside another team, 32 ms as the only one; a prefill with a one-thread decode team
+beside it took 2.2 s instead of 1.1). One thread running both at full width, a prefill first
+and then the steps, is what vLLM's engine loop does too; the cost is that running sequences
+pause for the length of a new request's prefill.
 """
 
 from __future__ import annotations
@@ -58,11 +68,11 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    """Owns the waiting queue, the prefill threads and the decode thread.
+    """Owns the waiting queue, the prefill threads (remote prefill) and the decode thread.
 
     Thread-safety: `submit`, `abort` and the counters may be called from any thread; outputs
-    reach each sequence's sink from a prefill thread (the first token, or a prefill error) and
-    then from the decode thread, in order.
+    reach each sequence's sink from the thread that prefilled it (the first token, or a prefill
+    error) and then from the decode thread, in order.
     """
 
     def __init__(
@@ -87,12 +97,13 @@ class Scheduler:
         self._prefilling: set[Sequence] = set()
         self._ready: list[Sequence] = []
         self._running: list[Sequence] = []  # touched by the decode thread only
+        self._local: deque[Sequence] = deque()  # admitted, for the decode thread to prefill
         self._stopped = False
-        # One torch team per compute thread (kvfuse/service/threads.py): with local prefill one
-        # prefill thread computes (the engine runs one prompt at a time anyway); with a remote
-        # one the prefill threads only receive.
-        num_prefill_threads = limits.max_concurrent_prefills if remote_prefill else 1
-        self._pool = ThreadPoolExecutor(num_prefill_threads, "prefill")
+        # One torch team per compute thread (kvfuse/service/threads.py): a local prefill
+        # computes on the decode thread (see the module doc); a remote one is received on
+        # prefill threads that only move bytes.
+        num_prefill_threads = limits.max_concurrent_prefills
+        self._pool = ThreadPoolExecutor(num_prefill_threads, "prefill") if remote_prefill else None
         self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
 
     def start(self) -> None:
@@ -109,7 +120,8 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         for seq in unfinished:  # those no thread finished (queued, or never admitted)
             self._finish(seq, seq.final(FinishReason.ABORT))
         self._waiting.clear()
@@ -163,8 +175,9 @@ class Scheduler:
 
     @property
     def decode_threads(self) -> int:
-        """The decode thread's torch team: every core when the prefill runs on other
-        machines, else one.
+        """The decode thread's torch team: `num_threads` (default every core) when it also
+        runs the local prefill or the prefill runs on other machines; one beside a prefill
+        worker on this machine.
 
         A decode step is small operators, between which a second team thread spins and takes
         a core from a prefill on the same cores (bf16, 8 requests at concurrency 4 through the
@@ -176,16 +189,21 @@ class Scheduler:
         (kvfuse/service/threads.py). Alone, two threads make a step 1.5× faster (bf16, 3,800
         tokens of context, 2 cores: 61 → 41 ms).
         """
-        alone = self.remote_prefill and not self.prefill_shares_cores
-        return torch_default_threads() if alone else 1
+        if not self.remote_prefill:
+            return self.num_threads or torch_default_threads()
+        return 1 if self.prefill_shares_cores else torch_default_threads()
 
     def _loop(self) -> None:
         compute_thread(self.decode_threads)
         while True:
             with self._cond:
                 batch = self._schedule()
+                local = self._local.popleft() if self._local else None
             if batch is None:
                 return
+            if local is not None:  # a prefill first, then the steps (see the module doc)
+                self._run_prefill(local)
+                continue
             try:
                 self._step(batch)
             except Exception as exc:  # a bug must fail its requests, not hang them
@@ -197,7 +215,8 @@ class Scheduler:
 
     def _schedule(self) -> list[Sequence] | None:
         """Under the lock: admits, takes prefilled sequences in, drops aborted ones, and
-        returns the next batch (waiting while there is none); None once stopped."""
+        returns the next batch (waiting while there is none and no local prefill to run; then
+        possibly empty); None once stopped."""
         while not self._stopped:
             self._admit()
             self._running.extend(self._ready)
@@ -206,7 +225,7 @@ class Scheduler:
                 if self._release(seq):
                     self._send_final(seq, seq.final(FinishReason.ABORT))
             self._running = [s for s in self._running if s.status is SequenceStatus.RUNNING]
-            if self._running:
+            if self._running or self._local:
                 return list(self._running)
             self._cond.wait()
         return None
@@ -224,7 +243,10 @@ class Scheduler:
             self._budget.allocate(need)
             seq.status = SequenceStatus.PREFILLING
             self._prefilling.add(seq)
-            self._pool.submit(self._run_prefill, seq)
+            if self._pool is None:
+                self._local.append(seq)
+            else:
+                self._pool.submit(self._run_prefill, seq)
 
     def _step(self, batch: list[Sequence]) -> None:
         start_s = time.perf_counter()
@@ -241,12 +263,11 @@ class Scheduler:
         self.metrics.on_decode_step(len(batch), time.perf_counter() - start_s)
 
     def _run_prefill(self, seq: Sequence) -> None:
-        """A prefill thread: stream the fused layers in, send the first token, hand over."""
+        """Streams the fused layers in, sends the first token, hands over: on a prefill thread
+        (remote prefill) or the decode thread (local)."""
         stream: Iterator[FusedLayer | PrefillResult] | None = None
         if self.remote_prefill:
             io_thread()  # only moves bytes: must not stall the compute (kvfuse/service/threads.py)
-        else:
-            compute_thread(self.num_threads)
         try:
             stream = self.prefiller.prefill(seq.request.prefill, seq.cancel)
             seq.cache = KVCache(self.model, seq.request.num_kv_tokens)

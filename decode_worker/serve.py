@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model", help="GGUF file or safetensors dir (default: bundled SmolLM2)")
     add("--device", help="torch device (default cpu)")
     add("--dtype", choices=sorted(DTYPES), help="weights and KV dtype (default float32)")
-    add("--num-threads", type=int, help="torch threads of a local prefill (default: torch's)")
+    add("--num-threads", type=int, help="torch threads of local prefill + decode (default torch's)")
     add("--prefill-url", help="prefill worker gRPC address; empty = prefill in this process")
     add("--prefill-token", help="bearer token for the prefill worker (default: --token)")
     add("--token", dest="auth_token", help="bearer token clients must send (KVFUSE_AUTH_TOKEN)")

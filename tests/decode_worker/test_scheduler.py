@@ -273,12 +273,12 @@ def test_stop_fails_unfinished_requests(engine: Engine, make: Any) -> None:
 @pytest.mark.parametrize(
     ("remote", "shares_cores", "alone"),
     [
-        (False, True, False),  # local prefill: a second team would slow its own
+        (False, True, True),  # local prefill: it runs on the decode thread, one team
         (True, True, False),  # a prefill worker on this machine may compute at any time
         (True, False, True),  # the prefill worker has its own cores
     ],
 )
-def test_decode_uses_every_core_only_when_the_prefill_has_its_own(
+def test_decode_uses_every_core_unless_a_prefill_worker_shares_them(
     engine: Engine, remote: bool, shares_cores: bool, alone: bool
 ) -> None:
     scheduler = Scheduler(
@@ -291,3 +291,27 @@ def test_decode_uses_every_core_only_when_the_prefill_has_its_own(
         prefill_shares_cores=shares_cores,
     )
     assert scheduler.decode_threads == (torch_default_threads() if alone else 1)
+
+
+def test_a_local_prefill_runs_on_the_decode_thread(engine: Engine) -> None:
+    """One torch team in the process: the decode thread computes the prefill too."""
+    threads: list[str] = []
+
+    class Recording(ScriptedPrefiller):
+        def prefill(
+            self, request: PrefillRequest, cancel: Cancel | None = None
+        ) -> Iterator[FusedLayer | PrefillResult]:
+            threads.append(threading.current_thread().name)
+            yield from super().prefill(request, cancel)
+
+    scheduler = Scheduler(
+        engine.model, engine.tokenizer, Recording(engine), LIMITS, DecodeMetrics("test")
+    )
+    scheduler.start()
+    try:
+        sink = Collector()
+        scheduler.submit(request(engine), sink)
+        assert sink.final()[1].error is None
+    finally:
+        scheduler.stop()
+    assert threads == ["decode"]
