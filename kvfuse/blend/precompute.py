@@ -1,12 +1,16 @@
-"""Chunk precompute: prefill a chunk alone after a fixed chunk context and keep its KV."""
+"""Chunk precompute: prefill a chunk alone after a fixed chunk context and keep its KV; several
+chunks after the same context in one pass."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from enum import Enum
 
 import torch
+from torch import Tensor
 
+from kvfuse.blend.attention import RowAttention
 from kvfuse.blend.place import PlacedKV
 from kvfuse.blend.plan import RowPlan
 from kvfuse.blend.run import BlendRun
@@ -51,3 +55,101 @@ def precompute(
     return ChunkKV(
         torch.stack(k_layers).contiguous(), torch.stack(v_layers).contiguous(), positions
     )
+
+
+# Rows of one `precompute_chunks` pass: bounds its activations (~40 KB a row in bf16 for
+# SmolLM2's MLP) while keeping the matmuls tall.
+MAX_PASS_ROWS = 4096
+
+
+@torch.inference_mode()
+def precompute_chunks(
+    model: Transformer,
+    context_ids: Sequence[int],
+    context_kv: ChunkKV | None,
+    chunks: Sequence[Sequence[int]],
+    max_rows: int = MAX_PASS_ROWS,
+    stop: Callable[[], bool] = lambda: False,
+) -> list[ChunkKV]:
+    """`precompute` of each chunk after the same context, in passes of up to `max_rows` rows:
+    the chunks' rows share every matmul and row-wise op, and each chunk attends over the
+    context's KV and its own keys only. The results are `precompute`'s up to the matmuls'
+    rounding, which follows the row count (the CPU libraries pick their kernel by it): fp32
+    within about 1e-5 relative; bf16 bit for bit for chunks of some 90 tokens and more, a few
+    ulps for shorter ones.
+
+    Tall matmuls are what makes it faster: on 2 cores a 600-token chunk costs about 0.25 ms a
+    token outside attention, 2,400 rows together 0.14. Chunks after a context without its KV
+    (`ChunkContext.BOS`) are computed one by one, as `precompute` computes that context inside
+    each run. `stop` is asked before every layer: once it says so, the result is empty.
+    Shape of each result: as `precompute`'s.
+    """
+    groups: list[list[Sequence[int]]] = []
+    for chunk_ids in chunks:
+        if context_ids and context_kv is None:
+            groups.append([chunk_ids])  # precompute's own run, context inside
+        elif groups and sum(map(len, groups[-1])) + len(chunk_ids) <= max_rows:
+            groups[-1].append(chunk_ids)
+        else:
+            groups.append([chunk_ids])
+    out: list[ChunkKV] = []
+    for group in groups:
+        if stop():
+            return []
+        if context_ids and context_kv is None:
+            out.append(precompute(model, context_ids, None, group[0]))
+            continue
+        computed = _precompute_pass(model, len(context_ids), context_kv, group, stop)
+        if computed is None:
+            return []
+        out.extend(computed)
+    return out
+
+
+def _precompute_pass(
+    model: Transformer,
+    num_context: int,
+    context_kv: ChunkKV | None,
+    chunks: list[Sequence[int]],
+    stop: Callable[[], bool],
+) -> list[ChunkKV] | None:
+    """One pass of `precompute_chunks`: rows of every chunk stacked, positions from
+    `num_context` in each; per layer the chunks attend one by one as `BlendRun` would.
+    None once `stop` said so."""
+    device, lengths = model.device, [len(chunk_ids) for chunk_ids in chunks]
+    local = torch.cat([torch.arange(n, device=device) for n in lengths])  # [R]
+    cos, sin = model.cos_sin(torch.arange(num_context + max(lengths), device=device))
+    cos, sin = cos.to(model.dtype)[num_context + local], sin.to(model.dtype)[num_context + local]
+    h = model.embed(torch.tensor([t for ids in chunks for t in ids], device=device))  # [R, hidden]
+    starts = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    spans = list(itertools.pairwise(starts))
+    attends = [
+        RowAttention(torch.arange(num_context, num_context + n, device=device), num_context + n,
+                     model.dtype)
+        for n in lengths
+    ]  # fmt: skip
+    k_layers: list[list[Tensor]] = [[] for _ in chunks]
+    v_layers: list[list[Tensor]] = [[] for _ in chunks]
+    for layer_idx, block in enumerate(model.blocks):
+        if stop():
+            return None
+        attn = block.self_attn
+        q, k, v = attn.qkv(block.input_layernorm(h), cos, sin)  # [H, R, D], [H_kv, R, D] ×2
+        outs = []
+        for i, (lo, hi) in enumerate(spans):
+            k_i, v_i = k[:, lo:hi], v[:, lo:hi]  # [H_kv, T_i, D]
+            k_layers[i].append(k_i.transpose(0, 1))
+            v_layers[i].append(v_i.transpose(0, 1))
+            if context_kv is not None:
+                k_i = torch.cat([context_kv.k[layer_idx].transpose(0, 1).to(k.dtype), k_i], 1)
+                v_i = torch.cat([context_kv.v[layer_idx].transpose(0, 1).to(v.dtype), v_i], 1)
+            outs.append(attends[i](attn, q[:, lo:hi], k_i, v_i))  # [H, T_i, D]
+        h = block.finish(h, attn.project(torch.cat(outs, dim=1)))
+    return [
+        ChunkKV(
+            torch.stack(k_layers[i]).contiguous(),
+            torch.stack(v_layers[i]).contiguous(),
+            torch.arange(num_context, num_context + n, device=device),
+        )
+        for i, n in enumerate(lengths)
+    ]

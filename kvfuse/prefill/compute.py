@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from kvfuse.blend.config import BlendConfig, Mode
 from kvfuse.blend.plan import PlanInputs, PlannedPrefill, plan_prefill
-from kvfuse.blend.precompute import ChunkContext, precompute
+from kvfuse.blend.precompute import ChunkContext, precompute, precompute_chunks
 from kvfuse.blend.run import BlendRun
 from kvfuse.errors import ConfigError, InvalidRequestError
 from kvfuse.keys import KeySpace, PreparedPrompt
@@ -70,9 +70,14 @@ class PrefillCompute:
         prompt: PreparedPrompt,
         contains: Callable[[str], bool],
         get_prefix: Callable[[str], ChunkKV | None],
+        together: bool = False,
+        stop: Callable[[], bool] = lambda: False,
     ) -> Iterator[tuple[str, ChunkKV]]:
         """Precomputes, in order, the prefix and chunks `contains` says are missing; yields
-        (key, kv) for each, stores nothing. Lazy: each object computes when it is asked for.
+        (key, kv) for each, stores nothing. Lazy: each object computes when it is asked for;
+        with `together` the missing chunks compute in one pass when the first is asked for
+        (`precompute_chunks`: the same KV, faster), which asks `stop` before every layer and
+        yields no chunk once it says so.
 
         The prefix KV (from `get_prefix`, or computed when that returns None) is the chunk
         context under ChunkContext.PREFIX. `get_prefix` is called only when the prefix is
@@ -90,8 +95,14 @@ class PrefillCompute:
                 prefix_kv = precompute(self.model, [], None, seg.prefix_ids)
                 yield prompt.prefix_key, prefix_kv
         context_ids, context_kv = self._context(seg, prefix_kv)
-        for key, chunk_ids in missing:
-            yield key, precompute(self.model, context_ids, context_kv, chunk_ids)
+        if not together:
+            for key, chunk_ids in missing:
+                yield key, precompute(self.model, context_ids, context_kv, chunk_ids)
+            return
+        missing_ids = [ids for _, ids in missing]
+        kvs = precompute_chunks(self.model, context_ids, context_kv, missing_ids, stop=stop)
+        if kvs:  # empty once stopped
+            yield from zip([key for key, _ in missing], kvs, strict=True)
 
     def _context(
         self, seg: PromptSegments, prefix_kv: ChunkKV | None

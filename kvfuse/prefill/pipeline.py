@@ -291,7 +291,10 @@ class PrefillPipeline:
         if self.options.miss_policy is MissPolicy.FORCED or mode not in PRECOMPUTE_MODES:
             return
         known = fetched.chunks.keys() | fetched.lookup_failed | fetched.in_place
-        for key, kv in self.compute.missing(prompt, known.__contains__, fetched.whole):
+        misses = self.compute.missing(
+            prompt, known.__contains__, fetched.whole, together=True, stop=lambda: cancel.cancelled
+        )
+        for key, kv in misses:
             fetched.precomputed[key] = kv
             if cancel.cancelled:  # checked after each object: one may take seconds
                 break

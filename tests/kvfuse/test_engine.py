@@ -140,17 +140,24 @@ def test_prefill_stream_matches_generate_and_stores_misses(engine: Engine) -> No
 
 @pytest.fixture
 def count_precomputes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts chunk precomputes (the model compute of misses) the engine runs."""
+    """Counts objects precomputed standalone (the model compute of misses): one per
+    `precompute` call, one per chunk of a `precompute_chunks` call."""
     import kvfuse.prefill.compute
-    from kvfuse.blend.precompute import precompute as real  # the one compute imports
+    from kvfuse.blend.precompute import precompute, precompute_chunks  # what compute imports
 
     calls: list[int] = []
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        return real(*args, **kwargs)
+        return precompute(*args, **kwargs)
+
+    def counting_chunks(*args: Any, **kwargs: Any) -> Any:
+        kvs = precompute_chunks(*args, **kwargs)
+        calls.extend(1 for _ in kvs)
+        return kvs
 
     monkeypatch.setattr(kvfuse.prefill.compute, "precompute", counting)
+    monkeypatch.setattr(kvfuse.prefill.compute, "precompute_chunks", counting_chunks)
     return calls
 
 

@@ -442,30 +442,41 @@ def test_pipeline_off_outputs_equal_pipeline_on(
         assert sent_layers[-1] == 29  # and every layer fetched before the blend started
 
 
-def test_cancel_stops_between_the_misses_it_precomputes(
+def test_cancel_stops_the_misses_it_precomputes(
     engine: Engine, make_prefiller: MakePrefiller, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A request whose chunks all miss stops after the object it is computing when cancelled:
-    the rest are never computed (a client that went away costs at most one more object)."""
+    """A request whose chunks all miss stops before the next layer when cancelled: cancelled
+    while its prefix computes, it computes no layer of its chunks (a client that went away
+    costs at most one more layer)."""
     import kvfuse.prefill.compute
     from kvfuse.blend.precompute import precompute as real
+    from kvfuse.model.transformer import Block
 
     engine.miss_policy = MissPolicy.PRECOMPUTE
     prefiller = make_prefiller(engine, TestSource(engine.store))
     cancel = Cancel()
     calls: list[int] = []
+    layers_after_cancel: list[int] = []
+    finish = Block.finish
 
     def precompute_then_cancel(*args: Any, **kwargs: Any) -> ChunkKV:
         calls.append(1)
-        if len(calls) == 2:  # the prefix, then the first chunk: the client goes away
-            cancel.cancel()
-        return real(*args, **kwargs)
+        kv = real(*args, **kwargs)
+        cancel.cancel()  # the prefix is done: the client goes away
+        return kv
+
+    def counted_finish(self: Block, *args: Any) -> Any:
+        if cancel.cancelled:
+            layers_after_cancel.append(1)
+        return finish(self, *args)
 
     monkeypatch.setattr(kvfuse.prefill.compute, "precompute", precompute_then_cancel)
+    monkeypatch.setattr(Block, "finish", counted_finish)
     stream = prefiller.stream(make_request(engine), cancel)
     assert list(stream) == []  # no layer, no result
     assert stream.join(60), "the compute thread did not stop"
-    assert len(calls) == 2  # of prefix + 3 chunks
+    assert len(calls) == 1  # the prefix
+    assert layers_after_cancel == []  # no layer of the 3 chunks' pass
     assert counter(prefiller, "kvfuse_prefill_layers_computed_total") == 0
     assert write_behind(prefiller).depth == 0
 
