@@ -102,8 +102,11 @@ class Scheduler:
         # One torch team per compute thread (kvfuse/service/threads.py): a local prefill
         # computes on the decode thread (see the module doc); a remote one is received on
         # prefill threads that only move bytes.
-        num_prefill_threads = limits.max_concurrent_prefills
-        self._pool = ThreadPoolExecutor(num_prefill_threads, "prefill") if remote_prefill else None
+        self._pool = (
+            ThreadPoolExecutor(limits.max_concurrent_prefills, "prefill")
+            if remote_prefill
+            else None
+        )
         self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
 
     def start(self) -> None:

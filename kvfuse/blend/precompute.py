@@ -135,14 +135,18 @@ def _precompute_pass(
             return None
         attn = block.self_attn
         q, k, v = attn.qkv(block.input_layernorm(h), cos, sin)  # [H, R, D], [H_kv, R, D] ×2
+        context: tuple[Tensor, ...] = ()  # this layer's context K and V, [H_kv, P, D] each
+        if context_kv is not None:
+            context = tuple(
+                kv[layer_idx].transpose(0, 1).to(k.dtype) for kv in (context_kv.k, context_kv.v)
+            )
         outs = []
         for i, (lo, hi) in enumerate(spans):
             k_i, v_i = k[:, lo:hi], v[:, lo:hi]  # [H_kv, T_i, D]
             k_layers[i].append(k_i.transpose(0, 1))
             v_layers[i].append(v_i.transpose(0, 1))
-            if context_kv is not None:
-                k_i = torch.cat([context_kv.k[layer_idx].transpose(0, 1).to(k.dtype), k_i], 1)
-                v_i = torch.cat([context_kv.v[layer_idx].transpose(0, 1).to(v.dtype), v_i], 1)
+            if context:
+                k_i, v_i = torch.cat([context[0], k_i], 1), torch.cat([context[1], v_i], 1)
             outs.append(attends[i](attn, q[:, lo:hi], k_i, v_i))  # [H, T_i, D]
         h = block.finish(h, attn.project(torch.cat(outs, dim=1)))
     return [
