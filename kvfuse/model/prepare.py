@@ -1,7 +1,8 @@
-"""Getting a loaded model fast before it serves: prepacked weights and fused kernels.
+"""Getting a loaded model fast before it serves: weights prepared for the CPU, fused kernels.
 
-`prepare` runs once at start-up, so no request waits on it: packing is bit-identical and takes
-a fraction of a second; the fused kernels are built once per machine (about 25 s), then loaded
+`prepare` runs once at start-up, so no request waits on it: packing bf16 weights for oneDNN
+(or widening them to fp32 on CPUs without its bf16 kernels, `WeightForm`) takes a fraction of
+a second; the fused kernels are built once per machine (about 25 s), then loaded
 from torch's extension cache in well under a second.
 """
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def pack_weights(model: Transformer) -> None:
-    """Prepacks every projection's weight where that helps (see `Linear.pack`)."""
+    """Prepares every projection's bf16 weight for this CPU (see `Linear.pack`)."""
     for module in model.modules():
         if isinstance(module, Linear):
             module.pack()

@@ -7,6 +7,8 @@ activations are [S, hidden] and attention tensors are [H, S, D].
 
 from __future__ import annotations
 
+import enum
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,60 +25,113 @@ _HAS_PACKED_LINEAR = (
 )
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` that can run on a prepacked bf16 weight.
+class WeightForm(enum.Enum):
+    """How a bf16 projection weight serves on a CPU.
 
-    `pack()` reorders the weight once into oneDNN's blocked layout; bf16 matmuls on CPU then
-    skip the per-call reorder, with bit-identical results (SmolLM2 shapes, 2 cores: 1.9 →
-    1.3 ms for 2,048 rows of the MLP's gate, 67 → 33 µs for 8 decode rows, 32 → 27 µs for
-    one). The packed copy is extra memory (one more copy of the weight) and is dropped by
-    `unpack()`; fp32 gains nothing from it (MKL's sgemm packs per call) and is never packed.
+    PACKED: oneDNN's bf16 matmul on the weight reordered once into its blocked layout (CPUs
+        with AVX-512 BW/VL/DQ or AVX-NE-CONVERT, where oneDNN has bf16 kernels).
+    FP32: an fp32 copy of the weight and fp32 matmuls, each result rounded to bf16 once (CPUs
+        without them, e.g. AVX2-only EPYCs: there torch's bf16 matmul converts in its inner
+        loop and runs 6-8x slower than fp32's, 212 against 28 ms for 2,048 rows of SmolLM2's
+        MLP gate on 2 cores; oneDNN refuses to pack).
+    """
+
+    PACKED = "packed"
+    FP32 = "fp32"
+
+
+def bf16_weight_form() -> WeightForm:
+    """This CPU's form for bf16 weights (`WeightForm`)."""
+    if _HAS_PACKED_LINEAR and _MKLDNN._is_mkldnn_bf16_supported():
+        return WeightForm.PACKED
+    return WeightForm.FP32
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that serves bf16 rows on CPU from a weight prepared for this CPU.
+
+    `pack()` prepares the weight once in `bf16_weight_form()`:
+    - packed: reordered into oneDNN's blocked layout; bf16 matmuls then skip the per-call
+      reorder, with bit-identical results (SmolLM2 shapes, 2 cores: 1.9 → 1.3 ms for 2,048 rows
+      of the MLP's gate, 67 → 33 µs for 8 decode rows, 32 → 27 µs for one);
+    - fp32: widened to fp32; rows are widened, multiplied in fp32 and the result rounded to
+      bf16, which is what oneDNN's bf16 matmul computes (fp32 accumulation, one rounding) up
+      to the order of the sums.
+    Either copy is extra memory (the packed one as big as the weight, the fp32 one twice) and
+    is dropped by `unpack()`. fp32 weights are never prepared: MKL's sgemm packs per call.
+    The SwiGLU and residual ops (`silu`, `mul`, `add`) run on the fp32 result in both forms.
     """
 
     packed: Tensor | None = None
+    wide: tuple[Tensor, Tensor | None] | None = None  # fp32 weight and bias
 
-    def pack(self) -> None:
-        """Builds the packed copy when it would be used (bf16 on CPU with oneDNN)."""
-        weight = self.weight
-        if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _HAS_PACKED_LINEAR:
-            self.packed = _MKLDNN._reorder_linear_weight(weight.detach(), None)
+    def pack(self, form: WeightForm | None = None) -> None:
+        """Prepares the weight for bf16 rows on CPU, in `form` (default: this CPU's)."""
+        weight = self.weight.detach()
+        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+            return
+        if (form or bf16_weight_form()) is WeightForm.PACKED:
+            self.packed = _MKLDNN._reorder_linear_weight(weight, None)
+        else:
+            bias = self.bias.detach().float() if self.bias is not None else None
+            self.wide = (weight.float(), bias)
 
     def unpack(self) -> None:
-        self.packed = None
+        self.packed = self.wide = None
 
     def forward(self, x: Tensor) -> Tensor:
-        packed = self._packed_for(x)
-        if packed is None:
-            return super().forward(x)
-        return _MKLDNN._linear_pointwise(x, packed, self.bias, "none", [], "")
+        if self._prepared_for(x):
+            if self.packed is not None:
+                return _MKLDNN._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return self._fp32(x).to(x.dtype)
+        return super().forward(x)
 
     def silu(self, x: Tensor) -> Tensor:
-        """silu(self(x)), the activation applied to the packed matmul's fp32 result."""
-        packed = self._packed_for(x)
-        if packed is None:
-            return F.silu(super().forward(x))
-        return _MKLDNN._linear_pointwise(x, packed, self.bias, "swish", [], "")
+        """silu(self(x)), the activation applied to the matmul's fp32 result when prepared."""
+        if self._prepared_for(x):
+            if self.packed is not None:
+                return _MKLDNN._linear_pointwise(x, self.packed, self.bias, "swish", [], "")
+            return F.silu(self._fp32(x)).to(x.dtype)
+        return F.silu(super().forward(x))
 
     def mul(self, x: Tensor, other: Tensor) -> Tensor:
-        """self(x) * other, the product taken on the packed matmul's fp32 result."""
+        """self(x) * other, the product taken on the matmul's fp32 result when prepared."""
         return self._binary(x, other, "mul")
 
     def add(self, x: Tensor, other: Tensor) -> Tensor:
-        """self(x) + other, the sum taken on the packed matmul's fp32 result."""
+        """self(x) + other, the sum taken on the matmul's fp32 result when prepared."""
         return self._binary(x, other, "add")
 
-    def _binary(self, x: Tensor, other: Tensor, op: str) -> Tensor:
-        packed = self._packed_for(x)
-        if packed is None or other.dtype != x.dtype or not other.is_contiguous():
-            out = super().forward(x)
-            return out * other if op == "mul" else out + other
-        return _MKLDNN._linear_pointwise.binary(x, other, packed, self.bias, op)
+    def rows(self, x: Tensor, lo: int, hi: int) -> Tensor:
+        """Output features lo..hi-1 alone (the packed layout cannot be sliced: its rows run
+        on the plain weight). Shape: [S, in] -> [S, hi - lo]."""
+        if self._prepared_for(x) and self.wide is not None:
+            weight, bias = self.wide
+            part = bias[lo:hi] if bias is not None else None
+            return F.linear(x.float(), weight[lo:hi], part).to(x.dtype)
+        part = self.bias[lo:hi] if self.bias is not None else None
+        return F.linear(x, self.weight[lo:hi], part)
 
-    def _packed_for(self, x: Tensor) -> Tensor | None:
-        """The packed weight when it serves `x` (bf16 rows on CPU), else None."""
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
-            return None
-        return self.packed
+    def _binary(self, x: Tensor, other: Tensor, op: str) -> Tensor:
+        if self._prepared_for(x) and other.dtype == x.dtype:
+            if self.packed is not None and other.is_contiguous():
+                return _MKLDNN._linear_pointwise.binary(x, other, self.packed, self.bias, op)
+            if self.wide is not None:
+                out = self._fp32(x)
+                return (out * other if op == "mul" else out + other).to(x.dtype)
+        out = super().forward(x)
+        return out * other if op == "mul" else out + other
+
+    def _fp32(self, x: Tensor) -> Tensor:
+        """The fp32 form's matmul, unrounded. Shape: [S, in] -> [S, out] fp32."""
+        assert self.wide is not None
+        weight, bias = self.wide
+        return F.linear(x.float(), weight, bias)
+
+    def _prepared_for(self, x: Tensor) -> bool:
+        """Whether a prepared weight serves `x` (bf16 rows on CPU)."""
+        ready = self.packed is not None or self.wide is not None
+        return ready and x.dtype == torch.bfloat16 and x.device.type == "cpu"
 
 
 class RMSNorm(nn.Module):
@@ -121,19 +176,13 @@ class Attention(nn.Module):
 
     def q(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """The q part of `qkv` alone. Shape: x [S, hidden], cos/sin [S, D] -> [H, S, D]."""
-        return self._q_heads(self._project(x, 0, self.q_size), cos, sin)
+        return self._q_heads(self.qkv_proj.rows(x, 0, self.q_size), cos, sin)
 
     def kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """The k and v parts of `qkv` alone. Shape: -> k [H_kv, S, D], v [H_kv, S, D]."""
-        out = self._project(x, self.q_size, self.q_size + 2 * self.kv_size)  # [S, 2 H_kv D]
+        out = self.qkv_proj.rows(x, self.q_size, self.q_size + 2 * self.kv_size)  # [S, 2 H_kv D]
         k, v = out.chunk(2, dim=-1)  # [S, H_kv D] each
         return self._kv_heads(k, v, cos, sin)
-
-    def _project(self, x: Tensor, lo: int, hi: int) -> Tensor:
-        """Output features lo..hi-1 of `qkv_proj`. Shape: [S, hidden] -> [S, hi - lo]."""
-        bias = self.qkv_proj.bias
-        weight = self.qkv_proj.weight[lo:hi]  # [hi - lo, hidden], contiguous rows
-        return F.linear(x, weight, bias[lo:hi] if bias is not None else None)
 
     def _q_heads(self, q: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Shape: q [S, H D] -> [H, S, D] post-RoPE."""
@@ -183,11 +232,12 @@ def _rope_heads(
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), plus the residual stream if given.
 
-    On packed bf16 weights the silu, the product and the residual add run inside the
-    matmuls (oneDNN post-ops on the fp32 result, before it is rounded to bf16), which saves
-    three passes over [S, intermediate] and [S, hidden] tensors: 5-8% of a bf16 prefill
-    (2 cores, 512-2,048 tokens, measured side by side in one process). Elsewhere (fp32, or
-    no oneDNN) the same ops run eagerly. One [W_gate; W_up] matmul measured no faster.
+    On prepared bf16 weights (`Linear.pack`) the silu, the product and the residual add are
+    taken on the matmul's fp32 result, before it is rounded to bf16; packed, they run inside
+    the matmuls as oneDNN post-ops, which saves three passes over [S, intermediate] and
+    [S, hidden] tensors: 5-8% of a bf16 prefill (2 cores, 512-2,048 tokens, measured side by
+    side in one process). Elsewhere (fp32 models) the same ops run eagerly. One
+    [W_gate; W_up] matmul measured no faster.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

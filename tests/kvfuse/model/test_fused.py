@@ -1,6 +1,6 @@
 """The fused C++ kernels agree with the eager ops they replace (the decode attention at least
-as exactly), and the prepacked bf16 linear is bit for bit `F.linear`; the whole model gives the
-same logits either way."""
+as exactly), the prepacked bf16 linear is bit for bit `F.linear` and the fp32 form bit for bit
+fp32 `F.linear` rounded once; the whole model gives the same logits either way."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from kvfuse.blend.plan import RowPlan
 from kvfuse.blend.run import BlendRun
 from kvfuse.model import fused
 from kvfuse.model.loader import LoadedModel
-from kvfuse.model.transformer import Linear
+from kvfuse.model.transformer import Linear, WeightForm, bf16_weight_form
 
 DTYPES = [torch.float32, torch.bfloat16]
 # The RMS norm's sum is added in another order: a few ulp in fp32; in bf16 the normed value
@@ -102,6 +102,13 @@ def test_kernels_refuse_bad_shapes_with_a_clear_error() -> None:
         torch.ops.kvfuse.rms_norm(x.double(), torch.ones(64).double(), 1e-5)
 
 
+NO_PACKING = pytest.mark.skipif(
+    bf16_weight_form() is not WeightForm.PACKED,
+    reason="this CPU has no oneDNN bf16 kernels (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)",
+)
+
+
+@NO_PACKING
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("num_rows", [1, 3, 64])
 def test_packed_bf16_linear_equals_f_linear_bit_for_bit(bias: bool, num_rows: int) -> None:
@@ -109,17 +116,38 @@ def test_packed_bf16_linear_equals_f_linear_bit_for_bit(bias: bool, num_rows: in
     layer = Linear(576, 960, bias=bias).to(torch.bfloat16)
     x = torch.randn(num_rows, 576).to(torch.bfloat16)
     expected = F.linear(x, layer.weight, layer.bias)
-    layer.pack()
-    assert layer.packed is not None or not torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+    layer.pack(WeightForm.PACKED)
+    assert layer.packed is not None
     with torch.inference_mode():
         assert torch.equal(layer(x), expected)
     layer.unpack()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("num_rows", [1, 3, 64])
+def test_fp32_form_is_the_fp32_matmul_rounded_once(bias: bool, num_rows: int) -> None:
+    """Bit for bit fp32 `F.linear` of the widened rows, rounded to bf16; within one bf16
+    rounding of torch's own bf16 matmul (which also sums in fp32), any row a slice alike."""
+    torch.manual_seed(num_rows)
+    layer = Linear(576, 960, bias=bias).to(torch.bfloat16)
+    x = torch.randn(num_rows, 576).to(torch.bfloat16)
+    bias_fp32 = layer.bias.float() if layer.bias is not None else None
+    expected = F.linear(x.float(), layer.weight.float(), bias_fp32).to(torch.bfloat16)
+    layer.pack(WeightForm.FP32)
+    assert layer.wide is not None and layer.packed is None
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)
+        assert torch.equal(layer.rows(x, 100, 300), expected[:, 100:300])
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    layer.unpack()
+    assert layer.wide is None
+
+
 def test_fp32_linear_is_never_packed() -> None:
     layer = Linear(8, 8)
-    layer.pack()
-    assert layer.packed is None
+    for form in WeightForm:
+        layer.pack(form)
+        assert layer.packed is None and layer.wide is None
 
 
 def test_model_logits_match_with_fused_and_eager_kernels(smollm: LoadedModel) -> None:

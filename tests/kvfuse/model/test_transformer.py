@@ -14,7 +14,7 @@ from kvfuse.blend.plan import RowPlan
 from kvfuse.decode.step import KVCache, decode_step
 from kvfuse.errors import InvalidRequestError
 from kvfuse.model.loader import LoadedModel, load_model
-from kvfuse.model.transformer import Linear, Transformer
+from kvfuse.model.transformer import Linear, Transformer, WeightForm, bf16_weight_form
 
 LOGITS_TOL = 1e-4  # max |Δlogit| between two fp32 implementations of the same math
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -204,13 +204,31 @@ def test_decode_step_refuses_a_full_cache(tiny: Callable[[str], LoadedModel]) ->
         decode_step(model, cache, 7)
 
 
+# Every way a Linear can serve: fp32 weights (never prepared), bf16 packed for oneDNN (on CPUs
+# with its bf16 kernels) and bf16 widened to fp32.
+SERVING_FORMS = [
+    pytest.param(torch.float32, None, id="fp32"),
+    pytest.param(
+        torch.bfloat16,
+        WeightForm.PACKED,
+        id="bf16-packed",
+        marks=pytest.mark.skipif(
+            bf16_weight_form() is not WeightForm.PACKED, reason="no oneDNN bf16 kernels here"
+        ),
+    ),
+    pytest.param(torch.bfloat16, WeightForm.FP32, id="bf16-fp32"),
+]
+
+
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_linear_one_row_equals_the_matmul(bias: bool, dtype: torch.dtype) -> None:
-    """A row alone (a decode step) gives the batch's values, on the packed bf16 weight too."""
+@pytest.mark.parametrize(("dtype", "form"), SERVING_FORMS)
+def test_linear_one_row_equals_the_matmul(
+    bias: bool, dtype: torch.dtype, form: WeightForm | None
+) -> None:
+    """A row alone (a decode step) gives the batch's values, on prepared bf16 weights too."""
     torch.manual_seed(0)
     layer = Linear(96, 160, bias=bias).to(dtype)
-    layer.pack()
+    layer.pack(form)
     rows = torch.randn(5, 96, dtype=dtype)
     with torch.inference_mode():
         batch = layer(rows)
@@ -218,9 +236,9 @@ def test_linear_one_row_equals_the_matmul(bias: bool, dtype: torch.dtype) -> Non
             torch.testing.assert_close(layer(rows[idx : idx + 1]), batch[idx : idx + 1])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_linear_post_ops_equal_the_eager_ops(dtype: torch.dtype) -> None:
-    """silu/mul/add inside the packed bf16 matmul round once where the eager ops round twice.
+@pytest.mark.parametrize(("dtype", "form"), SERVING_FORMS)
+def test_linear_post_ops_equal_the_eager_ops(dtype: torch.dtype, form: WeightForm | None) -> None:
+    """silu/mul/add on a prepared bf16 matmul's result round once where the eager ops round twice.
 
     So they agree to bf16's rounding of the result (2^-8 relative, plus the rounding of the
     matmul before the eager op); fp32 runs the eager ops themselves, bit for bit. Each fused
@@ -228,7 +246,7 @@ def test_linear_post_ops_equal_the_eager_ops(dtype: torch.dtype) -> None:
     """
     torch.manual_seed(0)
     layer = Linear(96, 160, bias=False).to(dtype)
-    layer.pack()
+    layer.pack(form)
     rows, other = torch.randn(5, 96, dtype=dtype), torch.randn(5, 160, dtype=dtype)
     plain = Linear(96, 160, bias=False).to(dtype)
     plain.load_state_dict(layer.state_dict())
