@@ -1,7 +1,7 @@
 """Getting a loaded model fast before it serves: weights prepared for the CPU, fused kernels.
 
-`prepare` runs once at start-up, so no request waits on it: packing bf16 weights for oneDNN
-(or widening them to fp32 on CPUs without its bf16 kernels, `WeightForm`) takes a fraction of
+`prepare` runs once at start-up, so no request waits on it: packing the weights for oneDNN
+(bf16 ones widened to fp32 on CPUs without its bf16 kernels, `WeightForm`) takes a fraction of
 a second; the fused kernels are built once per machine (about 25 s), then loaded
 from torch's extension cache in well under a second.
 """
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def pack_weights(model: Transformer) -> None:
-    """Prepares every projection's bf16 weight for this CPU (see `Linear.pack`)."""
+    """Prepares every projection's weight for this CPU (see `Linear.pack`)."""
     for module in model.modules():
         if isinstance(module, Linear):
             module.pack()

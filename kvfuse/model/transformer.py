@@ -26,112 +26,131 @@ _HAS_PACKED_LINEAR = (
 
 
 class WeightForm(enum.Enum):
-    """How a bf16 projection weight serves on a CPU.
+    """How a projection weight is prepared for a CPU's matmuls (`weight_form`, `Linear.pack`).
 
-    PACKED: oneDNN's bf16 matmul on the weight reordered once into its blocked layout (CPUs
-        with AVX-512 BW/VL/DQ or AVX-NE-CONVERT, where oneDNN has bf16 kernels).
-    FP32: an fp32 copy of the weight and fp32 matmuls, each result rounded to bf16 once (CPUs
-        without them, e.g. AVX2-only EPYCs: there torch's bf16 matmul converts in its inner
-        loop and runs 6-8x slower than fp32's, 212 against 28 ms for 2,048 rows of SmolLM2's
-        MLP gate on 2 cores; oneDNN refuses to pack).
+    BF16: bf16 weights on CPUs with oneDNN's bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT):
+        the weight reordered once into oneDNN's blocked layout, the SwiGLU and residual ops as
+        its post-ops.
+    FP32: every other case, fp32 weights and bf16 ones on CPUs without those kernels (e.g.
+        AVX2-only EPYCs: there torch's bf16 matmul converts in its inner loop and runs 6-8x
+        slower than fp32's, 212 against 28 ms for 2,048 rows of SmolLM2's MLP gate on 2
+        cores, and oneDNN refuses to pack bf16). The matmuls run in fp32 (a bf16 weight gets
+        an fp32 copy, its rows are widened and the result rounded to bf16 once): decode-sized
+        ones (at most `PACKED_FP32_MAX_ROWS` rows) on an fp32 copy packed for oneDNN, which
+        skips MKL's per-call packing of the weight (AVX2 EPYC, 2 cores, 30 layers' MLP gate:
+        one row 8.6 → 5.5 ms, 8 rows 11.9 → 7.4), taller ones with MKL on the plain weight
+        (oneDNN's fp32 matmul and post-ops measured slower there at 2,048 rows: 291 against
+        431 tok/s for a whole prefill).
     """
 
-    PACKED = "packed"
+    BF16 = "bf16"
     FP32 = "fp32"
 
 
-def bf16_weight_form() -> WeightForm:
-    """This CPU's form for bf16 weights (`WeightForm`)."""
-    if _HAS_PACKED_LINEAR and _MKLDNN._is_mkldnn_bf16_supported():
-        return WeightForm.PACKED
+PACKED_FP32_MAX_ROWS = 64  # the tallest fp32 matmul that runs on the packed copy
+
+
+def weight_form(dtype: torch.dtype) -> WeightForm | None:
+    """How weights of `dtype` are prepared on this CPU; None: not at all (no oneDNN in this
+    torch build, or not bf16/fp32)."""
+    if not _HAS_PACKED_LINEAR or dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if dtype == torch.bfloat16 and _MKLDNN._is_mkldnn_bf16_supported():
+        return WeightForm.BF16
     return WeightForm.FP32
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` that serves bf16 rows on CPU from a weight prepared for this CPU.
+    """`nn.Linear` that serves CPU rows from a weight prepared once for the CPU (`pack`).
 
-    `pack()` prepares the weight once in `bf16_weight_form()`:
-    - packed: reordered into oneDNN's blocked layout; bf16 matmuls then skip the per-call
-      reorder, with bit-identical results (SmolLM2 shapes, 2 cores: 1.9 → 1.3 ms for 2,048 rows
-      of the MLP's gate, 67 → 33 µs for 8 decode rows, 32 → 27 µs for one);
-    - fp32: widened to fp32; rows are widened, multiplied in fp32 and the result rounded to
-      bf16, which is what oneDNN's bf16 matmul computes (fp32 accumulation, one rounding) up
-      to the order of the sums.
-    Either copy is extra memory (the packed one as big as the weight, the fp32 one twice) and
-    is dropped by `unpack()`. fp32 weights are never prepared: MKL's sgemm packs per call.
-    The SwiGLU and residual ops (`silu`, `mul`, `add`) run on the fp32 result in both forms.
+    A packed weight skips the per-call reorder (bf16, SmolLM2 shapes, 2 cores: 1.9 → 1.3 ms
+    for 2,048 rows of the MLP's gate, 67 → 33 µs for 8 decode rows). bf16 packed as bf16
+    gives `F.linear`'s bits; in the FP32 form tall matmuls give the unprepared fp32 layer's
+    bits and packed ones the same sums in another order. `silu`, `mul` and `add` (SwiGLU and
+    the residual) are taken on the matmul's fp32 result, before it is rounded to the rows'
+    dtype. The prepared copies are extra memory (a packed one as big as the fp32 or bf16
+    weight, a widened one twice a bf16 weight) and are dropped by `unpack()`.
     """
 
-    packed: Tensor | None = None
-    wide: tuple[Tensor, Tensor | None] | None = None  # fp32 weight and bias
+    form: WeightForm | None = None
+    packed: Tensor | None = None  # the weight in oneDNN's blocked layout
+    fp32: tuple[Tensor, Tensor | None] | None = None  # FP32 form: the plain fp32 weight, bias
 
     def pack(self, form: WeightForm | None = None) -> None:
-        """Prepares the weight for bf16 rows on CPU, in `form` (default: this CPU's)."""
+        """Prepares the weight in `form` (default: this CPU's `weight_form`); CPU only."""
         weight = self.weight.detach()
-        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+        form = form or weight_form(weight.dtype)
+        if form is None or weight.device.type != "cpu":
             return
-        if (form or bf16_weight_form()) is WeightForm.PACKED:
-            self.packed = _MKLDNN._reorder_linear_weight(weight, None)
-        else:
+        if form is WeightForm.FP32:
             bias = self.bias.detach().float() if self.bias is not None else None
-            self.wide = (weight.float(), bias)
+            self.fp32 = (weight.float(), bias)
+            weight = self.fp32[0]
+        self.packed = _MKLDNN._reorder_linear_weight(weight, None)
+        self.form = form
 
     def unpack(self) -> None:
-        self.packed = self.wide = None
+        self.form = self.packed = self.fp32 = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._prepared_for(x):
-            if self.packed is not None:
-                return _MKLDNN._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-            return self._fp32(x).to(x.dtype)
-        return super().forward(x)
+        return self._run(x, "none")
 
     def silu(self, x: Tensor) -> Tensor:
-        """silu(self(x)), the activation applied to the matmul's fp32 result when prepared."""
-        if self._prepared_for(x):
-            if self.packed is not None:
-                return _MKLDNN._linear_pointwise(x, self.packed, self.bias, "swish", [], "")
-            return F.silu(self._fp32(x)).to(x.dtype)
-        return F.silu(super().forward(x))
+        """silu(self(x))."""
+        return self._run(x, "swish")
 
     def mul(self, x: Tensor, other: Tensor) -> Tensor:
-        """self(x) * other, the product taken on the matmul's fp32 result when prepared."""
-        return self._binary(x, other, "mul")
+        """self(x) * other."""
+        return self._run(x, "mul", other)
 
     def add(self, x: Tensor, other: Tensor) -> Tensor:
-        """self(x) + other, the sum taken on the matmul's fp32 result when prepared."""
-        return self._binary(x, other, "add")
+        """self(x) + other."""
+        return self._run(x, "add", other)
 
     def rows(self, x: Tensor, lo: int, hi: int) -> Tensor:
-        """Output features lo..hi-1 alone (the packed layout cannot be sliced: its rows run
-        on the plain weight). Shape: [S, in] -> [S, hi - lo]."""
-        if self._prepared_for(x) and self.wide is not None:
-            weight, bias = self.wide
+        """Output features lo..hi-1 alone, on the plain weight (a packed layout cannot be
+        sliced). Shape: [S, in] -> [S, hi - lo]."""
+        if self.fp32 is not None and self._prepared_for(x):
+            weight, bias = self.fp32
             part = bias[lo:hi] if bias is not None else None
             return F.linear(x.float(), weight[lo:hi], part).to(x.dtype)
         part = self.bias[lo:hi] if self.bias is not None else None
         return F.linear(x, self.weight[lo:hi], part)
 
-    def _binary(self, x: Tensor, other: Tensor, op: str) -> Tensor:
-        if self._prepared_for(x) and other.dtype == x.dtype:
-            if self.packed is not None and other.is_contiguous():
-                return _MKLDNN._linear_pointwise.binary(x, other, self.packed, self.bias, op)
-            if self.wide is not None:
-                out = self._fp32(x)
-                return (out * other if op == "mul" else out + other).to(x.dtype)
-        out = super().forward(x)
-        return out * other if op == "mul" else out + other
-
-    def _fp32(self, x: Tensor) -> Tensor:
-        """The fp32 form's matmul, unrounded. Shape: [S, in] -> [S, out] fp32."""
-        assert self.wide is not None
-        weight, bias = self.wide
-        return F.linear(x.float(), weight, bias)
+    def _run(self, x: Tensor, op: str, other: Tensor | None = None) -> Tensor:
+        """The matmul followed by `op` ("none", "swish", "mul" or "add" with `other`)."""
+        if not self._prepared_for(x):
+            return _post_op(super().forward(x), op, other)
+        if self.form is WeightForm.BF16:
+            if other is None:
+                return _MKLDNN._linear_pointwise(x, self.packed, self.bias, op, [], "")
+            other = other.contiguous()
+            return _MKLDNN._linear_pointwise.binary(x, other, self.packed, self.bias, op)
+        assert self.fp32 is not None
+        weight, bias = self.fp32
+        rows = x.float()
+        if rows.shape[0] <= PACKED_FP32_MAX_ROWS:
+            out = _MKLDNN._linear_pointwise(rows, self.packed, bias, "none", [], "")
+        else:
+            out = F.linear(rows, weight, bias)
+        return _post_op(out, op, other).to(x.dtype)
 
     def _prepared_for(self, x: Tensor) -> bool:
-        """Whether a prepared weight serves `x` (bf16 rows on CPU)."""
-        ready = self.packed is not None or self.wide is not None
-        return ready and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+        """Whether the prepared weight serves `x`: CPU rows of the weight's dtype."""
+        return self.form is not None and x.device.type == "cpu" and x.dtype == self.weight.dtype
+
+
+def _post_op(out: Tensor, op: str, other: Tensor | None) -> Tensor:
+    """`op` applied eagerly to a matmul's result, in the result's dtype."""
+    if op == "swish":
+        return F.silu(out)
+    if op == "mul":
+        assert other is not None
+        return out * other
+    if op == "add":
+        assert other is not None
+        return out + other
+    return out
 
 
 class RMSNorm(nn.Module):
@@ -232,11 +251,11 @@ def _rope_heads(
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), plus the residual stream if given.
 
-    On prepared bf16 weights (`Linear.pack`) the silu, the product and the residual add are
-    taken on the matmul's fp32 result, before it is rounded to bf16; packed, they run inside
-    the matmuls as oneDNN post-ops, which saves three passes over [S, intermediate] and
-    [S, hidden] tensors: 5-8% of a bf16 prefill (2 cores, 512-2,048 tokens, measured side by
-    side in one process). Elsewhere (fp32 models) the same ops run eagerly. One
+    On bf16 weights packed for oneDNN (`WeightForm.BF16`) the silu, the product and the
+    residual add run inside the matmuls as post-ops on the fp32 result, before it is rounded
+    to bf16, which saves three passes over [S, intermediate] and [S, hidden] tensors: 5-8% of
+    a bf16 prefill (2 cores, 512-2,048 tokens, measured side by side in one process).
+    Elsewhere they run eagerly on the matmul's result (fp32 in the FP32 form). One
     [W_gate; W_up] matmul measured no faster.
     """
 

@@ -1,6 +1,6 @@
 """The fused C++ kernels agree with the eager ops they replace (the decode attention at least
-as exactly), the prepacked bf16 linear is bit for bit `F.linear` and the fp32 form bit for bit
-fp32 `F.linear` rounded once; the whole model gives the same logits either way."""
+as exactly), the bf16 linear packed as bf16 is bit for bit `F.linear` and in the fp32 form the
+fp32 matmul rounded once; the whole model gives the same logits either way."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from kvfuse.blend.plan import RowPlan
 from kvfuse.blend.run import BlendRun
 from kvfuse.model import fused
 from kvfuse.model.loader import LoadedModel
-from kvfuse.model.transformer import Linear, WeightForm, bf16_weight_form
+from kvfuse.model.transformer import PACKED_FP32_MAX_ROWS, Linear, WeightForm, weight_form
 
 DTYPES = [torch.float32, torch.bfloat16]
 # The RMS norm's sum is added in another order: a few ulp in fp32; in bf16 the normed value
@@ -102,52 +102,55 @@ def test_kernels_refuse_bad_shapes_with_a_clear_error() -> None:
         torch.ops.kvfuse.rms_norm(x.double(), torch.ones(64).double(), 1e-5)
 
 
-NO_PACKING = pytest.mark.skipif(
-    bf16_weight_form() is not WeightForm.PACKED,
+@pytest.mark.skipif(
+    weight_form(torch.bfloat16) is not WeightForm.BF16,
     reason="this CPU has no oneDNN bf16 kernels (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)",
 )
-
-
-@NO_PACKING
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("num_rows", [1, 3, 64])
-def test_packed_bf16_linear_equals_f_linear_bit_for_bit(bias: bool, num_rows: int) -> None:
+def test_bf16_packed_as_bf16_equals_f_linear_bit_for_bit(bias: bool, num_rows: int) -> None:
     torch.manual_seed(num_rows)
     layer = Linear(576, 960, bias=bias).to(torch.bfloat16)
     x = torch.randn(num_rows, 576).to(torch.bfloat16)
     expected = F.linear(x, layer.weight, layer.bias)
-    layer.pack(WeightForm.PACKED)
+    layer.pack(WeightForm.BF16)
     assert layer.packed is not None
     with torch.inference_mode():
         assert torch.equal(layer(x), expected)
     layer.unpack()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("num_rows", [1, 3, 64])
-def test_fp32_form_is_the_fp32_matmul_rounded_once(bias: bool, num_rows: int) -> None:
-    """Bit for bit fp32 `F.linear` of the widened rows, rounded to bf16; within one bf16
-    rounding of torch's own bf16 matmul (which also sums in fp32), any row a slice alike."""
+@pytest.mark.parametrize("num_rows", [1, 3, PACKED_FP32_MAX_ROWS, PACKED_FP32_MAX_ROWS + 1, 300])
+def test_fp32_form_is_the_fp32_matmul(dtype: torch.dtype, bias: bool, num_rows: int) -> None:
+    """fp32 `F.linear` of the widened rows rounded once to the rows' dtype: its very bits for
+    tall matmuls (MKL on the plain weight), up to the order of the sums on the packed copy (so
+    bf16 within half a bf16 step, 2^-8 relative); a slice of the features (`rows`) alike."""
     torch.manual_seed(num_rows)
-    layer = Linear(576, 960, bias=bias).to(torch.bfloat16)
-    x = torch.randn(num_rows, 576).to(torch.bfloat16)
+    layer = Linear(576, 960, bias=bias).to(dtype)
+    x = torch.randn(num_rows, 576).to(dtype)
     bias_fp32 = layer.bias.float() if layer.bias is not None else None
-    expected = F.linear(x.float(), layer.weight.float(), bias_fp32).to(torch.bfloat16)
+    exact = F.linear(x.float(), layer.weight.float(), bias_fp32)
     layer.pack(WeightForm.FP32)
-    assert layer.wide is not None and layer.packed is None
+    assert layer.packed is not None and layer.packed.dtype == torch.float32
     with torch.inference_mode():
-        assert torch.equal(layer(x), expected)
-        assert torch.equal(layer.rows(x, 100, 300), expected[:, 100:300])
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        out, part = layer(x), layer.rows(x, 100, 300)
+    assert out.dtype == part.dtype == dtype
+    assert torch.equal(part, exact[:, 100:300].to(dtype))
+    if num_rows > PACKED_FP32_MAX_ROWS:
+        assert torch.equal(out, exact.to(dtype))
+    else:
+        rtol = 2**-8 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(out.float(), exact, rtol=rtol, atol=1e-5)
     layer.unpack()
-    assert layer.wide is None
+    assert layer.packed is None and layer.fp32 is None
 
 
-def test_fp32_linear_is_never_packed() -> None:
-    layer = Linear(8, 8)
-    for form in WeightForm:
-        layer.pack(form)
-        assert layer.packed is None and layer.wide is None
+def test_other_dtypes_are_never_packed() -> None:
+    layer = Linear(8, 8).to(torch.float64)
+    layer.pack()
+    assert layer.packed is None and weight_form(torch.float64) is None
 
 
 def test_model_logits_match_with_fused_and_eager_kernels(smollm: LoadedModel) -> None:
