@@ -13,9 +13,13 @@ ulp in a few rows, bounded in the tests). The decode attention kernel is its own
 one task per sequence and KV head reads the keys and values once for the query heads that
 share them and keeps scores, probabilities and sums in fp32 (sdpa rounds the probabilities to
 bf16 before the weighted sum), so it is at least as close to exact attention as the sdpa loop
-here (bounded against fp64 in the tests) and at batch 8 takes half its time. `KERNELS` is what
-the model calls: the fused kernels after `use_fused_kernels()` succeeded, these otherwise, and
-these for any tensor the kernels do not take (float16, CUDA).
+here (bounded against fp64 in the tests) and at batch 8 takes half its time. The bf16-weight
+matmul serves a decode step's few rows where the model runs bf16 weights in fp32
+(`WeightForm.FP32`): it reads the bf16 weight and widens it in registers instead of reading an
+fp32 copy, half the bytes, and sums the same fp32 products in another order.
+
+`KERNELS` is what the model calls: the fused kernels after `use_fused_kernels()` succeeded,
+these otherwise, and these for any tensor the kernels do not take (float16, CUDA).
 """
 
 from __future__ import annotations
@@ -101,6 +105,12 @@ def decode_attention(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+def bf16_weight_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """fp32 rows times a bf16 weight, in fp32: the matmul of the weight's fp32 copy.
+    Shape: x [M, K] fp32, weight [N, K] bf16, bias [N] fp32 or None -> [M, N] fp32."""
+    return F.linear(x, weight.float(), bias)
+
+
 def _fusable(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype in _FUSED_DTYPES for t in tensors)
 
@@ -139,22 +149,30 @@ def _fused_decode_attention(q: Tensor, *rest: Any) -> Tensor:
     return out
 
 
+def _fused_bf16_weight_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`bf16_weight_linear` reading the bf16 weight in place, widened in registers (C++)."""
+    out: Tensor = torch.ops.kvfuse.bf16_weight_linear(x, weight, bias)
+    return out
+
+
 class Kernels:
     """The implementations the model calls: eager until `use_fused_kernels` succeeds."""
 
     decode_attention: Callable[..., Tensor]  # see `decode_attention`
+    bf16_weight_linear: Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
     def __init__(self) -> None:
         self.use_eager()
 
     def use_eager(self) -> None:
         self.rms_norm, self.add_rms_norm, self.rope_heads = rms_norm, add_rms_norm, rope_heads
-        self.decode_attention = decode_attention
+        self.decode_attention, self.bf16_weight_linear = decode_attention, bf16_weight_linear
         self.fused = False
 
     def use_fused(self) -> None:
         self.rms_norm, self.add_rms_norm = _fused_rms_norm, _fused_add_rms_norm
         self.rope_heads, self.decode_attention = _fused_rope_heads, _fused_decode_attention
+        self.bf16_weight_linear = _fused_bf16_weight_linear
         self.fused = True
 
 

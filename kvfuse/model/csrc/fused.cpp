@@ -19,6 +19,11 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KVFUSE_AVX2 1
+#endif
+
 namespace {
 
 // bf16 is the top half of an fp32; rounding to it is round-to-nearest-even (NaN kept quiet).
@@ -357,6 +362,123 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return heads_first;
 }
 
+// ---- A few rows times a bf16 weight, in fp32 -------------------------------------------------
+//
+// A decode step's matmuls are a handful of rows against the whole weight, so their cost is
+// reading the weight. On CPUs without oneDNN's bf16 kernels the model would read an fp32 copy
+// (twice the bytes); this reads the bf16 weight itself and widens it in registers (bf16 is the
+// top half of an fp32: a shift), multiplying and summing in fp32. The result is fp32, like the
+// fp32 copy's matmul: the same products, summed in another order.
+
+// Output features per parallel task: 32 rows of a [1536]-wide bf16 weight are 96 KiB (L2).
+constexpr int64_t kFeaturesPerTask = 32;
+
+#ifdef KVFUSE_AVX2
+inline __m256 load_bf16x8(const uint16_t* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+inline float sum_lanes(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// out[m][n] = x[m] · w[n] for MT rows of x and NT rows of w (the weight's rows are read once
+// for all MT rows; MT × NT accumulators stay in registers). Tails of K run scalar.
+template <int MT, int NT>
+void dot_tile(const float* x, int64_t x_stride, const uint16_t* w, int64_t k_len, float* out,
+              int64_t out_stride) {
+  int64_t k = 0;
+  float sums[MT][NT];
+#ifdef KVFUSE_AVX2
+  __m256 acc[MT][NT];
+  for (int m = 0; m < MT; ++m)
+    for (int n = 0; n < NT; ++n) acc[m][n] = _mm256_setzero_ps();
+  for (; k + 8 <= k_len; k += 8) {
+    __m256 wv[NT];
+    for (int n = 0; n < NT; ++n) wv[n] = load_bf16x8(w + n * k_len + k);
+    for (int m = 0; m < MT; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * x_stride + k);
+      for (int n = 0; n < NT; ++n) acc[m][n] = _mm256_fmadd_ps(wv[n], xv, acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int n = 0; n < NT; ++n) sums[m][n] = sum_lanes(acc[m][n]);
+#else
+  for (int m = 0; m < MT; ++m)
+    for (int n = 0; n < NT; ++n) sums[m][n] = 0.f;
+#endif
+  for (int m = 0; m < MT; ++m) {
+    for (int n = 0; n < NT; ++n) {
+      float s = sums[m][n];
+      for (int64_t i = k; i < k_len; ++i) {
+        s += x[m * x_stride + i] * bf16_to_float(w[n * k_len + i]);
+      }
+      out[m * out_stride + n] = s;
+    }
+  }
+}
+
+// Rows m0..m0+MT of x against features n0..n1 of w, NT features at a time.
+template <int MT, int NT>
+void dot_rows(const float* x, int64_t x_stride, const uint16_t* w, int64_t k_len, float* out,
+              int64_t out_stride, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NT <= n1; n += NT) {
+    dot_tile<MT, NT>(x, x_stride, w + n * k_len, k_len, out + n, out_stride);
+  }
+  for (; n < n1; ++n) dot_tile<MT, 1>(x, x_stride, w + n * k_len, k_len, out + n, out_stride);
+}
+
+// x [M, K] fp32 (rows may be strided) times w [N, K] bf16, plus bias [N] fp32 -> [M, N] fp32.
+at::Tensor bf16_weight_linear(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kBFloat16,
+              "weight must be a contiguous bfloat16 [N, K] CPU tensor");
+  TORCH_CHECK(weight.size(1) == x.size(1), "x has ", x.size(1), " features, weight takes ",
+              weight.size(1));
+  const int64_t rows = x.size(0), features = weight.size(0), k_len = weight.size(1);
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == features && bias->is_contiguous(),
+                "bias must be contiguous float32 [N]");
+  }
+  at::Tensor out = at::empty({rows, features}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight.const_data_ptr());
+  float* op = out.data_ptr<float>();
+  const int64_t xs = x.stride(0), tasks = (features + kFeaturesPerTask - 1) / kFeaturesPerTask;
+#pragma omp parallel for schedule(static) if (tasks >= 2)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t n0 = t * kFeaturesPerTask, n1 = std::min(features, n0 + kFeaturesPerTask);
+    // Rows 8, 4, 2, then 1 at a time; fewer rows take more features per tile, so every tile
+    // keeps at least four sums in flight.
+    int64_t m = 0;
+    auto rows_of = [&](auto tile, int64_t count) {
+      for (; m + count <= rows; m += count) {
+        tile(xp + m * xs, xs, wp, k_len, op + m * features, features, n0, n1);
+      }
+    };
+    rows_of(dot_rows<8, 1>, 8);
+    rows_of(dot_rows<4, 2>, 4);
+    rows_of(dot_rows<2, 4>, 2);
+    rows_of(dot_rows<1, 4>, 1);
+    if (bias) {
+      const float* bp = bias->const_data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t n = n0; n < n1; ++n) op[r * features + n] += bp[n];
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kvfuse, m) {
@@ -366,6 +488,7 @@ TORCH_LIBRARY(kvfuse, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!)[] k_caches, "
       "Tensor(b!)[] v_caches, int[] positions) -> Tensor");
+  m.def("bf16_weight_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvfuse, CPU, m) {
@@ -373,4 +496,5 @@ TORCH_LIBRARY_IMPL(kvfuse, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_heads", &rope_heads);
   m.impl("decode_attention", &decode_attention);
+  m.impl("bf16_weight_linear", &bf16_weight_linear);
 }

@@ -100,6 +100,40 @@ def test_kernels_refuse_bad_shapes_with_a_clear_error() -> None:
         torch.ops.kvfuse.rope_heads(x, torch.ones(4, 64), torch.ones(4, 64), 3)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         torch.ops.kvfuse.rms_norm(x.double(), torch.ones(64).double(), 1e-5)
+    weight = torch.ones(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        torch.ops.kvfuse.bf16_weight_linear(x.bfloat16(), weight, None)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous bfloat16"):
+        torch.ops.kvfuse.bf16_weight_linear(x, weight.float(), None)
+    with pytest.raises(RuntimeError, match="x has 64 features, weight takes 32"):
+        torch.ops.kvfuse.bf16_weight_linear(x, weight[:, :32].contiguous(), None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.kvfuse.bf16_weight_linear(x, weight, torch.ones(7))
+
+
+# Row counts that use every register tile (8, 4, 2 and 1 rows at a time) and the largest
+# count the model sends; widths with and without a tail past the 8-lane vectors, and feature
+# counts that are not a multiple of the 4-feature tile or the 32-feature task.
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 7, 8, 15, 16])
+@pytest.mark.parametrize(("features", "width"), [(960, 576), (77, 1539)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_weight_linear_is_the_widened_weights_matmul(
+    num_rows: int, features: int, width: int, bias: bool
+) -> None:
+    """The bf16 weight widened in registers gives the fp32 copy's matmul up to the order of
+    its fp32 sums: within a few ulp of the sum of |products| (the sums' error bound), on
+    strided rows as the model passes them."""
+    gen = torch.Generator().manual_seed(num_rows * features)
+    weight = (torch.randn(features, width, generator=gen) * 0.05).bfloat16()
+    bias_row = torch.randn(features, generator=gen) if bias else None
+    x = _rows(num_rows, width, torch.float32, seed=features, pad=5)
+    got = torch.ops.kvfuse.bf16_weight_linear(x, weight, bias_row)
+    exact = F.linear(x.double(), weight.double(), None if bias_row is None else bias_row.double())
+    scale = F.linear(x.double().abs(), weight.double().abs()) + 1.0
+    assert got.dtype == torch.float32 and got.shape == (num_rows, features)
+    assert bool(((got.double() - exact).abs() <= 2.0**-20 * scale).all())
+    eager = fused.bf16_weight_linear(x, weight, bias_row)
+    torch.testing.assert_close(got, eager, rtol=0, atol=float(2.0**-20 * scale.max()))
 
 
 @pytest.mark.skipif(
