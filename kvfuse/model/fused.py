@@ -13,7 +13,9 @@ ulp in a few rows, bounded in the tests). The decode attention kernel is its own
 one task per sequence and KV head reads the keys and values once for the query heads that
 share them and keeps scores, probabilities and sums in fp32 (sdpa rounds the probabilities to
 bf16 before the weighted sum), so it is at least as close to exact attention as the sdpa loop
-here (bounded against fp64 in the tests) and at batch 8 takes half its time. The bf16-weight
+here (bounded against fp64 in the tests). With AVX2 it scores eight keys at a time and keeps
+the weighted sum in registers (2 cores, AVX2 EPYC, bf16, 30 layers of 512-token sequences:
+batch 1 0.85 ms, batch 8 4.2 ms, against the sdpa loop's 11.7 and 93 ms). The bf16-weight
 matmul serves a decode step's few rows where the model runs bf16 weights in fp32
 (`WeightForm.FP32`): it reads the bf16 weight and widens it in registers instead of reading an
 fp32 copy, half the bytes, and sums the same fp32 products in another order.

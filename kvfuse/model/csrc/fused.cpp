@@ -56,6 +56,30 @@ struct BF16 {
   static float round(float f) { return bf16_to_float(float_to_bf16(f)); }
 };
 
+#ifdef KVFUSE_AVX2
+// Eight lanes of fp32 from eight stored values (bf16 widened: a shift into the top half).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const uint16_t* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+inline float sum_lanes(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The lane sums of eight vectors, as one vector: lane i is the sum of v[i]'s lanes.
+inline __m256 sum_lanes8(const __m256* v) {
+  const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+#endif
+
 // Rows below which one thread does all the work (a parallel region costs more than they do).
 constexpr int64_t kMinParallelRows = 16;
 
@@ -229,20 +253,90 @@ inline float exp_nonpositive(float x) {
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head
 
-// The query heads of one KV head attend over one sequence's keys 0..len-1: scores and softmax
-// in fp32, the weighted sum of values in fp32, rounded once to the output dtype. `scores` holds
-// group × len floats. Shape: q rows [group][dim] (row stride q_stride), k/v [len, dim]
-// contiguous, out rows [group][dim] (stride out_stride).
-template <typename E>
-void attend_group(const typename E::Storage* q, int64_t q_stride, const typename E::Storage* k,
-                  const typename E::Storage* v, int64_t len, int64_t group, int64_t dim,
-                  float* scores, typename E::Storage* out, int64_t out_stride) {
-  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
-  float qf[kMaxGroup][kMaxHeadDim], row[kMaxHeadDim], acc[kMaxGroup][kMaxHeadDim];
-  for (int64_t g = 0; g < group; ++g) {
-    for (int64_t d = 0; d < dim; ++d) qf[g][d] = E::load(q[g * q_stride + d]) * scale;
+#ifdef KVFUSE_AVX2
+// exp_nonpositive on eight lanes: the same operations in the same order, so the same bits.
+inline __m256 exp_nonpositive8(__m256 x) {
+  const __m256 floor = _mm256_set1_ps(-87.f), shifter = _mm256_set1_ps(12582912.f);
+  x = _mm256_max_ps(x, floor);
+  const __m256 n = _mm256_sub_ps(
+      _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), shifter), shifter);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693145751953125f);
+  const __m256 ln2_lo = _mm256_set1_ps(1.428606765330187e-06f);
+  const __m256 r =
+      _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, ln2_hi)), _mm256_mul_ps(n, ln2_lo));
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  for (const float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) {
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
   }
-  for (int64_t j = 0; j < len; ++j) {
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, floor, _CMP_LE_OQ), result);
+}
+#endif
+
+// s[j] = e^(s[j] − max s) for j < len, in place; returns their sum.
+inline float softmax_numerators(float* s, int64_t len) {
+  float top = s[0];
+  int64_t j = 0;
+#ifdef KVFUSE_AVX2
+  __m256 top8 = _mm256_set1_ps(top);
+  for (; j + 8 <= len; j += 8) top8 = _mm256_max_ps(_mm256_loadu_ps(s + j), top8);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top8);
+  for (const float t : lanes) top = t > top ? t : top;
+#endif
+  for (; j < len; ++j) top = s[j] > top ? s[j] : top;
+  float sum = 0.f;
+  j = 0;
+#ifdef KVFUSE_AVX2
+  const __m256 top_all = _mm256_set1_ps(top);
+  __m256 sum8 = _mm256_setzero_ps();
+  for (; j + 8 <= len; j += 8) {
+    const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + j), top_all));
+    _mm256_storeu_ps(s + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  sum = sum_lanes(sum8);
+#endif
+  for (; j < len; ++j) {
+    s[j] = exp_nonpositive(s[j] - top);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// scores[g][j] = qf[g] · k[j] for the `group` scaled fp32 query rows and keys 0..len-1.
+// With AVX2 and a head dim of whole vectors, eight keys at a time per query row: eight
+// independent sums (not one chain per key), reduced together; bf16 keys widened once per block.
+template <typename E>
+void score_keys(const float (*qf)[kMaxHeadDim], const typename E::Storage* k, int64_t len,
+                int64_t group, int64_t dim, float* scores) {
+  int64_t j = 0;
+#ifdef KVFUSE_AVX2
+  if (dim % 8 == 0) {
+    alignas(32) float block[8][kMaxHeadDim];
+    for (; j + 8 <= len; j += 8) {
+      for (int64_t r = 0; r < 8; ++r) {
+        const typename E::Storage* kr = k + (j + r) * dim;
+        for (int64_t d = 0; d < dim; d += 8) _mm256_store_ps(block[r] + d, load8(kr + d));
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        __m256 acc[8];
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < dim; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qf[g] + d);
+          for (int r = 0; r < 8; ++r) {
+            acc[r] = _mm256_fmadd_ps(qv, _mm256_load_ps(block[r] + d), acc[r]);
+          }
+        }
+        _mm256_storeu_ps(scores + g * len + j, sum_lanes8(acc));
+      }
+    }
+  }
+#endif
+  float row[kMaxHeadDim];
+  for (; j < len; ++j) {
     const typename E::Storage* kj = k + j * dim;
 #pragma omp simd
     for (int64_t d = 0; d < dim; ++d) row[d] = E::load(kj[d]);
@@ -253,18 +347,42 @@ void attend_group(const typename E::Storage* q, int64_t q_stride, const typename
       scores[g * len + j] = dot;
     }
   }
-  float inv_sum[kMaxGroup];
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * len;
-    float top = s[0];
-    for (int64_t j = 1; j < len; ++j) top = s[j] > top ? s[j] : top;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < len; ++j) {
-      s[j] = exp_nonpositive(s[j] - top);
-      sum += s[j];
+}
+
+// acc[g] = Σ_j p[g][j] · v[j] over keys 0..len-1, in fp32. With AVX2 and a head dim of whole
+// vectors, per query row and 64 dims at a time: eight accumulators stay in registers while the
+// values stream past (rather than a pass over acc in memory for every key).
+template <typename E>
+void weigh_values(const float* probs, const typename E::Storage* v, int64_t len, int64_t group,
+                  int64_t dim, float (*acc)[kMaxHeadDim]) {
+#ifdef KVFUSE_AVX2
+  if (dim % 8 == 0) {
+    for (int64_t g = 0; g < group; ++g) {
+      const float* p = probs + g * len;
+      int64_t d0 = 0;
+      for (; d0 + 64 <= dim; d0 += 64) {
+        __m256 sum[8];
+        for (int i = 0; i < 8; ++i) sum[i] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < len; ++j) {
+          const __m256 pj = _mm256_set1_ps(p[j]);
+          const typename E::Storage* vj = v + j * dim + d0;
+          for (int i = 0; i < 8; ++i) sum[i] = _mm256_fmadd_ps(pj, load8(vj + 8 * i), sum[i]);
+        }
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(acc[g] + d0 + 8 * i, sum[i]);
+      }
+      for (; d0 < dim; d0 += 8) {  // a head dim that is not a multiple of 64: the rest
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < len; ++j) {
+          sum = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8(v + j * dim + d0), sum);
+        }
+        _mm256_storeu_ps(acc[g] + d0, sum);
+      }
     }
-    inv_sum[g] = 1.f / sum;
+    return;
+  }
+#endif
+  float row[kMaxHeadDim];
+  for (int64_t g = 0; g < group; ++g) {
     for (int64_t d = 0; d < dim; ++d) acc[g][d] = 0.f;
   }
   for (int64_t j = 0; j < len; ++j) {
@@ -272,11 +390,30 @@ void attend_group(const typename E::Storage* q, int64_t q_stride, const typename
 #pragma omp simd
     for (int64_t d = 0; d < dim; ++d) row[d] = E::load(vj[d]);
     for (int64_t g = 0; g < group; ++g) {
-      const float p = scores[g * len + j];
+      const float pj = probs[g * len + j];
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) acc[g][d] = std::fma(p, row[d], acc[g][d]);
+      for (int64_t d = 0; d < dim; ++d) acc[g][d] = std::fma(pj, row[d], acc[g][d]);
     }
   }
+}
+
+// The query heads of one KV head attend over one sequence's keys 0..len-1: scores and softmax
+// in fp32, the weighted sum of values in fp32, rounded once to the output dtype. `scores` holds
+// group × len floats. Shape: q rows [group][dim] (row stride q_stride), k/v [len, dim]
+// contiguous, out rows [group][dim] (stride out_stride).
+template <typename E>
+void attend_group(const typename E::Storage* q, int64_t q_stride, const typename E::Storage* k,
+                  const typename E::Storage* v, int64_t len, int64_t group, int64_t dim,
+                  float* scores, typename E::Storage* out, int64_t out_stride) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  float qf[kMaxGroup][kMaxHeadDim], acc[kMaxGroup][kMaxHeadDim];
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t d = 0; d < dim; ++d) qf[g][d] = E::load(q[g * q_stride + d]) * scale;
+  }
+  score_keys<E>(qf, k, len, group, dim, scores);
+  float inv_sum[kMaxGroup];
+  for (int64_t g = 0; g < group; ++g) inv_sum[g] = 1.f / softmax_numerators(scores + g * len, len);
+  weigh_values<E>(scores, v, len, group, dim, acc);
   for (int64_t g = 0; g < group; ++g) {
     for (int64_t d = 0; d < dim; ++d) out[g * out_stride + d] = E::store(acc[g][d] * inv_sum[g]);
   }
@@ -373,19 +510,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // Output features per parallel task: 32 rows of a [1536]-wide bf16 weight are 96 KiB (L2).
 constexpr int64_t kFeaturesPerTask = 32;
 
-#ifdef KVFUSE_AVX2
-inline __m256 load_bf16x8(const uint16_t* p) {
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-}
-
-inline float sum_lanes(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
 
 // out[m][n] = x[m] · w[n] for MT rows of x and NT rows of w (the weight's rows are read once
 // for all MT rows; MT × NT accumulators stay in registers). Tails of K run scalar.
@@ -400,7 +524,7 @@ void dot_tile(const float* x, int64_t x_stride, const uint16_t* w, int64_t k_len
     for (int n = 0; n < NT; ++n) acc[m][n] = _mm256_setzero_ps();
   for (; k + 8 <= k_len; k += 8) {
     __m256 wv[NT];
-    for (int n = 0; n < NT; ++n) wv[n] = load_bf16x8(w + n * k_len + k);
+    for (int n = 0; n < NT; ++n) wv[n] = load8(w + n * k_len + k);
     for (int m = 0; m < MT; ++m) {
       const __m256 xv = _mm256_loadu_ps(x + m * x_stride + k);
       for (int n = 0; n < NT; ++n) acc[m][n] = _mm256_fmadd_ps(wv[n], xv, acc[m][n]);

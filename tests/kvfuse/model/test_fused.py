@@ -207,20 +207,22 @@ def test_model_logits_match_with_fused_and_eager_kernels(smollm: LoadedModel) ->
     torch.testing.assert_close(with_fused, eager, atol=2e-4, rtol=0)
 
 
+# 64: whole 64-dim blocks; 96: one and a 32-dim rest; 60: not whole 8-lane vectors (scalar).
+@pytest.mark.parametrize("head_dim", [64, 96, 60])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_attention_is_as_exact_as_the_sdpa_loop(dtype: torch.dtype) -> None:
-    """Sequences of different lengths in one call: the same cache rows written as the
-    per-sequence sdpa loop, and outputs at least as close to attention computed in fp64
-    (within one rounding of the output's dtype)."""
+def test_decode_attention_is_as_exact_as_the_sdpa_loop(dtype: torch.dtype, head_dim: int) -> None:
+    """Sequences of different lengths in one call (whole blocks of eight keys and the rest):
+    the same cache rows written as the per-sequence sdpa loop, and outputs at least as close
+    to attention computed in fp64 (within one rounding of the output's dtype)."""
     gen = torch.Generator().manual_seed(10)
     positions = [0, 5, 300, 37]
 
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * 2).to(dtype)
 
-    q = rand(len(positions), 9, 64).transpose(0, 1)  # [H, B, D], strided as the model's
-    k, v = rand(3, len(positions), 64), rand(3, len(positions), 64)
-    caches = [(rand(3, 320, 64), rand(3, 320, 64)) for _ in positions]
+    q = rand(len(positions), 9, head_dim).transpose(0, 1)  # [H, B, D], strided as the model's
+    k, v = rand(3, len(positions), head_dim), rand(3, len(positions), head_dim)
+    caches = [(rand(3, 320, head_dim), rand(3, 320, head_dim)) for _ in positions]
     copies = [(kc.clone(), vc.clone()) for kc, vc in caches]
     exact = [(kc.double(), vc.double()) for kc, vc in caches]
     with torch.inference_mode():
