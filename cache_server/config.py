@@ -61,6 +61,9 @@ class CacheServerConfig:
             every acknowledged object. Off (the default), a crash may lose the newest
             objects; checksums catch any incomplete file (quarantined, a miss), so nothing
             wrong is ever served.
+        disk_direct_io: write disk objects with O_DIRECT, past the page cache (see
+            `DiskTier`): faster where new page-cache pages are slow to allocate, but reads of
+            recently written objects then come from the device.
         redis_url, redis_bytes, redis_codec: Redis tier; None disables it.
         promote_after_hits: recent reads of an object below the memory tier before a
             whole-object read (Get, LMCache GET) copies it up into memory; 2 keeps a scan of
@@ -105,6 +108,7 @@ class CacheServerConfig:
     disk_bytes: int = 10 << 30
     disk_codec: str = "raw"
     disk_fsync: bool = False
+    disk_direct_io: bool = False
     redis_url: str | None = field(default=None, repr=False)
     redis_bytes: int = 1 << 30
     redis_codec: str = "int8"
@@ -203,6 +207,7 @@ _PARSERS: dict[str, Parser] = {
     "disk_bytes": parse_bytes,
     "disk_codec": str,
     "disk_fsync": parse_bool,
+    "disk_direct_io": parse_bool,
     "redis_url": optional(str),
     "redis_bytes": parse_bytes,
     "redis_codec": str,

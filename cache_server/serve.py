@@ -39,6 +39,10 @@ _FLAGS = FlagTable(
             "fsync every disk object (true/false, default false: a crash may lose the newest "
             "objects; checksums keep anything incomplete from being served)",
         ),
+        (
+            "--disk-direct-io",
+            "write disk objects past the page cache with O_DIRECT (true/false, default false)",
+        ),
         ("--redis-url", "enable the Redis tier, e.g. redis://127.0.0.1:6379/0"),
         ("--redis-bytes", "Redis tier budget (default 1GiB)"),
         ("--redis-codec", "Redis tier codec (default int8)"),

@@ -39,6 +39,7 @@ def build_tiers(config: CacheServerConfig) -> list[Tier]:
                 config.disk_bytes,
                 codec=config.disk_codec,
                 fsync=config.disk_fsync,
+                direct_io=config.disk_direct_io,
             )
         )
     if config.redis_url is not None:

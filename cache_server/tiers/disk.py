@@ -63,6 +63,12 @@ class DiskTier(Tier):
     is counted in num_corrupt and logged at WARNING with its path and the reason.
     Big reads and writes run outside the lock; only index updates and renames run under it.
     One process per directory (enforced with flock).
+
+    `direct_io` writes object files with O_DIRECT, past the page cache: on a VM whose new
+    page-cache pages are slow to come by it writes faster (2-core EPYC VM: 1.4 GB/s against
+    0.3-0.5 GB/s buffered), and written objects take no page cache, but a later read of one
+    comes from the device instead of memory. File systems without O_DIRECT (tmpfs) write
+    buffered.
     """
 
     def __init__(
@@ -73,6 +79,7 @@ class DiskTier(Tier):
         codec: str = "raw",
         name: str = "disk",
         fsync: bool = True,
+        direct_io: bool = False,
         return_evicted: bool = True,
     ) -> None:
         if capacity_bytes <= 0:
@@ -80,7 +87,7 @@ class DiskTier(Tier):
         self.name, self.codec = name, codec
         self.capacity_bytes = capacity_bytes
         self.root = Path(root)
-        self._fsync, self._return_evicted = fsync, return_evicted
+        self._fsync, self._direct_io, self._return_evicted = fsync, direct_io, return_evicted
         for sub in ("objects", "tmp", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.root / "lock", "a+b")  # noqa: SIM115 - held until close
@@ -134,7 +141,7 @@ class DiskTier(Tier):
             self._choose_victims(obj.meta.key, nbytes)  # fail fast before writing anything
         tmp = self.root / "tmp" / f"{diskfile.file_name(obj.meta.key)}.{uuid.uuid4().hex}"
         try:
-            diskfile.write_file(tmp, [header, *obj.layers], self._fsync)
+            diskfile.write_file(tmp, [header, *obj.layers], self._fsync, self._direct_io)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise diskfile.os_error(self.name, exc) from exc
