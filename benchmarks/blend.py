@@ -12,6 +12,7 @@ import argparse
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.progress import track
 from torch import Tensor
@@ -20,7 +21,7 @@ from benchmarks.datasets import RagExample, load_musique, make_factqa
 from benchmarks.metrics import contains_answer, f1_score
 from benchmarks.oracle import oracle_answer
 from benchmarks.report import ModeResult, plot_blend, print_table, write_json
-from kvfuse.blend import BlendConfig, Deviation, MaskKind
+from kvfuse.blend import BlendConfig, ChunkBudget, Deviation, MaskKind
 from kvfuse.engine import Engine
 
 DEFAULT_MUSIQUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "musique_s.json"
@@ -40,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--selections",
         default=Deviation.V_L2.value,
-        help="blend row-selection metrics to compare, comma-separated: "
-        + ", ".join(d.value for d in Deviation),
+        help="blend row-selection methods to compare, comma-separated: a metric ("
+        + ", ".join(d.value for d in Deviation)
+        + "), optionally @query: each chunk's rows in proportion to the query's attention",
     )
     parser.add_argument("--mask", default="exact", choices=[m.value for m in MaskKind])
     parser.add_argument(
@@ -74,32 +76,54 @@ def _examples(name: str, args: argparse.Namespace) -> list[RagExample]:
     return make_factqa(args.questions, num_docs=args.docs, seed=0)
 
 
-def selections(args: argparse.Namespace) -> list[Deviation]:
-    """The selection metrics to compare (ValueError names an unknown one)."""
-    return [Deviation(name.strip()) for name in args.selections.split(",") if name.strip()]
+class Method(NamedTuple):
+    """A row-selection method the bench compares: the metric and how chunks share the rows."""
+
+    metric: Deviation
+    budget: ChunkBudget = ChunkBudget.GLOBAL
+
+    @classmethod
+    def parse(cls, text: str) -> Method:
+        """`metric` or `metric@budget`, e.g. `v_l2@query` (ValueError names an unknown part)."""
+        metric, _, budget = text.strip().partition("@")
+        return cls(Deviation(metric), ChunkBudget(budget or ChunkBudget.GLOBAL.value))
+
+    @property
+    def label(self) -> str:
+        """How records and the plot name it: the metric, `@budget` unless global."""
+        if self.budget is ChunkBudget.GLOBAL:
+            return self.metric.value
+        return f"{self.metric.value}@{self.budget.value}"
+
+
+def selections(args: argparse.Namespace) -> list[Method]:
+    """The selection methods to compare (ValueError names an unknown one)."""
+    return [Method.parse(name) for name in args.selections.split(",") if name.strip()]
 
 
 def blend_config(
-    args: argparse.Namespace, ratio: float, selection: Deviation | None = None
+    args: argparse.Namespace, ratio: float, selection: Method | None = None
 ) -> BlendConfig:
     """The benchmark's blend settings at final ratio `ratio`, selecting rows by `selection`
     (default: the first of `--selections`)."""
     layers = tuple(int(x) for x in args.check_layers.split(","))
     scale = [float(x) for x in args.gradual_ratios.split(",") if x]
     ratios = tuple(min(1.0, ratio * s) for s in scale) if scale else ()
+    method = selection or selections(args)[0]
     return BlendConfig(
         recompute_ratio=ratio,
         check_layers=layers,
         ratios=ratios,
-        deviation=selection or selections(args)[0],
+        deviation=method.metric,
         mask=MaskKind(args.mask),
         num_forced_chunk_start=args.forced_chunk_start,
         coverage=args.coverage,
         min_ratio=args.min_ratio,
+        chunk_budget=method.budget,
     )
 
 
-def _modes(args: argparse.Namespace) -> list[tuple[str, float | None, Deviation | None]]:
+def _modes(args: argparse.Namespace) -> list[tuple[str, float | None, Method | None]]:
     """(mode, ratio, selection): the baselines, then the blend per selection and ratio."""
     baselines = dict.fromkeys(["full_prefill", *args.baselines.split(",")])
     ratios = [float(r) for r in args.ratios.split(",") if r]
@@ -123,7 +147,7 @@ class Record:
     f1_vs_full: float
     kl_vs_full: float | None  # None when full prefill's answer is empty
     top1_vs_full: float | None
-    selection: str | None = None  # the blend's selection metric
+    selection: str | None = None  # the blend's selection method (`Method.label`)
     num_chunk_tokens: int = 0  # the prompt's chunk tokens (what a ratio is a fraction of)
 
 
@@ -170,7 +194,7 @@ def answer_all(engine: Engine, example: RagExample, args: argparse.Namespace) ->
                 *quality,
                 kl,
                 top1,
-                None if selection is None else selection.value,
+                None if selection is None else selection.label,
                 num_chunk_tokens,
             )
         )

@@ -13,6 +13,7 @@ question). Its TTFT counts the recompute only (layer 0, the check layer, the cho
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -67,14 +68,14 @@ def choose_rows(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig) -> R
     score = true_deviation(engine, prompt, blend).masked_fill(~plan.eligible, -math.inf)
     forced = plan.forced.clone()
     forced[score.topk(num_chosen).indices] = True
-    return RowPlan(plan.token_ids, plan.cached, plan.exact, forced)
+    return dataclasses.replace(plan, forced=forced)
 
 
 def _run(engine: Engine, prompt: PreparedPrompt, blend: BlendConfig, chosen: RowPlan) -> BlendRun:
     """A run of `chosen`: ratio 0 at the check layer, so only its forced rows run from there."""
     cached_kv = engine.plan(prompt, Mode.BLEND, blend).cached_kv  # fresh: a run consumes it
     schedule = {blend.check_layers[0]: 0.0}
-    return BlendRun(engine.model, chosen, cached_kv, schedule, blend.mask, blend.deviation)
+    return BlendRun(engine.model, chosen, cached_kv, schedule, blend.mask, blend.selection)
 
 
 @torch.inference_mode()

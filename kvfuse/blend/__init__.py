@@ -3,7 +3,17 @@ precompute and the layer-by-layer run that fuses cached and recomputed KV."""
 
 from __future__ import annotations
 
-from kvfuse.blend.config import BlendConfig, Deviation, MaskKind, Mode
+from kvfuse.blend.config import BlendConfig, ChunkBudget, Deviation, MaskKind, Mode, Selection
 from kvfuse.blend.run import BlendRun, BlendStats, FusedLayer
 
-__all__ = ["BlendConfig", "BlendRun", "BlendStats", "Deviation", "FusedLayer", "MaskKind", "Mode"]
+__all__ = [
+    "BlendConfig",
+    "BlendRun",
+    "BlendStats",
+    "ChunkBudget",
+    "Deviation",
+    "FusedLayer",
+    "MaskKind",
+    "Mode",
+    "Selection",
+]

@@ -1,4 +1,4 @@
-"""Blend settings: the prompt modes, the selection metric, the mask, `BlendConfig`."""
+"""Blend settings: the prompt modes, the selection metric and budget, the mask, `BlendConfig`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,16 @@ class Deviation(str, Enum):
         return self in (Deviation.QUERY_ATTENTION, Deviation.QUERY_WEIGHTED_V)
 
 
+class ChunkBudget(str, Enum):
+    """How a check layer's rows to recompute are shared among the cached chunks."""
+
+    # One ranking over every chunk's rows (the paper's).
+    GLOBAL = "global"
+    # Each chunk gets a share of the rows in proportion to the query's attention to it; the
+    # metric ranks the rows within a chunk. Chunks the question reads get the recompute.
+    QUERY = "query"
+
+
 class MaskKind(str, Enum):
     EXACT = "exact"
     BOTTOM_RIGHT = "bottom_right"
@@ -71,6 +81,8 @@ class BlendConfig:
             of the eligible rows;
             `BlendStats.num_recomputed_tokens` says what a request used.
         min_ratio: the adaptive ratio's floor.
+        chunk_budget: one ranking over all chunks, or a share per chunk following the
+            query's attention.
     """
 
     recompute_ratio: float = 0.15
@@ -81,6 +93,7 @@ class BlendConfig:
     num_forced_chunk_start: int = 0
     coverage: float | None = None
     min_ratio: float = 0.0
+    chunk_budget: ChunkBudget = ChunkBudget.GLOBAL
 
     def __post_init__(self) -> None:
         if self.coverage is not None and not 0.0 < self.coverage <= 1.0:
@@ -108,3 +121,23 @@ class BlendConfig:
             raise ConfigError(f"check layer {self.check_layers[-1]} ≥ num_layers {num_layers}")
         ratios = self.ratios or (self.recompute_ratio,) * len(self.check_layers)
         return dict(zip(self.check_layers, ratios, strict=True))
+
+    @property
+    def selection(self) -> Selection:
+        """How check layers choose the rows that go on."""
+        return Selection(self.deviation, self.coverage, self.min_ratio, self.chunk_budget)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How a check layer chooses the rows that go on (the fields of `BlendConfig`)."""
+
+    metric: Deviation = Deviation.V_L2
+    coverage: float | None = None
+    min_ratio: float = 0.0
+    chunk_budget: ChunkBudget = ChunkBudget.GLOBAL
+
+    @property
+    def needs_query(self) -> bool:
+        """True when selecting reads the forced rows' attention (q at the check layers)."""
+        return self.metric.needs_query or self.chunk_budget is ChunkBudget.QUERY

@@ -27,12 +27,15 @@ class RowPlan:
         cached: rows whose KV comes from the `LayerSource`, in row order.
         exact: cached rows whose KV is exact (a reused prefix): never recomputed.
         forced: rows always computed (query, cache misses, the last token).
+        chunk_of: each row's chunk, in prompt order ([N] int64, -1 outside chunks); None:
+            one chunk.
     """
 
     token_ids: Tensor
     cached: Tensor
     exact: Tensor
     forced: Tensor
+    chunk_of: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +114,7 @@ def plan_prefill(
         if (kv := lookup(key)) is None:
             continue
         span = slice(offset, offset + len(chunk_ids))
+        rows.chunk_of[span] = idx
         rows.add(kv, span, mode is Mode.PREFIX_CACHE, key in inputs.precomputed)
         if mode is Mode.BLEND:
             rows.forced[offset : offset + blend.num_forced_chunk_start] = True
@@ -120,7 +124,7 @@ def plan_prefill(
     schedule = {Mode.BLEND: blend.schedule(inputs.num_layers), Mode.FULL_REUSE: {0: 0.0}}
     placed = PlacedKV(rows.pieces, rows.offsets, inputs.inv_freq) if rows.pieces else None
     return PlannedPrefill(
-        RowPlan(token_ids, rows.cached, rows.exact, rows.forced),
+        RowPlan(token_ids, rows.cached, rows.exact, rows.forced, rows.chunk_of),
         placed,
         schedule.get(mode, {}),
         rows.num_hits,
@@ -137,6 +141,7 @@ class _Rows:
         self.cached = torch.zeros(num_tokens, dtype=torch.bool)
         self.exact, self.forced = self.cached.clone(), self.cached.clone()
         self.precomputed = self.cached.clone()
+        self.chunk_of = torch.full((num_tokens,), -1, dtype=torch.int64)
         self.pieces: list[ChunkLayers] = []
         self.offsets: list[int] = []
         self.num_hits = self.num_chunks_precomputed = 0

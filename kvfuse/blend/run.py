@@ -24,9 +24,16 @@ import torch
 from torch import Tensor
 
 from kvfuse.blend.attention import RowAttention
-from kvfuse.blend.config import Deviation, MaskKind
+from kvfuse.blend.config import ChunkBudget, Deviation, MaskKind, Selection
 from kvfuse.blend.plan import RowPlan
-from kvfuse.blend.select import deviation, num_covering, query_attention, select_rows
+from kvfuse.blend.select import (
+    deviation,
+    num_covering,
+    query_attention,
+    select_rows,
+    select_rows_per_chunk,
+    split_budget,
+)
 from kvfuse.errors import ConfigError
 from kvfuse.model.transformer import Transformer
 
@@ -82,17 +89,15 @@ class BlendRun:
         cached_kv: LayerSource | None,
         schedule: dict[int, float],
         mask: MaskKind = MaskKind.EXACT,
-        metric: Deviation = Deviation.V_L2,
-        coverage: float | None = None,
-        min_ratio: float = 0.0,
+        selection: Selection | None = None,
     ) -> None:
         num_cached = int(plan.cached.sum())
         if num_cached != (cached_kv.num_tokens if cached_kv is not None else 0):
             raise ConfigError(f"plan has {num_cached} cached rows, its KV source does not")
         self.model, self.plan = model, plan
         self.cached_kv = cached_kv if num_cached else None
-        self.schedule, self.mask_kind, self.metric = schedule, mask, metric
-        self.coverage, self.min_ratio = coverage, min_ratio  # see BlendConfig
+        self.schedule, self.mask_kind = schedule, mask
+        self.selection = selection or Selection()
         self.stats = BlendStats(num_tokens=plan.num_tokens, num_cached_tokens=num_cached)
         self._logits: Tensor | None = None
 
@@ -138,7 +143,7 @@ class BlendRun:
         return (
             layer_idx in self.schedule
             and self.cached_kv is not None
-            and not self.metric.needs_query
+            and not self.selection.needs_query
         )
 
     def _row_attention(self, rows: Tensor) -> RowAttention:
@@ -164,26 +169,55 @@ class BlendRun:
             k_all.index_copy_(1, rows, k)
             v_all.index_copy_(1, rows, v)
             return k_all, v_all, None
-        score: Tensor | None = None
-        if self.metric is not Deviation.QUERY_ATTENTION:
+        metric, value = self.selection.metric, None
+        if metric is not Deviation.QUERY_ATTENTION:  # before the fresh rows overwrite them
             cached = (k_all.index_select(1, rows), v_all.index_select(1, rows))
-            kind = Deviation.V_L2 if self.metric is Deviation.QUERY_WEIGHTED_V else self.metric
-            score = deviation(kind, (k, v), cached)
+            value = deviation(Deviation.V_L2 if metric.needs_query else metric, (k, v), cached)
         k_all.index_copy_(1, rows, k)
         v_all.index_copy_(1, rows, v)
         candidate = self.plan.eligible.to(rows.device)[rows]
-        if self.metric.needs_query:
+        attention = None
+        if self.selection.needs_query:
             if q is None:
-                raise RuntimeError(f"the {self.metric.value} metric needs q at its check layers")
+                raise RuntimeError("selecting by the query's attention needs q at check layers")
             attention = query_attention(q[:, ~candidate], k_all, rows[~candidate])[rows]
-            score = attention if score is None else attention * score.sqrt()
-        if score is None:
-            raise RuntimeError(f"no score for the {self.metric.value} metric")
-        num_eligible = int(self.plan.eligible.sum())
-        num_keep = math.floor(self.schedule[layer_idx] * num_eligible)
-        if self.coverage is not None:
-            low = min(num_keep, math.floor(self.min_ratio * num_eligible))
-            num_keep = num_covering(score, candidate, self.coverage, low, num_keep)
-        keep = select_rows(score, candidate, num_keep)
+        keep = self._select(layer_idx, rows, candidate, _Score.of(metric, value, attention))
         self.stats.num_selected_per_check.append(int(keep.numel()))
         return k_all, v_all, keep
+
+    def _select(self, layer_idx: int, rows: Tensor, candidate: Tensor, score: _Score) -> Tensor:
+        """The rows that go on past check layer `layer_idx`: indices into `rows`. Shape: [S']."""
+        selection = self.selection
+        num_eligible = int(self.plan.eligible.sum())
+        num_keep = math.floor(self.schedule[layer_idx] * num_eligible)
+        if selection.coverage is not None:
+            low = min(num_keep, math.floor(selection.min_ratio * num_eligible))
+            num_keep = num_covering(score.value, candidate, selection.coverage, low, num_keep)
+        if selection.chunk_budget is ChunkBudget.GLOBAL or score.attention is None:
+            return select_rows(score.value, candidate, num_keep)
+        chunk_of = self.plan.chunk_of
+        chunk = torch.zeros_like(rows) if chunk_of is None else chunk_of.to(rows.device)[rows]
+        num_chunks = int(chunk.max()) + 1  # candidates' chunks are ≥ 0
+        mass = torch.zeros(num_chunks, device=chunk.device)
+        mass.index_add_(0, chunk[candidate], score.attention[candidate])
+        size = torch.bincount(chunk[candidate], minlength=num_chunks)
+        budget = split_budget(num_keep, mass, size)
+        return select_rows_per_chunk(score.value, candidate, chunk, budget)
+
+
+class _Score(NamedTuple):
+    """A check layer's selection metric and, when read, the query's attention. Shape: [S] ×2."""
+
+    value: Tensor
+    attention: Tensor | None
+
+    @classmethod
+    def of(cls, metric: Deviation, distance: Tensor | None, attention: Tensor | None) -> _Score:
+        """The metric from the V/K deviation (`distance`) and the query's attention."""
+        if metric is Deviation.QUERY_WEIGHTED_V and distance is not None and attention is not None:
+            return cls(attention * distance.sqrt(), attention)
+        if distance is not None:
+            return cls(distance, attention)
+        if attention is not None:
+            return cls(attention, attention)
+        raise RuntimeError(f"no score for the {metric.value} metric")

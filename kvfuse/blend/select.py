@@ -1,5 +1,5 @@
 """Row selection at a check layer: deviation of fresh from cached KV, the query's attention,
-and keeping the top rows."""
+keeping the top rows overall or within each chunk's share."""
 
 from __future__ import annotations
 
@@ -21,6 +21,46 @@ def select_rows(deviation: Tensor, candidate: Tensor, num_keep: int) -> Tensor:
     keep = ~candidate
     keep[order[: min(num_keep, int(candidate.sum()))]] = True
     return keep.nonzero().squeeze(1)
+
+
+def select_rows_per_chunk(
+    score: Tensor, candidate: Tensor, chunk: Tensor, num_keep: Tensor
+) -> Tensor:
+    """Keeps every non-candidate row and, in each chunk c, the `num_keep[c]` candidates that
+    score highest (ties by lower index). Shape: score [S] fp32, candidate [S] bool,
+    chunk [S] int64 (candidates' in [0, C)), num_keep [C] int64 -> sorted [S']."""
+    keep = ~candidate
+    for idx, count in enumerate(num_keep.tolist()):
+        if count > 0:
+            members = (candidate & (chunk == idx)).nonzero().squeeze(1)
+            top = torch.sort(score[members], descending=True, stable=True).indices[:count]
+            keep[members[top]] = True
+    return keep.nonzero().squeeze(1)
+
+
+def split_budget(total: int, mass: Tensor, size: Tensor) -> Tensor:
+    """Shares `total` rows among chunks in proportion to their (non-negative) `mass`, none
+    beyond its `size`: what a full chunk cannot take goes to the others, the rounding's rows
+    to the largest remainders; by size where no open chunk has mass. Sums to
+    min(total, size.sum()). Shape: mass [C] fp32, size [C] int64 -> [C] int64."""
+    budget = torch.zeros_like(size)
+    is_open = size > 0
+    left = min(total, int(size.sum()))
+    while left > 0:
+        weight = torch.where(is_open, mass.clamp(min=0), 0.0)
+        if float(weight.sum()) <= 0.0:
+            weight = torch.where(is_open, size.double(), 0.0)
+        share = left * weight.double() / weight.sum()  # rows each open chunk would get
+        full = is_open & (share >= size)
+        if not full.any():
+            whole = share.floor().long()
+            rest = left - int(whole.sum())  # < the open chunks with a fractional share
+            budget += whole
+            budget[torch.sort(share - whole, descending=True, stable=True).indices[:rest]] += 1
+            break
+        budget[full], is_open = size[full], is_open & ~full
+        left = min(total, int(size.sum())) - int(budget.sum())
+    return budget
 
 
 def num_covering(score: Tensor, candidate: Tensor, coverage: float, low: int, high: int) -> int:

@@ -145,7 +145,5 @@ class PrefillCompute:
             planned.cached_kv,
             planned.schedule,
             blend.mask,
-            blend.deviation,
-            blend.coverage,
-            blend.min_ratio,
+            blend.selection,
         )

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import blend as bench_blend
 from benchmarks.datasets import RagExample
-from kvfuse.blend import Deviation
+from kvfuse.blend import ChunkBudget, Deviation
 from kvfuse.engine import Engine
 
 
@@ -29,7 +29,7 @@ def fake_records(example: RagExample, args: argparse.Namespace) -> list[bench_bl
             1.0,
             0.0 if ratio is None else 0.2,
             1.0 if ratio is None else 0.9,
-            None if selection is None else selection.value,
+            None if selection is None else selection.label,
         )
         for mode, ratio, selection in bench_blend._modes(args)
     ]
@@ -95,16 +95,21 @@ def test_blend_config_takes_the_selection_options() -> None:
 def test_each_selection_runs_every_ratio_after_the_baselines() -> None:
     parser = argparse.ArgumentParser()
     bench_blend.add_arguments(parser)
-    args = parser.parse_args(["--selections", "v_l2,q_attn_v_l2", "--ratios", "0.15,0.3"])
+    args = parser.parse_args(["--selections", "v_l2,q_attn_v_l2,v_l2@query", "--ratios", "0.15"])
     modes = bench_blend._modes(args)
     assert [m for m, _, _ in modes[:3]] == ["full_prefill", "prefix_cache", "full_reuse"]
-    blends = [(r, s.value if s else None) for m, r, s in modes if m == "blend"]
-    assert blends == [(0.15, "v_l2"), (0.3, "v_l2"), (0.15, "q_attn_v_l2"), (0.3, "q_attn_v_l2")]
-    config = bench_blend.blend_config(args, 0.3, Deviation.QUERY_WEIGHTED_V)
+    blends = [(r, s.label if s else None) for m, r, s in modes if m == "blend"]
+    assert blends == [(0.15, "v_l2"), (0.15, "q_attn_v_l2"), (0.15, "v_l2@query")]
+    method = bench_blend.Method(Deviation.QUERY_WEIGHTED_V)
+    config = bench_blend.blend_config(args, 0.3, method)
     assert config.deviation is Deviation.QUERY_WEIGHTED_V and config.recompute_ratio == 0.3
-    assert bench_blend.blend_config(args, 0.3).deviation is Deviation.V_L2
-    with pytest.raises(ValueError):
-        bench_blend.selections(parser.parse_args(["--selections", "nope"]))
+    config = bench_blend.blend_config(args, 0.3)
+    assert config.deviation is Deviation.V_L2 and config.chunk_budget is ChunkBudget.GLOBAL
+    config = bench_blend.blend_config(args, 0.3, bench_blend.Method.parse("v_l2@query"))
+    assert config.chunk_budget is ChunkBudget.QUERY
+    for unknown in ("nope", "v_l2@nope"):
+        with pytest.raises(ValueError):
+            bench_blend.selections(parser.parse_args(["--selections", unknown]))
 
 
 def test_adaptive_flags_reach_the_blend_config() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,12 +12,13 @@ import torch
 from kvfuse.blend import (
     BlendConfig,
     BlendRun,
+    ChunkBudget,
     Deviation,
     FusedLayer,
     MaskKind,
     Mode,
 )
-from kvfuse.blend.select import num_covering, select_rows
+from kvfuse.blend.select import num_covering, select_rows, select_rows_per_chunk, split_budget
 from kvfuse.chunk_store import ChunkStore
 from kvfuse.engine import Engine
 from kvfuse.errors import ConfigError
@@ -78,12 +80,15 @@ def assert_layers_close(a: list[FusedLayer], b: list[FusedLayer], tol: float) ->
         torch.testing.assert_close(x.v, y.v, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("budget", list(ChunkBudget))
 @pytest.mark.parametrize("metric", list(Deviation))
-def test_ratio_one_equals_full_prefill(tiny_engine: Engine, metric: Deviation) -> None:
+def test_ratio_one_equals_full_prefill(
+    tiny_engine: Engine, metric: Deviation, budget: ChunkBudget
+) -> None:
     prompt = make_prompt(tiny_engine)
     tiny_engine.warm(prompt)
     full_layers, full = run(tiny_engine, prompt, Mode.FULL_PREFILL, BlendConfig())
-    cfg = BlendConfig(recompute_ratio=1.0, deviation=metric)
+    cfg = BlendConfig(recompute_ratio=1.0, deviation=metric, chunk_budget=budget)
     blend_layers, blend = run(tiny_engine, prompt, Mode.BLEND, cfg)
     assert blend.stats.num_recomputed_tokens == NUM_CHUNKS * CHUNK_LEN
     torch.testing.assert_close(blend.last_logits, full.last_logits, atol=TOL, rtol=0)
@@ -152,14 +157,17 @@ def store_real_context_kv(engine: Engine, prompt: PreparedPrompt) -> None:
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.15, 0.5, 1.0])
-@pytest.mark.parametrize("metric", list(Deviation))
+@pytest.mark.parametrize(
+    ("metric", "budget"),
+    [*((m, ChunkBudget.GLOBAL) for m in Deviation), (Deviation.V_L2, ChunkBudget.QUERY)],
+)
 def test_exact_context_blend_equals_full_prefill(
-    tiny_engine: Engine, ratio: float, metric: Deviation
+    tiny_engine: Engine, ratio: float, metric: Deviation, budget: ChunkBudget
 ) -> None:
     prompt = make_prompt(tiny_engine)
     store_real_context_kv(tiny_engine, prompt)
     full_layers, full = run(tiny_engine, prompt, Mode.FULL_PREFILL, BlendConfig())
-    cfg = BlendConfig(recompute_ratio=ratio, deviation=metric)
+    cfg = BlendConfig(recompute_ratio=ratio, deviation=metric, chunk_budget=budget)
     layers, blend = run(tiny_engine, prompt, Mode.BLEND, cfg)
     torch.testing.assert_close(blend.last_logits, full.last_logits, atol=1e-4, rtol=0)
     assert_layers_close(layers, full_layers, 1e-4)
@@ -251,6 +259,74 @@ def test_select_rows_keeps_forced_sorted_unique_and_breaks_ties_by_index() -> No
     assert torch.equal(keep, select_rows(dev, candidate, num_keep=3))
     assert select_rows(dev, candidate, num_keep=0).tolist() == [6]
     assert select_rows(dev, candidate, num_keep=100).tolist() == list(range(7))
+
+
+@pytest.mark.parametrize(
+    ("total", "mass", "size", "expected"),
+    [
+        (6, [1.0, 1.0, 1.0], [10, 10, 10], [2, 2, 2]),  # even
+        (6, [3.0, 2.0, 1.0], [10, 10, 10], [3, 2, 1]),  # by mass
+        (10, [8.0, 1.0, 1.0], [4, 10, 10], [4, 3, 3]),  # a full chunk's rest goes on
+        (5, [1.0, 1.0, 1.0], [10, 10, 10], [2, 2, 1]),  # ties: the lower index
+        (7, [0.0, 0.0, 0.0], [2, 4, 8], [1, 2, 4]),  # no mass: by size
+        (3, [0.0, 5.0, 0.0], [4, 2, 4], [1, 2, 0]),  # the massless share only what is left
+        (50, [1.0, 2.0, 3.0], [2, 3, 4], [2, 3, 4]),  # more than there is: everything
+        (0, [1.0, 2.0], [3, 3], [0, 0]),
+        (4, [1.0, 9.0, 1.0], [3, 0, 3], [2, 0, 2]),  # an empty chunk gets nothing
+    ],
+)
+def test_split_budget_shares_by_mass_within_each_chunk(
+    total: int, mass: list[float], size: list[int], expected: list[int]
+) -> None:
+    budget = split_budget(total, torch.tensor(mass), torch.tensor(size))
+    assert budget.tolist() == expected
+    assert int(budget.sum()) == min(total, sum(size))
+
+
+def test_select_rows_per_chunk_ranks_within_each_chunk() -> None:
+    score = torch.tensor([9.0, 8.0, 1.0, 2.0, 3.0, 7.0, 0.0])
+    candidate = torch.tensor([True, True, True, True, True, True, False])
+    chunk = torch.tensor([0, 0, 0, 1, 1, 1, -1])
+    keep = select_rows_per_chunk(score, candidate, chunk, torch.tensor([1, 2]))
+    assert keep.tolist() == [0, 4, 5, 6]  # chunk 0's best, chunk 1's two best, the forced row
+    everything = select_rows_per_chunk(score, candidate, chunk, torch.tensor([3, 3]))
+    assert everything.tolist() == list(range(7))
+
+
+def test_query_budget_over_one_chunk_is_the_global_selection(tiny_engine: Engine) -> None:
+    """Without chunk boundaries the per-chunk budget is the one ranking: same rows, same KV."""
+    prompt = make_prompt(tiny_engine)
+    tiny_engine.warm(prompt)
+    results = []
+    for budget in ChunkBudget:
+        cfg = BlendConfig(recompute_ratio=0.3, chunk_budget=budget)
+        planned = tiny_engine.plan(prompt, Mode.BLEND, cfg)
+        plan = dataclasses.replace(planned.plan, chunk_of=None)
+        blend = BlendRun(tiny_engine.model, plan, planned.cached_kv, planned.schedule,
+                         selection=cfg.selection)  # fmt: skip
+        with torch.inference_mode():
+            layers = [FusedLayer(f.layer_idx, f.k.clone(), f.v.clone()) for f in blend]
+        results.append((layers, blend))
+    (global_layers, global_run), (query_layers, query_run) = results
+    assert global_run.stats == query_run.stats
+    assert_layers_close(query_layers, global_layers, 0.0)
+
+
+def test_query_budget_spends_the_same_rows_differently(tiny_engine: Engine) -> None:
+    prompt = make_prompt(tiny_engine)
+    tiny_engine.warm(prompt)
+    picked = []
+    for budget in ChunkBudget:
+        cfg = BlendConfig(recompute_ratio=0.3, chunk_budget=budget)
+        layers, blend = run(tiny_engine, prompt, Mode.BLEND, cfg)
+        assert blend.stats.num_recomputed_tokens == int(0.3 * NUM_CHUNKS * CHUNK_LEN)
+        planned = tiny_engine.plan(prompt, Mode.BLEND, cfg)
+        assert planned.cached_kv is not None and planned.plan.chunk_of is not None
+        _, vc = planned.cached_kv.layer(3)
+        cached_idx = planned.plan.cached.nonzero().squeeze(1)
+        changed = (layers[3].v[:, cached_idx] != vc.transpose(0, 1)).any(dim=(0, 2))
+        picked.append(planned.plan.chunk_of[cached_idx][changed].bincount(minlength=NUM_CHUNKS))
+    assert not torch.equal(picked[0], picked[1])  # a different share per chunk
 
 
 def test_num_covering_takes_the_fewest_rows_reaching_the_share() -> None:
