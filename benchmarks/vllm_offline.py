@@ -5,19 +5,22 @@ JSON job from argv[1], writes one JSON result to argv[2]:
 
 - prefill: for each prompt length, the median wall time of `generate` with one output token
   over random token ids (prefix caching off, so every prompt is computed);
-- decode: for each batch size, the time per decode step, measured as the difference between
-  generating `decode_tokens + 1` tokens and one token for the same batch, divided by
-  `decode_tokens` (so the prefill cancels out).
+- decode: for each batch size, the median time between engine steps once every sequence of
+  the batch decodes (the engine stepped by hand, prefill steps left out). Seconds of prefill
+  vary more than a whole decode step, so a difference of two `generate` timings would not do.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import statistics
 import sys
 import time
 from typing import Any
+
+_REQUEST_IDS = itertools.count()
 
 
 def _prompts(num_prompts: int, num_tokens: int, vocab: int, seed: int) -> list[Any]:
@@ -40,6 +43,34 @@ def _timed(llm: Any, prompts: list[Any], max_tokens: int) -> float:
     if any(len(out.outputs[0].token_ids) != max_tokens for out in outputs):
         raise RuntimeError("vLLM returned fewer tokens than asked")
     return elapsed
+
+
+def _decode_step_s(llm: Any, prompts: list[Any], num_steps: int) -> float:
+    """Median seconds between engine steps in which every sequence of the batch got a token,
+    after each has its first one (so prefill steps, chunked or not, are left out)."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=num_steps + 1, ignore_eos=True)
+    request_ids = {f"decode-{next(_REQUEST_IDS)}" for _ in prompts}
+    for request_id, prompt in zip(sorted(request_ids), prompts, strict=True):
+        engine.add_request(request_id, prompt, params)
+    num_tokens = dict.fromkeys(request_ids, 0)
+    stamps = []
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        stepped = {out.request_id for out in outputs if out.request_id in request_ids}
+        for out in outputs:
+            num_tokens[out.request_id] = len(out.outputs[0].token_ids)
+        if stepped == request_ids and min(num_tokens.values()) >= 1:
+            stamps.append(now)
+    if any(count != num_steps + 1 for count in num_tokens.values()):
+        raise RuntimeError("vLLM returned fewer tokens than asked")
+    gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
+    if len(gaps) < num_steps // 2:
+        raise RuntimeError(f"only {len(gaps)} whole-batch decode steps seen of {num_steps}")
+    return statistics.median(gaps)
 
 
 def main(job_path: str, result_path: str) -> None:
@@ -66,11 +97,11 @@ def main(job_path: str, result_path: str) -> None:
     decode = []
     steps = job["decode_tokens"]
     for batch in job["decode_batches"]:
-        diffs = []
-        for _ in range(repeats + 1):
+        times = []
+        for _ in range(repeats + 1):  # the first warms this batch size up
             prompts = _prompts(batch, job["decode_context"], vocab, next(seed))
-            diffs.append(_timed(llm, prompts, steps + 1) - _timed(llm, prompts, 1))
-        decode.append({"batch": batch, "step_s": statistics.median(diffs[1:]) / steps})
+            times.append(_decode_step_s(llm, prompts, steps))
+        decode.append({"batch": batch, "step_s": statistics.median(times[1:])})
     result = {"startup_s": startup_s, "prefill": prefill, "decode": decode}
     with open(result_path, "w") as result_file:
         json.dump(result, result_file)
