@@ -1,7 +1,10 @@
 """Attention of a prompt's computed rows over all of its fused keys, planned once per row set.
 
 A blend computes only some rows (ascending positions) but they attend over every key. Under
-the exact mask a row at position p sees keys ≤ p; three layouts implement that:
+the exact mask a row at position p sees keys ≤ p. With the fused kernels (CPU, fp32 or bf16)
+one call does it, each row over its own key prefix (`KERNELS.row_attention`: flash-style, and
+a row gets the same bits whichever other rows are computed with it). Elsewhere three layouts
+over sdpa implement it:
 
 - causal: the rows are one run a..b-1 with a ≤ b − a (a layer computing every row after an
   exact prefix). The run is padded in front with `a` zero rows so the kernel's own (top-left)
@@ -22,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from kvfuse.model.fused import KERNELS
 from kvfuse.model.transformer import Attention
 
 # Rows per mask group by element size: smaller groups waste fewer masked scores but run the
@@ -55,8 +59,10 @@ class RowAttention:
         self.causal_pad = -1  # ≥ 0: the causal layout, with this many padding rows
         self.groups: list[_Group] = []
         key_pos = torch.arange(num_tokens, device=rows.device)
+        self.last_key = rows  # [S]: the last key each row sees (the fused kernel's form)
         if bottom_right:
             limit = num_tokens - num_rows + torch.arange(num_rows, device=rows.device)
+            self.last_key = limit
             self.groups.append(_Group(0, num_rows, num_tokens, _additive(key_pos, limit, dtype)))
         elif last - first == num_rows and first <= num_rows:
             self.causal_pad = first
@@ -74,6 +80,9 @@ class RowAttention:
 
         Shape: q [H, S, D], k/v [H_kv, N, D] (fused keys, all rows) -> [H, S, D].
         """
+        out = KERNELS.row_attention(q, k, v, self.last_key)
+        if out is not None:
+            return out
         if self.causal_pad >= 0:
             pad = self.causal_pad
             end = pad + self.num_rows

@@ -131,16 +131,23 @@ class Linear(nn.Linear):
                 return _MKLDNN._linear_pointwise(x, self.packed, self.bias, op, [], "")
             other = other.contiguous()
             return _MKLDNN._linear_pointwise.binary(x, other, self.packed, self.bias, op)
+        out = self.fp32_matmul(x)
+        assert out is not None
+        return _post_op(out, op, other).to(x.dtype)
+
+    def fp32_matmul(self, x: Tensor) -> Tensor | None:
+        """In the FP32 form, the matmul of `x` widened to fp32, its result left in fp32 (see
+        `WeightForm` for which kernel serves how many rows); None in any other form."""
+        if self.form is not WeightForm.FP32 or not self._prepared_for(x):
+            return None
         assert self.fp32 is not None
         weight, bias = self.fp32
         rows = x.float()
         if self._reads_bf16(rows):
-            out = KERNELS.bf16_weight_linear(rows, self.weight, bias)
-        elif rows.shape[0] <= PACKED_FP32_MAX_ROWS:
-            out = _MKLDNN._linear_pointwise(rows, self.packed, bias, "none", [], "")
-        else:
-            out = F.linear(rows, weight, bias)
-        return _post_op(out, op, other).to(x.dtype)
+            return KERNELS.bf16_weight_linear(rows, self.weight, bias)
+        if rows.shape[0] <= PACKED_FP32_MAX_ROWS:
+            return _MKLDNN._linear_pointwise(rows, self.packed, bias, "none", [], "")
+        return F.linear(rows, weight, bias)
 
     def _reads_bf16(self, rows: Tensor) -> bool:
         """Whether an FP32-form matmul of `rows` reads the bf16 weight itself (see
@@ -270,9 +277,10 @@ class MLP(nn.Module):
     On bf16 weights packed for oneDNN (`WeightForm.BF16`) the silu, the product and the
     residual add run inside the matmuls as post-ops on the fp32 result, before it is rounded
     to bf16, which saves three passes over [S, intermediate] and [S, hidden] tensors: 5-8% of
-    a bf16 prefill (2 cores, 512-2,048 tokens, measured side by side in one process).
-    Elsewhere they run eagerly on the matmul's result (fp32 in the FP32 form). One
-    [W_gate; W_up] matmul measured no faster.
+    a bf16 prefill (2 cores, 512-2,048 tokens, measured side by side in one process). In the
+    FP32 form the silu and product are one fused pass over the two fp32 results
+    (`KERNELS.silu_mul`) and the residual add runs eagerly; in any other form all three run
+    eagerly. One [W_gate; W_up] matmul measured no faster.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -283,10 +291,17 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """Shape: x [S, hidden], residual [S, hidden] -> [S, hidden]."""
-        act = self.up_proj.mul(x, self.gate_proj.silu(x))  # [S, intermediate]
+        act = self._swiglu(x)  # [S, intermediate]
         if residual is None:
             return self.down_proj(act)
         return self.down_proj.add(act, residual)
+
+    def _swiglu(self, x: Tensor) -> Tensor:
+        """silu(gate(x)) * up(x); in the FP32 form one pass over the two fp32 results."""
+        gate, up = self.gate_proj.fp32_matmul(x), self.up_proj.fp32_matmul(x)
+        if gate is None or up is None:
+            return self.up_proj.mul(x, self.gate_proj.silu(x))
+        return KERNELS.silu_mul(gate, up, x.dtype)
 
 
 class Block(nn.Module):

@@ -1,9 +1,12 @@
-// The decoder's pointwise work in one pass each over the rows, for CPU, fp32 and bf16.
+// The decoder's pointwise work in one pass each over the rows, and its attention, for CPU, fp32
+// and bf16.
 //
 // Registered as torch.ops.kvfuse.* and built on first use by kvfuse/model/fused.py (which also
 // holds the eager definitions these must agree with). Every value is rounded to the tensor's
 // dtype exactly where the eager ops round it, and the build turns off FMA contraction, so the
-// results are those of the eager ops except for the order of the sum in the RMS norm's mean.
+// pointwise results are those of the eager ops except for the order of the sum in the RMS
+// norm's mean and the exponential in SwiGLU's silu; the attention kernels are their own fp32
+// arithmetic (see each).
 //
 // Layouts: rows are the outer dimension of a 2-D tensor whose last dimension is contiguous;
 // rows may be strided (a slice of the fused q/k/v projection). Work is split over rows on the
@@ -14,9 +17,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -499,6 +503,356 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return heads_first;
 }
 
+// ---- Prefill attention: each query row over its own key prefix -------------------------------
+//
+// A prefill's rows (every row of a prompt, or the rows a blend recomputes) attend over keys
+// 0..last_key[row]: causal attention when last_key is 0..S-1, the blend's exact mask when it is
+// the rows' positions. Flash-style: per KV head and block of query positions, the rows of all
+// the head's query heads (GQA: they share the keys) step through blocks of kKeyBlock keys with
+// an online softmax, in fp32 throughout (scores, probabilities, sums), rounded once to the
+// output dtype. Keys are packed once per call, transposed in strips of 16 so a register tile of
+// 6 rows × 16 keys streams them; values are packed to fp32 rows.
+//
+// A row's arithmetic never depends on which other rows share its block: key blocks start at
+// multiples of kKeyBlock from key 0, each score is one FMA chain over the head dim in order,
+// the softmax and weighted sum of a row run in the same order, and a block a row cannot see
+// leaves it untouched (adding 0·v is exact). So a blend recomputing a subset of rows gets, for
+// each, the bits a full prefill gets for that row from the same q, keys and values.
+
+constexpr int64_t kKeyBlock = 64;    // keys per online-softmax step
+constexpr int64_t kKeyStrip = 16;    // keys per register tile (two vectors)
+constexpr int64_t kRowTile = 6;      // query rows per register tile
+constexpr int64_t kPositionBlock = 64;  // query positions per task (× the group's heads)
+
+// scores[r][j] = q[r] · keys j of one packed strip, for kRowTile rows. strip: [dim][16].
+inline void score_strip(const float* q, int64_t dim, const float* strip, float* scores,
+                        int64_t score_stride) {
+#ifdef KVFUSE_AVX2
+  __m256 acc[kRowTile][2];
+  for (int r = 0; r < kRowTile; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dim; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(strip + d * kKeyStrip);
+    const __m256 k1 = _mm256_loadu_ps(strip + d * kKeyStrip + 8);
+    for (int r = 0; r < kRowTile; ++r) {
+      const __m256 qv = _mm256_broadcast_ss(q + r * dim + d);
+      acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < kRowTile; ++r) {
+    _mm256_storeu_ps(scores + r * score_stride, acc[r][0]);
+    _mm256_storeu_ps(scores + r * score_stride + 8, acc[r][1]);
+  }
+#else
+  for (int r = 0; r < kRowTile; ++r) {
+    float acc[kKeyStrip] = {};
+    for (int64_t d = 0; d < dim; ++d) {
+      for (int64_t j = 0; j < kKeyStrip; ++j) {
+        acc[j] = std::fma(q[r * dim + d], strip[d * kKeyStrip + j], acc[j]);
+      }
+    }
+    for (int64_t j = 0; j < kKeyStrip; ++j) scores[r * score_stride + j] = acc[j];
+  }
+#endif
+}
+
+// acc[r][c0..c0+16) += Σ_j probs[r][j] · v[j][c0..c0+16) over keys 0..len-1, for kRowTile rows.
+inline void weigh_strip(const float* probs, int64_t prob_stride, const float* v, int64_t dim,
+                        int64_t len, float* acc) {
+#ifdef KVFUSE_AVX2
+  __m256 sum[kRowTile][2];
+  for (int r = 0; r < kRowTile; ++r) {
+    sum[r][0] = _mm256_loadu_ps(acc + r * dim);
+    sum[r][1] = _mm256_loadu_ps(acc + r * dim + 8);
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const __m256 v0 = _mm256_loadu_ps(v + j * dim), v1 = _mm256_loadu_ps(v + j * dim + 8);
+    for (int r = 0; r < kRowTile; ++r) {
+      const __m256 p = _mm256_broadcast_ss(probs + r * prob_stride + j);
+      sum[r][0] = _mm256_fmadd_ps(p, v0, sum[r][0]);
+      sum[r][1] = _mm256_fmadd_ps(p, v1, sum[r][1]);
+    }
+  }
+  for (int r = 0; r < kRowTile; ++r) {
+    _mm256_storeu_ps(acc + r * dim, sum[r][0]);
+    _mm256_storeu_ps(acc + r * dim + 8, sum[r][1]);
+  }
+#else
+  for (int r = 0; r < kRowTile; ++r) {
+    for (int64_t j = 0; j < len; ++j) {
+      const float p = probs[r * prob_stride + j];
+      for (int64_t c = 0; c < kKeyStrip; ++c) {
+        acc[r * dim + c] = std::fma(p, v[j * dim + c], acc[r * dim + c]);
+      }
+    }
+  }
+#endif
+}
+
+// One row's online-softmax step over a block of scores (valid: the first `valid` of them):
+// turns them into probabilities relative to the row's new running max, rescales the row's sums,
+// returns the factor by which its weighted sum must be rescaled.
+inline float softmax_step(float* s, int64_t valid, float& running_max, float& running_sum) {
+  float top = running_max;
+#ifdef KVFUSE_AVX2
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 hidden = _mm256_set1_ps(-INFINITY);
+  __m256 top8 = _mm256_set1_ps(top);
+  for (int64_t j = 0; j < kKeyBlock; j += 8) {
+    const __m256 seen = _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid - j)), lanes));
+    const __m256 x = _mm256_blendv_ps(hidden, _mm256_loadu_ps(s + j), seen);
+    _mm256_storeu_ps(s + j, x);
+    top8 = _mm256_max_ps(top8, x);
+  }
+  alignas(32) float top_lanes[8];
+  _mm256_store_ps(top_lanes, top8);
+  for (const float t : top_lanes) top = t > top ? t : top;
+#else
+  for (int64_t j = 0; j < valid; ++j) top = s[j] > top ? s[j] : top;
+  for (int64_t j = valid; j < kKeyBlock; ++j) s[j] = -INFINITY;
+#endif
+  const float alpha = running_max == -INFINITY ? 0.f : exp_nonpositive(running_max - top);
+  float sum = 0.f;
+  int64_t j = 0;
+#ifdef KVFUSE_AVX2
+  const __m256 top_all = _mm256_set1_ps(top);
+  __m256 sum8 = _mm256_setzero_ps();
+  for (; j < kKeyBlock; j += 8) {
+    const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + j), top_all));
+    _mm256_storeu_ps(s + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  sum = sum_lanes(sum8);
+#endif
+  for (; j < kKeyBlock; ++j) {
+    s[j] = exp_nonpositive(s[j] - top);
+    sum += s[j];
+  }
+  running_max = top;
+  running_sum = running_sum * alpha + sum;
+  return alpha;
+}
+
+// The rows of one task: `num_rows` query rows (scaled, fp32, padded to whole tiles) of one KV
+// head, each with its last visible key; writes each row's output through `store`.
+struct RowBlock {
+  const float* q;          // [padded rows][dim]
+  const int64_t* last;     // [padded rows], −1 for padding
+  int64_t num_rows;        // padded to a multiple of kRowTile
+};
+
+void attend_rows(const RowBlock& rows, const float* keys, const float* values, int64_t num_keys,
+                 int64_t dim, float* scores, float* acc, float* running_max, float* running_sum) {
+  int64_t longest = -1;
+  for (int64_t r = 0; r < rows.num_rows; ++r) longest = std::max(longest, rows.last[r]);
+  for (int64_t r = 0; r < rows.num_rows; ++r) {
+    running_max[r] = -INFINITY;
+    running_sum[r] = 0.f;
+  }
+  std::fill(acc, acc + rows.num_rows * dim, 0.f);
+  for (int64_t j0 = 0; j0 <= longest; j0 += kKeyBlock) {
+    const int64_t block_keys = std::min(kKeyBlock, num_keys - j0);
+    for (int64_t r0 = 0; r0 < rows.num_rows; r0 += kRowTile) {
+      int64_t tile_valid = 0;  // keys of this block the tile's rows see, at most
+      for (int64_t r = r0; r < r0 + kRowTile; ++r) {
+        tile_valid = std::max(tile_valid, std::min(block_keys, rows.last[r] - j0 + 1));
+      }
+      if (tile_valid <= 0) continue;
+      float* tile_scores = scores + r0 * kKeyBlock;
+      for (int64_t s0 = 0; s0 < tile_valid; s0 += kKeyStrip) {
+        score_strip(rows.q + r0 * dim, dim, keys + (j0 + s0) * dim, tile_scores + s0, kKeyBlock);
+      }
+      for (int64_t r = r0; r < r0 + kRowTile; ++r) {
+        const int64_t valid = std::min(block_keys, rows.last[r] - j0 + 1);
+        float* s = scores + r * kKeyBlock;
+        if (valid <= 0) {  // a block this row cannot see: it stays as it is
+          std::fill(s, s + kKeyBlock, 0.f);
+          continue;
+        }
+        const float alpha = softmax_step(s, valid, running_max[r], running_sum[r]);
+        if (alpha != 1.f) {
+          for (int64_t c = 0; c < dim; ++c) acc[r * dim + c] *= alpha;
+        }
+      }
+      for (int64_t c0 = 0; c0 < dim; c0 += kKeyStrip) {
+        weigh_strip(tile_scores, kKeyBlock, values + j0 * dim + c0, dim, tile_valid,
+                    acc + r0 * dim + c0);
+      }
+    }
+  }
+}
+
+template <typename E>
+void row_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const int64_t* last_key, at::Tensor& out) {
+  using S = typename E::Storage;
+  const int64_t heads = q.size(0), num_rows = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k.size(0), num_keys = k.size(1), group = heads / kv_heads;
+  const int64_t strips = (num_keys + kKeyBlock - 1) / kKeyBlock * (kKeyBlock / kKeyStrip);
+  // Keys transposed in strips of 16 (zero past the last key), values as fp32 rows.
+  std::vector<float> keys(static_cast<size_t>(kv_heads * strips * dim * kKeyStrip), 0.f);
+  std::vector<float> values(static_cast<size_t>(kv_heads * num_keys * dim));
+  const S* kp = reinterpret_cast<const S*>(k.const_data_ptr());
+  const S* vp = reinterpret_cast<const S*>(v.const_data_ptr());
+  for_rows(kv_heads * num_keys, [&](int64_t t) {
+    const int64_t h = t / num_keys, j = t % num_keys;
+    const S* kr = kp + h * k.stride(0) + j * k.stride(1);
+    const S* vr = vp + h * v.stride(0) + j * v.stride(1);
+    float* strip = keys.data() + (h * strips + j / kKeyStrip) * dim * kKeyStrip + j % kKeyStrip;
+    float* value = values.data() + (h * num_keys + j) * dim;
+    for (int64_t d = 0; d < dim; ++d) {
+      strip[d * kKeyStrip] = E::load(kr[d]);
+      value[d] = E::load(vr[d]);
+    }
+  });
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  const int64_t blocks = (num_rows + kPositionBlock - 1) / kPositionBlock;
+  const int64_t max_rows = (group * kPositionBlock + kRowTile - 1) / kRowTile * kRowTile;
+  const S* qp = reinterpret_cast<const S*>(q.const_data_ptr());
+  S* op = reinterpret_cast<S*>(out.data_ptr());
+#pragma omp parallel if (kv_heads * blocks >= 2)
+  {
+    std::vector<float> qf(max_rows * dim), scores(max_rows * kKeyBlock), acc(max_rows * dim);
+    std::vector<float> running_max(max_rows), running_sum(max_rows);
+    std::vector<int64_t> last(max_rows);
+    // Later position blocks see more keys: hand them out first.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < kv_heads * blocks; ++t) {
+      const int64_t block = blocks - 1 - t / kv_heads, h = t % kv_heads;
+      const int64_t p0 = block * kPositionBlock, count = std::min(kPositionBlock, num_rows - p0);
+      const int64_t used = group * count, padded = (used + kRowTile - 1) / kRowTile * kRowTile;
+      for (int64_t r = 0; r < padded; ++r) {
+        float* row = qf.data() + r * dim;
+        if (r >= used) {
+          std::fill(row, row + dim, 0.f);
+          last[r] = -1;
+          continue;
+        }
+        const int64_t g = r / count, p = p0 + r % count;
+        const S* src = qp + (h * group + g) * q.stride(0) + p * q.stride(1);
+        for (int64_t d = 0; d < dim; ++d) row[d] = E::load(src[d]) * scale;
+        last[r] = std::min(last_key[p], num_keys - 1);
+      }
+      const RowBlock rows{qf.data(), last.data(), padded};
+      attend_rows(rows, keys.data() + h * strips * dim * kKeyStrip,
+                  values.data() + h * num_keys * dim, num_keys, dim, scores.data(), acc.data(),
+                  running_max.data(), running_sum.data());
+      for (int64_t r = 0; r < used; ++r) {
+        const int64_t g = r / count, p = p0 + r % count;
+        const float inv = running_sum[r] > 0.f ? 1.f / running_sum[r] : 0.f;
+        S* dst = op + (h * group + g) * out.stride(0) + p * out.stride(1);
+        for (int64_t d = 0; d < dim; ++d) dst[d] = E::store(acc[r * dim + d] * inv);
+      }
+    }
+  }
+}
+
+// Query row i attends over keys 0..last_key[i] (GQA: query head h reads KV head h / group).
+// A row with no visible key (last_key < 0) gets zeros.
+// Shape: q [H, S, D], k/v [H_kv, N, D] (last dim contiguous), last_key [S] int64 -> [H, S, D]
+// (a view of an [S, H, D] tensor, so the output projection's transpose back is free).
+at::Tensor row_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& last_key) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "q, k and v must be on the CPU");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k and v must be 3-D");
+  const int64_t dim = q.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(2) == dim, "k and v must be [H_kv, N, D] like q");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+              "q, k and v's last dimension must be contiguous");
+  TORCH_CHECK(k.size(0) > 0 && q.size(0) % k.size(0) == 0,
+              "query heads must be a multiple of KV heads");
+  TORCH_CHECK(dim % kKeyStrip == 0 && dim <= kMaxHeadDim, "head dim must be a multiple of ",
+              kKeyStrip, " up to ", kMaxHeadDim);
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "q, k and v dtypes differ");
+  TORCH_CHECK(last_key.dim() == 1 && last_key.size(0) == q.size(1) &&
+                  last_key.scalar_type() == at::kLong && last_key.is_contiguous(),
+              "last_key must be contiguous int64 [S]");
+  at::Tensor out = at::empty({q.size(1), q.size(0), dim}, q.options());
+  at::Tensor heads_first = out.transpose(0, 1);
+  if (q.numel() == 0) return heads_first;
+  by_dtype(q, [&](auto e) {
+    row_attention_impl<decltype(e)>(q, k, v, last_key.const_data_ptr<int64_t>(), heads_first);
+  });
+  return heads_first;
+}
+
+// ---- SwiGLU's product on fp32 matmul results -------------------------------------------------
+//
+// Where the model runs its matmuls in fp32 (`WeightForm.FP32`), the gate and up projections come
+// back as fp32 [S, intermediate] tensors; eagerly the silu, its rounding to the rows' dtype and
+// the product are three passes and two new tensors. Here one pass: out = round(up ·
+// round(silu(gate))), with silu(x) = x · σ(x) and σ from e^−|x| (exp_nonpositive), so it
+// differs from torch's silu by an ulp or two where their exponentials do.
+
+#ifdef KVFUSE_AVX2
+// Eight fp32 lanes rounded to bf16 (nearest, ties to even; NaN to the quiet NaN), as fp32.
+inline __m256 round_bf16x8(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb);
+  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(u, bias),
+                                           _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#endif
+
+template <typename E>
+void silu_mul_impl(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out) {
+  using S = typename E::Storage;
+  const int64_t n = gate.size(1);
+  const float* gp = gate.const_data_ptr<float>();
+  const float* up_p = up.const_data_ptr<float>();
+  S* op = reinterpret_cast<S*>(out.data_ptr());
+  const int64_t gs = gate.stride(0), us = up.stride(0);
+  for_rows(gate.size(0), [&](int64_t r) {
+    const float* g = gp + r * gs;
+    const float* u = up_p + r * us;
+    S* o = op + r * n;
+    int64_t i = 0;
+#ifdef KVFUSE_AVX2
+    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 x = _mm256_loadu_ps(g + i);
+      const __m256 e = exp_nonpositive8(_mm256_or_ps(x, sign));  // e^−|x|
+      const __m256 top = _mm256_blendv_ps(one, e, x);  // 1 where x ≥ 0 (sign bit clear), else e
+      const __m256 silu = _mm256_mul_ps(x, _mm256_div_ps(top, _mm256_add_ps(one, e)));
+      if constexpr (std::is_same_v<S, float>) {
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(u + i), silu));
+      } else {
+        const __m256 product = _mm256_mul_ps(_mm256_loadu_ps(u + i), round_bf16x8(silu));
+        const __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(round_bf16x8(product)), 16);
+        const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits),
+                                                _mm256_extracti128_si256(bits, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), packed);
+      }
+    }
+#endif
+    for (; i < n; ++i) {
+      const float x = g[i];
+      const float e = exp_nonpositive(-std::fabs(x));
+      const float silu = x * ((std::signbit(x) ? e : 1.f) / (1.f + e));
+      o[i] = E::store(u[i] * E::round(silu));
+    }
+  });
+}
+
+// silu(gate) · up, each rounded to `dtype` as the eager ops round. Shape: gate/up [S, n] fp32
+// (rows may be strided) -> [S, n] in dtype (float32 or bfloat16).
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up, at::ScalarType dtype) {
+  check_rows(gate, "gate");
+  check_rows(up, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "gate and up shapes differ");
+  TORCH_CHECK(gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat,
+              "gate and up must be float32");
+  at::Tensor out = at::empty({gate.size(0), gate.size(1)}, gate.options().dtype(dtype));
+  by_dtype(out, [&](auto e) { silu_mul_impl<decltype(e)>(gate, up, out); });
+  return out;
+}
+
 // ---- A few rows times a bf16 weight, in fp32 -------------------------------------------------
 //
 // A decode step's matmuls are a handful of rows against the whole weight, so their cost is
@@ -613,6 +967,8 @@ TORCH_LIBRARY(kvfuse, m) {
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!)[] k_caches, "
       "Tensor(b!)[] v_caches, int[] positions) -> Tensor");
   m.def("bf16_weight_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("row_attention(Tensor q, Tensor k, Tensor v, Tensor last_key) -> Tensor");
+  m.def("silu_mul(Tensor gate, Tensor up, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvfuse, CPU, m) {
@@ -621,4 +977,6 @@ TORCH_LIBRARY_IMPL(kvfuse, CPU, m) {
   m.impl("rope_heads", &rope_heads);
   m.impl("decode_attention", &decode_attention);
   m.impl("bf16_weight_linear", &bf16_weight_linear);
+  m.impl("row_attention", &row_attention);
+  m.impl("silu_mul", &silu_mul);
 }

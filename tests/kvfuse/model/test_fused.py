@@ -1,6 +1,7 @@
-"""The fused C++ kernels agree with the eager ops they replace (the decode attention at least
-as exactly), the bf16 linear packed as bf16 is bit for bit `F.linear` and in the fp32 form the
-fp32 matmul rounded once; the whole model gives the same logits either way."""
+"""The fused C++ kernels agree with the eager ops they replace (the decode and row attention
+at least as exactly, a row's attention independent of the rows beside it), the bf16 linear
+packed as bf16 is bit for bit `F.linear` and in the fp32 form the fp32 matmul rounded once;
+the whole model gives the same logits either way."""
 
 from __future__ import annotations
 
@@ -253,3 +254,104 @@ def test_decode_attention_refuses_a_full_cache() -> None:
     cache = torch.zeros(3, 4, 64)
     with pytest.raises(RuntimeError, match="full"):
         torch.ops.kvfuse.decode_attention(q, k, k, [cache], [cache.clone()], [4])
+
+
+def _row_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last_key: torch.Tensor
+) -> torch.Tensor | None:
+    """The kernel wherever it builds (the model uses it where it measured faster)."""
+    return fused._fused_row_attention(q, k, v, last_key)
+
+
+def _masked_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last_key: torch.Tensor
+) -> torch.Tensor:
+    """Each query row over keys 0..last_key[row], by sdpa with a boolean mask."""
+    mask = torch.arange(k.shape[1])[None, :] <= last_key[:, None]
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
+    return out[0]
+
+
+# (rows, keys, which rows): a causal prefill across key blocks and strips and their tails; the
+# blend's scattered rows; rows that see a short prefix of many keys; one row.
+ROW_CASES = [
+    (1, 1, "causal"),
+    (70, 70, "causal"),
+    (517, 517, "causal"),
+    (90, 600, "scattered"),
+    (40, 300, "bottom-right"),
+]
+
+
+@pytest.mark.parametrize(("num_rows", "num_keys", "rows"), ROW_CASES)
+@pytest.mark.parametrize(("num_heads", "head_dim"), [(9, 64), (4, 128), (2, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_attention_is_as_exact_as_sdpa(
+    dtype: torch.dtype, num_heads: int, head_dim: int, num_rows: int, num_keys: int, rows: str
+) -> None:
+    """Against attention in fp64: as close as sdpa in the same dtype (bf16: the output's
+    rounding; fp32: sums in another order), GQA groups of 3, 2 and 1 query heads per KV head."""
+    gen = torch.Generator().manual_seed(num_rows + head_dim)
+    kv_heads = {9: 3, 4: 2, 2: 2}[num_heads]
+    q = (torch.randn(num_rows, num_heads, head_dim, generator=gen) * 2).to(dtype).transpose(0, 1)
+    k = (torch.randn(kv_heads, num_keys, head_dim, generator=gen) * 2).to(dtype)
+    v = torch.randn(kv_heads, num_keys, head_dim, generator=gen).to(dtype)
+    if rows == "causal":
+        last_key = torch.arange(num_rows)
+    elif rows == "scattered":
+        last_key = torch.randperm(num_keys, generator=gen)[:num_rows].sort().values
+    else:
+        last_key = num_keys - num_rows + torch.arange(num_rows)
+    got = _row_attention(q, k, v, last_key)
+    assert got is not None and got.shape == q.shape and got.dtype == dtype
+    want = _masked_sdpa(q, k, v, last_key)
+    ref = _masked_sdpa(q.double(), k.double(), v.double(), last_key)
+    ulp = float(torch.finfo(dtype).eps * ref.abs().max())
+    error, sdpa_error = (float((out.double() - ref).abs().max()) for out in (got, want))
+    assert error <= 2 * sdpa_error + ulp  # fp32: 3-20 ulp each, either one ahead
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_rows_attention_does_not_depend_on_the_rows_beside_it(dtype: torch.dtype) -> None:
+    """A blend recomputing some rows gets, bit for bit, what a full prefill gets for them."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(h, 300, 64, generator=gen).to(dtype) for h in (9, 3, 3))
+    full = _row_attention(q, k, v, torch.arange(300))
+    rows = torch.randperm(300, generator=gen)[:77].sort().values
+    some = _row_attention(q[:, rows], k, v, rows)
+    assert full is not None and some is not None
+    assert torch.equal(some, full[:, rows])
+
+
+def test_row_attention_gives_zeros_to_a_row_that_sees_no_key() -> None:
+    q, k = torch.randn(9, 2, 64), torch.randn(3, 5, 64)
+    out = _row_attention(q, k, k, torch.tensor([-1, 4]))
+    assert out is not None and not out[:, 0].any() and out[:, 1].abs().sum() > 0
+
+
+def test_row_attention_leaves_what_it_does_not_take_to_sdpa() -> None:
+    """Head dims that are not whole strips of 16, float16: None, the caller's layouts run."""
+    q, k = torch.randn(9, 4, 60), torch.randn(3, 4, 60)
+    assert _row_attention(q, k, k, torch.arange(4)) is None
+    assert _row_attention(q.half(), k.half(), k.half(), torch.arange(4)) is None
+    with pytest.raises(RuntimeError, match="last_key"):
+        torch.ops.kvfuse.row_attention(q[..., :48], k[..., :48], k[..., :48], torch.arange(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_is_the_eager_product_within_an_ulp_of_silu(dtype: torch.dtype) -> None:
+    """Whole vectors and a tail, strided rows, and the edges of silu's range (±0, far below
+    e's range, large, tiny, NaN): the kernel's silu differs from torch's by a couple of fp32
+    ulp, which bf16 rounding mostly absorbs (then one bf16 step at most)."""
+    gen = torch.Generator().manual_seed(12)
+    gate = (torch.randn(37, 1540, generator=gen) * 4)[:, :1537]
+    up = torch.randn(37, 1537, generator=gen)
+    edges = [0.0, -0.0, 100.0, -100.0, -1e4, 1e4, 1e-30, -1e-30, float("nan")]
+    gate[0, : len(edges)] = torch.tensor(edges)
+    got, want = fused.KERNELS.silu_mul(gate, up, dtype), fused.silu_mul(gate, up, dtype)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    diff = (got.double() - want.double()).abs().nan_to_num()
+    step = 2.0**-20 if dtype == torch.float32 else 2.0**-7
+    assert bool((diff <= step * want.double().abs().nan_to_num()).all())
+    assert torch.equal(got[0, :8].float(), want[0, :8].float())
