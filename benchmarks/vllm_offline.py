@@ -1,19 +1,26 @@
 """vLLM's own engine timed offline: run by `kvfuse bench prefill` with the vLLM venv's python.
 
-Imports vLLM and the standard library only (it runs in another venv, never kvfuse's). Reads one
-JSON job from argv[1], writes one JSON result to argv[2]:
+Imports vLLM and the standard library only (it runs in another venv, never kvfuse's). Builds
+the engine from the JSON config in argv[1], answers one JSON line `{"startup_s": …}`, then one
+JSON line per request line on stdin until stdin closes, so the bench can take its readings in
+turns with kvfuse's:
 
-- prefill: for each prompt length, the median wall time of `generate` with one output token
-  over random token ids (prefix caching off, so every prompt is computed);
-- decode: for each batch size, the median time between engine steps once every sequence of
-  the batch decodes (the engine stepped by hand, prefill steps left out). Seconds of prefill
-  vary more than a whole decode step, so a difference of two `generate` timings would not do.
+- `{"prefill": N, "seed": S}` → `{"seconds": …}`: the wall time of `generate` with one output
+  token over N random token ids (prefix caching off, so every prompt is computed);
+- `{"decode": B, "context": C, "steps": K, "seed": S}` → `{"step_s": …}`: the median time
+  between engine steps in which all B sequences of C tokens got a token, the engine stepped by
+  hand and prefill steps left out (seconds of prefill vary more than a whole decode step, so a
+  difference of two `generate` timings would not do).
+
+Replies go to the original stdout; everything else the process prints (vLLM's logs) goes to
+stderr, so a log line can never be read as a reply.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import statistics
 import sys
@@ -33,15 +40,15 @@ def _prompts(num_prompts: int, num_tokens: int, vocab: int, seed: int) -> list[A
     ]
 
 
-def _timed(llm: Any, prompts: list[Any], max_tokens: int) -> float:
+def _prefill_s(llm: Any, prompt: Any) -> float:
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate([prompt], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    if any(len(out.outputs[0].token_ids) != max_tokens for out in outputs):
-        raise RuntimeError("vLLM returned fewer tokens than asked")
+    if len(outputs[0].outputs[0].token_ids) != 1:
+        raise RuntimeError("vLLM returned no token")
     return elapsed
 
 
@@ -73,39 +80,33 @@ def _decode_step_s(llm: Any, prompts: list[Any], num_steps: int) -> float:
     return statistics.median(gaps)
 
 
-def main(job_path: str, result_path: str) -> None:
-    with open(job_path) as job_file:
-        job = json.load(job_file)
+def _answer(llm: Any, vocab: int, request: dict[str, Any]) -> dict[str, float]:
+    if "prefill" in request:
+        prompt = _prompts(1, request["prefill"], vocab, request["seed"])[0]
+        return {"seconds": _prefill_s(llm, prompt)}
+    prompts = _prompts(request["decode"], request["context"], vocab, request["seed"])
+    return {"step_s": _decode_step_s(llm, prompts, request["steps"])}
+
+
+def main(config_path: str) -> None:
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # vLLM's prints and logs: to stderr
+    with open(config_path) as config_file:
+        config = json.load(config_file)
     from vllm import LLM
 
     start = time.perf_counter()
     llm = LLM(
-        model=job["model_dir"],
-        dtype=job["dtype"],
-        max_model_len=job["max_model_len"],
+        model=config["model_dir"],
+        dtype=config["dtype"],
+        max_model_len=config["max_model_len"],
         enable_prefix_caching=False,
         seed=0,
     )
-    startup_s = time.perf_counter() - start
-    vocab, repeats = job["vocab_size"], job["repeats"]
-    seed = iter(range(1, 1_000_000))
-    prefill = []
-    for num_tokens in job["prompt_tokens"]:
-        _timed(llm, _prompts(1, num_tokens, vocab, next(seed)), 1)  # warm-up for this shape
-        times = [_timed(llm, _prompts(1, num_tokens, vocab, next(seed)), 1) for _ in range(repeats)]
-        prefill.append({"num_tokens": num_tokens, "seconds": statistics.median(times)})
-    decode = []
-    steps = job["decode_tokens"]
-    for batch in job["decode_batches"]:
-        times = []
-        for _ in range(repeats + 1):  # the first warms this batch size up
-            prompts = _prompts(batch, job["decode_context"], vocab, next(seed))
-            times.append(_decode_step_s(llm, prompts, steps))
-        decode.append({"batch": batch, "step_s": statistics.median(times[1:])})
-    result = {"startup_s": startup_s, "prefill": prefill, "decode": decode}
-    with open(result_path, "w") as result_file:
-        json.dump(result, result_file)
+    replies.write(json.dumps({"startup_s": time.perf_counter() - start}) + "\n")
+    for line in sys.stdin:
+        replies.write(json.dumps(_answer(llm, config["vocab_size"], json.loads(line))) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])

@@ -1,15 +1,53 @@
-"""`kvfuse bench prefill` on the real model (kvfuse side only; vLLM needs its own venv): it
-measures every cell, profiles by operator, and writes the table's rows, JSON and plot."""
+"""`kvfuse bench prefill` on the real model: it measures every cell, profiles by operator, and
+writes the table's rows, JSON and plot; readings of the two systems alternate; vLLM's offline
+engine (its own venv and process) answers one reading at a time (slow: its start-up takes
+minutes)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from benchmarks import prefill as bench_prefill
+from kvfuse.settings import Settings
+
+
+def test_readings_alternate_after_a_warm_up_round_and_keep_the_median() -> None:
+    calls: list[str] = []
+
+    def timer(name: str, readings: list[float]) -> Callable[[], float]:
+        def read() -> float:
+            calls.append(name)
+            return readings[calls.count(name) - 1]
+
+        return read
+
+    medians = bench_prefill.interleaved_medians(
+        {"a": timer("a", [100.0, 3.0, 1.0, 2.0]), "b": timer("b", [100.0, 5.0, 4.0, 6.0])},
+        3,
+        settle_s=0.0,
+    )
+    assert calls == ["a", "b"] * 4
+    assert medians == {"a": 2.0, "b": 5.0}  # the warm-up's 100 s left out
+
+
+@pytest.mark.slow
+def test_vllm_offline_engine_answers_one_reading_at_a_time(
+    vllm_python: Path, tmp_path: Path
+) -> None:
+    parser = argparse.ArgumentParser()
+    bench_prefill.add_arguments(parser)
+    args = parser.parse_args(["--tokens", "64", "--decode-context", "48", "--out", str(tmp_path)])
+    with bench_prefill.VllmOffline(args, "float32", Settings.from_env().cache_dir, 600.0) as vllm:
+        assert vllm.startup_s > 0
+        assert 0 < vllm.prefill_s(64) < 60
+        assert 0 < vllm.decode_step_s(2, 48, 4) < 10
+        process = vllm._proc
+    assert process.poll() is not None  # closed: stdin shut, the engine gone
 
 
 def test_summary_rows_set_kvfuse_beside_vllm() -> None:
