@@ -1,10 +1,10 @@
 """Attention of a prompt's computed rows over all of its fused keys, planned once per row set.
 
 A blend computes only some rows (ascending positions) but they attend over every key. Under
-the exact mask a row at position p sees keys ≤ p. With the fused kernels (CPU, fp32 or bf16)
-one call does it, each row over its own key prefix (`KERNELS.row_attention`: flash-style, and
-a row gets the same bits whichever other rows are computed with it). Elsewhere three layouts
-over sdpa implement it:
+the exact mask a row at position p sees keys ≤ p. Where the fused row attention kernel runs
+(AVX2-only CPUs, fp32 or bf16) one call does it, each row over its own key prefix
+(`KERNELS.row_attention`: flash-style, and a row gets the same bits whichever other rows are
+computed with it). Elsewhere three layouts over sdpa implement it:
 
 - causal: the rows are one run a..b-1 with a ≤ b − a (a layer computing every row after an
   exact prefix). The run is padded in front with `a` zero rows so the kernel's own (top-left)
