@@ -19,6 +19,7 @@ computed with it). Elsewhere three layouts over sdpa implement it:
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from itertools import pairwise
 from typing import NamedTuple
 
@@ -46,34 +47,41 @@ class _Group(NamedTuple):
 class RowAttention:
     """Exact-causal (or bottom-right) attention of `rows` over the prompt's N keys.
 
-    Build it when the computed rows change (a check layer), call it once per layer. Stateless
-    between calls, not thread-safe to build. Shape: rows [S] int64, ascending and unique.
+    Build it when the computed rows change (a check layer), call it once per layer. Cheap to
+    build: the sdpa masks are made on the first call that needs them. Not thread-safe.
+    Shape: rows [S] int64, ascending and unique.
     """
 
     def __init__(
         self, rows: Tensor, num_tokens: int, dtype: torch.dtype, bottom_right: bool = False
     ) -> None:
         num_rows = int(rows.numel())
-        self.num_rows, self.num_tokens = num_rows, num_tokens
+        self.rows, self.num_rows, self.num_tokens, self.dtype = rows, num_rows, num_tokens, dtype
+        self.bottom_right = bottom_right
         first, last = int(rows[0]), int(rows[-1]) + 1
-        self.causal_pad = -1  # ≥ 0: the causal layout, with this many padding rows
-        self.groups: list[_Group] = []
-        key_pos = torch.arange(num_tokens, device=rows.device)
+        # ≥ 0: the causal layout, with this many padding rows
+        causal = not bottom_right and last - first == num_rows and first <= num_rows
+        self.causal_pad = first if causal else -1
         self.last_key = rows  # [S]: the last key each row sees (the fused kernel's form)
-        if bottom_right:
-            limit = num_tokens - num_rows + torch.arange(num_rows, device=rows.device)
-            self.last_key = limit
-            self.groups.append(_Group(0, num_rows, num_tokens, _additive(key_pos, limit, dtype)))
-        elif last - first == num_rows and first <= num_rows:
-            self.causal_pad = first
-        else:
-            rows_per_group = _ROWS_PER_GROUP.get(dtype.itemsize, 64)
-            num_groups = min(_MAX_GROUPS, math.ceil(num_rows / rows_per_group))
-            bounds = torch.linspace(0, num_rows, num_groups + 1).round().long().tolist()
-            for lo, hi in pairwise(bounds):
-                num_keys = int(rows[hi - 1]) + 1
-                mask = _additive(key_pos[:num_keys], rows[lo:hi], dtype)  # [S_g, num_keys]
-                self.groups.append(_Group(lo, hi, num_keys, mask))
+        if bottom_right:  # row i of S sees keys ≤ N − S + i
+            self.last_key = num_tokens - num_rows + torch.arange(num_rows, device=rows.device)
+
+    @cached_property
+    def groups(self) -> list[_Group]:
+        """The masked sdpa groups, built on the first call the fused kernel does not serve."""
+        key_pos = torch.arange(self.num_tokens, device=self.rows.device)
+        if self.bottom_right:
+            mask = _additive(key_pos, self.last_key, self.dtype)
+            return [_Group(0, self.num_rows, self.num_tokens, mask)]
+        rows_per_group = _ROWS_PER_GROUP.get(self.dtype.itemsize, 64)
+        num_groups = min(_MAX_GROUPS, math.ceil(self.num_rows / rows_per_group))
+        bounds = torch.linspace(0, self.num_rows, num_groups + 1).round().long().tolist()
+        groups = []
+        for lo, hi in pairwise(bounds):
+            num_keys = int(self.rows[hi - 1]) + 1
+            mask = _additive(key_pos[:num_keys], self.rows[lo:hi], self.dtype)  # [S_g, num_keys]
+            groups.append(_Group(lo, hi, num_keys, mask))
+        return groups
 
     def __call__(self, attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention output of the rows, before the output projection.
