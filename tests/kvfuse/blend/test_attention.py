@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from kvfuse.blend.attention import RowAttention
+from kvfuse.model import fused
 from kvfuse.model.config import ModelConfig, RopeConfig
 from kvfuse.model.transformer import Attention
 
@@ -95,3 +96,28 @@ def test_bottom_right_mask(attn: Attention) -> None:
     out = RowAttention(rows, NUM_TOKENS, torch.float32, bottom_right=True)(attn, q, k, v)
     limit = NUM_TOKENS - rows.numel() + torch.arange(rows.numel())
     torch.testing.assert_close(out, reference(attn, q, k, v, limit), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kernels", ["eager", "fused"])
+def test_masks_are_built_only_for_the_sdpa_layouts(attn: Attention, kernels: str) -> None:
+    rows = scattered_rows(90)
+    q, k, v = qkv(rows.numel(), torch.float32)
+    was_fused = fused.KERNELS.fused
+    if kernels == "fused":
+        if not fused.build_fused_kernels():
+            pytest.skip("the fused kernels did not build here")
+        fused.KERNELS.use_fused()
+    else:
+        fused.KERNELS.use_eager()
+    try:
+        row_attention = RowAttention(rows, NUM_TOKENS, torch.float32)
+        assert "groups" not in vars(row_attention)  # building is cheap
+        kernel_serves = fused.KERNELS.row_attention(q, k, v, rows) is not None
+        out = row_attention(attn, q, k, v)
+    finally:
+        if was_fused:
+            fused.KERNELS.use_fused()
+        else:
+            fused.KERNELS.use_eager()
+    assert ("groups" in vars(row_attention)) == (not kernel_serves)
+    torch.testing.assert_close(out, reference(attn, q, k, v, rows), atol=1e-5, rtol=0)
